@@ -1,0 +1,48 @@
+# Tandem: every target sets itself up from a fresh clone.
+VENV     := .venv
+PY       := $(VENV)/bin/python
+PIP      := $(VENV)/bin/pip
+STAMP    := $(VENV)/.installed
+PROTO_SRC := $(wildcard protos/tandem/v1/*.proto)
+PROTO_OUT := tandem/v1/.generated
+MODEL    ?= models/tiny-llama
+ARGS     ?=
+
+.PHONY: install proto run test lint bench demo-model tiny-model compose-config images soak clean
+
+install: $(STAMP) $(PROTO_OUT)
+
+# torch is pinned to the CPU build this machine kind carries; an unpinned torch pulls CUDA wheels.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0 triton==3.9.0
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+proto: $(PROTO_OUT)
+
+$(PROTO_OUT): $(PROTO_SRC) $(STAMP) tandem/protogen.py
+	$(PY) -m tandem.protogen
+	touch $@
+
+$(MODEL)/config.json: | install
+	$(PY) -m tandem.cli make-tiny-model $(MODEL) --arch llama
+
+tiny-model: $(MODEL)/config.json
+
+run: install $(MODEL)/config.json
+	$(VENV)/bin/tandem up --model $(MODEL) $(ARGS)
+
+test: install
+	$(PY) -m pytest -q -x --durations=15 tests $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy engine kvtransfer gateway prefill_worker decode_worker kernels tandem
+
+bench: install
+	$(PY) bench/offline.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) tandem/v1 .pytest_cache
