@@ -1,0 +1,209 @@
+"""The paged KV cache's bookkeeping: block ids, reference counts and the prefix cache.
+
+The pool itself is one tensor per engine (see `engine.kv_cache`); this module only decides which
+block ids a sequence owns. A sequence's *block table* maps its token positions to pages:
+
+    token position p  ->  block_table[p // block_size], offset p % block_size
+
+    seq A (tokens 0..37, block_size 16)     pool (num_blocks pages)
+    block_table = [7, 2, 9]                  +----+----+----+----+----+----+----+----+----+----+
+      tokens  0..15 -> page 7                | 0  | 1  | 2A | 3  | 4  | 5  | 6  | 7A | 8  | 9A |
+      tokens 16..31 -> page 2                +----+----+----+----+----+----+----+----+----+----+
+      tokens 32..37 -> page 9 (6 of 16 used)
+    slot of token p = block_table[p // 16] * 16 + p % 16    (the "slot mapping" used for writes)
+
+Prefix caching: a *full* block is named by `hash(parent_hash, its block_size token ids)`, so equal
+hashes mean equal prefixes. When a sequence frees its blocks, named blocks keep their KV and stay
+findable until the pool hands them out again. Free blocks form one LRU queue: allocation takes the
+least recently freed block first and erases its name (eviction). A request's cached prefix costs no
+compute: the scheduler sets `num_computed_tokens` past it.
+
+Ownership: a block with ref_count > 0 belongs to the sequences that reference it and is never
+handed out; a block with ref_count 0 is in the free queue (named or not). Running out of blocks is
+an answer (`allocate_slots` returns False), not an exception.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+def hash_block(parent: int | None, token_ids: Seq[int]) -> int:
+    """A 128-bit name for a full block, chained over its parent's name (stable across processes)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update((parent or 0).to_bytes(16, "little"))
+    h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
+    return int.from_bytes(h.digest(), "little")
+
+
+def hash_prefix(token_ids: Seq[int], block_size: int, max_tokens: int | None = None) -> list[int]:
+    """Names of the full blocks in `token_ids[:max_tokens]`, in order."""
+    limit = len(token_ids) if max_tokens is None else min(max_tokens, len(token_ids))
+    hashes: list[int] = []
+    parent: int | None = None
+    for start in range(0, limit - block_size + 1, block_size):
+        parent = hash_block(parent, token_ids[start : start + block_size])
+        hashes.append(parent)
+    return hashes
+
+
+class HasBlocks(Protocol):
+    """What the block manager needs of a sequence."""
+
+    token_ids: list[int]
+    num_computed_tokens: int
+    block_table: list[int]
+    block_hashes: list[int]
+
+
+@dataclass
+class _Block:
+    ref_count: int = 0
+    hash: int | None = None
+
+
+class BlockManager:
+    """Allocates fixed-size KV pages to sequences, with reference counts and a prefix cache."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self._blocks = [_Block() for _ in range(num_blocks)]
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # LRU first
+        self._cached: dict[int, int] = {}  # block hash -> block id
+        self.prefix_queries = 0  # tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of those, tokens found
+
+    # ----------------------------------------------------------------- queries
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks no sequence references (named ones included: they are evictable)."""
+        return len(self._free)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._cached)
+
+    def ref_count(self, block_id: int) -> int:
+        return self._blocks[block_id].ref_count
+
+    def lookup(self, token_ids: Seq[int], max_tokens: int) -> list[int]:
+        """Block ids of the longest cached prefix of full blocks within `token_ids[:max_tokens]`.
+
+        Takes no reference: pass the result to `allocate_slots` in the same scheduling step.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        hits: list[int] = []
+        for h in hash_prefix(token_ids, self.block_size, max_tokens):
+            block_id = self._cached.get(h)
+            if block_id is None:
+                break
+            hits.append(block_id)
+        self.prefix_queries += max(0, min(max_tokens, len(token_ids)))
+        self.prefix_hits += len(hits) * self.block_size
+        return hits
+
+    def cached_prefix_tokens(self, hashes: Seq[int]) -> int:
+        """How many leading tokens of a prompt (given its block hashes) this cache holds."""
+        n = 0
+        for h in hashes:
+            if h not in self._cached:
+                break
+            n += 1
+        return n * self.block_size
+
+    # ------------------------------------------------------------- allocation
+    def allocate_slots(self, seq: HasBlocks, num_new_tokens: int, cached: Seq[int] = ()) -> bool:
+        """Make `seq.block_table` cover `num_computed_tokens + len(cached)*block_size + num_new_tokens`.
+
+        `cached` (from `lookup`, only for a sequence with an empty block table) is prepended with a
+        reference each; the caller then advances `num_computed_tokens` past it. Returns False and
+        changes nothing when the pool cannot supply the blocks.
+        """
+        if cached and seq.block_table:
+            raise ValueError("cached blocks can only start an empty block table")
+        total = seq.num_computed_tokens + len(cached) * self.block_size + num_new_tokens
+        needed = -(-total // self.block_size) - len(seq.block_table) - len(cached)
+        revived = sum(1 for b in cached if self._blocks[b].ref_count == 0)
+        if max(needed, 0) + revived > len(self._free):
+            return False
+        for block_id in cached:
+            block = self._blocks[block_id]
+            if block.ref_count == 0:
+                del self._free[block_id]
+            block.ref_count += 1
+            seq.block_table.append(block_id)
+            seq.block_hashes.append(block.hash)  # type: ignore[arg-type]
+        for _ in range(needed):
+            seq.block_table.append(self._take_free())
+        return True
+
+    def _take_free(self) -> int:
+        block_id, _ = self._free.popitem(last=False)
+        block = self._blocks[block_id]
+        assert block.ref_count == 0, f"free block {block_id} has references"
+        if block.hash is not None:  # evict its name: the KV is about to be overwritten
+            if self._cached.get(block.hash) == block_id:
+                del self._cached[block.hash]
+            block.hash = None
+        block.ref_count = 1
+        return block_id
+
+    def allocate_blocks(self, num_blocks: int) -> list[int] | None:
+        """Blocks outside any sequence (KV arriving from another worker); None when short."""
+        if num_blocks > len(self._free):
+            return None
+        return [self._take_free() for _ in range(num_blocks)]
+
+    def cache_full_blocks(self, seq: HasBlocks) -> None:
+        """Name every block of `seq` that is full of computed tokens and not yet named."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        for i in range(len(seq.block_hashes), num_full):
+            parent = seq.block_hashes[i - 1] if i else None
+            start = i * self.block_size
+            h = hash_block(parent, seq.token_ids[start : start + self.block_size])
+            seq.block_hashes.append(h)
+            block = self._blocks[seq.block_table[i]]
+            if block.hash is None and h not in self._cached:
+                block.hash = h
+                self._cached[h] = seq.block_table[i]
+
+    def free(self, seq: HasBlocks) -> None:
+        """Drop `seq`'s references; its tail blocks are freed first so they are evicted first."""
+        self.free_blocks(reversed(seq.block_table))
+        seq.block_table.clear()
+        seq.block_hashes.clear()
+
+    def free_blocks(self, block_ids: Seq[int] | object) -> None:
+        for block_id in block_ids:  # type: ignore[attr-defined]
+            block = self._blocks[block_id]
+            assert block.ref_count > 0, f"double free of block {block_id}"
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self._free[block_id] = None
+
+    def truncate(self, seq: HasBlocks, num_tokens: int) -> None:
+        """Shrink `seq` to its first `num_tokens` tokens' blocks (speculative rollback)."""
+        keep = -(-num_tokens // self.block_size)
+        tail = seq.block_table[keep:]
+        del seq.block_table[keep:]
+        del seq.block_hashes[num_tokens // self.block_size :]
+        self.free_blocks(list(reversed(tail)))
+
+    def reset_prefix_cache(self) -> None:
+        for h, block_id in list(self._cached.items()):
+            if self._blocks[block_id].ref_count == 0:
+                self._blocks[block_id].hash = None
+                del self._cached[h]

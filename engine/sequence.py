@@ -1,0 +1,103 @@
+"""One request's progress inside an engine, as counters.
+
+    token_ids:  [ prompt ........................ | output ...... ]
+                 <------ num_computed_tokens ------>                  KV written to the cache
+                 <---------------------- num_tokens ------------->
+    next step computes token_ids[num_computed_tokens : num_tokens] (possibly a chunk of it) and, when
+    that reaches num_tokens, samples one more token.
+
+Chunked prefill, prefix-cache hits (num_computed_tokens jumps), preemption (num_computed_tokens back
+to 0) and the prefill -> decode hand-off (arrives with num_computed_tokens = prompt length) are all
+arithmetic on these two numbers.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.sampling import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"  # max_tokens or the context limit
+    STOP = "stop"  # EOS, a stop token or a stop string
+    ABORT = "abort"  # cancelled
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: frozenset[int] = frozenset()
+    max_model_len: int = 1 << 30
+    token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prefix-cache hit at first admission (reported in usage)
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+    num_preemptions: int = 0
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    logprobs: list[Any] = field(default_factory=list)
+    detokenizer: Any = None  # engine.detokenizer.IncrementalDetokenizer, when text is wanted
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()
+        self.token_ids.append(token_id)
+
+    def check_stop(self, token_id: int) -> FinishReason | None:
+        """Token-level stop conditions after `token_id` was appended (stop strings: the detokenizer)."""
+        p = self.params
+        if self.num_output_tokens >= p.min_tokens:
+            if not p.ignore_eos and token_id in self.eos_token_ids:
+                self.stop_reason = token_id
+                return FinishReason.STOP
+            if token_id in p.stop_token_ids:
+                self.stop_reason = token_id
+                return FinishReason.STOP
+        if self.num_output_tokens >= p.max_tokens or self.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None

@@ -1,0 +1,112 @@
+"""Block manager: exact block ids and counts on tiny pools."""
+
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager, hash_prefix
+
+
+@dataclass
+class Seq:
+    token_ids: list[int]
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)
+
+
+def compute(bm: BlockManager, seq: Seq, n: int) -> None:
+    assert bm.allocate_slots(seq, n)
+    seq.num_computed_tokens += n
+    bm.cache_full_blocks(seq)
+
+
+def test_allocation_is_exact_and_frees_everything() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4)
+    s = Seq(list(range(10)))
+    assert bm.allocate_slots(s, 10)
+    assert s.block_table == [0, 1, 2]
+    assert bm.num_free_blocks == 5
+    s.num_computed_tokens = 10
+    assert bm.allocate_slots(s, 2)  # 12 tokens: still 3 blocks
+    assert s.block_table == [0, 1, 2]
+    assert bm.allocate_slots(s, 3)  # 13 tokens: a 4th block
+    assert s.block_table == [0, 1, 2, 3]
+    bm.free(s)
+    assert bm.num_free_blocks == 8 and s.block_table == []
+
+
+def test_out_of_blocks_is_an_answer_and_changes_nothing() -> None:
+    bm = BlockManager(num_blocks=2, block_size=4)
+    s = Seq(list(range(12)))
+    assert not bm.allocate_slots(s, 12)
+    assert s.block_table == [] and bm.num_free_blocks == 2
+
+
+def test_prefix_hit_reuses_three_blocks_and_counts_refs() -> None:
+    bm = BlockManager(num_blocks=10, block_size=4)
+    prefix = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]  # 3 full blocks
+    a = Seq(prefix + [100, 101])
+    compute(bm, a, 14)
+    assert len(a.block_hashes) == 3 and bm.num_cached_blocks == 3
+    b = Seq(prefix + [200, 201, 202])
+    hit = bm.lookup(b.token_ids, len(b.token_ids) - 1)
+    assert hit == a.block_table[:3]
+    assert bm.allocate_slots(b, 3, hit)
+    assert b.block_table[:3] == a.block_table[:3]
+    assert [bm.ref_count(x) for x in hit] == [2, 2, 2]
+    bm.free(a)
+    assert [bm.ref_count(x) for x in hit] == [1, 1, 1]
+    bm.free(b)
+    assert bm.num_free_blocks == 10 and bm.num_cached_blocks == 3
+
+
+def test_lookup_leaves_one_token_to_compute() -> None:
+    bm = BlockManager(num_blocks=6, block_size=4)
+    a = Seq(list(range(8)))
+    compute(bm, a, 8)
+    bm.free(a)
+    # the same 8-token prompt may reuse only the first block: its last token must be computed
+    assert len(bm.lookup(list(range(8)), 7)) == 1
+
+
+def test_freed_cached_blocks_survive_until_evicted_lru() -> None:
+    bm = BlockManager(num_blocks=4, block_size=2)
+    a, b = Seq([1, 2, 3, 4]), Seq([9, 9, 8, 8])
+    compute(bm, a, 4)
+    compute(bm, b, 4)
+    bm.free(a)  # a's blocks freed first: least recently used
+    bm.free(b)
+    assert bm.num_cached_blocks == 4
+    c = Seq([7, 7])
+    assert bm.allocate_slots(c, 2)  # takes a's tail block first (freed in reverse)
+    assert c.block_table == [a_tail := 1] and a_tail == 1
+    assert bm.lookup([1, 2, 3, 4], 4) == [0]  # a's first block still named, its second evicted
+    assert bm.lookup([9, 9, 8, 8], 4) == [2, 3]
+
+
+def test_reviving_a_cached_block_takes_it_out_of_the_free_queue() -> None:
+    bm = BlockManager(num_blocks=3, block_size=2)
+    a = Seq([1, 2, 3, 4, 5])
+    compute(bm, a, 5)
+    bm.free(a)
+    b = Seq([1, 2, 3, 4, 6])
+    hit = bm.lookup(b.token_ids, 4)
+    assert hit == [0, 1]
+    assert bm.allocate_slots(b, 1, hit)
+    assert bm.num_free_blocks == 0
+    assert b.block_table == [0, 1, 2]
+
+
+def test_truncate_frees_tail_blocks() -> None:
+    bm = BlockManager(num_blocks=6, block_size=4)
+    s = Seq(list(range(16)))
+    compute(bm, s, 16)
+    bm.truncate(s, 9)
+    assert s.block_table == [0, 1, 2] and len(s.block_hashes) == 2
+    assert bm.num_free_blocks == 3
+
+
+def test_hash_is_chained() -> None:
+    h1 = hash_prefix([1, 2, 3, 4], 2)
+    h2 = hash_prefix([9, 9, 3, 4], 2)
+    assert h1[0] != h2[0] and h1[1] != h2[1]  # same second block, different parent
+    assert hash_prefix([1, 2, 3, 4, 5], 2) == h1
