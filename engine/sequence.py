@@ -49,6 +49,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     num_preemptions: int = 0
+    prefill_only: bool = False  # finish after the first sampled token, keeping the blocks
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     logprobs: list[Any] = field(default_factory=list)

@@ -1,0 +1,186 @@
+"""The engine: a scheduler, a block manager and a model runner stepping together in one process.
+
+`add_request` queues a sequence; each `step()` schedules one batch, runs one forward, samples, applies
+stop conditions and returns what every touched request gained. Text (incremental detokenization and
+stop strings) is applied here so that every caller (offline API, decode worker) stops the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.model_runner import ModelRunner, StepInput
+from engine.sampling import SamplerOutput, SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import FinishReason, Sequence, SequenceStatus
+from engine.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    """What one request gained in one step (a delta), and its state."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int
+    new_logprobs: list[TokenLogprob] = field(default_factory=list)
+    seq: Sequence | None = None
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, *, tokenizer: Tokenizer | None = None) -> None:
+        self.config = config
+        self.runner = ModelRunner(config)
+        self.tokenizer = tokenizer or Tokenizer.from_dir(config.model)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
+        # one sequence may fill the pool alone, never more
+        self.max_model_len = min(self.runner.max_model_len, self.runner.num_blocks * config.block_size)
+        self.num_steps = 0
+        self.num_computed_tokens_total = 0
+
+    @property
+    def vocab_size(self) -> int:
+        return self.runner.model_config.vocab_size
+
+    # --------------------------------------------------------------- requests
+    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError when a request can never run here."""
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens; this model's context holds "
+                             f"{self.max_model_len}, leaving no room to generate")
+
+    def make_sequence(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
+        self.validate_prompt(prompt_token_ids, params)
+        seq = Sequence(request_id, list(prompt_token_ids), params,
+                       eos_token_ids=self.tokenizer.eos_token_ids, max_model_len=self.max_model_len)
+        seq.detokenizer = IncrementalDetokenizer(
+            self.tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens, stop=params.stop)
+        return seq
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
+        seq = self.make_sequence(request_id, prompt_token_ids, params)
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> Sequence | None:
+        return self.scheduler.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ------------------------------------------------------------------ steps
+    def step(self, on_layer_done: Callable[[StepInput, int], None] | None = None) -> list[RequestOutput]:
+        """schedule + execute + process, for single-threaded callers."""
+        step = self.schedule()
+        if step is None:
+            return []
+        return self.process(step, self.execute(step, on_layer_done))
+
+    def schedule(self) -> StepInput | None:
+        return self.scheduler.schedule()
+
+    def execute(
+        self, step: StepInput, on_layer_done: Callable[[StepInput, int], None] | None = None
+    ) -> SamplerOutput | None:
+        """The forward and the sampling; touches no scheduler or block-manager state."""
+        hook = (lambda layer: on_layer_done(step, layer)) if on_layer_done else None
+        return self.runner.execute(step, hook)
+
+    def process(self, step: StepInput, sampled: SamplerOutput | None) -> list[RequestOutput]:
+        """Advance counters, append sampled tokens, apply stop conditions, free finished sequences."""
+        self.scheduler.finish_step(step)
+        self.num_steps += 1
+        self.num_computed_tokens_total += sum(step.num_new_tokens)
+        return self._process(step, sampled)
+
+    def _process(self, step: StepInput, out: SamplerOutput | None) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        row = 0
+        for seq, sample in zip(step.seqs, step.sample, strict=True):
+            if not sample:
+                continue
+            assert out is not None
+            token = int(out.token_ids[row])
+            if seq.is_finished:  # aborted while its step ran
+                row += 1
+                continue
+            lp: list[TokenLogprob] = []
+            if seq.params.logprobs is not None:
+                top: list[tuple[int, float]] = []
+                if out.top_ids is not None and seq.params.logprobs > 0:
+                    k = seq.params.logprobs
+                    top = list(zip(out.top_ids[row, :k].tolist(), out.top_logprobs[row, :k].tolist()))  # type: ignore[index]
+                lp.append(TokenLogprob(token, float(out.logprobs[row]), top))
+                seq.logprobs.extend(lp)
+            row += 1
+            outputs.append(self.append_token(seq, token, lp))
+        return outputs
+
+    def append_token(self, seq: Sequence, token: int, lp: list[TokenLogprob] | None = None) -> RequestOutput:
+        """Append a sampled token, apply stop conditions, finish the sequence if it is done."""
+        seq.append_token(token)
+        reason = seq.check_stop(token)
+        text = ""
+        detok: IncrementalDetokenizer | None = seq.detokenizer
+        if detok is not None and not seq.prefill_only:
+            text = detok.step([token])
+            if reason is None and detok.stop_reason is not None:
+                reason = FinishReason.STOP
+                seq.stop_reason = detok.stop_reason
+            elif reason is not None and detok.stop_reason is None:
+                text += detok.flush()
+        if seq.prefill_only:  # a prefill worker keeps the KV until it has been shipped
+            self.scheduler.finish(seq, reason or FinishReason.LENGTH, free=False)
+            seq.finish_reason = reason
+        elif reason is not None and seq.status is SequenceStatus.RUNNING:
+            self.scheduler.finish(seq, reason)
+        elif reason is not None:
+            seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+        return RequestOutput(
+            seq.request_id, [token], text, reason is not None, reason, seq.num_prompt_tokens,
+            seq.num_output_tokens, seq.num_cached_tokens, lp or [], seq,
+        )
+
+    def release(self, seq: Sequence) -> None:
+        """Free the blocks of a finished sequence that kept them (prefill_only, after its transfer)."""
+        self.block_manager.free(seq)
+
+    # ------------------------------------------------------------------ stats
+    def stats(self) -> dict[str, int]:
+        bm = self.block_manager
+        return {
+            "kv_blocks_total": bm.num_blocks,
+            "kv_blocks_free": bm.num_free_blocks,
+            "kv_blocks_cached": bm.num_cached_blocks,
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "preemptions": self.scheduler.num_preemptions,
+            "prefix_query_tokens": bm.prefix_queries,
+            "prefix_hit_tokens": bm.prefix_hits,
+            "computed_tokens": self.num_computed_tokens_total,
+        }

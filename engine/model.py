@@ -1,0 +1,181 @@
+"""The decoder-only transformer shared by Llama, Mistral, Qwen2 and Qwen3, over a paged KV cache.
+
+One forward takes a flat batch of new tokens from many sequences (T tokens in all) and the
+`ForwardContext` describing where their KV lives; every layer stores its new K/V into the pool and
+attends over each sequence's cached context plus its new tokens ("extend"). Prefill chunks, decode
+steps and speculative verification are all this one call.
+
+Weights use fused projections: `qkv_proj` stacks q, k, v rows and `gate_up_proj` stacks gate and up
+rows, so a layer runs 4 matmuls. `load_weights` maps Hugging Face names onto them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from engine.config import ModelConfig
+from kernels.ops import Ops
+from kernels.rotary import build_cos_sin_cache
+
+
+@dataclass
+class ForwardContext:
+    """Where the batch's KV lives. Shapes: T new tokens in all, B sequences."""
+
+    kv: Tensor  # (num_layers, num_blocks, 2, block_size, Hk, D)
+    slot_mapping: Tensor  # (T,) int64: block_id * block_size + offset of each new token
+    block_tables: Tensor  # (B, max_blocks) int32
+    query_start_loc: Tensor  # (B+1,) int32: sequence b owns rows [qsl[b], qsl[b+1])
+    seq_lens: Tensor  # (B,) int32: context length after this step
+    max_query_len: int
+    ops: Ops
+    on_layer_done: Callable[[int], None] | None = None  # KV of layer l is final (transfer overlap)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
+        self.scale = self.head_dim**-0.5
+        self.sliding_window = cfg.sliding_window
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qk_norm = cfg.qk_norm
+        self.eps = cfg.rms_norm_eps
+        if self.qk_norm:
+            self.q_norm = nn.Parameter(torch.empty(self.head_dim))
+            self.k_norm = nn.Parameter(torch.empty(self.head_dim))
+
+    def forward(self, positions: Tensor, x: Tensor, cos_sin: Tensor, ctx: ForwardContext) -> Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_proj(x)  # (T, q + 2kv)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:  # Qwen3: RMSNorm over head_dim, per head, before RoPE
+            q = ctx.ops.rms_norm(q.reshape(-1, self.head_dim), self.q_norm, self.eps).view_as(q)
+            k = ctx.ops.rms_norm(k.reshape(-1, self.head_dim), self.k_norm, self.eps).view_as(k)
+        q, k = ctx.ops.rotary(positions, q, k, cos_sin)
+        kv_layer = ctx.kv[self.layer_idx]  # (num_blocks, 2, block_size, Hk, D)
+        ctx.ops.store_kv(k, v, kv_layer, ctx.slot_mapping)
+        out = ctx.ops.paged_attention(
+            q, kv_layer, ctx.block_tables, ctx.query_start_loc, ctx.seq_lens, self.scale,
+            self.sliding_window, max_query_len=ctx.max_query_len,
+        )  # (T, Hq, D)
+        return self.o_proj(out.reshape(t, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor, ops: Ops) -> Tensor:
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_idx)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = nn.Parameter(torch.empty(cfg.hidden_size))
+        self.post_attention_layernorm = nn.Parameter(torch.empty(cfg.hidden_size))
+        self.eps = cfg.rms_norm_eps
+
+    def forward(
+        self, positions: Tensor, x: Tensor, residual: Tensor | None, cos_sin: Tensor, ctx: ForwardContext
+    ) -> tuple[Tensor, Tensor]:
+        ops = ctx.ops
+        if residual is None:
+            residual = x
+            h = ops.rms_norm(x, self.input_layernorm, self.eps)
+        else:
+            h, residual = ops.rms_norm(x, self.input_layernorm, self.eps, residual)
+        h = self.self_attn(positions, h, cos_sin, ctx)
+        h, residual = ops.rms_norm(h, self.post_attention_layernorm, self.eps, residual)
+        return self.mlp(h, ops), residual
+
+
+class CausalLM(nn.Module):
+    """forward(input_ids (T,), positions (T,), ctx) -> hidden (T, H); compute_logits -> (N, V) fp32."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_layers)])
+        self.norm = nn.Parameter(torch.empty(cfg.hidden_size))
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("cos_sin_cache", torch.empty(0), persistent=False)
+
+    def init_rope(self, max_position: int) -> None:
+        """(Re)build the rotary cache; call after weights are on their device. (max_position, D) fp32."""
+        self.cos_sin_cache = build_cos_sin_cache(
+            self.cfg.head_dim, max_position, self.cfg.rope_theta, self.cfg.rope_scaling,
+            dtype=torch.float32, device=self.norm.device,
+        )
+
+    def forward(self, input_ids: Tensor, positions: Tensor, ctx: ForwardContext) -> Tensor:
+        x = self.embed_tokens(input_ids)  # (T, H)
+        residual: Tensor | None = None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, self.cos_sin_cache, ctx)
+            if ctx.on_layer_done is not None:
+                ctx.on_layer_done(layer.self_attn.layer_idx)
+        x, _ = ctx.ops.rms_norm(x, self.norm, self.cfg.rms_norm_eps, residual)
+        return x
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        weight = self.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
+        return torch.nn.functional.linear(hidden, weight).float()  # (N, V)
+
+    # ----------------------------------------------------------------- loading
+    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
+        """Copy Hugging Face tensors into place one at a time; raise if any parameter is left unset."""
+        params = dict(self.named_parameters())
+        q, kv, inter = self.cfg.q_size, self.cfg.kv_size, self.cfg.intermediate_size
+        shards = {
+            "q_proj": ("qkv_proj", 0, q), "k_proj": ("qkv_proj", q, kv), "v_proj": ("qkv_proj", q + kv, kv),
+            "gate_proj": ("gate_up_proj", 0, inter), "up_proj": ("gate_up_proj", inter, inter),
+        }
+        loaded: set[str] = set()
+        for hf_name, tensor in weights:
+            name = hf_name.removeprefix("model.")
+            if "rotary_emb" in name or (name.startswith("lm_head") and self.cfg.tie_word_embeddings):
+                continue
+            name = name.replace("_layernorm.weight", "_layernorm").replace("_norm.weight", "_norm")
+            if name == "norm.weight":
+                name = "norm"
+            target, start, size = name, 0, None
+            for short, (fused, offset, rows) in shards.items():
+                if f".{short}." in name:
+                    target, start, size = name.replace(short, fused), offset, rows
+                    break
+            if target not in params:
+                raise ValueError(f"checkpoint tensor {hf_name!r} has no place in {self.cfg.architecture}")
+            param = params[target]
+            dst = param.data if size is None else param.data.narrow(0, start, size)
+            if dst.shape != tensor.shape:
+                raise ValueError(f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(dst.shape)}")
+            dst.copy_(tensor)
+            loaded.add(f"{target}:{start}")
+        expected = {f"{n}:{s}" for n in params for s in self._shard_starts(n, shards)}
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+
+    @staticmethod
+    def _shard_starts(name: str, shards: dict[str, tuple[str, int, int]]) -> list[int]:
+        starts = [off for fused, off, _ in shards.values() if f".{fused}." in name]
+        return starts or [0]

@@ -1,0 +1,163 @@
+"""Owns the model weights, the KV pool and the sampler; turns a scheduled batch into tokens.
+
+The KV pool is one tensor for all layers:
+
+    kv: (num_layers, num_blocks, 2, block_size, num_kv_heads, head_dim)
+         kv[l, b]      one page: K and V of block b in layer l, contiguous (what kvtransfer ships)
+         kv[l, b, 0]   K rows of the block's block_size tokens; kv[l, b, 1] the V rows
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence as Seq
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from engine.checkpoint import iter_safetensors, load_hf_config
+from engine.config import EngineConfig, ModelConfig, resolve_device, resolve_dtype
+from engine.model import CausalLM, ForwardContext
+from engine.sampling import Sampler, SamplerOutput, SamplingBatch
+from engine.sequence import Sequence
+from kernels.ops import select_ops
+
+logger = logging.getLogger(__name__)
+
+_CPU_KV_BUDGET = 2 << 30  # bytes; CPU pools need not be large and share RAM with everything else
+_GPU_KV_FRACTION = 0.85  # of the memory free after the weights
+
+
+@dataclass
+class StepInput:
+    """One forward's work: `num_new_tokens[i]` tokens of `seqs[i]`, from its num_computed_tokens."""
+
+    seqs: list[Sequence]
+    num_new_tokens: list[int]
+    sample: list[bool]  # sequence i reaches num_tokens in this step and samples a token
+
+
+def load_model(path: str | Path, dtype: torch.dtype, device: torch.device) -> CausalLM:
+    """Build the model on the meta device, then stream checkpoint tensors into place."""
+    cfg = ModelConfig.from_hf(load_hf_config(path))
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    with torch.no_grad():
+        model.load_weights(iter_safetensors(path))
+    return model.eval()
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        hf = load_hf_config(config.model)
+        self.model_config = ModelConfig.from_hf(hf)
+        self.dtype = resolve_dtype(config.dtype, self.device, self.model_config.checkpoint_dtype)
+        self.model = load_model(config.model, self.dtype, self.device)
+        mc = self.model_config
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.model.init_rope(max(self.max_model_len, mc.max_position_embeddings))
+        self.ops = select_ops(config.attention_backend, self.device)
+        self.block_size = config.block_size
+        self.num_blocks = config.num_kv_blocks or self._blocks_from_budget()
+        self.kv = torch.zeros(
+            (mc.num_layers, self.num_blocks, 2, self.block_size, mc.num_kv_heads, mc.head_dim),
+            dtype=self.dtype, device=self.device,
+        )
+        self.sampler = Sampler(seed=config.seed)
+        logger.info("model %s: %d layers, %s on %s; KV pool %d blocks x %d tokens (%.1f MiB)",
+                    mc.architecture, mc.num_layers, self.dtype, self.device, self.num_blocks,
+                    self.block_size, self.kv.numel() * self.kv.element_size() / 2**20)
+
+    @property
+    def page_bytes(self) -> int:
+        mc = self.model_config
+        return 2 * self.block_size * mc.num_kv_heads * mc.head_dim * self.dtype.itemsize
+
+    def _blocks_from_budget(self) -> int:
+        per_block = self.page_bytes * self.model_config.num_layers
+        budget = self.config.kv_cache_memory_bytes
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = int(free * _GPU_KV_FRACTION)
+            else:
+                budget = _CPU_KV_BUDGET
+        num = budget // per_block
+        if num < 1:
+            raise ValueError(f"KV budget of {budget} bytes holds no block of {per_block} bytes")
+        return int(num)
+
+    # ------------------------------------------------------------------ steps
+    def prepare(self, step: StepInput) -> tuple[Tensor, Tensor, ForwardContext, Tensor]:
+        """Flatten the step into (input_ids, positions, context, logits_indices)."""
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        qsl = [0]
+        seq_lens: list[int] = []
+        logits_idx: list[int] = []
+        for seq, n, sample in zip(step.seqs, step.num_new_tokens, step.sample, strict=True):
+            start = seq.num_computed_tokens
+            input_ids.extend(seq.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            qsl.append(qsl[-1] + n)
+            seq_lens.append(start + n)
+            if sample:
+                logits_idx.append(qsl[-1] - 1)
+        max_blocks = max(len(s.block_table) for s in step.seqs)
+        tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in step.seqs]
+        dev = self.device
+        ctx = ForwardContext(
+            kv=self.kv,
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            max_query_len=max(step.num_new_tokens),
+            ops=self.ops,
+        )
+        return (
+            torch.tensor(input_ids, dtype=torch.int64, device=dev),
+            torch.tensor(positions, dtype=torch.int64, device=dev),
+            ctx,
+            torch.tensor(logits_idx, dtype=torch.int64, device=dev),
+        )
+
+    @torch.inference_mode()
+    def forward_logits(
+        self, step: StepInput, on_layer_done: Callable[[int], None] | None = None
+    ) -> Tensor:
+        """Run the model; logits (num sampled rows, V) float32 for the sequences that sample."""
+        input_ids, positions, ctx, logits_idx = self.prepare(step)
+        ctx.on_layer_done = on_layer_done
+        hidden = self.model(input_ids, positions, ctx)  # (T, H)
+        return self.model.compute_logits(hidden[logits_idx])
+
+    @torch.inference_mode()
+    def execute(
+        self, step: StepInput, on_layer_done: Callable[[int], None] | None = None
+    ) -> SamplerOutput | None:
+        logits = self.forward_logits(step, on_layer_done)
+        sampled = [s for s, flag in zip(step.seqs, step.sample, strict=True) if flag]
+        if not sampled:
+            return None
+        batch = self.sampling_batch(sampled)
+        return self.sampler(logits, batch)
+
+    def sampling_batch(self, seqs: Seq[Sequence]) -> SamplingBatch:
+        return SamplingBatch.build(
+            [s.params for s in seqs],
+            [s.prompt_token_ids for s in seqs],
+            [s.output_token_ids for s in seqs],
+            [s.eos_token_ids for s in seqs],
+            device=self.device,
+            vocab_size=self.model_config.vocab_size,
+        )

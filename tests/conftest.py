@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny random checkpoints of every supported architecture, made once per run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """`tiny_model(arch, **options)` -> a checkpoint directory; equal arguments share one directory."""
+    from engine.tiny import make_tiny_model
+
+    made: dict[tuple[str, str], Path] = {}
+
+    def make(arch: str = "llama", **options: Any) -> Path:
+        key = (arch, repr(sorted(options.items())))
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"tiny-{arch}")
+            made[key] = make_tiny_model(out, arch, **options)
+        return made[key]
+
+    return make
