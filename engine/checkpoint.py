@@ -1,0 +1,165 @@
+"""Hugging Face checkpoint directories: config, weight files, streaming tensors, a fingerprint.
+
+A checkpoint directory holds `config.json` and its weights in one of three layouts, tried in order:
+
+    model.safetensors.index.json   {"weight_map": {tensor name: shard file name}} + the shards it names
+    model.safetensors              a single file
+    *.safetensors                  any other files, read in sorted name order
+
+Tensors are streamed one at a time from memory-mapped files, so loading never holds a second full
+copy of the checkpoint in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Checkpoints larger than this show a progress bar when `progress` is None.
+PROGRESS_MIN_BYTES = 256 << 20
+
+
+class CheckpointError(ValueError):
+    """A model directory is missing, incomplete or malformed; the message names the path and the problem."""
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from exc
+
+
+def _check_dir(model_dir: str | Path) -> Path:
+    path = Path(model_dir)
+    if not path.exists():
+        raise CheckpointError(f"model directory {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"model path {path} is not a directory (expected a Hugging Face model folder)")
+    return path
+
+
+def _load_index(path: Path) -> dict[str, str]:
+    """The index's tensor-name -> file-name map; raises CheckpointError if malformed."""
+    index = _read_json(path / INDEX_FILE)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{path / INDEX_FILE} has no 'weight_map' of tensor names to shard files")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointError(f"{path / INDEX_FILE}: 'weight_map' must map tensor names to file names")
+    return weight_map
+
+
+def safetensors_files(model_dir: str | Path) -> list[Path]:
+    """The weight files of a checkpoint, in read order (see the module docstring for the layouts).
+
+    Raises CheckpointError if the directory is missing, has no *.safetensors, or its index names a
+    shard that is not there.
+    """
+    path = _check_dir(model_dir)
+    if (path / INDEX_FILE).is_file():
+        names = list(dict.fromkeys(_load_index(path).values()))
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{path / INDEX_FILE} names shard files missing from {path}: {', '.join(missing)}"
+            )
+        return [path / n for n in names]
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    files = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+    if not files:
+        raise CheckpointError(
+            f"no *.safetensors weights in {path} (only safetensors checkpoints are supported; "
+            "convert .bin/.pt weights first)"
+        )
+    return files
+
+
+def load_hf_config(model_dir: str | Path) -> dict[str, Any]:
+    """Read `config.json` of a checkpoint directory.
+
+    Raises CheckpointError if the directory does not exist or is not a directory, has no config.json
+    (or it is not a JSON object), or has no safetensors weights.
+    """
+    path = _check_dir(model_dir)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{path} has no config.json; is it a Hugging Face model directory?")
+    config = _read_json(config_path)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
+    safetensors_files(path)
+    return config
+
+
+def iter_safetensors(
+    model_dir: str | Path, *, progress: bool | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(name, tensor)` for every tensor of the checkpoint, one at a time, on CPU.
+
+    Each tensor is read from a memory-mapped file when it is yielded; the caller owns it and should
+    copy it into place and drop it. With an index, a file's tensors that the index assigns to another
+    file are skipped, so no name is yielded twice. `progress=True` shows a byte-counting tqdm bar on
+    stderr; `None` shows it only for checkpoints over PROGRESS_MIN_BYTES.
+    Raises CheckpointError as `safetensors_files` does, or if an indexed tensor is in none of the files.
+    """
+    path = _check_dir(model_dir)
+    files = safetensors_files(path)
+    weight_map = _load_index(path) if (path / INDEX_FILE).is_file() else None
+    total = sum(f.stat().st_size for f in files)
+    show = progress if progress is not None else total > PROGRESS_MIN_BYTES
+    seen: set[str] = set()
+    with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", file=sys.stderr,
+              disable=not show) as bar:
+        for file in files:
+            read = 0
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                rel = file.relative_to(path).as_posix()
+                for name in f.keys():
+                    if weight_map is not None and weight_map.get(name) != rel:
+                        logger.debug("skipping %s in %s: the index places it elsewhere", name, rel)
+                        continue
+                    tensor = f.get_tensor(name)
+                    size = tensor.numel() * tensor.element_size()
+                    bar.update(size)
+                    read += size
+                    seen.add(name)
+                    yield name, tensor
+            # The file's header and skipped tensors, so the bar ends at the total.
+            bar.update(max(file.stat().st_size - read, 0))
+    if weight_map is not None and len(seen) < len(weight_map):
+        missing = sorted(set(weight_map) - seen)
+        raise CheckpointError(
+            f"{path / INDEX_FILE} lists {len(missing)} tensors found in no shard, "
+            f"e.g. {', '.join(missing[:3])}"
+        )
+
+
+def checkpoint_fingerprint(model_dir: str | Path) -> str:
+    """A short stable id of a checkpoint: 16 hex digits of a SHA-256 over config.json (parsed and
+    re-serialised with sorted keys, so formatting does not matter) and the weight files' names and
+    sizes. Two workers serve the same model iff their fingerprints match (up to same-size edits of
+    the weights, which are not read). Raises CheckpointError as `load_hf_config` does.
+    """
+    config = load_hf_config(model_dir)
+    h = hashlib.sha256()
+    h.update(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
+    for file in safetensors_files(model_dir):
+        h.update(f"\0{file.name}\0{file.stat().st_size}".encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,136 @@
+"""Incremental detokenization: token ids in, final text out, with stop strings cut exactly.
+
+Decoding one token at a time is wrong for byte-level BPE (a character can span tokens) and for
+tokenizers whose decoders look at neighbours (leading-space rules). So each step decodes a short
+window of ids twice and emits the difference:
+
+    ids:   ... p p p p r r r n        p = prefix_offset .. read_offset (already emitted, context only)
+                 ^prefix  ^read       r = read_offset .. end (not yet emitted), n = the new token
+    emitted += decode(ids[prefix:]) - decode(ids[prefix:read])
+
+Nothing is emitted while the window's text ends in U+FFFD (an incomplete UTF-8 character); then both
+offsets move forward. Emitted text then passes a stop-string filter: a tail that could still grow into
+a stop string is held back, and on a match the stop string and everything after it are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from engine.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+# Prompt tokens decoded as context before the first output token, so its leading space is right.
+_CONTEXT_TOKENS = 5
+_REPLACEMENT = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    """Streams the text of one sequence's output tokens.
+
+    Contract: without a stop match, the concatenation of every `step()` result and `flush()` equals
+    `tokenizer.decode(output_ids, skip_special_tokens)` for byte-level BPE tokenizers when the prompt
+    ends on a character boundary (as encoded text always does); decoders that strip a sequence's
+    leading space (SentencePiece-style) keep it here, as the prompt context implies. No returned piece
+    carries U+FFFD for a character that later tokens complete. With
+    stop strings, the returned text is that decode cut just before the stop string that completes
+    first in the token stream (among several completing on the same token, the one starting
+    earliest; then the first listed); `stop_reason` names it and `finished` becomes True.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_token_ids: Sequence[int],
+        *,
+        skip_special_tokens: bool = True,
+        stop: Sequence[str] = (),
+    ) -> None:
+        """Raises ValueError if `stop` contains an empty string."""
+        if isinstance(stop, str):
+            stop = (stop,)
+        if any(not s for s in stop):
+            raise ValueError("stop strings must be non-empty")
+        self._tokenizer = tokenizer
+        self._skip_special = skip_special_tokens
+        self._stop = tuple(dict.fromkeys(stop))
+        self._ids: list[int] = list(prompt_token_ids)
+        self._prefix_offset = max(len(self._ids) - _CONTEXT_TOKENS, 0)
+        self._read_offset = len(self._ids)
+        self._num_prompt = len(self._ids)
+        self._pending = ""  # decoded text held back because it may begin a stop string
+        self.text = ""
+        self.stop_reason: str | None = None
+        self.finished = False
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Output tokens consumed; after a stop match, the token that completed it is the last."""
+        return len(self._ids) - self._num_prompt
+
+    def _decode(self, start: int, end: int | None = None) -> str:
+        return self._tokenizer.decode(self._ids[start:end], skip_special_tokens=self._skip_special)
+
+    def _decode_new(self) -> str:
+        """Text made final by the tokens after `read_offset`, advancing the offsets when there is some."""
+        prefix_text = self._decode(self._prefix_offset, self._read_offset)
+        new_text = self._decode(self._prefix_offset)
+        if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT):
+            return ""
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        return new_text[len(prefix_text):]
+
+    def _filter_stops(self, new_text: str) -> str:
+        """Add `new_text` to the held-back text and return what is now known to precede any stop."""
+        pending = self._pending + new_text
+        if not self._stop:
+            return pending
+        best: tuple[int, str] | None = None
+        for s in self._stop:
+            i = pending.find(s)
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, s)
+        if best is not None:
+            self.stop_reason, self.finished, self._pending = best[1], True, ""
+            return pending[: best[0]]
+        # Hold back the longest tail that is a proper prefix of some stop string.
+        hold = 0
+        for s in self._stop:
+            for n in range(min(len(s) - 1, len(pending)), hold, -1):
+                if pending.endswith(s[:n]):
+                    hold = n
+                    break
+        self._pending = pending[len(pending) - hold:]
+        return pending[: len(pending) - hold]
+
+    def step(self, new_token_ids: Sequence[int]) -> str:
+        """Consume output tokens and return the text that became final. Tokens after a stop match
+        (even within this call) are not consumed. Raises RuntimeError once finished."""
+        if self.finished:
+            raise RuntimeError("step() after the detokenizer finished (a stop string matched or flush() ran)")
+        out: list[str] = []
+        for token_id in new_token_ids:
+            # One token at a time, so a stop completes at the same token however calls group tokens.
+            self._ids.append(int(token_id))
+            out.append(self._filter_stops(self._decode_new()))
+            if self.finished:
+                break
+        piece = "".join(out)
+        self.text += piece
+        return piece
+
+    def flush(self) -> str:
+        """End of the sequence: return the text still held back (a trailing incomplete character
+        decodes to U+FFFD) and mark the detokenizer finished. Returns "" after a stop match."""
+        if self.finished:
+            return ""
+        tail = self._decode(self._prefix_offset)[len(self._decode(self._prefix_offset, self._read_offset)):]
+        self._prefix_offset = self._read_offset = len(self._ids)
+        piece = self._filter_stops(tail)
+        piece += self._pending  # nothing more can complete a stop string
+        self._pending = ""
+        self.finished = True
+        self.text += piece
+        return piece
