@@ -1,16 +1,31 @@
-"""Hot-path kernels: each Triton kernel sits beside its plain-PyTorch reference."""
+"""Hot-path kernels: each Triton kernel sits beside its plain-PyTorch reference.
 
-from kernels.activation import silu_and_mul_ref
-from kernels.kv_store import store_kv_ref
+``select_ops(backend, device)`` returns the bundle the engine calls; the ``*_ref`` functions are
+the PyTorch references (and the CPU path), the others the Triton launchers.
+"""
+
+from kernels.activation import silu_and_mul, silu_and_mul_ref
+from kernels.kv_store import store_kv, store_kv_ref
+from kernels.ops import Ops, select_ops
 from kernels.paged_attention import paged_attention_ref
-from kernels.rmsnorm import rms_norm_ref
-from kernels.rotary import build_cos_sin_cache, rotary_ref
+from kernels.paged_decode import paged_decode_attention
+from kernels.paged_extend import paged_extend_attention
+from kernels.rmsnorm import rms_norm, rms_norm_ref
+from kernels.rotary import build_cos_sin_cache, rotary, rotary_ref
 
 __all__ = [
+    "Ops",
     "build_cos_sin_cache",
     "paged_attention_ref",
+    "paged_decode_attention",
+    "paged_extend_attention",
+    "rms_norm",
     "rms_norm_ref",
+    "rotary",
     "rotary_ref",
+    "select_ops",
+    "silu_and_mul",
     "silu_and_mul_ref",
+    "store_kv",
     "store_kv_ref",
 ]

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels._triton import FLOAT_DTYPES, check, check_tensor
+
 
 def _attend_same_qlen(
     q: Tensor,
@@ -75,7 +77,9 @@ def paged_attention_ref(
     q_lens = [starts[b + 1] - starts[b] for b in range(len(lens))]
     for b, (q_len, seq_len) in enumerate(zip(q_lens, lens, strict=True)):
         if q_len < 1 or seq_len < q_len:
-            raise ValueError(f"sequence {b}: need 1 <= q_len <= seq_len, got q_len={q_len}, seq_len={seq_len}")
+            raise ValueError(
+                f"sequence {b}: need 1 <= q_len <= seq_len, got q_len={q_len}, seq_len={seq_len}"
+            )
     out = torch.empty_like(q)
     decode = [b for b, q_len in enumerate(q_lens) if q_len == 1]
     if decode:
@@ -91,3 +95,39 @@ def paged_attention_ref(
                 q[None, s:e], kv_layer, block_tables[b : b + 1], seq_lens[b : b + 1], scale, sliding_window
             )[0]
     return out
+
+
+def check_paged_args(
+    q: Tensor,
+    kv_layer: Tensor,
+    block_tables: Tensor,
+    seq_lens: Tensor,
+    scale: float,
+    sliding_window: int | None,
+) -> None:
+    """Launcher checks shared by the decode and extend kernels; raises ValueError on any mismatch.
+
+    Values inside block_tables / seq_lens are not checked (that would sync with the device).
+    """
+    device = q.device
+    check_tensor("q", q, 3, FLOAT_DTYPES, device)
+    check_tensor("kv_layer", kv_layer, 5, (q.dtype,), device)
+    check_tensor("block_tables", block_tables, 2, (torch.int32,), device)
+    check_tensor("seq_lens", seq_lens, 1, (torch.int32,), device)
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    _, two, _, num_kv_heads, kv_head_dim = kv_layer.shape
+    check(two == 2, f"kv_layer must be (num_blocks, 2, block_size, Hk, D), got {tuple(kv_layer.shape)}")
+    check(kv_head_dim == head_dim, f"kv_layer head dim {kv_head_dim} != q head dim {head_dim}")
+    check(head_dim >= 16, f"head_dim must be >= 16 for tl.dot, got {head_dim}")
+    check(num_kv_heads > 0 and num_q_heads % num_kv_heads == 0,
+          f"query heads ({num_q_heads}) must be a multiple of KV heads ({num_kv_heads})")  # fmt: skip
+    batch = block_tables.shape[0]
+    check(
+        seq_lens.shape == (batch,),
+        f"seq_lens must be ({batch},) like block_tables rows, got {tuple(seq_lens.shape)}",
+    )
+    check(scale > 0, f"scale must be > 0, got {scale}")
+    check(
+        sliding_window is None or sliding_window >= 1,
+        f"sliding_window must be >= 1 or None, got {sliding_window}",
+    )

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from kernels._triton import FLOAT_DTYPES, check, check_tensor, launchable, tl, triton
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -80,3 +82,78 @@ def rotary_ref(positions: Tensor, q: Tensor, k: Tensor, cos_sin_cache: Tensor) -
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
     return rotate(q), rotate(k)
+
+
+@triton.jit
+def _rotary_kernel(
+    pos_ptr,  # (T,) int64
+    q_ptr,  # (T, Hq, D)
+    k_ptr,  # (T, Hk, D)
+    cache_ptr,  # (max_position, D) [cos | sin]
+    q_out_ptr,  # (T, Hq, D) contiguous
+    k_out_ptr,  # (T, Hk, D) contiguous
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_cache,
+    num_q_heads, num_k_heads,
+    HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):  # fmt: skip
+    # One program per token: its cos/sin row is read once and reused by every q and k head.
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t)
+    dims = tl.arange(0, BLOCK_HALF)[None, :]
+    cos = tl.load(cache_ptr + pos * stride_cache + dims, mask=dims < HALF, other=0.0).to(tl.float32)
+    sin = tl.load(cache_ptr + pos * stride_cache + HALF + dims, mask=dims < HALF, other=0.0).to(tl.float32)
+    dtype = q_out_ptr.dtype.element_ty
+    # Query heads: both halves in float32, (BLOCK_HQ, BLOCK_HALF) each; dim i pairs with i + D/2.
+    heads = tl.arange(0, BLOCK_HQ)[:, None]
+    mask = (heads < num_q_heads) & (dims < HALF)
+    src = q_ptr + t * stride_qt + heads * stride_qh + dims
+    dst = q_out_ptr + (t * num_q_heads + heads) * (2 * HALF) + dims
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dst, (x1 * cos - x2 * sin).to(dtype), mask=mask)
+    tl.store(dst + HALF, (x2 * cos + x1 * sin).to(dtype), mask=mask)
+    # Key heads, the same way (a separate stanza: kernels here call no jit helpers, see _triton).
+    heads = tl.arange(0, BLOCK_HK)[:, None]
+    mask = (heads < num_k_heads) & (dims < HALF)
+    src = k_ptr + t * stride_kt + heads * stride_kh + dims
+    dst = k_out_ptr + (t * num_k_heads + heads) * (2 * HALF) + dims
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dst, (x1 * cos - x2 * sin).to(dtype), mask=mask)
+    tl.store(dst + HALF, (x2 * cos + x1 * sin).to(dtype), mask=mask)
+
+
+def rotary(positions: Tensor, q: Tensor, k: Tensor, cos_sin_cache: Tensor) -> tuple[Tensor, Tensor]:
+    """Triton rotary embedding, same contract as :func:`rotary_ref`: out of place.
+
+    Returns new contiguous (T, Hq, D) and (T, Hk, D) tensors; q and k are left untouched, so
+    they may be strided views of a fused qkv projection (unit stride on D required).
+    positions (T,) int64 must lie in [0, max_position): they are not checked (that would sync).
+    Raises ValueError on shape, stride, dtype or device mismatches.
+    """
+    check_tensor("q", q, 3, FLOAT_DTYPES, q.device)
+    kern = launchable(_rotary_kernel, q.device)
+    num_tokens, num_q_heads, head_dim = q.shape
+    check_tensor("k", k, 3, (q.dtype,), q.device)
+    check_tensor("positions", positions, 1, (torch.int64,), q.device, contiguous_last=False)
+    check_tensor("cos_sin_cache", cos_sin_cache, 2, FLOAT_DTYPES, q.device)
+    check(k.shape[0] == num_tokens and k.shape[2] == head_dim,
+          f"k must be ({num_tokens}, Hk, {head_dim}), got {tuple(k.shape)}")  # fmt: skip
+    check(
+        positions.shape[0] == num_tokens, f"positions must be ({num_tokens},), got {tuple(positions.shape)}"
+    )
+    check(head_dim % 2 == 0, f"head_dim must be even, got {head_dim}")
+    check(cos_sin_cache.shape[1] == head_dim,
+          f"cos_sin_cache must be (max_position, {head_dim}), got {tuple(cos_sin_cache.shape)}")  # fmt: skip
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if num_tokens > 0:
+        kern[(num_tokens,)](
+            positions, q, k, cos_sin_cache, q_out, k_out,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
+            num_q_heads, k.shape[1],
+            HALF=head_dim // 2, BLOCK_HQ=triton.next_power_of_2(num_q_heads),
+            BLOCK_HK=triton.next_power_of_2(k.shape[1]), BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
+            num_warps=4,
+        )  # fmt: skip
+    return q_out, k_out
