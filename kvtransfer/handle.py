@@ -18,6 +18,7 @@ class _Owner(Protocol):
     def call_soon(self, fn: Callable[[], None]) -> bool: ...
     def _on_layers_ready(self, request_id: str, layers: range) -> None: ...
     def _on_local_abort(self, request_id: str, reason: str) -> None: ...
+    def _on_finish(self, request_id: str, meta: bytes) -> None: ...
 
 
 class TransferHandle:
@@ -50,6 +51,13 @@ class TransferHandle:
     def all_ready(self) -> None:
         """Every layer is final (a prefill that does not stream layer by layer calls only this)."""
         self._owner.call_soon(lambda: self._owner._on_layers_ready(self.request_id, range(self.num_layers)))
+
+    def finish(self, meta: bytes) -> None:
+        """Every layer is final, and `meta` replaces the meta given to begin(): it travels on the last
+        chunk, so the receiver's CompletedTransfer carries it. Lets the engine stream layers 0..L-2 during
+        the forward and send the last one with what it learned after (the first sampled token). Call
+        it instead of making the last layer ready; once every chunk is out, a late meta is ignored."""
+        self._owner.call_soon(lambda: self._owner._on_finish(self.request_id, bytes(meta)))
 
     def abort(self, reason: str) -> None:
         """Stop the transfer; the receiver is told and releases its reservation. The result becomes

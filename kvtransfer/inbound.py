@@ -114,6 +114,8 @@ class Inbound:
         if sock.rcvmore:
             return f"KVLayer announced {len(frames)} frames, more arrived"
         pool.commit(h.layer, ids, breaks, frames)
+        if h.HasField("meta"):
+            self.meta = h.meta
         self.got[h.layer, first : first + n] = True
         self.pages_left -= n
         self.bytes += n * h.bytes_per_block

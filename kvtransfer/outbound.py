@@ -48,6 +48,7 @@ class Outbound:
     last_heard: float = 0.0
     last_sent: float = 0.0
     last_engine: float = 0.0
+    meta: bytes | None = None  # late meta (TransferHandle.finish), sent on the last chunk
 
     def __post_init__(self) -> None:
         self.last_heard = self.last_sent = self.last_engine = self.now

@@ -164,6 +164,12 @@ class KVSender(IOThread):
         t.last_engine = time.monotonic()
         self._pump()
 
+    def _on_finish(self, request_id: str, meta: bytes) -> None:
+        t = self._transfers.get(request_id)
+        if t is not None:
+            t.meta = meta
+            self._on_layers_ready(request_id, range(self.layout.num_layers))
+
     def _on_local_abort(self, request_id: str, reason: str) -> None:
         t = self._transfers.get(request_id)
         if t is not None:
@@ -193,8 +199,11 @@ class KVSender(IOThread):
         bufs, staged = self.pool.read_frames(layer, t.ids[first : first + n], t.breaks[first : first + n], frames)
         if staged:
             t.staged[layer, first] = staged
-        header = wire.encode(wire.Layer(request_id=t.handle.request_id, layer=layer, first_block=first,
-                                        num_blocks=n, bytes_per_block=page, frame_pages=frames))
+        layer_msg = wire.Layer(request_id=t.handle.request_id, layer=layer, first_block=first,
+                               num_blocks=n, bytes_per_block=page, frame_pages=frames)
+        if t.chunks_left == 1 and t.meta is not None:
+            layer_msg.meta = t.meta
+        header = wire.encode(layer_msg)
         if not t.t_first_ns:
             t.t_first_ns = time.perf_counter_ns()
         t.sock.send_multipart([header, *(b.data for b in bufs)], flags=zmq.NOBLOCK, copy=False)

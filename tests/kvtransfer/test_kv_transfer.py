@@ -62,6 +62,22 @@ def test_transfer_streams_layers_only_once_ready(pair: tuple, src: torch.Tensor)
     assert torch.equal(dst[:, alloc.completed["r"].block_ids], src[:, SRC_IDS])
 
 
+def test_finish_ships_the_last_layer_with_a_late_meta(pair: tuple, src: torch.Tensor) -> None:
+    sender, receiver, alloc, dst = pair
+    num_layers = src.shape[0]
+    handle = sender.begin("late", receiver.address, SRC_IDS, TOKENS, meta=b"early")
+    for layer in range(num_layers - 1):
+        handle.layer_ready(layer)
+    time.sleep(0.2)
+    assert "late" not in alloc.completed, "completed before the last layer was given"
+    src[num_layers - 1, SRC_IDS] += 3  # the last layer is still being written until finish()
+    handle.finish(b"first-token=42")
+    assert handle.result(timeout=5).ok
+    done = alloc.completed["late"]
+    assert done.meta == b"first-token=42"
+    assert torch.equal(dst[:, done.block_ids], src[:, SRC_IDS])
+
+
 def test_layout_mismatch_is_refused_naming_each_field(bind: str) -> None:
     dst = make_pool("bfloat16", None, block_size=32)
     alloc = Allocator(dst.shape[1])
