@@ -131,8 +131,10 @@ class EngineLoop:
         if self.after_process is not None:
             self.after_process(step, outputs)
         for out in outputs:
-            sink = self._sinks.get(out.request_id)
-            if out.finished:
-                self._sinks.pop(out.request_id, None)
-            if sink is not None:
-                sink(out)
+            self.deliver(out)
+
+    def deliver(self, out: RequestOutput) -> None:
+        """Engine thread only: hand `out` to its request's sink (dropped once finished)."""
+        sink = self._sinks.pop(out.request_id, None) if out.finished else self._sinks.get(out.request_id)
+        if sink is not None:
+            sink(out)

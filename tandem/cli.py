@@ -13,6 +13,9 @@ import sys
 
 COMMANDS: tuple[str, ...] = (
     "tandem.cmd_make_tiny_model",
+    "tandem.cmd_components",
+    "tandem.cmd_up",
+    "tandem.cmd_generate",
 )
 
 

@@ -8,43 +8,15 @@ import torch
 from engine import LLM, SamplingParams
 from engine.model_runner import StepInput
 from engine.sequence import Sequence
+from tests.hf_reference import assert_same_or_near_tie, hf_greedy, hf_model, random_prompts
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
 PROMPT_LENGTHS = [1, 5, 9, 17, 23, 31, 40, 57]  # block size 6 divides none of them
 MAX_NEW = 24
 
 
-def hf_model(path):
-    transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return model.eval()
-
-
 def prompts_for(vocab: int, lengths=PROMPT_LENGTHS, seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
-def hf_greedy(model, prompt: list[int], max_new: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=max_new, do_sample=False, pad_token_id=0,
-        )
-    return out[0, len(prompt):].tolist()
-
-
-def assert_same_or_near_tie(model, prompt: list[int], ours: list[int], ref: list[int]) -> None:
-    """Token-identical, except that a divergence is allowed at a step whose top-2 gap is < 1e-4."""
-    for i, (a, b) in enumerate(zip(ours, ref)):
-        if a != b:
-            with torch.no_grad():
-                logits = model(torch.tensor([prompt + ref[:i]])).logits[0, -1]
-            top2 = logits.topk(2).values
-            gap = float(top2[0] - top2[1])
-            assert gap < 1e-4, f"diverged at output {i}: ours {a}, reference {b}, top-2 gap {gap:.2e}"
-            return
-    assert len(ours) == len(ref), f"lengths differ: ours {len(ours)}, reference {len(ref)}"
+    return random_prompts(vocab, lengths, seed)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

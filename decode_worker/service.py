@@ -1,0 +1,126 @@
+"""The DecodeWorker gRPC service: Decode streams a request's tokens; Abort and Status."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from decode_worker.worker import DecodeCore
+from engine.engine import RequestOutput
+from tandem.errors import DeadlineExceeded, Mismatch, Overloaded, TandemError, Unavailable
+from tandem.protoconv import finish_to_proto, logprob_to_proto, sampling_from_proto
+from tandem.v1 import generation_pb2 as gen
+from tandem.v1 import worker_pb2 as pb
+from tandem.v1 import worker_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+_FAIL_CODES: dict[str, type[TandemError]] = {
+    "MISMATCH": Mismatch, "NO_SPACE": Overloaded, "TIMEOUT": DeadlineExceeded,
+}
+
+
+class _Failed:
+    def __init__(self, code: str, message: str) -> None:
+        self.code, self.message = code, message
+
+
+class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
+    def __init__(self, core: DecodeCore, worker_id: str, address: str, max_waiting: int) -> None:
+        self.core = core
+        self.worker_id = worker_id
+        self.address = address
+        self.max_waiting = max_waiting
+        self.streams = 0
+
+    async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext
+                     ) -> AsyncIterator[pb.DecodeResponse]:
+        core = self.core
+        if core.loop.error is not None:
+            raise Unavailable(f"decode worker {self.worker_id} engine failed: {core.loop.error}")
+        if self.streams >= self.max_waiting:
+            raise Overloaded(f"decode worker {self.worker_id} has {self.streams} requests (limit "
+                             f"{self.max_waiting}); retry later", retry_after_s=1.0)
+        params = sampling_from_proto(request.sampling)
+        rid = request.request_id
+        prompt = list(request.prompt_token_ids)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput | _Failed] = asyncio.Queue()
+
+        def sink(out: RequestOutput) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, out)
+
+        def fail(code: str, message: str) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, _Failed(code, message))
+
+        kv_timeout = (request.kv_timeout_ms / 1000) if request.kv_timeout_ms else core.kv_timeout_s
+        t0 = time.monotonic()
+        if request.local_prefill:
+            core.local(rid, prompt, params, sink)
+        else:
+            core.expect_kv(rid, prompt, params, sink, fail, kv_timeout)
+        self.streams += 1
+        finished = False
+        first = True
+        try:
+            while not finished:
+                timeout = kv_timeout + 1.0 if first and not request.local_prefill else None
+                try:
+                    item = await asyncio.wait_for(queue.get(), timeout)
+                except TimeoutError:
+                    raise DeadlineExceeded(f"the KV of request {rid} did not arrive within {kv_timeout:.1f} s") from None
+                if isinstance(item, _Failed):
+                    raise _FAIL_CODES.get(item.code, Unavailable)(
+                        f"KV transfer for request {rid} failed ({item.code}): {item.message}")
+                # coalesce what is already queued into one message
+                outs = [item]
+                while not queue.empty() and not outs[-1].finished:
+                    nxt = queue.get_nowait()
+                    if isinstance(nxt, _Failed):
+                        break
+                    outs.append(nxt)
+                last = outs[-1]
+                finished = last.finished
+                resp = pb.DecodeResponse(
+                    token_ids=[t for o in outs for t in o.new_token_ids],
+                    text="".join(o.new_text for o in outs),
+                    logprobs=[logprob_to_proto(lp) for o in outs for lp in o.new_logprobs],
+                    finish_reason=finish_to_proto(last.finish_reason) if finished else gen.FINISH_REASON_UNSPECIFIED,
+                    num_cached_tokens=last.num_cached_tokens,
+                )
+                if first:
+                    resp.kv_wait_ns = 0 if request.local_prefill else int((time.monotonic() - t0) * 1e9)
+                    first = False
+                if finished:
+                    resp.num_prompt_tokens = last.num_prompt_tokens
+                    resp.num_output_tokens = last.num_output_tokens
+                    seq = last.seq
+                    if seq is not None and isinstance(seq.stop_reason, str):
+                        resp.finish_message = seq.stop_reason
+                yield resp
+        finally:
+            self.streams -= 1
+            if not finished:  # cancelled, deadline, failure: free everything this request holds
+                core.abort(rid)
+
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        self.core.abort(request.request_id)
+        return pb.AbortResponse(found=True)
+
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
+        core = self.core
+        stats = core.loop.stats()
+        rstats = core.receiver.stats()
+        err = "" if core.loop.error is None else f"engine failed: {core.loop.error}"
+        return pb.StatusResponse(
+            worker_id=self.worker_id, role=gen.WORKER_ROLE_DECODE,
+            kv_blocks_total=stats["kv_blocks_total"], kv_blocks_free=stats["kv_blocks_free"],
+            running=stats["running"], waiting=stats["waiting"] + core.num_pending(),
+            kv_address=core.receiver.address, kv_layout=core.layout.to_proto(),
+            cached_blocks=stats["kv_blocks_cached"], inflight_transfers=rstats.get("live", 0),
+            max_model_len=core.engine.max_model_len, address=self.address, error=err,
+        )

@@ -1,0 +1,57 @@
+"""Start the gateway: worker registry + router + the public Generation service."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.checkpoint import load_hf_config
+from engine.config import ModelConfig
+from engine.tokenizer import Tokenizer
+from gateway.registry import WorkerRegistry
+from gateway.router import Router
+from gateway.service import GatewayLimits, GenerationService
+from tandem import serve
+from tandem.v1 import generation_pb2_grpc
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    model: str
+    prefill_workers: tuple[str, ...]
+    decode_workers: tuple[str, ...]
+    host: str = "127.0.0.1"
+    port: int = 0
+    served_model_name: str | None = None  # default: the model directory's name
+    local_prefill_threshold: int = 32  # uncached prompt tokens below which the decode worker prefills
+    heartbeat_interval_s: float = 0.5
+    limits: GatewayLimits = field(default_factory=GatewayLimits)
+    ready_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.decode_workers:
+            raise ValueError("the gateway needs at least one decode worker (--decode-workers)")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.local_prefill_threshold < 0:
+            raise ValueError(f"local_prefill_threshold must be >= 0, got {self.local_prefill_threshold}")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model).name
+
+
+async def serve_gateway(cfg: GatewayConfig, stop: asyncio.Event) -> None:
+    model_config = ModelConfig.from_hf(load_hf_config(cfg.model))
+    tokenizer = Tokenizer.from_dir(cfg.model)
+    registry = WorkerRegistry(list(cfg.prefill_workers), list(cfg.decode_workers),
+                              interval_s=cfg.heartbeat_interval_s)
+    await registry.start()
+    service = GenerationService(registry, Router(registry, cfg.local_prefill_threshold), tokenizer,
+                                model_config, cfg.model_name, cfg.limits)
+    try:
+        await serve.serve_component("gateway", service, generation_pb2_grpc.add_GenerationServicer_to_server,
+                                    "tandem.v1.Generation", cfg.host, cfg.port, cfg.ready_file, stop)
+    finally:
+        await registry.close()

@@ -1,0 +1,113 @@
+"""`tandem gateway`, `tandem prefill-worker`, `tandem decode-worker`: one component per process.
+
+These are exactly the commands `tandem up` and docker-compose run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from engine.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    g.add_argument("--dtype", default="auto", help="auto|float32|float16|bfloat16 (auto: float32 on CPU)")
+    g.add_argument("--device", default="auto", help="auto|cpu|cuda")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="running sequences per step")
+    g.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    g.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks (overrides the budget)")
+    g.add_argument("--kv-cache-memory", type=float, default=None, help="KV pool budget in GiB")
+    g.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
+    g.add_argument("--attention-backend", default="auto", help="auto|torch|triton")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len, num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory_bytes=int(args.kv_cache_memory * 2**30) if args.kv_cache_memory else None,
+        enable_prefix_caching=not args.no_prefix_caching, attention_backend=args.attention_backend,
+    )
+
+
+def add_server_args(p: argparse.ArgumentParser, default_port: int) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="bind address (internal ports stay on loopback by default)")
+    p.add_argument("--port", type=int, default=default_port, help="gRPC port (0: any free port)")
+    p.add_argument("--ready-file", default=None, help="write a JSON line with the bound addresses here once up")
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(a.strip() for a in value.split(",") if a.strip())
+
+
+def run_gateway(args: argparse.Namespace) -> int:
+    from gateway.main import GatewayConfig, serve_gateway
+    from gateway.service import GatewayLimits
+    from tandem import serve
+
+    cfg = GatewayConfig(
+        model=args.model, prefill_workers=_split(args.prefill_workers), decode_workers=_split(args.decode_workers),
+        host=args.host, port=args.port, served_model_name=args.served_model_name,
+        local_prefill_threshold=args.local_prefill_threshold, ready_file=args.ready_file,
+        limits=GatewayLimits(max_inflight=args.max_inflight, kv_timeout_s=args.kv_timeout,
+                             default_max_tokens=args.default_max_tokens),
+    )
+    serve.run(lambda stop: serve_gateway(cfg, stop))
+    return 0
+
+
+def run_prefill(args: argparse.Namespace) -> int:
+    from prefill_worker.main import PrefillWorkerConfig, serve_prefill
+    from tandem import serve
+
+    cfg = PrefillWorkerConfig(engine=engine_config(args), host=args.host, port=args.port,
+                              kv_timeout_s=args.kv_timeout, ready_file=args.ready_file)
+    serve.run(lambda stop: serve_prefill(cfg, stop))
+    return 0
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    from decode_worker.main import DecodeWorkerConfig, serve_decode
+    from tandem import serve
+
+    cfg = DecodeWorkerConfig(engine=engine_config(args), host=args.host, port=args.port, kv_bind=args.kv_bind,
+                             kv_timeout_s=args.kv_timeout, ready_file=args.ready_file)
+    serve.run(lambda stop: serve_decode(cfg, stop))
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    g = subparsers.add_parser("gateway", help="run the gRPC gateway")
+    g.add_argument("--model", required=True, help="checkpoint directory (tokenizer and config are read from it)")
+    g.add_argument("--prefill-workers", default="", help="comma-separated host:port of prefill workers")
+    g.add_argument("--decode-workers", required=True, help="comma-separated host:port of decode workers")
+    g.add_argument("--served-model-name", default=None, help="the name clients use (default: the directory's)")
+    g.add_argument("--local-prefill-threshold", type=int, default=32,
+                   help="uncached prompt tokens below which the decode worker prefills itself (0: never)")
+    g.add_argument("--max-inflight", type=int, default=256, help="concurrent requests before RESOURCE_EXHAUSTED")
+    g.add_argument("--kv-timeout", type=float, default=30.0, help="seconds a KV transfer may take")
+    g.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request leaves it 0")
+    add_server_args(g, 50051)
+    g.set_defaults(func=run_gateway)
+
+    p = subparsers.add_parser("prefill-worker", help="run a prefill worker")
+    add_engine_args(p)
+    add_server_args(p, 50061)
+    p.add_argument("--kv-timeout", type=float, default=30.0, help="seconds a KV transfer may stay silent")
+    p.set_defaults(func=run_prefill)
+
+    d = subparsers.add_parser("decode-worker", help="run a decode worker")
+    add_engine_args(d)
+    add_server_args(d, 50071)
+    d.add_argument("--kv-bind", default="tcp://127.0.0.1:0", help="KV receiver endpoint (tcp://host:port or ipc://path)")
+    d.add_argument("--kv-timeout", type=float, default=30.0, help="seconds a KV transfer may stay silent")
+    d.set_defaults(func=run_decode)

@@ -1,0 +1,60 @@
+"""`tandem up`: the whole stack as local processes; Ctrl-C or SIGTERM stops every one of them."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from typing import Any
+
+
+def run(args: argparse.Namespace) -> int:
+    from tandem.launcher import Stack
+
+    engine_args = ["--device", args.device, "--dtype", args.dtype]
+    if args.num_kv_blocks:
+        engine_args += ["--num-kv-blocks", str(args.num_kv_blocks)]
+    stack = Stack(args.model, prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
+                  host=args.host, port=args.port, engine_args=engine_args,
+                  gateway_args=["--local-prefill-threshold", str(args.local_prefill_threshold)],
+                  workdir=args.workdir)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"starting {args.prefill_workers} prefill + {args.decode_workers} decode workers on {args.model} ...",
+          flush=True)
+    stack.start(timeout_s=args.startup_timeout)
+    try:
+        for c in stack.prefill:
+            print(f"  prefill worker  {c.info['address']}", flush=True)
+        for c in stack.decode:
+            print(f"  decode worker   {c.info['address']}  (KV {c.info.get('kv_address')})", flush=True)
+        print(f"gateway ready on {stack.address}   logs: {stack.workdir}", flush=True)
+        print(f"try: tandem generate --addr {stack.address} 'def fibonacci(n):'   (Ctrl-C stops everything)",
+              flush=True)
+        while not stop.wait(0.5):
+            dead = [c.name for c in [stack.gateway, *stack.prefill, *stack.decode]
+                    if c is not None and c.proc is not None and c.proc.poll() is not None]
+            if dead:
+                print(f"stopping: {', '.join(dead)} exited (logs in {stack.workdir})", flush=True)
+                return 1
+    finally:
+        stack.stop()
+        print("stopped", flush=True)
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("up", help="start gateway + prefill + decode workers as local processes")
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    p.add_argument("--prefill-workers", type=int, default=1)
+    p.add_argument("--decode-workers", type=int, default=1)
+    p.add_argument("--host", default="127.0.0.1", help="the gateway's bind address")
+    p.add_argument("--port", type=int, default=50051, help="the gateway's port")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--local-prefill-threshold", type=int, default=32)
+    p.add_argument("--workdir", default=None, help="where ready files and logs go (default: a temp dir)")
+    p.add_argument("--startup-timeout", type=float, default=300.0)
+    p.set_defaults(func=run)

@@ -1,0 +1,146 @@
+"""The disaggregated stack end to end: real processes, real gRPC and ZeroMQ on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from engine import LLM, SamplingParams
+from tandem.v1 import generation_pb2 as gen
+from tests.e2e.conftest import generate, stub, wait_all_blocks_free
+from tests.hf_reference import assert_same_or_near_tie, hf_greedy, hf_model, random_prompts
+
+LENGTHS = [3, 9, 14, 17, 22, 29, 33, 41, 47, 52, 60, 66, 71, 80, 95, 120]
+MAX_NEW = 20
+
+
+def concurrent_greedy(stack, prompts: list[list[int]]) -> list[list[int]]:
+    s = stub(stack)
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(lambda p: generate(s, p, temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)[0],
+                             prompts))
+
+
+@pytest.mark.parametrize("workers", [(1, 1), (2, 2)], ids=["1p1d", "2p2d"])
+def test_concurrent_streams_match_engine_and_transformers(make_stack, stack_model, workers) -> None:
+    stack = make_stack(stack_model, prefill=workers[0], decode=workers[1])
+    prompts = random_prompts(512, LENGTHS, seed=7)
+    got = concurrent_greedy(stack, prompts)
+    llm = LLM(stack_model, device="cpu", dtype="float32", block_size=8, num_kv_blocks=512)
+    want = [o.token_ids for o in llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_NEW,
+                                                                      ignore_eos=True))]
+    assert got == want
+    ref = hf_model(stack_model)
+    for p, g in zip(prompts[::3], got[::3]):
+        r = hf_greedy(ref, p, MAX_NEW)  # transformers stops at EOS; we ignored it, so compare up to there
+        assert_same_or_near_tie(ref, p, g[: len(r)], r)
+    workers_status = wait_all_blocks_free(stack)
+    assert sum(w.role == gen.WORKER_ROLE_PREFILL for w in workers_status) == workers[0]
+
+
+def test_streaming_is_real_and_usage_is_reported(make_stack, stack_model) -> None:
+    stack = make_stack(stack_model)
+    arrivals: list[float] = []
+    msgs = []
+    for m in stub(stack).Generate(gen.GenerateRequest(
+            prompt="def main():", sampling=gen.SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)),
+            timeout=60):
+        arrivals.append(time.monotonic())
+        msgs.append(m)
+    assert len(msgs) >= 4, "tokens arrived in too few messages to be a stream"
+    assert msgs[0].token_ids and arrivals[-1] - arrivals[0] > 0.01
+    last = msgs[-1]
+    assert last.finish_reason == gen.FINISH_REASON_LENGTH
+    assert last.usage.completion_tokens == 64 and last.usage.prompt_tokens > 0
+    assert last.timing.time_to_first_token_ns > 0 and last.timing.kv_transfer_ns > 0
+    assert "".join(m.text for m in msgs)
+    wait_all_blocks_free(stack)
+
+
+def test_cancel_mid_stream_frees_every_block(make_stack, stack_model) -> None:
+    stack = make_stack(stack_model)
+    call = stub(stack).Generate(gen.GenerateRequest(
+        prompt_token_ids=random_prompts(512, [90])[0],
+        sampling=gen.SamplingParams(temperature=0.0, max_tokens=600, ignore_eos=True)), timeout=60)
+    for i, _ in enumerate(call):
+        if i == 3:
+            call.cancel()
+            break
+    wait_all_blocks_free(stack)
+
+
+def test_shared_prefix_reuses_cached_blocks(make_stack, stack_model) -> None:
+    stack = make_stack(stack_model)
+    base = random_prompts(512, [48], seed=11)[0]
+    _, first = generate(stack, base + [5, 6, 7], temperature=0.0, max_tokens=4)
+    assert first[-1].usage.cached_tokens == 0
+    _, second = generate(stack, base + [9, 10], temperature=0.0, max_tokens=4)
+    assert second[-1].usage.cached_tokens == 48  # 6 blocks of 8 reused on the prefill worker
+    wait_all_blocks_free(stack)
+
+
+def test_conditional_disaggregation_prefills_short_prompts_locally(make_stack, stack_model) -> None:
+    stack = make_stack(stack_model, gateway_args=["--local-prefill-threshold", "32"])
+    short, long_ = random_prompts(512, [10, 70], seed=12)
+    llm = LLM(stack_model, device="cpu", dtype="float32", block_size=8, num_kv_blocks=256)
+    want = [o.token_ids for o in llm.generate([short, long_], SamplingParams(temperature=0.0, max_tokens=8,
+                                                                             ignore_eos=True))]
+    t_short, m_short = generate(stack, short, temperature=0.0, max_tokens=8, ignore_eos=True)
+    t_long, m_long = generate(stack, long_, temperature=0.0, max_tokens=8, ignore_eos=True)
+    assert [t_short, t_long] == want
+    assert m_short[-1].timing.kv_transfer_ns == 0  # no KV moved
+    assert m_long[-1].timing.kv_transfer_ns > 0
+    wait_all_blocks_free(stack)
+
+
+def test_mismatched_pair_is_refused_naming_the_field(make_stack, stack_model) -> None:
+    stack = make_stack(stack_model, prefill_args=["--block-size", "16"])
+    with pytest.raises(grpc.RpcError) as err:
+        generate(stack, random_prompts(512, [20])[0], temperature=0.0, max_tokens=4)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "block_size" in err.value.details() and "16" in err.value.details()
+    wait_all_blocks_free(stack)
+
+
+def test_transfer_that_never_completes_fails_in_time_and_frees_blocks(make_stack, stack_model) -> None:
+    stack = make_stack(stack_model, gateway_args=["--local-prefill-threshold", "0", "--kv-timeout", "2"],
+                       prefill_args=["--kv-timeout", "2"], decode_args=["--kv-timeout", "2"])
+    prefill_pid = stack.prefill[0].proc.pid
+    os.kill(prefill_pid, signal.SIGSTOP)  # the prefill worker hangs before it sends a byte
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            generate(stack, random_prompts(512, [40])[0], temperature=0.0, max_tokens=4)
+        elapsed = time.monotonic() - t0
+    finally:
+        os.kill(prefill_pid, signal.SIGCONT)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err.value.details()
+    assert "KV" in err.value.details()
+    assert elapsed < 6.0
+    wait_all_blocks_free(stack, timeout_s=15)
+
+
+def test_bad_requests_get_precise_statuses(make_stack, stack_model) -> None:
+    stack = make_stack(stack_model)
+    s = stub(stack)
+    cases = [
+        (gen.GenerateRequest(), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+        (gen.GenerateRequest(prompt="hi", prompt_token_ids=[1]), grpc.StatusCode.INVALID_ARGUMENT, "exactly one"),
+        (gen.GenerateRequest(prompt_token_ids=[10**6]), grpc.StatusCode.INVALID_ARGUMENT, "vocabulary"),
+        (gen.GenerateRequest(prompt="hi", sampling=gen.SamplingParams(top_p=1.5)), grpc.StatusCode.INVALID_ARGUMENT,
+         "top_p"),
+        (gen.GenerateRequest(prompt="hi", model="gpt-9"), grpc.StatusCode.NOT_FOUND, "gpt-9"),
+        (gen.GenerateRequest(prompt_token_ids=[5] * 1100), grpc.StatusCode.INVALID_ARGUMENT, "context"),
+    ]
+    for req, code, needle in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            list(s.Generate(req, timeout=10))
+        assert err.value.code() == code, (req, err.value.details())
+        assert needle in err.value.details()
+    wait_all_blocks_free(stack)

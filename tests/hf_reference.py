@@ -1,0 +1,41 @@
+"""Hugging Face transformers as the reference implementation (a test dependency only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def hf_model(path: str | Path):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def hf_greedy(model, prompt: list[int], max_new: int, ignore_eos: bool = False) -> list[int]:
+    kwargs = {"min_new_tokens": max_new} if ignore_eos else {}
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=max_new, do_sample=False, pad_token_id=0, **kwargs,
+        )
+    return out[0, len(prompt):].tolist()
+
+
+def assert_same_or_near_tie(model, prompt: list[int], ours: list[int], ref: list[int], tie: float = 1e-4) -> None:
+    """Token-identical, except that a divergence is allowed at a step whose top-2 logit gap is < `tie`."""
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        if a != b:
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + ref[:i]])).logits[0, -1]
+            top2 = logits.topk(2).values
+            gap = float(top2[0] - top2[1])
+            assert gap < tie, f"diverged at output {i}: ours {a}, reference {b}, top-2 gap {gap:.2e}"
+            return
+    assert len(ours) == len(ref), f"lengths differ: ours {len(ours)}, reference {len(ref)}"
+
+
+def random_prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
