@@ -31,6 +31,10 @@ $(MODEL)/config.json: | install
 
 tiny-model: $(MODEL)/config.json
 
+# Trains the committed demo pair (models/demo/{teacher,draft}) from the standard library; ~30 min on 2 cores.
+demo-model: install
+	$(PY) -m engine.demo_model --out models/demo $(ARGS)
+
 run: install $(MODEL)/config.json
 	$(VENV)/bin/tandem up --model $(MODEL) $(ARGS)
 
