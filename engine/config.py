@@ -24,6 +24,9 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+SPECULATIVE_METHODS: tuple[str, ...] = ("ngram",)
+MAX_SPECULATIVE_TOKENS = 16
+DEFAULT_SPECULATIVE_TOKENS = 4
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
 
 
@@ -144,6 +147,11 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto | torch | triton
     seed: int = 0
+    # speculative decoding (engine.spec; docs/speculative.md): at most one of model / method
+    speculative_model: str | None = None  # a draft checkpoint with the target's tokenizer
+    speculative_method: str | None = None  # "ngram": prompt lookup, no model
+    num_speculative_tokens: int | None = None  # k in 1..16; None: DEFAULT_SPECULATIVE_TOKENS
+    speculative_adaptive: bool = True  # shrink k (to 0) when verifying costs more than it yields
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -165,6 +173,34 @@ class EngineConfig:
         if key != "auto" and key not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of auto, {', '.join(DTYPES)}")
         resolve_device(self.device) if self.device != "auto" else None
+        self._check_speculation()
+
+    def _check_speculation(self) -> None:
+        if self.speculative_model is not None and self.speculative_method is not None:
+            raise ValueError(f"set speculative_model ({self.speculative_model!r}) or speculative_method "
+                             f"({self.speculative_method!r}), not both")
+        if self.speculative_method is not None and self.speculative_method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_method must be one of {', '.join(SPECULATIVE_METHODS)}, got "
+                             f"{self.speculative_method!r} (a draft model is given as speculative_model=DIR)")
+        k = self.num_speculative_tokens
+        if k is not None:
+            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+                raise ValueError(f"num_speculative_tokens must be an integer in 1..{MAX_SPECULATIVE_TOKENS}, "
+                                 f"got {k!r}")
+            if not self.speculative:
+                raise ValueError("num_speculative_tokens needs speculative_model or speculative_method")
+
+    @property
+    def speculative(self) -> bool:
+        """Whether this engine speculates (a draft model or n-gram lookup)."""
+        return self.speculative_model is not None or self.speculative_method is not None
+
+    @property
+    def speculative_tokens(self) -> int:
+        """k: the most draft tokens verified per sequence and step (0 when not speculating)."""
+        if not self.speculative:
+            return 0
+        return self.num_speculative_tokens or DEFAULT_SPECULATIVE_TOKENS
 
     def blocks_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.block_size)

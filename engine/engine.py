@@ -18,6 +18,7 @@ from engine.model_runner import ModelRunner, StepInput
 from engine.sampling import SamplerOutput, SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import FinishReason, Sequence, SequenceStatus
+from engine.spec import SpecDecoder, SpecMetrics
 from engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class RequestOutput:
     num_cached_tokens: int
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
     seq: Sequence | None = None
+    spec: SpecMetrics | None = None  # the request's speculation so far (engines that speculate)
 
 
 class Engine:
@@ -55,6 +57,8 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
         # one sequence may fill the pool alone, never more
         self.max_model_len = min(self.runner.max_model_len, self.runner.num_blocks * config.block_size)
+        self.spec = (SpecDecoder(config, self.runner, self.block_manager, self.max_model_len)
+                     if config.speculative else None)
         self.num_steps = 0
         self.num_computed_tokens_total = 0
 
@@ -88,7 +92,10 @@ class Engine:
         return seq
 
     def abort(self, request_id: str) -> Sequence | None:
-        return self.scheduler.abort(request_id)
+        seq = self.scheduler.abort(request_id)
+        if seq is not None and self.spec is not None:
+            self.spec.release(seq)
+        return seq
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -102,13 +109,19 @@ class Engine:
         return self.process(step, self.execute(step, on_layer_done))
 
     def schedule(self) -> StepInput | None:
-        return self.scheduler.schedule()
+        step = self.scheduler.schedule()
+        if step is not None and self.spec is not None:
+            self.spec.plan(step)  # drafts per sequence; reserves their KV slots
+        return step
 
     def execute(
         self, step: StepInput, on_layer_done: Callable[[StepInput, int], None] | None = None
     ) -> SamplerOutput | None:
-        """The forward and the sampling; touches no scheduler or block-manager state."""
+        """The forward and the sampling; touches no scheduler or block-manager state (a draft model's
+        own pool aside). With speculation, sequences' drafts are verified in this one forward."""
         hook = (lambda layer: on_layer_done(step, layer)) if on_layer_done else None
+        if self.spec is not None:
+            return self.spec.execute(step, hook)
         return self.runner.execute(step, hook)
 
     def process(self, step: StepInput, sampled: SamplerOutput | None) -> list[RequestOutput]:
@@ -121,25 +134,41 @@ class Engine:
     def _process(self, step: StepInput, out: SamplerOutput | None) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
         row = 0
-        for seq, sample in zip(step.seqs, step.sample, strict=True):
+        for i, (seq, sample) in enumerate(zip(step.seqs, step.sample, strict=True)):
             if not sample:
                 continue
             assert out is not None
-            token = int(out.token_ids[row])
+            rows = 1 + step.num_draft(i)  # a speculating sequence owns 1 + k rows
             if seq.is_finished:  # aborted while its step ran
-                row += 1
+                row += rows
                 continue
-            lp: list[TokenLogprob] = []
-            if seq.params.logprobs is not None:
-                top: list[tuple[int, float]] = []
-                if out.top_ids is not None and seq.params.logprobs > 0:
-                    k = seq.params.logprobs
-                    top = list(zip(out.top_ids[row, :k].tolist(), out.top_logprobs[row, :k].tolist()))  # type: ignore[index]
-                lp.append(TokenLogprob(token, float(out.logprobs[row]), top))
-                seq.logprobs.extend(lp)
-            row += 1
-            outputs.append(self.append_token(seq, token, lp))
+            # accepted drafts + the target's own token; stop conditions apply to each in turn
+            emit = self.spec.accept(step, i) if self.spec is not None else 1
+            deltas: list[RequestOutput] = []
+            for r in range(row, row + emit):
+                token = int(out.token_ids[r])
+                deltas.append(self.append_token(seq, token, self._logprobs(seq, out, r, token)))
+                if seq.is_finished:
+                    break
+            row += rows
+            if self.spec is not None:
+                self.spec.after_append(seq)
+            outputs.append(deltas[0] if len(deltas) == 1 else _merge(deltas))
+            if self.spec is not None:
+                outputs[-1].spec = SpecMetrics.of(seq)
         return outputs
+
+    @staticmethod
+    def _logprobs(seq: Sequence, out: SamplerOutput, row: int, token: int) -> list[TokenLogprob]:
+        lp: list[TokenLogprob] = []
+        if seq.params.logprobs is not None:
+            top: list[tuple[int, float]] = []
+            if out.top_ids is not None and seq.params.logprobs > 0:
+                k = seq.params.logprobs
+                top = list(zip(out.top_ids[row, :k].tolist(), out.top_logprobs[row, :k].tolist()))  # type: ignore[index]
+            lp.append(TokenLogprob(token, float(out.logprobs[row]), top))
+            seq.logprobs.extend(lp)
+        return lp
 
     def append_token(self, seq: Sequence, token: int, lp: list[TokenLogprob] | None = None) -> RequestOutput:
         """Append a sampled token, apply stop conditions, finish the sequence if it is done."""
@@ -183,4 +212,14 @@ class Engine:
             "prefix_query_tokens": bm.prefix_queries,
             "prefix_hit_tokens": bm.prefix_hits,
             "computed_tokens": self.num_computed_tokens_total,
-        }
+        } | (self.spec.stats() if self.spec is not None else {})
+
+
+def _merge(deltas: list[RequestOutput]) -> RequestOutput:
+    """One output for several tokens a request gained in one step (speculation); the last one's state."""
+    last = deltas[-1]
+    return RequestOutput(
+        last.request_id, [t for d in deltas for t in d.new_token_ids], "".join(d.new_text for d in deltas),
+        last.finished, last.finish_reason, last.num_prompt_tokens, last.num_output_tokens,
+        last.num_cached_tokens, [lp for d in deltas for lp in d.new_logprobs], last.seq,
+    )

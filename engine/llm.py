@@ -10,6 +10,7 @@ from typing import Any
 from engine.config import EngineConfig
 from engine.engine import Engine, TokenLogprob
 from engine.sampling import SamplingParams
+from engine.spec import SpecMetrics
 
 
 @dataclass
@@ -21,6 +22,7 @@ class CompletionOutput:
     finish_reason: str
     num_cached_tokens: int
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    spec: SpecMetrics | None = None  # acceptance of this request's drafts (engines that speculate)
 
 
 class LLM:
@@ -56,6 +58,7 @@ class LLM:
         return [
             CompletionOutput(s.request_id, s.prompt_token_ids, s.output_token_ids,
                              "".join(texts[s.request_id]), s.finish_reason.value if s.finish_reason else "",
-                             s.num_cached_tokens, s.logprobs)
+                             s.num_cached_tokens, s.logprobs,
+                             SpecMetrics.of(s) if self.engine.spec is not None else None)
             for s in seqs
         ]

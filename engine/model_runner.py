@@ -37,6 +37,14 @@ class StepInput:
     seqs: list[Sequence]
     num_new_tokens: list[int]
     sample: list[bool]  # sequence i reaches num_tokens in this step and samples a token
+    # Speculative decoding (engine.spec): draft tokens a sampling sequence verifies after its new
+    # tokens, in the same forward ([] = not speculating), and how many of them the target accepted.
+    # Sequence i then gets 1 + len(spec_tokens[i]) logit rows. None: no sequence speculates.
+    spec_tokens: list[list[int]] | None = None
+    num_accepted: list[int] | None = None
+
+    def num_draft(self, i: int) -> int:
+        return len(self.spec_tokens[i]) if self.spec_tokens is not None else 0
 
 
 def load_model(path: str | Path, dtype: torch.dtype, device: torch.device) -> CausalLM:
@@ -102,16 +110,19 @@ class ModelRunner:
         qsl = [0]
         seq_lens: list[int] = []
         logits_idx: list[int] = []
-        for seq, n, sample in zip(step.seqs, step.num_new_tokens, step.sample, strict=True):
+        for i, (seq, new, sample) in enumerate(zip(step.seqs, step.num_new_tokens, step.sample, strict=True)):
             start = seq.num_computed_tokens
-            input_ids.extend(seq.token_ids[start : start + n])
+            draft = step.spec_tokens[i] if step.spec_tokens is not None else []
+            n = new + len(draft)  # drafts are verified right after the new tokens
+            input_ids.extend(seq.token_ids[start : start + new])
+            input_ids.extend(draft)
             positions.extend(range(start, start + n))
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             qsl.append(qsl[-1] + n)
             seq_lens.append(start + n)
             if sample:
-                logits_idx.append(qsl[-1] - 1)
+                logits_idx.extend(range(qsl[-1] - 1 - len(draft), qsl[-1]))
         max_blocks = max(len(s.block_table) for s in step.seqs)
         tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in step.seqs]
         dev = self.device
@@ -121,7 +132,7 @@ class ModelRunner:
             block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
             query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            max_query_len=max(step.num_new_tokens),
+            max_query_len=max(b - a for a, b in zip(qsl[:-1], qsl[1:], strict=True)),
             ops=self.ops,
         )
         return (
@@ -135,7 +146,7 @@ class ModelRunner:
     def forward_logits(
         self, step: StepInput, on_layer_done: Callable[[int], None] | None = None
     ) -> Tensor:
-        """Run the model; logits (num sampled rows, V) float32 for the sequences that sample."""
+        """Run the model; logits (R, V) float32: per sampling sequence i, 1 + step.num_draft(i) rows."""
         input_ids, positions, ctx, logits_idx = self.prepare(step)
         ctx.on_layer_done = on_layer_done
         hidden = self.model(input_ids, positions, ctx)  # (T, H)

@@ -50,6 +50,10 @@ class Sequence:
     stop_reason: str | int | None = None
     num_preemptions: int = 0
     prefill_only: bool = False  # finish after the first sampled token, keeping the blocks
+    # speculative decoding (engine.spec): verification steps, draft tokens proposed, of those accepted
+    num_spec_steps: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     logprobs: list[Any] = field(default_factory=list)

@@ -66,8 +66,8 @@ def paged_attention_ref(
 
     Causal attention of each sequence's query rows over its paged context (see module doc);
     GQA query head h reads KV head ``h // (Hq // Hk)``; softmax in float32.
-    Sequences with q_len == 1 are batched into one gather + one SDPA; longer queries run one
-    sequence at a time. Syncs with the device to read query_start_loc and seq_lens.
+    Sequences with q_len == 1 are batched into one gather + one SDPA, and so are longer queries
+    sharing a q_len. Syncs with the device to read query_start_loc and seq_lens.
     Raises ValueError when a sequence has q_len < 1 or seq_len < q_len, or sliding_window < 1.
     """
     if sliding_window is not None and sliding_window < 1:
@@ -88,12 +88,18 @@ def paged_attention_ref(
         out[rows] = _attend_same_qlen(
             q[rows][:, None], kv_layer, block_tables[idx], seq_lens[idx], scale, sliding_window
         )[:, 0]
+    # Longer queries: one gather + SDPA per distinct q_len (speculative verification gives many
+    # sequences the same k + 1), so a batch of equal-length extends costs one call, not one each.
+    by_len: dict[int, list[int]] = {}
     for b, q_len in enumerate(q_lens):
         if q_len > 1:
-            s, e = starts[b], starts[b + 1]
-            out[s:e] = _attend_same_qlen(
-                q[None, s:e], kv_layer, block_tables[b : b + 1], seq_lens[b : b + 1], scale, sliding_window
-            )[0]
+            by_len.setdefault(q_len, []).append(b)
+    for q_len, group in by_len.items():
+        idx = torch.tensor(group, device=q.device)
+        rows = query_start_loc[idx].long()[:, None] + torch.arange(q_len, device=q.device)  # (n, q_len)
+        out[rows] = _attend_same_qlen(
+            q[rows], kv_layer, block_tables[idx], seq_lens[idx], scale, sliding_window
+        )  # (n, q_len, Hq, D)
     return out
 
 

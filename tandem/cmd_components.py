@@ -6,6 +6,7 @@ These are exactly the commands `tandem up` and docker-compose run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from typing import Any
 
@@ -27,6 +28,17 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory", type=float, default=None, help="KV pool budget in GiB")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
     g.add_argument("--attention-backend", default="auto", help="auto|torch|triton")
+    add_speculative_args(g)
+
+
+def add_speculative_args(g: Any) -> None:
+    """Speculative decoding (docs/speculative.md): decode workers use it, prefill workers ignore it."""
+    g.add_argument("--speculative-model", default=None,
+                   help="draft checkpoint (the target's tokenizer) that proposes tokens for the model to verify")
+    g.add_argument("--speculative-method", default=None, choices=["ngram"],
+                   help="ngram: propose by prompt lookup, no draft model")
+    g.add_argument("--num-speculative-tokens", type=int, default=None,
+                   help="k, the most draft tokens verified per sequence and step (1..16; default 4)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -36,7 +48,16 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len, num_kv_blocks=args.num_kv_blocks,
         kv_cache_memory_bytes=int(args.kv_cache_memory * 2**30) if args.kv_cache_memory else None,
         enable_prefix_caching=not args.no_prefix_caching, attention_backend=args.attention_backend,
+        speculative_model=args.speculative_model, speculative_method=args.speculative_method,
+        num_speculative_tokens=args.num_speculative_tokens,
     )
+
+
+def without_speculation(cfg: EngineConfig) -> EngineConfig:
+    """A prefill worker's engine: it samples one token per request, so drafts would never be verified."""
+    if cfg.speculative:
+        logger.info("prefill worker: speculative decoding options ignored (decode workers speculate)")
+    return dataclasses.replace(cfg, speculative_model=None, speculative_method=None, num_speculative_tokens=None)
 
 
 def add_server_args(p: argparse.ArgumentParser, default_port: int) -> None:
@@ -69,7 +90,7 @@ def run_prefill(args: argparse.Namespace) -> int:
     from prefill_worker.main import PrefillWorkerConfig, serve_prefill
     from tandem import serve
 
-    cfg = PrefillWorkerConfig(engine=engine_config(args), host=args.host, port=args.port,
+    cfg = PrefillWorkerConfig(engine=without_speculation(engine_config(args)), host=args.host, port=args.port,
                               kv_timeout_s=args.kv_timeout, ready_file=args.ready_file)
     serve.run(lambda stop: serve_prefill(cfg, stop))
     return 0

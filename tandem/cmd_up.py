@@ -14,10 +14,16 @@ def run(args: argparse.Namespace) -> int:
     engine_args = ["--device", args.device, "--dtype", args.dtype]
     if args.num_kv_blocks:
         engine_args += ["--num-kv-blocks", str(args.num_kv_blocks)]
+    spec_args: list[str] = []  # decode workers speculate; prefill workers would ignore it
+    for flag, value in (("--speculative-model", args.speculative_model),
+                        ("--speculative-method", args.speculative_method),
+                        ("--num-speculative-tokens", args.num_speculative_tokens)):
+        if value is not None:
+            spec_args += [flag, str(value)]
     stack = Stack(args.model, prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
                   host=args.host, port=args.port, engine_args=engine_args,
                   gateway_args=["--local-prefill-threshold", str(args.local_prefill_threshold)],
-                  workdir=args.workdir)
+                  workdir=args.workdir, decode_args=spec_args)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -45,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
+    from tandem.cmd_components import add_speculative_args
+
     p = subparsers.add_parser("up", help="start gateway + prefill + decode workers as local processes")
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
     p.add_argument("--prefill-workers", type=int, default=1)
@@ -55,6 +63,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--local-prefill-threshold", type=int, default=32)
+    add_speculative_args(p)
     p.add_argument("--workdir", default=None, help="where ready files and logs go (default: a temp dir)")
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.set_defaults(func=run)

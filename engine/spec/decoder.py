@@ -1,0 +1,178 @@
+"""Speculative decoding inside one engine: plan, propose, verify, roll back.
+
+The engine calls it at the three points of a step, under the same locking as the step itself:
+
+    schedule (lock)   plan(step):    choose k per decoding sequence (policy), reserve target KV slots
+                                     for its drafts; n-gram drafts are looked up here
+    execute (no lock) execute(step): draft model proposes (touching only its own pool), then ONE
+                                     target forward over every sequence's new tokens + drafts, and
+                                     verification; non-speculating sequences are q_len 1 rows in it
+    process (lock)    accept(seq):   num_computed_tokens past the accepted drafts, target and draft
+                                     block tables truncated past them (`BlockManager.truncate`);
+                                     the engine then appends the emitted tokens one by one, applying
+                                     stop conditions to each (tokens after a stop are dropped)
+
+    target KV of a sequence verifying k = 3 drafts, a = 1 accepted (block_size 4):
+      before:  | t t t t | t t t x1 | x2 x3 . . |      allocated for N + k positions
+      after:   | t t t t | t t t x1 | y  . . .  |      computed = N + a; y (the correction) is the
+                                                        next step's input; the tail block went back
+                                                        only if it held no accepted position
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.model_runner import ModelRunner, StepInput
+from engine.sampling import SamplerOutput
+from engine.sequence import Sequence
+from engine.spec.draft import DraftProposer
+from engine.spec.metrics import SpecMetrics
+from engine.spec.ngram import propose_ngram
+from engine.spec.policy import SpecPolicy
+from engine.spec.verify import verify
+
+logger = logging.getLogger(__name__)
+
+
+class SpecDecoder:
+    def __init__(self, config: EngineConfig, runner: ModelRunner, block_manager: BlockManager,
+                 max_model_len: int) -> None:
+        """Build the proposer named by `config` (loads a draft model: raises ValueError on a mismatch)."""
+        self.k = config.speculative_tokens
+        self.runner = runner
+        self.bm = block_manager
+        self.max_model_len = max_model_len
+        self.draft = DraftProposer(config, runner) if config.speculative_model is not None else None
+        if self.draft is not None:
+            self.max_model_len = min(max_model_len, self.draft.max_model_len + 1)
+        self.policy = SpecPolicy(config.max_num_batched_tokens, config.speculative_adaptive, self.draft is not None)
+        self.generator = torch.Generator(device=runner.device).manual_seed(config.seed + 2)
+        self.metrics = SpecMetrics()
+        self._planned: list[int] = []  # per step sequence: drafts the plan reserved (draft model)
+        logger.info("speculative decoding: %s, k=%d, adaptive %s",
+                    f"draft {config.speculative_model}" if self.draft else config.speculative_method, self.k,
+                    "on" if config.speculative_adaptive else "off")
+
+    # --------------------------------------------------------------- schedule
+    def plan(self, step: StepInput) -> None:
+        """Choose each sequence's drafts and reserve their KV slots (out of blocks: it drafts none)."""
+        if self.draft is not None:
+            self.draft.release_stale()
+        cand = [i for i, (s, n, smp) in enumerate(zip(step.seqs, step.num_new_tokens, step.sample, strict=True))
+                if smp and n == 1 and not s.prefill_only]
+        caps: list[int] = []
+        lookups: list[list[int]] = []
+        for i in cand:
+            seq = step.seqs[i]
+            cap = min(self.k, seq.params.max_tokens - seq.num_output_tokens - 1,
+                      self.max_model_len - seq.num_tokens - 1)
+            if self.draft is None and cap > 0:
+                lookups.append(propose_ngram(seq.token_ids, cap))
+                cap = len(lookups[-1])
+            caps.append(max(cap, 0))
+        rates = [self.policy.acceptance.of(step.seqs[i]) for i in cand]
+        ks = self.policy.choose(caps, rates, sum(step.num_new_tokens), sum(step.sample))
+        planned = [0] * len(step.seqs)
+        for j, (i, k) in enumerate(zip(cand, ks, strict=True)):
+            if k and self.bm.allocate_slots(step.seqs[i], 1 + k):
+                planned[i] = k
+                if self.draft is None:
+                    lookups[j] = lookups[j][:k]
+        if not any(planned):
+            return
+        if self.draft is None:
+            drafts: list[list[int]] = [[] for _ in step.seqs]
+            for j, i in enumerate(cand):
+                if planned[i]:
+                    drafts[i] = lookups[j]
+            step.spec_tokens = drafts
+        self._planned = planned
+
+    # ---------------------------------------------------------------- execute
+    def execute(self, step: StepInput, on_layer_done: Callable[[int], None] | None = None) -> SamplerOutput | None:
+        """Propose (draft model), run the one target forward and verify; sets step.num_accepted."""
+        probs: list[torch.Tensor | None] = []
+        if self.draft is not None and step.spec_tokens is None and any(self._planned):
+            t0 = time.perf_counter()
+            idx = [i for i, k in enumerate(self._planned) if k]
+            out = self.draft.propose([step.seqs[i] for i in idx], [self._planned[i] for i in idx])
+            drafts: list[list[int]] = [[] for _ in step.seqs]
+            probs_by_seq: list[torch.Tensor | None] = [None] * len(step.seqs)
+            for i, toks, q in zip(idx, out.tokens, out.probs, strict=True):
+                drafts[i], probs_by_seq[i] = toks, q
+            step.spec_tokens = drafts
+            probs = [probs_by_seq[i] for i, smp in enumerate(step.sample) if smp]
+            depth = max((len(t) for t in out.tokens), default=0)
+            if depth:
+                self.policy.draft_cost.observe(len(idx), (time.perf_counter() - t0) / depth)
+        self._planned = []
+        t0 = time.perf_counter()
+        tokens = sum(step.num_new_tokens) + sum(step.num_draft(i) for i in range(len(step.seqs)))
+        if step.spec_tokens is None or not any(step.spec_tokens):
+            step.spec_tokens = None
+            result = self.runner.execute(step, on_layer_done)
+        else:
+            logits = self.runner.forward_logits(step, on_layer_done)
+            sampled = [i for i, smp in enumerate(step.sample) if smp]
+            drafts_s = [step.spec_tokens[i] for i in sampled]
+            verdict = verify(logits, [step.seqs[i] for i in sampled], drafts_s,
+                             probs or [None] * len(sampled), self.runner.sampler, self.generator)
+            accepted = [0] * len(step.seqs)
+            for i, a in zip(sampled, verdict.num_accepted, strict=True):
+                accepted[i] = a
+            step.num_accepted = accepted
+            result = verdict.out
+        self.policy.target_cost.observe(tokens, time.perf_counter() - t0)
+        return result
+
+    # ---------------------------------------------------------------- process
+    def accept(self, step: StepInput, i: int) -> int:
+        """After finish_step: move sequence i past its accepted drafts, free what they did not keep.
+
+        Returns how many tokens it emits this step (accepted + 1); the caller appends them.
+        """
+        seq = step.seqs[i]
+        k = step.num_draft(i)
+        a = step.num_accepted[i] if step.num_accepted is not None else 0
+        n = seq.num_tokens  # tokens before this step's emissions; positions < n + a are now computed
+        seq.num_computed_tokens += a
+        self.bm.truncate(seq, n + a + 1)  # frees blocks reserved for rejected (or unproposed) drafts
+        if k:
+            if self.draft is not None:
+                self.draft.rollback(seq, min(n + a, n + k - 1))
+            seq.num_spec_steps += 1
+            seq.num_draft_tokens += k
+            seq.num_accepted_tokens += a
+            m = self.metrics
+            self.metrics = SpecMetrics(m.num_spec_steps + 1, m.num_draft_tokens + k, m.num_accepted_tokens + a)
+            self.policy.acceptance.record(seq, k, a)
+        return a + 1
+
+    def after_append(self, seq: Sequence) -> None:
+        """The step's tokens are appended: name newly full blocks (accepted tokens only), or let go."""
+        if seq.is_finished:
+            self.release(seq)
+        elif seq.block_table:
+            self.bm.cache_full_blocks(seq)
+
+    def release(self, seq: Sequence) -> None:
+        """`seq` finished or was aborted: drop its draft KV and acceptance history."""
+        if self.draft is not None:
+            self.draft.release(seq)
+        self.policy.acceptance.forget(seq)
+
+    def stats(self) -> dict[str, int]:
+        m = self.metrics
+        out = {"spec_steps": m.num_spec_steps, "spec_draft_tokens": m.num_draft_tokens,
+               "spec_accepted_tokens": m.num_accepted_tokens}
+        if self.draft is not None:
+            dbm = self.draft.block_manager
+            out |= {"draft_kv_blocks_total": dbm.num_blocks, "draft_kv_blocks_free": dbm.num_free_blocks}
+        return out
