@@ -1,6 +1,6 @@
 """Offline throughput: Tandem's engine against transformers `generate` on the same model and prompts.
 
-Run: `make bench` (or `.venv/bin/python bench/offline.py --help`). Builds a ~50M-parameter random
+Run: `make bench` (or `.venv/bin/python -m bench.offline --help`). Builds a ~50M-parameter random
 Llama with `make_tiny_model`, draws 64 prompts (32..512 tokens) with output lengths (16..256), and
 measures output tokens/s for: transformers sequential (batch 1), transformers static padded batches
 (left padding, each batch runs to its longest output), and Tandem (continuous batching, chunked
