@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 
 import grpc
 
@@ -13,6 +14,7 @@ from decode_worker.worker import DecodeCore
 from engine.engine import RequestOutput
 from tandem.errors import DeadlineExceeded, Mismatch, Overloaded, TandemError, Unavailable
 from tandem.protoconv import finish_to_proto, logprob_to_proto, sampling_from_proto
+from tandem.tracing import finish_span, start_server_span, traceparent_of
 from tandem.v1 import generation_pb2 as gen
 from tandem.v1 import worker_pb2 as pb
 from tandem.v1 import worker_pb2_grpc
@@ -39,6 +41,24 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
 
     async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext
                      ) -> AsyncIterator[pb.DecodeResponse]:
+        span = start_server_span(self.core.obs.tracing, "tandem.v1.DecodeWorker/Decode", context.invocation_metadata(),
+                                 request.traceparent, {"tandem.request_id": request.request_id,
+                                                       "tandem.local_prefill": request.local_prefill})
+        tokens = 0
+        try:
+            async with aclosing(self._decode(request, context, traceparent_of(span) or request.traceparent)) as stream:
+                async for resp in stream:
+                    tokens += len(resp.token_ids)
+                    yield resp
+        except BaseException as exc:
+            span.set_attribute("gen_ai.usage.output_tokens", tokens)
+            finish_span(span, exc)
+            raise
+        span.set_attribute("gen_ai.usage.output_tokens", tokens)
+        finish_span(span)
+
+    async def _decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext, traceparent: str
+                      ) -> AsyncGenerator[pb.DecodeResponse, None]:
         core = self.core
         if core.loop.error is not None:
             raise Unavailable(f"decode worker {self.worker_id} engine failed: {core.loop.error}")
@@ -60,9 +80,9 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         kv_timeout = (request.kv_timeout_ms / 1000) if request.kv_timeout_ms else core.kv_timeout_s
         t0 = time.monotonic()
         if request.local_prefill:
-            core.local(rid, prompt, params, sink)
+            core.local(rid, prompt, params, sink, traceparent=traceparent)
         else:
-            core.expect_kv(rid, prompt, params, sink, fail, kv_timeout)
+            core.expect_kv(rid, prompt, params, sink, fail, kv_timeout, traceparent=traceparent)
         self.streams += 1
         finished = False
         first = True

@@ -17,12 +17,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from decode_worker.observe import DecodeObserver
 from engine.engine import Engine, RequestOutput
 from engine.engine_loop import EngineLoop
 from engine.sampling import SamplingParams
 from engine.sequence import Sequence
 from kvtransfer import CompletedTransfer, FailedTransfer, KVLayout, KVReceiver
+from tandem.metrics import WorkerMetrics, new_registry
 from tandem.protoconv import logprob_from_proto
+from tandem.tracing import disabled
 from tandem.v1 import kv_pb2
 
 logger = logging.getLogger(__name__)
@@ -42,9 +45,12 @@ class Pending:
 
 
 class DecodeCore:
-    def __init__(self, engine: Engine, layout: KVLayout, kv_bind: str, kv_timeout_s: float) -> None:
+    def __init__(self, engine: Engine, layout: KVLayout, kv_bind: str, kv_timeout_s: float,
+                 obs: DecodeObserver | None = None) -> None:
         self.engine = engine
+        self.obs = obs or DecodeObserver(disabled(), WorkerMetrics(new_registry(), "decode"))
         self.loop = EngineLoop(engine, name="decode-engine")
+        self.loop.on_step = self.obs.on_step
         self.layout = layout
         self.kv_timeout_s = kv_timeout_s
         self._pending: dict[str, Pending] = {}  # engine thread only
@@ -64,9 +70,11 @@ class DecodeCore:
 
     # -------------------------------------------------------- request entry
     def expect_kv(self, request_id: str, prompt: list[int], params: SamplingParams, sink: Sink,
-                  fail: FailSink, timeout_s: float) -> None:
-        """Register a request whose KV a prefill worker will send (validates: raises ValueError)."""
+                  fail: FailSink, timeout_s: float, *, traceparent: str = "") -> None:
+        """Register a request whose KV a prefill worker will send (validates: raises ValueError).
+        `traceparent`: the Decode call's span, parent of this request's engine-side spans."""
         seq = self.engine.make_sequence(request_id, prompt, params)
+        seq.extra.update(traceparent=traceparent, t_call=time.monotonic())
 
         def register() -> None:
             self._pending[request_id] = Pending(seq, sink, fail)
@@ -74,9 +82,11 @@ class DecodeCore:
         self.loop.submit(register)
         self.receiver.expect(request_id, timeout_s)
 
-    def local(self, request_id: str, prompt: list[int], params: SamplingParams, sink: Sink) -> None:
+    def local(self, request_id: str, prompt: list[int], params: SamplingParams, sink: Sink, *,
+              traceparent: str = "") -> None:
         """Conditional disaggregation: prefill here (the prefix cache may already hold it)."""
-        self.loop.add_request(request_id, prompt, params, sink)
+        self.loop.add_request(request_id, prompt, params, sink,
+                              extra={"traceparent": traceparent, "t_call": time.monotonic()})
 
     def abort(self, request_id: str) -> None:
         self.receiver.abort(request_id)
@@ -99,9 +109,12 @@ class DecodeCore:
     def _on_complete(self, t: CompletedTransfer) -> None:
         self.transfers_completed += 1
         self.transfer_bytes += t.bytes
+        self.obs.kv_received(t)
         self.loop.submit(lambda: self._adopt(t))
 
     def _on_failed(self, f: FailedTransfer) -> None:
+        self.obs.kv_failed(f)
+
         def fail() -> None:
             pending = self._pending.pop(f.request_id, None)
             if pending is not None:
@@ -131,7 +144,9 @@ class DecodeCore:
         seq.logprobs.extend(lps)
         self.engine.scheduler.add_running(seq)
         self.loop.register_sink(seq.request_id, pending.sink)
-        self.loop.deliver(self.engine.append_token(seq, meta.first_token_id, lps))
+        out = self.engine.append_token(seq, meta.first_token_id, lps)
+        self.obs.adopted(seq, out)
+        self.loop.deliver(out)
 
     # -------------------------------------------------------------- status
     def num_pending(self) -> int:

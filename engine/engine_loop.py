@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -44,6 +45,9 @@ class EngineLoop:
         self.on_layer_done: Callable[[StepInput, int], None] | None = None
         self.before_execute: Callable[[StepInput], None] | None = None
         self.after_process: Callable[[StepInput, list[RequestOutput]], None] | None = None
+        # observability: (step, outputs, t_exec_ns, t_done_ns) perf_counter_ns around execute+process,
+        # called before the outputs are delivered
+        self.on_step: Callable[[StepInput, list[RequestOutput], int, int], None] | None = None
         self.steps = 0
 
     def start(self) -> None:
@@ -122,6 +126,7 @@ class EngineLoop:
             self._wake.wait(0.01)
             self._wake.clear()
             return
+        t_exec = time.perf_counter_ns()
         if self.before_execute is not None:
             self.before_execute(step)
         sampled: SamplerOutput | None = eng.execute(step, self.on_layer_done)
@@ -130,6 +135,8 @@ class EngineLoop:
         self.steps += 1
         if self.after_process is not None:
             self.after_process(step, outputs)
+        if self.on_step is not None:
+            self.on_step(step, outputs, t_exec, time.perf_counter_ns())
         for out in outputs:
             self.deliver(out)
 

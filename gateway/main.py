@@ -9,10 +9,13 @@ from pathlib import Path
 from engine.checkpoint import load_hf_config
 from engine.config import ModelConfig
 from engine.tokenizer import Tokenizer
+from gateway.observe import GatewayObserver
 from gateway.registry import WorkerRegistry
 from gateway.router import Router
 from gateway.service import GatewayLimits, GenerationService
 from tandem import serve
+from tandem.metrics import GatewayMetrics, new_registry, start_metrics_server
+from tandem.tracing import Tracing
 from tandem.v1 import generation_pb2_grpc
 
 
@@ -28,8 +31,11 @@ class GatewayConfig:
     heartbeat_interval_s: float = 0.5
     limits: GatewayLimits = field(default_factory=GatewayLimits)
     ready_file: str | None = None
+    metrics_port: int = 0  # Prometheus /metrics on host:metrics_port; 0: off
 
     def __post_init__(self) -> None:
+        if not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
         if not self.decode_workers:
             raise ValueError("the gateway needs at least one decode worker (--decode-workers)")
         if not 0 <= self.port < 65536:
@@ -42,16 +48,23 @@ class GatewayConfig:
         return self.served_model_name or Path(self.model).name
 
 
-async def serve_gateway(cfg: GatewayConfig, stop: asyncio.Event) -> None:
+async def serve_gateway(cfg: GatewayConfig, stop: asyncio.Event, *, tracing: Tracing | None = None) -> None:
+    """Serve until `stop`; `tracing` is the process's (setup_tracing in its main), off when None."""
     model_config = ModelConfig.from_hf(load_hf_config(cfg.model))
     tokenizer = Tokenizer.from_dir(cfg.model)
     registry = WorkerRegistry(list(cfg.prefill_workers), list(cfg.decode_workers),
                               interval_s=cfg.heartbeat_interval_s)
     await registry.start()
+    metrics_registry = new_registry()
+    observer = GatewayObserver(tracing, GatewayMetrics(metrics_registry))
     service = GenerationService(registry, Router(registry, cfg.local_prefill_threshold), tokenizer,
-                                model_config, cfg.model_name, cfg.limits)
+                                model_config, cfg.model_name, cfg.limits, observer)
+    metrics_server = start_metrics_server(cfg.host, cfg.metrics_port, metrics_registry)
     try:
         await serve.serve_component("gateway", service, generation_pb2_grpc.add_GenerationServicer_to_server,
-                                    "tandem.v1.Generation", cfg.host, cfg.port, cfg.ready_file, stop)
+                                    "tandem.v1.Generation", cfg.host, cfg.port, cfg.ready_file, stop,
+                                    {"metrics_address": metrics_server.address} if metrics_server else None)
     finally:
         await registry.close()
+        if metrics_server is not None:
+            metrics_server.close()

@@ -13,13 +13,15 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 
 import grpc
 
 from engine.config import ModelConfig
 from engine.tokenizer import Tokenizer
+from gateway.observe import GatewayObserver, RequestObservation
 from gateway.registry import WorkerHandle, WorkerRegistry
 from gateway.router import Route, Router
 from tandem.errors import InvalidRequest, NotFound, Overloaded, TandemError, Unavailable
@@ -54,8 +56,9 @@ def _error_from_rpc(exc: grpc.aio.AioRpcError, worker: WorkerHandle) -> TandemEr
 
 class GenerationService(generation_pb2_grpc.GenerationServicer):
     def __init__(self, registry: WorkerRegistry, router: Router, tokenizer: Tokenizer, model_config: ModelConfig,
-                 model_name: str, limits: GatewayLimits) -> None:
+                 model_name: str, limits: GatewayLimits, observer: GatewayObserver | None = None) -> None:
         self.registry = registry
+        self.observer = observer or GatewayObserver()
         self.router = router
         self.tokenizer = tokenizer
         self.model_config = model_config
@@ -96,34 +99,56 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     # --------------------------------------------------------------- Generate
     async def Generate(self, request: gen.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[gen.GenerateResponse]:
+        rid = request.request_id or secrets.token_hex(8)
+        obs = self.observer.start(rid, self.model_name, context.invocation_metadata())
+        try:
+            async with aclosing(self._generate(request, context, rid, obs)) as stream:
+                async for out in stream:
+                    yield out
+        except BaseException as exc:
+            obs.end(exc)
+            raise
+        obs.end(None)
+
+    async def _generate(self, request: gen.GenerateRequest, context: grpc.aio.ServicerContext, rid: str,
+                        obs: RequestObservation) -> AsyncGenerator[gen.GenerateResponse, None]:
         t0 = time.monotonic()
         if self.inflight >= self.limits.max_inflight:
             raise Overloaded(f"the gateway is serving {self.inflight} requests (limit {self.limits.max_inflight}); "
                              f"retry after about 1 s", retry_after_s=1.0)
         params = sampling_from_proto(request.sampling, default_max_tokens=self.limits.default_max_tokens)
-        ids = await self._prompt_ids(request)
-        rid = request.request_id or secrets.token_hex(8)
-        route = self.router.route(ids)
+        obs.request(params)
+        with obs.span("gateway.tokenize") as span:
+            ids = await self._prompt_ids(request)
+            obs.tokenized(span, ids, bool(request.prompt))
+        with obs.span("gateway.route") as span:
+            route = self.router.route(ids)
+            obs.routed(span, route)
         self._check_length(ids, params.max_tokens, route)
-        traceparent = dict(context.invocation_metadata() or ()).get("traceparent", "")
+        d_span, d_md, d_traceparent = obs.client_call("tandem.v1.DecodeWorker/Decode", route.decode.worker_id,
+                                                      route.decode.address)
         self.inflight += 1
         finished = False
         p_task: asyncio.Task[pb.PrefillResponse] | None = None
         d_call = route.decode.stub.Decode(pb.DecodeRequest(
-            request_id=rid, prompt_token_ids=ids, sampling=sampling_to_proto(params), traceparent=traceparent,
+            request_id=rid, prompt_token_ids=ids, sampling=sampling_to_proto(params), traceparent=d_traceparent,
             local_prefill=route.prefill is None, kv_timeout_ms=int(self.limits.kv_timeout_s * 1000),
-        ), timeout=self.limits.request_timeout_s)
+        ), timeout=self.limits.request_timeout_s, metadata=d_md)
         try:
             if route.prefill is not None:
+                p_span, p_md, p_traceparent = obs.client_call("tandem.v1.PrefillWorker/Prefill",
+                                                              route.prefill.worker_id, route.prefill.address)
                 p_task = asyncio.ensure_future(route.prefill.stub.Prefill(pb.PrefillRequest(
                     request_id=rid, prompt_token_ids=ids, sampling=sampling_to_proto(params),
                     decode_kv_address=route.decode.status.kv_address if route.decode.status else "",
-                    traceparent=traceparent, timeout_ms=int(self.limits.request_timeout_s * 1000),
-                ), timeout=self.limits.request_timeout_s))
+                    traceparent=p_traceparent, timeout_ms=int(self.limits.request_timeout_s * 1000),
+                ), timeout=self.limits.request_timeout_s, metadata=p_md))
+                obs.watch_call(p_span, p_task)
             completion = 0
             first_ns = 0
             async for resp in self._relay(d_call, p_task, route):
                 completion += len(resp.token_ids)
+                obs.relayed(len(resp.token_ids))
                 out = gen.GenerateResponse(request_id=rid, token_ids=resp.token_ids, text=resp.text,
                                            logprobs=resp.logprobs, finish_reason=resp.finish_reason,
                                            finish_message=resp.finish_message)
@@ -134,9 +159,11 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                     out.usage.CopyFrom(gen.Usage(prompt_tokens=len(ids), completion_tokens=completion,
                                                  cached_tokens=resp.num_cached_tokens))
                     out.timing.CopyFrom(await self._timing(p_task, t0, first_ns))
+                    obs.finished(resp.finish_reason, out.usage, resp.finish_message)
                 yield out
             if not finished:
                 raise Unavailable(f"decode worker {route.decode.worker_id} ended the stream without finishing")
+            obs.call_done(d_span, None)
         finally:
             self.inflight -= 1
             if not finished:

@@ -11,6 +11,7 @@ from kvtransfer import TransferCode
 from prefill_worker.worker import PrefillCore
 from tandem.errors import DeadlineExceeded, Mismatch, Overloaded, TandemError, Unavailable
 from tandem.protoconv import logprob_to_proto, sampling_from_proto
+from tandem.tracing import finish_span, start_server_span, traceparent_of
 from tandem.v1 import generation_pb2 as gen
 from tandem.v1 import worker_pb2 as pb
 from tandem.v1 import worker_pb2_grpc
@@ -34,6 +35,22 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         self.inflight = 0
 
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
+        span = start_server_span(self.core.obs.tracing, "tandem.v1.PrefillWorker/Prefill",
+                                 context.invocation_metadata(), request.traceparent,
+                                 {"tandem.request_id": request.request_id,
+                                  "tandem.prompt_tokens": len(request.prompt_token_ids)})
+        try:
+            resp = await self._prefill(request, context, traceparent_of(span) or request.traceparent)
+        except BaseException as exc:
+            finish_span(span, exc)
+            raise
+        span.set_attributes({"tandem.prefix_hit_tokens": resp.num_cached_tokens, "tandem.kv.bytes": resp.transfer.bytes,
+                             "tandem.queue_ns": resp.queue_ns, "tandem.prefill_ns": resp.prefill_ns})
+        finish_span(span)
+        return resp
+
+    async def _prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext,
+                       traceparent: str) -> pb.PrefillResponse:
         core = self.core
         if core.loop.error is not None:
             raise Unavailable(f"prefill worker {self.worker_id} engine failed: {core.loop.error}")
@@ -43,8 +60,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         params = sampling_from_proto(request.sampling)
         rid = request.request_id
         timeout = request.timeout_ms / 1000 if request.timeout_ms else self.timeout_s
-        fut = core.prefill(rid, list(request.prompt_token_ids), params, request.decode_kv_address,
-                           request.traceparent)
+        fut = core.prefill(rid, list(request.prompt_token_ids), params, request.decode_kv_address, traceparent)
         self.inflight += 1
         try:
             done = await asyncio.wait_for(asyncio.shield(fut), timeout)

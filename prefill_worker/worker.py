@@ -25,7 +25,10 @@ from engine.model_runner import StepInput
 from engine.sampling import SamplingParams
 from engine.sequence import Sequence
 from kvtransfer import KVLayout, KVSender, TransferCode, TransferHandle, TransferResult
+from prefill_worker.observe import PrefillObserver
+from tandem.metrics import WorkerMetrics, new_registry
 from tandem.protoconv import logprob_to_proto
+from tandem.tracing import disabled
 from tandem.v1 import kv_pb2
 
 logger = logging.getLogger(__name__)
@@ -40,14 +43,17 @@ class PrefillDone:
 
 
 class PrefillCore:
-    def __init__(self, engine: Engine, layout: KVLayout, kv_timeout_s: float) -> None:
+    def __init__(self, engine: Engine, layout: KVLayout, kv_timeout_s: float,
+                 obs: PrefillObserver | None = None) -> None:
         self.engine = engine
+        self.obs = obs or PrefillObserver(disabled(), WorkerMetrics(new_registry(), "prefill"))
         self.layout = layout
         self.loop = EngineLoop(engine, name="prefill-engine")
         self.sender = KVSender(engine.runner.kv, layout, timeout_s=kv_timeout_s)
         self.loop.before_execute = self._before_execute
         self.loop.on_layer_done = self._on_layer_done
         self.loop.after_process = self._after_process
+        self.loop.on_step = self.obs.on_step
         self._step_handles: list[TransferHandle] = []
         self._futures: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future[PrefillDone]]] = {}
         self._transferring: dict[str, Sequence] = {}  # first token sampled, KV on its way
@@ -101,11 +107,13 @@ class PrefillCore:
             seq.extra.setdefault("t_first_forward", now)
             if not sample or "handle" in seq.extra:
                 continue
+            traceparent = self.obs.transfer_begin(seq, seq.extra["peer"])
             try:
                 handle = self.sender.begin(seq.request_id, seq.extra["peer"], list(seq.block_table),
-                                           seq.num_prompt_tokens, traceparent=seq.extra["traceparent"])
+                                           seq.num_prompt_tokens, traceparent=traceparent)
             except (ValueError, RuntimeError) as exc:
                 seq.extra["begin_error"] = str(exc)
+                self.obs.transfer_not_started(seq, str(exc))
                 continue
             seq.extra["handle"] = handle
             self._step_handles.append(handle)
@@ -145,6 +153,7 @@ class PrefillCore:
             self.engine.release(seq)
 
         self.loop.submit(release)
+        self.obs.transfer_done(seq, res, self.layout.num_layers)
         if res.ok:
             self.transfer_bytes += res.bytes
             self.transfer_seconds += res.seconds

@@ -8,9 +8,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from engine.config import EngineConfig
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from tandem.tracing import Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +72,29 @@ def add_server_args(p: argparse.ArgumentParser, default_port: int) -> None:
     p.add_argument("--ready-file", default=None, help="write a JSON line with the bound addresses here once up")
 
 
+def add_observability_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("observability")
+    g.add_argument("--otlp-endpoint", default=None,
+                   help="send traces over OTLP/gRPC to this collector (http://host:4317), or 'console'; "
+                        "default: $OTEL_EXPORTER_OTLP_ENDPOINT, else tracing off")
+    g.add_argument("--trace-sample-ratio", type=float, default=1.0,
+                   help="fraction of requests traced, decided at the gateway (workers follow it)")
+    g.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port (0: off)")
+
+
+def _run_traced(role: str, args: argparse.Namespace,
+                serve_fn: Callable[[asyncio.Event, Tracing], Awaitable[None]]) -> None:
+    """Set up this process's tracing, run `serve_fn(stop, tracing)` on the event loop, flush on exit."""
+    from tandem import serve
+    from tandem.tracing import SERVICE_NAMES, setup_tracing
+
+    tracing = setup_tracing(SERVICE_NAMES[role], endpoint=args.otlp_endpoint, sample_ratio=args.trace_sample_ratio)
+    try:
+        serve.run(lambda stop: serve_fn(stop, tracing))
+    finally:
+        tracing.shutdown()
+
+
 def _split(value: str) -> tuple[str, ...]:
     return tuple(a.strip() for a in value.split(",") if a.strip())
 
@@ -73,7 +102,6 @@ def _split(value: str) -> tuple[str, ...]:
 def run_gateway(args: argparse.Namespace) -> int:
     from gateway.main import GatewayConfig, serve_gateway
     from gateway.service import GatewayLimits
-    from tandem import serve
 
     cfg = GatewayConfig(
         model=args.model, prefill_workers=_split(args.prefill_workers), decode_workers=_split(args.decode_workers),
@@ -81,28 +109,29 @@ def run_gateway(args: argparse.Namespace) -> int:
         local_prefill_threshold=args.local_prefill_threshold, ready_file=args.ready_file,
         limits=GatewayLimits(max_inflight=args.max_inflight, kv_timeout_s=args.kv_timeout,
                              default_max_tokens=args.default_max_tokens),
+        metrics_port=args.metrics_port,
     )
-    serve.run(lambda stop: serve_gateway(cfg, stop))
+    _run_traced("gateway", args, lambda stop, tracing: serve_gateway(cfg, stop, tracing=tracing))
     return 0
 
 
 def run_prefill(args: argparse.Namespace) -> int:
     from prefill_worker.main import PrefillWorkerConfig, serve_prefill
-    from tandem import serve
 
     cfg = PrefillWorkerConfig(engine=without_speculation(engine_config(args)), host=args.host, port=args.port,
-                              kv_timeout_s=args.kv_timeout, ready_file=args.ready_file)
-    serve.run(lambda stop: serve_prefill(cfg, stop))
+                              kv_timeout_s=args.kv_timeout, ready_file=args.ready_file,
+                              metrics_port=args.metrics_port)
+    _run_traced("prefill", args, lambda stop, tracing: serve_prefill(cfg, stop, tracing=tracing))
     return 0
 
 
 def run_decode(args: argparse.Namespace) -> int:
     from decode_worker.main import DecodeWorkerConfig, serve_decode
-    from tandem import serve
 
     cfg = DecodeWorkerConfig(engine=engine_config(args), host=args.host, port=args.port, kv_bind=args.kv_bind,
-                             kv_timeout_s=args.kv_timeout, ready_file=args.ready_file)
-    serve.run(lambda stop: serve_decode(cfg, stop))
+                             kv_timeout_s=args.kv_timeout, ready_file=args.ready_file,
+                             metrics_port=args.metrics_port)
+    _run_traced("decode", args, lambda stop, tracing: serve_decode(cfg, stop, tracing=tracing))
     return 0
 
 
@@ -118,12 +147,14 @@ def register(subparsers: Any) -> None:
     g.add_argument("--kv-timeout", type=float, default=30.0, help="seconds a KV transfer may take")
     g.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request leaves it 0")
     add_server_args(g, 50051)
+    add_observability_args(g)
     g.set_defaults(func=run_gateway)
 
     p = subparsers.add_parser("prefill-worker", help="run a prefill worker")
     add_engine_args(p)
     add_server_args(p, 50061)
     p.add_argument("--kv-timeout", type=float, default=30.0, help="seconds a KV transfer may stay silent")
+    add_observability_args(p)
     p.set_defaults(func=run_prefill)
 
     d = subparsers.add_parser("decode-worker", help="run a decode worker")
@@ -131,4 +162,5 @@ def register(subparsers: Any) -> None:
     add_server_args(d, 50071)
     d.add_argument("--kv-bind", default="tcp://127.0.0.1:0", help="KV receiver endpoint (tcp://host:port or ipc://path)")
     d.add_argument("--kv-timeout", type=float, default=30.0, help="seconds a KV transfer may stay silent")
+    add_observability_args(d)
     d.set_defaults(func=run_decode)

@@ -20,10 +20,13 @@ def run(args: argparse.Namespace) -> int:
                         ("--num-speculative-tokens", args.num_speculative_tokens)):
         if value is not None:
             spec_args += [flag, str(value)]
+    tracing_args = ["--trace-sample-ratio", str(args.trace_sample_ratio)]
+    if args.otlp_endpoint is not None:
+        tracing_args += ["--otlp-endpoint", args.otlp_endpoint]
     stack = Stack(args.model, prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
-                  host=args.host, port=args.port, engine_args=engine_args,
-                  gateway_args=["--local-prefill-threshold", str(args.local_prefill_threshold)],
-                  workdir=args.workdir, decode_args=spec_args)
+                  host=args.host, port=args.port, engine_args=[*engine_args, *tracing_args],
+                  gateway_args=["--local-prefill-threshold", str(args.local_prefill_threshold), *tracing_args],
+                  workdir=args.workdir, metrics_port=args.metrics_port, decode_args=spec_args)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -32,9 +35,12 @@ def run(args: argparse.Namespace) -> int:
     stack.start(timeout_s=args.startup_timeout)
     try:
         for c in stack.prefill:
-            print(f"  prefill worker  {c.info['address']}", flush=True)
+            print(f"  prefill worker  {c.info['address']}{_metrics(c.info)}", flush=True)
         for c in stack.decode:
-            print(f"  decode worker   {c.info['address']}  (KV {c.info.get('kv_address')})", flush=True)
+            print(f"  decode worker   {c.info['address']}  (KV {c.info.get('kv_address')}){_metrics(c.info)}",
+                  flush=True)
+        if stack.gateway is not None and "metrics_address" in stack.gateway.info:
+            print(f"  gateway metrics http://{stack.gateway.info['metrics_address']}/metrics", flush=True)
         print(f"gateway ready on {stack.address}   logs: {stack.workdir}", flush=True)
         print(f"try: tandem generate --addr {stack.address} 'def fibonacci(n):'   (Ctrl-C stops everything)",
               flush=True)
@@ -48,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
         stack.stop()
         print("stopped", flush=True)
     return 0
+
+
+def _metrics(info: dict[str, Any]) -> str:
+    return f"  metrics http://{info['metrics_address']}/metrics" if "metrics_address" in info else ""
 
 
 def register(subparsers: Any) -> None:
@@ -66,4 +76,10 @@ def register(subparsers: Any) -> None:
     add_speculative_args(p)
     p.add_argument("--workdir", default=None, help="where ready files and logs go (default: a temp dir)")
     p.add_argument("--startup-timeout", type=float, default=300.0)
+    p.add_argument("--otlp-endpoint", default=None,
+                   help="every process sends traces here (http://host:4317 or 'console'); "
+                        "default: $OTEL_EXPORTER_OTLP_ENDPOINT, else off")
+    p.add_argument("--trace-sample-ratio", type=float, default=1.0, help="fraction of requests traced")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="Prometheus base port: gateway here, prefill workers next, then decode workers (0: off)")
     p.set_defaults(func=run)

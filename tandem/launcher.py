@@ -81,7 +81,10 @@ class Stack:
     def __init__(self, model: str | Path, *, prefill_workers: int = 1, decode_workers: int = 1, host: str = "127.0.0.1",
                  port: int = 0, engine_args: list[str] | None = None, prefill_args: list[str] | None = None,
                  decode_args: list[str] | None = None, gateway_args: list[str] | None = None,
-                 workdir: str | Path | None = None, env: dict[str, str] | None = None) -> None:
+                 workdir: str | Path | None = None, env: dict[str, str] | None = None,
+                 metrics_port: int = 0) -> None:
+        """`metrics_port` > 0 gives every process a Prometheus port: the gateway `metrics_port`,
+        prefill worker i `metrics_port + 1 + i`, decode worker j `metrics_port + 1 + prefill_workers + j`."""
         self.model = str(model)
         self.host = host
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="tandem-stack-"))
@@ -89,12 +92,17 @@ class Stack:
         self.env = {**os.environ, **(env or {})}
         base = [sys.executable, "-m", "tandem.cli"]
         eng = ["--model", self.model, *(engine_args or [])]
+        def metrics(index: int) -> list[str]:
+            return ["--metrics-port", str(metrics_port + index)] if metrics_port > 0 else []
+
         self.prefill = [self._child(f"prefill-{i}", [*base, "prefill-worker", *eng, "--host", host, "--port", "0",
-                                                    *(prefill_args or [])]) for i in range(prefill_workers)]
+                                                    *metrics(1 + i), *(prefill_args or [])])
+                        for i in range(prefill_workers)]
         self.decode = [self._child(f"decode-{i}", [*base, "decode-worker", *eng, "--host", host, "--port", "0",
-                                                  *(decode_args or [])]) for i in range(decode_workers)]
+                                                  *metrics(1 + prefill_workers + i), *(decode_args or [])])
+                       for i in range(decode_workers)]
         self._gateway_argv = [*base, "gateway", "--model", self.model, "--host", host, "--port", str(port),
-                              *(gateway_args or [])]
+                              *metrics(0), *(gateway_args or [])]
         self.gateway: Child | None = None
 
     def _child(self, name: str, argv: list[str]) -> Child:

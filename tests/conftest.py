@@ -14,6 +14,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# gRPC's fork handlers restart its poller threads in a forked child, where subprocess then closes their
+# fds before exec: the child aborts ("epoll_wait error: Bad file descriptor") in a few percent of forks
+# once this process holds a gRPC channel or server, and every Stack.start() forks (preexec_fn). Nothing
+# here needs fork support; it must be decided before grpc is first imported.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
 

@@ -1,0 +1,179 @@
+"""What the decode worker reports about each request: spans of its stages, and worker metrics.
+
+    tandem.v1.DecodeWorker/Decode      SERVER, asyncio (service.py); its traceparent rides in seq.extra
+    ├── decode.admission_wait          Decode call -> KV adopted (or, local prefill: -> first forward)
+    ├── decode.steps                   one per `steps_per_span` engine steps that gave this request tokens
+    │                                  (tokens, steps, mean batch size, speculation counts when present)
+    └── decode.finish                  the step that finished it: reason, output tokens
+    kv.send (prefill worker)
+    └── kv.receive                     first KV frame -> last page written (receiver's I/O thread), a child
+                                       of the sender's span through the KVTransferBegin traceparent
+
+Speculative decoding: each decode.steps span carries what its steps verified (tandem.spec.steps,
+draft_tokens, accepted_tokens, acceptance_rate: deltas of the Sequence's num_spec_steps /
+num_draft_tokens / num_accepted_tokens counters), decode.finish the request's totals.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+
+from engine.engine import RequestOutput
+from engine.model_runner import StepInput
+from engine.sequence import Sequence
+from kvtransfer import CompletedTransfer, FailedTransfer
+from tandem.metrics import WorkerMetrics
+from tandem.tracing import (
+    Tracing,
+    context_from_traceparent,
+    epoch_ns_from_monotonic,
+    epoch_ns_from_perf,
+    record_span,
+)
+
+STEPS_PER_SPAN = 16
+_PARENT = "otel_parent"  # seq.extra key: the sampled parent Context, or None
+
+
+class _Window:
+    """The decode steps of one request not yet reported in a decode.steps span."""
+
+    __slots__ = ("start_ns", "steps", "tokens", "batch", "first_token", "spec0")
+
+    def __init__(self, start_ns: int, first_token: int, spec0: tuple[int, int, int]) -> None:
+        self.start_ns, self.first_token = start_ns, first_token  # perf_counter_ns, output index
+        self.steps = self.tokens = self.batch = 0
+        self.spec0 = spec0  # the sequence's speculation counters when the window opened
+
+
+def _spec(seq: Sequence) -> tuple[int, int, int]:
+    """(verification steps, draft tokens, accepted tokens) so far; zeros without speculation."""
+    return (getattr(seq, "num_spec_steps", 0), getattr(seq, "num_draft_tokens", 0),
+            getattr(seq, "num_accepted_tokens", 0))
+
+
+def _spec_attrs(steps: int, draft: int, accepted: int) -> dict[str, Any]:
+    if not draft:
+        return {}
+    return {"tandem.spec.steps": steps, "tandem.spec.draft_tokens": draft, "tandem.spec.accepted_tokens": accepted,
+            "tandem.spec.acceptance_rate": accepted / draft}
+
+
+class DecodeObserver:
+    """Called by DecodeCore at its hooks; request state lives in `seq.extra` (engine thread only).
+
+    Expects seq.extra["traceparent"] (the Decode SERVER span's) and seq.extra["t_call"] (monotonic,
+    when the Decode call arrived)."""
+
+    def __init__(self, tracing: Tracing, metrics: WorkerMetrics, steps_per_span: int = STEPS_PER_SPAN) -> None:
+        if steps_per_span < 1:
+            raise ValueError(f"steps_per_span must be >= 1, got {steps_per_span}")
+        self.tracing = tracing
+        self.metrics = metrics
+        self.steps_per_span = steps_per_span
+
+    def _parent(self, seq: Sequence) -> Context | None:
+        x = seq.extra
+        if _PARENT not in x:
+            ctx = context_from_traceparent(x.get("traceparent", "")) if self.tracing.enabled else None
+            sampled = ctx is not None and trace.get_current_span(ctx).get_span_context().trace_flags.sampled
+            x[_PARENT] = ctx if sampled else None
+        return x[_PARENT]
+
+    # ------------------------------------------------------------------ receiver I/O thread
+    def kv_received(self, t: CompletedTransfer) -> None:
+        self.metrics.transfer("receive", "OK", t.bytes, t.seconds)
+        if not self.tracing.enabled:
+            return
+        parent = context_from_traceparent(t.traceparent)
+        if parent is None or not trace.get_current_span(parent).get_span_context().trace_flags.sampled:
+            return
+        end = time.time_ns()
+        record_span(self.tracing.tracer, "kv.receive", parent, end - int(t.seconds * 1e9), end, {
+            "tandem.request_id": t.request_id,
+            "tandem.kv.bytes": t.bytes,
+            "tandem.kv.num_blocks": len(t.block_ids),
+            "tandem.kv.num_tokens": t.num_tokens,
+            "tandem.kv.stream_seconds": t.seconds,
+            "tandem.kv.gbps": t.bytes / t.seconds / 1e9 if t.seconds > 0 else 0.0,
+        })
+
+    def kv_failed(self, f: FailedTransfer) -> None:
+        self.metrics.transfer("receive", f.code.name, 0, 0.0)
+
+    # ------------------------------------------------------------------ engine thread
+    def _admitted(self, seq: Sequence, end_ns: int, local: bool) -> None:
+        """Admission wait: the Decode call -> `end_ns` (epoch ns)."""
+        x = seq.extra
+        x["obs_admitted"] = True
+        start_ns = epoch_ns_from_monotonic(x.get("t_call", seq.arrival_time))
+        self.metrics.queue_wait.observe(max(end_ns - start_ns, 0) / 1e9)
+        parent = self._parent(seq)
+        if parent is not None:
+            record_span(self.tracing.tracer, "decode.admission_wait", parent, start_ns, end_ns, {
+                "tandem.request_id": seq.request_id, "tandem.local_prefill": local,
+                "tandem.prompt_tokens": seq.num_prompt_tokens, "tandem.prefix_hit_tokens": seq.num_cached_tokens})
+
+    def adopted(self, seq: Sequence, out: RequestOutput) -> None:
+        """The KV arrived and the sequence joined the batch with its first token (`out`)."""
+        now_ns = time.time_ns()
+        self._admitted(seq, now_ns, local=False)
+        if out.finished and self._parent(seq) is not None:
+            self._finish(seq, out, now_ns)
+
+    def on_step(self, step: StepInput, outputs: list[RequestOutput], t_exec_ns: int, t_done_ns: int) -> None:
+        """After each engine step: admission of local prefills, decode.steps windows, finishes."""
+        self.metrics.step_seconds.observe((t_done_ns - t_exec_ns) / 1e9)
+        for seq in step.seqs:
+            if "obs_admitted" not in seq.extra:  # a local prefill's first forward
+                self._admitted(seq, epoch_ns_from_perf(t_exec_ns), local=True)
+        if not self.tracing.enabled:
+            return
+        for out in outputs:
+            if out.seq is None or self._parent(out.seq) is None:
+                continue
+            seq = out.seq
+            win: _Window | None = seq.extra.get("obs_window")
+            if win is None:
+                win = seq.extra["obs_window"] = _Window(t_exec_ns, seq.num_output_tokens - len(out.new_token_ids),
+                                                        seq.extra.get("obs_spec", (0, 0, 0)))
+            win.steps += 1
+            win.tokens += len(out.new_token_ids)
+            win.batch += len(step.seqs)
+            if win.steps >= self.steps_per_span or out.finished:
+                self._flush(seq, win, t_done_ns)
+            if out.finished:
+                self._finish(seq, out, epoch_ns_from_perf(t_done_ns))
+
+    def _flush(self, seq: Sequence, win: _Window, end_ns: int) -> None:
+        seq.extra.pop("obs_window", None)
+        attrs: dict[str, Any] = {
+            "tandem.request_id": seq.request_id,
+            "tandem.decode.steps": win.steps,
+            "tandem.decode.tokens": win.tokens,
+            "tandem.decode.first_output_token": win.first_token,
+            "tandem.decode.mean_batch_size": win.batch / win.steps,
+        }
+        now = seq.extra["obs_spec"] = _spec(seq)
+        attrs.update(_spec_attrs(*(a - b for a, b in zip(now, win.spec0, strict=True))))
+        record_span(self.tracing.tracer, "decode.steps", seq.extra[_PARENT], epoch_ns_from_perf(win.start_ns),
+                    epoch_ns_from_perf(end_ns), attrs)
+
+    def _finish(self, seq: Sequence, out: RequestOutput, at_ns: int) -> None:
+        reason = out.finish_reason.value if out.finish_reason is not None else "unknown"
+        attrs: dict[str, Any] = {
+            "tandem.request_id": seq.request_id,
+            "tandem.finish.reason": reason,
+            "gen_ai.response.finish_reasons": [reason],
+            "gen_ai.usage.input_tokens": seq.num_prompt_tokens,
+            "gen_ai.usage.output_tokens": seq.num_output_tokens,
+            "tandem.preemptions": seq.num_preemptions,
+        }
+        if seq.stop_reason is not None:
+            attrs["tandem.finish.stop"] = str(seq.stop_reason)
+        attrs.update(_spec_attrs(*_spec(seq)))
+        record_span(self.tracing.tracer, "decode.finish", seq.extra[_PARENT], at_ns, at_ns, attrs)

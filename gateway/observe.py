@@ -1,0 +1,181 @@
+"""The gateway's view of each request for traces and metrics: one `RequestObservation` per Generate.
+
+    text_completion <model>                SERVER root (child of the client's traceparent, if any)
+    ├── gateway.tokenize                   validation + tokenization (off the event loop)
+    ├── gateway.route                      which workers, why, the expected prefix hit
+    ├── tandem.v1.DecodeWorker/Decode      CLIENT: the decode stream (the decode worker's spans below it)
+    └── tandem.v1.PrefillWorker/Prefill    CLIENT: remote prefill only (the prefill worker's spans below it)
+
+Root attributes follow the OpenTelemetry GenAI semantic conventions (gen_ai.operation.name,
+gen_ai.request.model / max_tokens / temperature / top_p, gen_ai.usage.input_tokens / output_tokens,
+gen_ai.response.finish_reasons) plus rpc.* and tandem.*; a "gen_ai.finish" event marks the finish.
+Every span is given its parent explicitly; nothing is attached to the asyncio context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import grpc
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from engine.sampling import SamplingParams
+from gateway.router import Route
+from tandem.metrics import GatewayMetrics, new_registry
+from tandem.tracing import (
+    Tracing,
+    carrier_of,
+    context_from_carrier,
+    context_of,
+    disabled,
+    finish_span,
+    grpc_status_of,
+)
+from tandem.v1 import generation_pb2 as gen
+
+OPERATION = "text_completion"
+_FINISH_NAMES: dict[int, str] = {gen.FINISH_REASON_LENGTH: "length", gen.FINISH_REASON_STOP: "stop",
+                 gen.FINISH_REASON_ABORT: "abort", gen.FINISH_REASON_ERROR: "error"}
+
+
+class GatewayObserver:
+    """The gateway process's tracer and metrics; `start()` opens one request's observation."""
+
+    def __init__(self, tracing: Tracing | None = None, metrics: GatewayMetrics | None = None) -> None:
+        self.tracing = tracing or disabled()
+        self.metrics = metrics or GatewayMetrics(new_registry())
+
+    def start(self, rid: str, model: str, metadata: Any) -> RequestObservation:
+        """`metadata`: the call's invocation metadata (a client `traceparent` there becomes the parent)."""
+        return RequestObservation(self, rid, model, metadata)
+
+
+class RequestObservation:
+    """One Generate call: its root span, its client spans, TTFT / ITL / e2e timing. asyncio thread only."""
+
+    def __init__(self, owner: GatewayObserver, rid: str, model: str, metadata: Any) -> None:
+        self.tracer = owner.tracing.tracer
+        self.metrics = owner.metrics
+        self.t0 = time.perf_counter()
+        self.t_last = 0.0
+        self.tokens = 0
+        self.finish_reason = ""
+        pairs = [(k, v) for k, v in (metadata or ()) if k in ("traceparent", "tracestate") and isinstance(v, str)]
+        self.incoming = dict(pairs)  # forwarded as-is when this process does not trace
+        parent = context_from_carrier(self.incoming) if owner.tracing.enabled else None
+        self.root: Span = self.tracer.start_span(f"{OPERATION} {model}", context=parent, kind=SpanKind.SERVER,
+                                                 attributes={
+            "gen_ai.operation.name": OPERATION, "gen_ai.request.model": model, "gen_ai.response.model": model,
+            "gen_ai.response.id": rid, "rpc.system": "grpc", "rpc.service": "tandem.v1.Generation",
+            "rpc.method": "Generate", "tandem.request_id": rid,
+        })
+        self.ctx = context_of(self.root)
+        self._open: list[Span] = []
+        self.metrics.inflight.inc()
+
+    # ---------------------------------------------------------------- stages
+    def request(self, params: SamplingParams) -> None:
+        self.root.set_attributes({"gen_ai.request.max_tokens": params.max_tokens,
+                                  "gen_ai.request.temperature": params.temperature,
+                                  "gen_ai.request.top_p": params.top_p})
+        if params.top_k:
+            self.root.set_attribute("gen_ai.request.top_k", params.top_k)
+        if params.seed is not None:
+            self.root.set_attribute("gen_ai.request.seed", params.seed)
+
+    @contextmanager
+    def span(self, name: str) -> Iterator[Span]:
+        """A child of the root around a stage; an exception marks it failed and propagates."""
+        span = self.tracer.start_span(name, context=self.ctx)
+        try:
+            yield span
+        except BaseException as exc:
+            finish_span(span, exc)
+            raise
+        span.end()
+
+    def tokenized(self, span: Span, ids: list[int], from_text: bool) -> None:
+        span.set_attributes({"tandem.prompt_tokens": len(ids), "tandem.tokenized": from_text})
+        self.root.set_attribute("gen_ai.usage.input_tokens", len(ids))
+
+    def routed(self, span: Span, route: Route) -> None:
+        local = route.prefill is None
+        self.metrics.routes.labels("local" if local else "remote").inc()
+        self.metrics.prefix_hit_tokens.inc(route.matched_tokens)
+        attrs: dict[str, Any] = {"tandem.route.decode_worker": route.decode.worker_id,
+                                 "tandem.route.local_prefill": local, "tandem.route.reason": route.reason,
+                                 "tandem.route.prefix_hit_tokens": route.matched_tokens}
+        if route.prefill is not None:
+            attrs["tandem.route.prefill_worker"] = route.prefill.worker_id
+        span.set_attributes(attrs)
+
+    def client_call(self, method: str, worker_id: str, address: str) -> tuple[Span, list[tuple[str, str]], str]:
+        """A CLIENT span for a call to a worker: (span, metadata to send, traceparent for the request
+        field). With tracing off, the client's own traceparent is passed through unchanged."""
+        service, _, name = method.rpartition("/")
+        span = self.tracer.start_span(method, context=self.ctx, kind=SpanKind.CLIENT, attributes={
+            "rpc.system": "grpc", "rpc.service": service, "rpc.method": name, "server.address": address,
+            "tandem.worker_id": worker_id})
+        self._open.append(span)
+        carrier = carrier_of(span) or self.incoming
+        return span, list(carrier.items()), carrier.get("traceparent", "")
+
+    def watch_call(self, span: Span, task: asyncio.Future[Any]) -> None:
+        """End the CLIENT `span` when `task` (the call) completes, with its outcome."""
+        def done(t: asyncio.Future[Any]) -> None:
+            self.call_done(span, asyncio.CancelledError() if t.cancelled() else t.exception())
+
+        task.add_done_callback(done)
+
+    def call_done(self, span: Span, exc: BaseException | None) -> None:
+        if span in self._open:
+            self._open.remove(span)
+            if isinstance(exc, grpc.aio.AioRpcError):
+                span.set_attribute("rpc.grpc.status_code", exc.code().value[0])
+                span.set_status(Status(StatusCode.ERROR, f"{exc.code().name}: {exc.details()}"))
+                span.end()
+            else:
+                finish_span(span, exc)
+
+    def relayed(self, num_tokens: int) -> None:
+        """A message with `num_tokens` tokens went to the client: TTFT, then inter-token gaps."""
+        if not num_tokens:
+            return
+        now = time.perf_counter()
+        gaps, gap = num_tokens, (now - self.t_last) / num_tokens
+        if not self.tokens:  # tokens that come with the first one count as gaps of 0
+            self.metrics.ttft.observe(now - self.t0)
+            self.root.add_event("gen_ai.first_token", {"tandem.ttft_s": now - self.t0})
+            gaps, gap = num_tokens - 1, 0.0
+        for _ in range(gaps):  # every token after the first is one inter-token gap
+            self.metrics.itl.observe(gap)
+        self.t_last = now
+        self.tokens += num_tokens
+        self.metrics.generation_tokens.inc(num_tokens)
+
+    def finished(self, reason: int, usage: gen.Usage, message: str) -> None:
+        name = _FINISH_NAMES.get(reason, "unknown")
+        self.finish_reason = name
+        self.metrics.finished.labels(name).inc()
+        self.metrics.prompt_tokens.inc(usage.prompt_tokens)
+        self.root.set_attributes({"gen_ai.response.finish_reasons": [name],
+                                  "gen_ai.usage.input_tokens": usage.prompt_tokens,
+                                  "gen_ai.usage.output_tokens": usage.completion_tokens,
+                                  "tandem.cached_tokens": usage.cached_tokens})
+        self.root.add_event("gen_ai.finish", {"tandem.finish.reason": name, "tandem.finish.message": message})
+
+    def end(self, exc: BaseException | None) -> None:
+        """The call is over (after the last message, or failing with `exc`): status metrics, spans."""
+        code = grpc_status_of(exc)[0] if exc is not None else grpc.StatusCode.OK
+        self.metrics.status.labels(code.name).inc()
+        if exc is None:
+            self.metrics.e2e.observe(time.perf_counter() - self.t0)
+        self.metrics.inflight.dec()
+        for span in list(self._open):
+            self.call_done(span, exc)
+        self.root.set_attribute("rpc.grpc.status_code", code.value[0])
+        finish_span(self.root, exc)
