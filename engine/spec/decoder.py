@@ -67,31 +67,23 @@ class SpecDecoder:
             self.draft.release_stale()
         cand = [i for i, (s, n, smp) in enumerate(zip(step.seqs, step.num_new_tokens, step.sample, strict=True))
                 if smp and n == 1 and not s.prefill_only]
-        caps: list[int] = []
-        lookups: list[list[int]] = []
-        for i in cand:
-            seq = step.seqs[i]
-            cap = min(self.k, seq.params.max_tokens - seq.num_output_tokens - 1,
-                      self.max_model_len - seq.num_tokens - 1)
-            if self.draft is None and cap > 0:
-                lookups.append(propose_ngram(seq.token_ids, cap))
-                cap = len(lookups[-1])
-            caps.append(max(cap, 0))
+        caps = [max(0, min(self.k, step.seqs[i].params.max_tokens - step.seqs[i].num_output_tokens - 1,
+                           self.max_model_len - step.seqs[i].num_tokens - 1)) for i in cand]
         rates = [self.policy.acceptance.of(step.seqs[i]) for i in cand]
         ks = self.policy.choose(caps, rates, sum(step.num_new_tokens), sum(step.sample))
         planned = [0] * len(step.seqs)
-        for j, (i, k) in enumerate(zip(cand, ks, strict=True)):
+        drafts: list[list[int]] = [[] for _ in step.seqs]
+        for i, k in zip(cand, ks, strict=True):
+            if k and self.draft is None:  # n-gram lookup only where the policy wants drafts
+                drafts[i] = propose_ngram(step.seqs[i].token_ids, k)
+                k = len(drafts[i])
             if k and self.bm.allocate_slots(step.seqs[i], 1 + k):
                 planned[i] = k
-                if self.draft is None:
-                    lookups[j] = lookups[j][:k]
+            else:
+                drafts[i] = []
         if not any(planned):
             return
         if self.draft is None:
-            drafts: list[list[int]] = [[] for _ in step.seqs]
-            for j, i in enumerate(cand):
-                if planned[i]:
-                    drafts[i] = lookups[j]
             step.spec_tokens = drafts
         self._planned = planned
 
@@ -100,7 +92,6 @@ class SpecDecoder:
         """Propose (draft model), run the one target forward and verify; sets step.num_accepted."""
         probs: list[torch.Tensor | None] = []
         if self.draft is not None and step.spec_tokens is None and any(self._planned):
-            t0 = time.perf_counter()
             idx = [i for i, k in enumerate(self._planned) if k]
             out = self.draft.propose([step.seqs[i] for i in idx], [self._planned[i] for i in idx])
             drafts: list[list[int]] = [[] for _ in step.seqs]
@@ -109,9 +100,8 @@ class SpecDecoder:
                 drafts[i], probs_by_seq[i] = toks, q
             step.spec_tokens = drafts
             probs = [probs_by_seq[i] for i, smp in enumerate(step.sample) if smp]
-            depth = max((len(t) for t in out.tokens), default=0)
-            if depth:
-                self.policy.draft_cost.observe(len(idx), (time.perf_counter() - t0) / depth)
+            if out.seconds_per_forward > 0:  # the draft prefill of new prompts is not counted
+                self.policy.draft_cost.observe(len(idx), out.seconds_per_forward)
         self._planned = []
         t0 = time.perf_counter()
         tokens = sum(step.num_new_tokens) + sum(step.num_draft(i) for i in range(len(step.seqs)))

@@ -8,11 +8,13 @@ the target's pool) and its own `BlockManager`. Each speculating sequence has a *
     mirror       [ t0 ............ t(N-1) x1 x2 .. xk ]        draft KV after proposing: < N + k - 1
                    ^ caught up first (on a decode worker: the draft prefill of the prompt, chunked)
 
-Proposing: one chunked catch-up forward brings the mirror's KV to N - 1, then k forwards of one token
-each draw x1..xk. After the target accepts a of them, `rollback` keeps the draft KV of positions
-< min(N + a, N + k - 1) (what it computed of accepted tokens) and truncates the rest. Only blocks
-full of accepted tokens are ever named in the draft's prefix cache (`sync` names them once the
-target's tokens are known), so a rolled-back block is never found by another sequence.
+Proposing: k forwards draw x1..xk. The first feeds every token the mirror has not computed (the
+last accepted tokens, or a whole short prompt); a longer prompt is first caught up in budget-sized
+chunks (the draft prefill), the later forwards feed one draft token each. After the target accepts
+a of them, `rollback` keeps the draft KV of positions < min(N + a, N + k - 1) (what it computed of
+accepted tokens) and truncates the rest. Only blocks full of accepted tokens are ever named in the
+draft's prefix cache (`sync` names them once the target's tokens are known), so a rolled-back block
+is never found by another sequence.
 
 Draws use the draft's own `Sampler` with the rows' sampling options and draft-extended histories:
 greedy rows take the argmax; seeded rows reuse the exact noise the target's sampler uses at that
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -39,10 +42,13 @@ from engine.sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
 
+_INLINE = 8  # uncomputed tokens a mirror may bring into its first proposal forward (q_len <= 8)
+
 
 class DraftOutput(NamedTuple):
     tokens: list[list[int]]  # per requested sequence, up to its k draft tokens ([] if it could not draft)
     probs: list[Tensor | None]  # (len(tokens[i]), V) q rows for the rejection rule, else None
+    seconds_per_forward: float  # mean time of the proposal forwards (the chunked catch-up excluded)
 
 
 def check_compatible(target_dir: str | Path, draft_dir: str | Path, target_vocab: int, draft_vocab: int) -> None:
@@ -128,42 +134,51 @@ class DraftProposer:
         mirrors = [self.sync(s) for s in seqs]
         ks = list(ks)
         self._catch_up(mirrors, ks)
+        t0 = time.perf_counter()
+        forwards = 0
         tokens: list[list[int]] = [[] for _ in seqs]
         qrows: list[list[Tensor]] = [[] for _ in seqs]
         for depth in range(max(ks, default=0)):
-            rows = [i for i, k in enumerate(ks) if k > depth]
-            for i in list(rows):
-                if not bm.allocate_slots(mirrors[i], 1):  # feeds its last token
-                    ks[i] = depth
-                    rows.remove(i)
+            # depth 0 feeds what the catch-up left (the last accepted tokens), later depths one draft
+            rows: list[int] = []
+            counts: list[int] = []
+            for i, k in enumerate(ks):
+                n = mirrors[i].num_uncomputed_tokens
+                if k > depth and bm.allocate_slots(mirrors[i], n):
+                    rows.append(i)
+                    counts.append(n)
+                elif k > depth:
+                    ks[i] = depth  # the draft's pool is full
             if not rows:
                 break
-            step = StepInput([mirrors[i] for i in rows], [1] * len(rows), [True] * len(rows))
+            step = StepInput([mirrors[i] for i in rows], counts, [True] * len(rows))
             logits = self.runner.forward_logits(step)  # (len(rows), V)
+            forwards += 1
             batch = self.runner.sampling_batch(step.seqs)
             drawn = self.runner.sampler(logits, batch).token_ids.tolist()
             need_q = {r for r, i in enumerate(rows) if _draws_from_q(seqs[i])}
             q = probabilities(logits, batch) if need_q else None  # (len(rows), V)
             for r, i in enumerate(rows):
                 m = mirrors[i]
-                m.num_computed_tokens += 1
+                m.num_computed_tokens += counts[r]
                 m.token_ids.append(drawn[r])
                 tokens[i].append(drawn[r])
                 if q is not None and r in need_q:
                     qrows[i].append(q[r])
         probs = [torch.stack(qrows[i]) if qrows[i] and len(qrows[i]) == len(tokens[i]) else None
                  for i in range(len(seqs))]
-        return DraftOutput(tokens, probs)
+        return DraftOutput(tokens, probs, (time.perf_counter() - t0) / forwards if forwards else 0.0)
 
     def _catch_up(self, mirrors: list[Sequence], ks: list[int]) -> None:
-        """Compute the draft KV of every mirror up to (excluding) its last token, in budget-sized chunks."""
+        """Compute the draft KV of every mirror to within `_INLINE` tokens of its end, in budget-sized
+        chunks (a prompt's draft prefill); the first proposal forward feeds the rest."""
         bm = self.block_manager
         while True:
             budget = self.max_batched_tokens
             todo: list[Sequence] = []
             counts: list[int] = []
             for i, m in enumerate(mirrors):
-                left = m.num_tokens - 1 - m.num_computed_tokens
+                left = m.num_uncomputed_tokens - _INLINE
                 if ks[i] == 0 or left <= 0 or budget <= 0:
                     continue
                 n = min(left, budget)
