@@ -27,6 +27,8 @@ DTYPES: dict[str, torch.dtype] = {
 SPECULATIVE_METHODS: tuple[str, ...] = ("ngram",)
 MAX_SPECULATIVE_TOKENS = 16
 DEFAULT_SPECULATIVE_TOKENS = 4
+QUANTIZATIONS: tuple[str, ...] = ("int8", "int4", "fp8")  # engine/quant; docs/quantization.md
+KV_CACHE_DTYPES: tuple[str, ...] = ("auto", "fp8")
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
 
 
@@ -146,6 +148,8 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # overrides the memory budget (tests)
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto | torch | triton
+    quantization: str | None = None  # int8 | int4 | fp8: projection weights quantized at load (engine/quant)
+    kv_cache_dtype: str = "auto"  # auto: the model dtype | fp8: float8_e4m3fn pages (kernels/kv_store.py)
     seed: int = 0
     # speculative decoding (engine.spec; docs/speculative.md): at most one of model / method
     speculative_model: str | None = None  # a draft checkpoint with the target's tokenizer
@@ -169,6 +173,12 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory_bytes must be > 0, got {self.kv_cache_memory_bytes}")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {self.quantization!r}; choose one of "
+                             f"{', '.join(QUANTIZATIONS)} (or None)")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"unknown kv_cache_dtype {self.kv_cache_dtype!r}; choose one of "
+                             f"{', '.join(KV_CACHE_DTYPES)}")
         key = _DTYPE_ALIASES.get(self.dtype, self.dtype)
         if key != "auto" and key not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of auto, {', '.join(DTYPES)}")

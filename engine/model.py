@@ -34,6 +34,7 @@ class ForwardContext:
     max_query_len: int
     ops: Ops
     on_layer_done: Callable[[int], None] | None = None  # KV of layer l is final (transfer overlap)
+    kv_scale: float | None = None  # fp8 pools: stored = value / kv_scale (kernels/kv_store.py)
 
 
 class Attention(nn.Module):
@@ -64,10 +65,10 @@ class Attention(nn.Module):
             k = ctx.ops.rms_norm(k.reshape(-1, self.head_dim), self.k_norm, self.eps).view_as(k)
         q, k = ctx.ops.rotary(positions, q, k, cos_sin)
         kv_layer = ctx.kv[self.layer_idx]  # (num_blocks, 2, block_size, Hk, D)
-        ctx.ops.store_kv(k, v, kv_layer, ctx.slot_mapping)
+        ctx.ops.store_kv(k, v, kv_layer, ctx.slot_mapping, kv_scale=ctx.kv_scale)
         out = ctx.ops.paged_attention(
             q, kv_layer, ctx.block_tables, ctx.query_start_loc, ctx.seq_lens, self.scale,
-            self.sliding_window, max_query_len=ctx.max_query_len,
+            self.sliding_window, max_query_len=ctx.max_query_len, kv_scale=ctx.kv_scale,
         )  # (T, Hq, D)
         return self.o_proj(out.reshape(t, self.q_size))
 

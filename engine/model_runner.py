@@ -22,6 +22,7 @@ from engine.config import EngineConfig, ModelConfig, resolve_device, resolve_dty
 from engine.model import CausalLM, ForwardContext
 from engine.sampling import Sampler, SamplerOutput, SamplingBatch
 from engine.sequence import Sequence
+from kernels.kv_store import FP8_KV_SCALE
 from kernels.ops import select_ops
 
 logger = logging.getLogger(__name__)
@@ -47,14 +48,27 @@ class StepInput:
         return len(self.spec_tokens[i]) if self.spec_tokens is not None else 0
 
 
-def load_model(path: str | Path, dtype: torch.dtype, device: torch.device) -> CausalLM:
-    """Build the model on the meta device, then stream checkpoint tensors into place."""
+def load_model(
+    path: str | Path, dtype: torch.dtype, device: torch.device, quantization: str | None = None,
+    backend: str = "auto",
+) -> CausalLM:  # fmt: skip
+    """Build the model on the meta device, then stream checkpoint tensors into place.
+
+    With ``quantization`` (int8 | int4 | fp8) the dense weights are staged in host memory and the
+    decoder layers' projections are quantized onto ``device`` one at a time (engine/quant/apply.py);
+    ``backend`` is the kernel backend their GEMMs use (auto | torch | triton).
+    """
     cfg = ModelConfig.from_hf(load_hf_config(path))
     with torch.device("meta"):
         model = CausalLM(cfg)
-    model = model.to_empty(device=device).to(dtype)
+    staging = device if quantization is None else torch.device("cpu")
+    model = model.to_empty(device=staging).to(dtype)
     with torch.no_grad():
         model.load_weights(iter_safetensors(path))
+    if quantization is not None:
+        from engine.quant import quantize_model
+
+        quantize_model(model, quantization, device, backend)
     return model.eval()
 
 
@@ -65,7 +79,10 @@ class ModelRunner:
         hf = load_hf_config(config.model)
         self.model_config = ModelConfig.from_hf(hf)
         self.dtype = resolve_dtype(config.dtype, self.device, self.model_config.checkpoint_dtype)
-        self.model = load_model(config.model, self.dtype, self.device)
+        self.model = load_model(config.model, self.dtype, self.device, config.quantization, config.attention_backend)
+        # fp8 KV: float8_e4m3fn pages with one static scale (kernels/kv_store.py FP8_KV_SCALE)
+        self.kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else self.dtype
+        self.kv_scale = FP8_KV_SCALE if config.kv_cache_dtype == "fp8" else None
         mc = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.model.init_rope(max(self.max_model_len, mc.max_position_embeddings))
@@ -74,17 +91,17 @@ class ModelRunner:
         self.num_blocks = config.num_kv_blocks or self._blocks_from_budget()
         self.kv = torch.zeros(
             (mc.num_layers, self.num_blocks, 2, self.block_size, mc.num_kv_heads, mc.head_dim),
-            dtype=self.dtype, device=self.device,
+            dtype=self.kv_dtype, device=self.device,
         )
         self.sampler = Sampler(seed=config.seed)
-        logger.info("model %s: %d layers, %s on %s; KV pool %d blocks x %d tokens (%.1f MiB)",
-                    mc.architecture, mc.num_layers, self.dtype, self.device, self.num_blocks,
-                    self.block_size, self.kv.numel() * self.kv.element_size() / 2**20)
+        logger.info("model %s: %d layers, %s on %s (quantization %s); KV pool %d blocks x %d tokens, %s (%.1f MiB)",
+                    mc.architecture, mc.num_layers, self.dtype, self.device, config.quantization, self.num_blocks,
+                    self.block_size, self.kv_dtype, self.kv.numel() * self.kv.element_size() / 2**20)
 
     @property
     def page_bytes(self) -> int:
         mc = self.model_config
-        return 2 * self.block_size * mc.num_kv_heads * mc.head_dim * self.dtype.itemsize
+        return 2 * self.block_size * mc.num_kv_heads * mc.head_dim * self.kv_dtype.itemsize
 
     def _blocks_from_budget(self) -> int:
         per_block = self.page_bytes * self.model_config.num_layers
@@ -134,6 +151,7 @@ class ModelRunner:
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
             max_query_len=max(b - a for a, b in zip(qsl[:-1], qsl[1:], strict=True)),
             ops=self.ops,
+            kv_scale=self.kv_scale,
         )
         return (
             torch.tensor(input_ids, dtype=torch.int64, device=dev),

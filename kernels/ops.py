@@ -29,14 +29,15 @@ class Ops(NamedTuple):
     """The hot-path kernels of one backend; each has its reference's signature (see kernels/*.py).
 
     ``paged_attention(q, kv_layer, block_tables, query_start_loc, seq_lens, scale,
-    sliding_window=None, *, max_query_len=None, max_seq_len=None)``: the two keyword hints let the
-    Triton path size its grids without reading device memory; the torch path ignores them.
+    sliding_window=None, *, max_query_len=None, max_seq_len=None, kv_scale=None)``: the two length
+    hints let the Triton path size its grids without reading device memory; the torch path ignores
+    them. ``kv_scale`` (also a keyword of ``store_kv``) is the scale of a float8_e4m3fn pool.
     """
 
     rms_norm: Callable[..., Tensor | tuple[Tensor, Tensor]]
     rotary: Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
     silu_and_mul: Callable[[Tensor], Tensor]
-    store_kv: Callable[[Tensor, Tensor, Tensor, Tensor], None]
+    store_kv: Callable[..., None]
     paged_attention: Callable[..., Tensor]
 
 
@@ -51,9 +52,12 @@ def torch_paged_attention(
     *,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
+    kv_scale: float | None = None,
 ) -> Tensor:
     """:func:`paged_attention_ref` accepting (and ignoring) the Triton path's grid hints."""
-    return paged_attention_ref(q, kv_layer, block_tables, query_start_loc, seq_lens, scale, sliding_window)
+    return paged_attention_ref(
+        q, kv_layer, block_tables, query_start_loc, seq_lens, scale, sliding_window, kv_scale
+    )
 
 
 def triton_paged_attention(
@@ -67,6 +71,7 @@ def triton_paged_attention(
     *,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
+    kv_scale: float | None = None,
 ) -> Tensor:
     """Decode kernel when every q_len is 1, else the extend kernel; never syncs with the device.
 
@@ -74,10 +79,10 @@ def triton_paged_attention(
     """
     if max_query_len == 1 or (max_query_len is None and q.shape[0] == block_tables.shape[0]):
         return paged_decode_attention(
-            q, kv_layer, block_tables, seq_lens, scale, sliding_window, max_seq_len=max_seq_len
+            q, kv_layer, block_tables, seq_lens, scale, sliding_window, max_seq_len=max_seq_len, kv_scale=kv_scale
         )
     return paged_extend_attention(
-        q, kv_layer, block_tables, query_start_loc, seq_lens, scale, sliding_window, max_query_len
+        q, kv_layer, block_tables, query_start_loc, seq_lens, scale, sliding_window, max_query_len, kv_scale
     )
 
 

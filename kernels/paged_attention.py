@@ -29,8 +29,11 @@ def _attend_same_qlen(
     seq_lens: Tensor,
     scale: float,
     sliding_window: int | None,
+    kv_scale: float | None = None,
 ) -> Tensor:
-    """q (n, L_q, Hq, D) for n sequences sharing one q_len -> (n, L_q, Hq, D), one gather + one SDPA."""
+    """q (n, L_q, Hq, D) for n sequences sharing one q_len -> (n, L_q, Hq, D), one gather + one SDPA.
+
+    kv_scale: a float8_e4m3fn pool holds value / kv_scale; other pools ignore it."""
     n, q_len, _, _ = q.shape
     block_size = kv_layer.shape[2]
     num_blocks = (int(seq_lens.max()) + block_size - 1) // block_size
@@ -41,6 +44,8 @@ def _attend_same_qlen(
     kv = kv_layer[table]  # (n, num_blocks, 2, bs, Hk, D)
     k = kv[:, :, 0].flatten(1, 2).transpose(1, 2).float()  # (n, Hk, L, D)
     v = kv[:, :, 1].flatten(1, 2).transpose(1, 2).float()  # (n, Hk, L, D)
+    if kv_layer.dtype == torch.float8_e4m3fn and kv_scale is not None:
+        k, v = k * kv_scale, v * kv_scale
     q_pos = seq_lens[:, None].long() - q_len + torch.arange(q_len, device=q.device)  # (n, L_q)
     k_pos = torch.arange(k.shape[2], device=q.device)  # (L,)
     delta = q_pos[:, :, None] - k_pos[None, None, :]  # (n, L_q, L)
@@ -61,6 +66,7 @@ def paged_attention_ref(
     seq_lens: Tensor,
     scale: float,
     sliding_window: int | None = None,
+    kv_scale: float | None = None,
 ) -> Tensor:
     """PyTorch reference (and the engine's CPU path): q (T, Hq, D) -> (T, Hq, D), same dtype.
 
@@ -69,7 +75,10 @@ def paged_attention_ref(
     Sequences with q_len == 1 are batched into one gather + one SDPA, and so are longer queries
     sharing a q_len. Syncs with the device to read query_start_loc and seq_lens.
     Raises ValueError when a sequence has q_len < 1 or seq_len < q_len, or sliding_window < 1.
+    A float8_e4m3fn kv_layer (kernels/kv_store.py) is read as ``float(page) * kv_scale``.
     """
+    if kv_layer.dtype == torch.float8_e4m3fn and (kv_scale is None or kv_scale <= 0):
+        raise ValueError(f"an fp8 KV cache needs kv_scale > 0, got {kv_scale}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
     starts = query_start_loc.tolist()
@@ -86,7 +95,7 @@ def paged_attention_ref(
         idx = torch.tensor(decode, device=q.device)
         rows = query_start_loc[idx].long()  # (n,) the one query row of each decode sequence
         out[rows] = _attend_same_qlen(
-            q[rows][:, None], kv_layer, block_tables[idx], seq_lens[idx], scale, sliding_window
+            q[rows][:, None], kv_layer, block_tables[idx], seq_lens[idx], scale, sliding_window, kv_scale
         )[:, 0]
     # Longer queries: one gather + SDPA per distinct q_len (speculative verification gives many
     # sequences the same k + 1), so a batch of equal-length extends costs one call, not one each.
@@ -98,7 +107,7 @@ def paged_attention_ref(
         idx = torch.tensor(group, device=q.device)
         rows = query_start_loc[idx].long()[:, None] + torch.arange(q_len, device=q.device)  # (n, q_len)
         out[rows] = _attend_same_qlen(
-            q[rows], kv_layer, block_tables[idx], seq_lens[idx], scale, sliding_window
+            q[rows], kv_layer, block_tables[idx], seq_lens[idx], scale, sliding_window, kv_scale
         )  # (n, q_len, Hq, D)
     return out
 
@@ -110,14 +119,18 @@ def check_paged_args(
     seq_lens: Tensor,
     scale: float,
     sliding_window: int | None,
+    kv_scale: float | None = None,
 ) -> None:
     """Launcher checks shared by the decode and extend kernels; raises ValueError on any mismatch.
 
     Values inside block_tables / seq_lens are not checked (that would sync with the device).
+    kv_layer is in q's dtype, or float8_e4m3fn with a kv_scale > 0 (ignored for other pools).
     """
     device = q.device
     check_tensor("q", q, 3, FLOAT_DTYPES, device)
-    check_tensor("kv_layer", kv_layer, 5, (q.dtype,), device)
+    check_tensor("kv_layer", kv_layer, 5, (q.dtype, torch.float8_e4m3fn), device)
+    check(kv_layer.dtype != torch.float8_e4m3fn or (kv_scale is not None and kv_scale > 0),
+          f"an fp8 KV cache needs kv_scale > 0, got {kv_scale}")  # fmt: skip
     check_tensor("block_tables", block_tables, 2, (torch.int32,), device)
     check_tensor("seq_lens", seq_lens, 1, (torch.int32,), device)
     num_q_heads, head_dim = q.shape[1], q.shape[2]

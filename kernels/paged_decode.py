@@ -41,11 +41,13 @@ def _decode_split_kernel(
     stride_bt,
     scale_log2,  # softmax scale * log2(e): scores live in log2 units for exp2
     window,
+    kv_scale,  # fp8 pools: the stored values times kv_scale are K and V
     num_q_heads,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -74,6 +76,8 @@ def _decode_split_kernel(
         offs = page * stride_kv_block + (n % BLOCK_SIZE) * stride_kv_slot + kv_head * stride_kv_head
         kv_mask = n_mask[:, None] & (d[None, :] < HEAD_DIM)
         k = tl.load(kv_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        if KV_FP8:  # dequantize fp8 pages to q's dtype
+            k = (k.to(tl.float32) * kv_scale).to(q.dtype)
         # Scores (BLOCK_G, BLOCK_N); the first token of every tile is valid, so the max is finite.
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         s = tl.where(n_mask[None, :], s, float("-inf"))
@@ -83,6 +87,8 @@ def _decode_split_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_sum = l_sum * alpha + tl.sum(p, axis=1)
         v = tl.load(kv_ptr + offs[:, None] + stride_kv_kv + d[None, :], mask=kv_mask, other=0.0)
+        if KV_FP8:
+            v = (v.to(tl.float32) * kv_scale).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
     # Normalise; an empty split (short sequence) leaves l_sum == 0 and reports lse = -inf.
@@ -150,15 +156,17 @@ def paged_decode_attention(
     sliding_window: int | None = None,
     num_splits: int | None = None,
     max_seq_len: int | None = None,
+    kv_scale: float | None = None,
 ) -> Tensor:
     """Triton decode attention: q (B, Hq, D), one token per sequence -> new (B, Hq, D).
 
     kv_layer (num_blocks, 2, block_size, Hk, D), block_tables (B, max_blocks) int32, seq_lens (B,)
     int32 (>= 1, the query token included): as in :func:`paged_attention_ref`. num_splits, a power of
     two <= MAX_SPLITS, defaults to :func:`choose_num_splits`, fed max_seq_len or, without it, the
-    sync-free bound max_blocks * block_size. Raises ValueError on shape/stride/dtype/device mismatch.
+    sync-free bound max_blocks * block_size. A float8_e4m3fn kv_layer is read as page * kv_scale.
+    Raises ValueError on shape/stride/dtype/device mismatch.
     """
-    check_paged_args(q, kv_layer, block_tables, seq_lens, scale, sliding_window)
+    check_paged_args(q, kv_layer, block_tables, seq_lens, scale, sliding_window, kv_scale)
     split_kernel = launchable(_decode_split_kernel, q.device)
     reduce_kernel = launchable(_decode_reduce_kernel, q.device)
     batch, num_q_heads, head_dim = q.shape
@@ -183,10 +191,11 @@ def paged_decode_attention(
         q, kv_layer, block_tables, seq_lens, out, part_out, part_lse,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
-        block_tables.stride(0), scale * math.log2(math.e), sliding_window or 0, num_q_heads,
+        block_tables.stride(0), scale * math.log2(math.e), sliding_window or 0, kv_scale or 1.0, num_q_heads,
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=64, NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window is not None,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KV_FP8=kv_layer.dtype != q.dtype,
+        num_warps=4, num_stages=2,
     )  # fmt: skip
     if num_splits > 1:
         reduce_kernel[(batch, num_kv_heads)](

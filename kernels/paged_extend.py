@@ -37,10 +37,11 @@ def _extend_kernel(
     stride_bt,
     scale_log2,  # softmax scale * log2(e): scores live in log2 units for exp2
     window,
+    kv_scale,  # fp8 pools: the stored values times kv_scale are K and V
     GROUP: tl.constexpr, TOKENS: tl.constexpr, BLOCK_M: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
 ):  # fmt: skip
     tok0 = tl.program_id(0) * TOKENS
     b = tl.program_id(1).to(tl.int64)
@@ -77,6 +78,8 @@ def _extend_kernel(
         offs = page * stride_kv_block + (n % BLOCK_SIZE) * stride_kv_slot + kv_head * stride_kv_head
         kv_mask = n_mask[:, None] & (d[None, :] < HEAD_DIM)
         k = tl.load(kv_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        if KV_FP8:  # dequantize fp8 pages to q's dtype
+            k = (k.to(tl.float32) * kv_scale).to(q.dtype)
         # Scores (BLOCK_M, BLOCK_N), masked causally (and to the window) per row.
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         delta = pos[:, None] - n[None, :]
@@ -91,6 +94,8 @@ def _extend_kernel(
         p = tl.exp2(s - m_safe[:, None])
         l_sum = l_sum * alpha + tl.sum(p, axis=1)
         v = tl.load(kv_ptr + offs[:, None] + stride_kv_kv + d[None, :], mask=kv_mask, other=0.0)
+        if KV_FP8:
+            v = (v.to(tl.float32) * kv_scale).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
     # Normalise (padding rows have l_sum == 0 and are not stored).
@@ -108,6 +113,7 @@ def paged_extend_attention(
     scale: float,
     sliding_window: int | None = None,
     max_query_len: int | None = None,
+    kv_scale: float | None = None,
 ) -> Tensor:
     """Triton extend attention, same contract as :func:`paged_attention_ref` -> new (T, Hq, D).
 
@@ -115,7 +121,7 @@ def paged_extend_attention(
     sequence has q_len >= 1), and programs past a sequence's q_len exit at once. Values inside
     query_start_loc / seq_lens are not checked. Raises ValueError on shape/stride/dtype/device mismatch.
     """
-    check_paged_args(q, kv_layer, block_tables, seq_lens, scale, sliding_window)
+    check_paged_args(q, kv_layer, block_tables, seq_lens, scale, sliding_window, kv_scale)
     kern = launchable(_extend_kernel, q.device)
     check_tensor("query_start_loc", query_start_loc, 1, (torch.int32,), q.device)
     num_tokens, num_q_heads, head_dim = q.shape
@@ -135,10 +141,11 @@ def paged_extend_attention(
         q, kv_layer, block_tables, query_start_loc, seq_lens, out,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
-        block_tables.stride(0), scale * math.log2(math.e), sliding_window or 0,
+        block_tables.stride(0), scale * math.log2(math.e), sliding_window or 0, kv_scale or 1.0,
         GROUP=group, TOKENS=tokens, BLOCK_M=block_m, HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size, BLOCK_N=64,
         HAS_WINDOW=sliding_window is not None,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KV_FP8=kv_layer.dtype != q.dtype,
+        num_warps=4, num_stages=2,
     )  # fmt: skip
     return out

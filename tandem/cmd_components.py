@@ -11,7 +11,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from engine.config import EngineConfig
+from engine.config import KV_CACHE_DTYPES, QUANTIZATIONS, EngineConfig
 
 if TYPE_CHECKING:
     import asyncio
@@ -32,6 +32,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     g.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks (overrides the budget)")
     g.add_argument("--kv-cache-memory", type=float, default=None, help="KV pool budget in GiB")
+    g.add_argument("--quantization", default=None, choices=list(QUANTIZATIONS),
+                   help="quantize the decoder layers' weights at load time (docs/quantization.md; default: off)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                   help="auto: the model dtype; fp8: float8_e4m3fn KV pages (prefill and decode must agree)")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
     g.add_argument("--attention-backend", default="auto", help="auto|torch|triton")
     add_speculative_args(g)
@@ -53,6 +57,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len, num_kv_blocks=args.num_kv_blocks,
         kv_cache_memory_bytes=int(args.kv_cache_memory * 2**30) if args.kv_cache_memory else None,
+        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
         enable_prefix_caching=not args.no_prefix_caching, attention_backend=args.attention_backend,
         speculative_model=args.speculative_model, speculative_method=args.speculative_method,
         num_speculative_tokens=args.num_speculative_tokens,

@@ -14,6 +14,9 @@ def run(args: argparse.Namespace) -> int:
     engine_args = ["--device", args.device, "--dtype", args.dtype]
     if args.num_kv_blocks:
         engine_args += ["--num-kv-blocks", str(args.num_kv_blocks)]
+    if args.quantization:
+        engine_args += ["--quantization", args.quantization]
+    engine_args += ["--kv-cache-dtype", args.kv_cache_dtype]
     spec_args: list[str] = []  # decode workers speculate; prefill workers would ignore it
     for flag, value in (("--speculative-model", args.speculative_model),
                         ("--speculative-method", args.speculative_method),
@@ -61,6 +64,7 @@ def _metrics(info: dict[str, Any]) -> str:
 
 
 def register(subparsers: Any) -> None:
+    from engine.config import KV_CACHE_DTYPES, QUANTIZATIONS
     from tandem.cmd_components import add_speculative_args
 
     p = subparsers.add_parser("up", help="start gateway + prefill + decode workers as local processes")
@@ -72,6 +76,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--quantization", default=None, choices=list(QUANTIZATIONS),
+                   help="every worker quantizes its weights at load (docs/quantization.md)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                   help="fp8: float8_e4m3fn KV pages on every worker")
     p.add_argument("--local-prefill-threshold", type=int, default=32)
     add_speculative_args(p)
     p.add_argument("--workdir", default=None, help="where ready files and logs go (default: a temp dir)")
