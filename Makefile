@@ -48,5 +48,11 @@ lint: install
 bench: install
 	$(PY) bench/offline.py $(ARGS)
 
+# Minutes of mixed load with cancellations and worker kills; fails on a leaked KV block or RSS growth.
+# Not part of `make test`. MINUTES=3 by default; the run is written to bench/results/soak.json.
+MINUTES ?= 3
+soak: install
+	$(PY) -m bench.soak --minutes $(MINUTES) $(ARGS)
+
 clean:
 	rm -rf $(VENV) tandem/v1 .pytest_cache

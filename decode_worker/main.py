@@ -12,6 +12,7 @@ from engine.checkpoint import checkpoint_fingerprint
 from engine.config import EngineConfig
 from engine.engine import Engine
 from kvtransfer import KVLayout
+from kvtransfer.curve import CurveServer
 from tandem import serve
 from tandem.metrics import EngineCollector, WorkerMetrics, new_registry, start_metrics_server
 from tandem.tracing import Tracing, disabled
@@ -27,6 +28,7 @@ class DecodeWorkerConfig:
     kv_timeout_s: float = 30.0
     max_waiting: int = 1024  # concurrent Decode streams before RESOURCE_EXHAUSTED
     ready_file: str | None = None
+    kv_curve: CurveServer | None = None  # CurveZMQ on the KV receiver; None: plaintext
     metrics_port: int = 0  # Prometheus /metrics on host:metrics_port; 0: off
 
     def __post_init__(self) -> None:
@@ -44,7 +46,8 @@ async def serve_decode(cfg: DecodeWorkerConfig, stop: asyncio.Event, *, tracing:
     layout = KVLayout.for_pool(engine.runner.kv, checkpoint_fingerprint(cfg.engine.model))
     registry = new_registry()
     metrics = WorkerMetrics(registry, "decode")
-    core = DecodeCore(engine, layout, cfg.kv_bind, cfg.kv_timeout_s, DecodeObserver(tracing or disabled(), metrics))
+    core = DecodeCore(engine, layout, cfg.kv_bind, cfg.kv_timeout_s, DecodeObserver(tracing or disabled(), metrics),
+                      curve=cfg.kv_curve)
     service = DecodeService(core, "", "", cfg.max_waiting)
     registry.register(EngineCollector("decode", core.loop.stats, lambda: {
         "decode_streams": service.streams, "decode_kv_pending": core.num_pending(),

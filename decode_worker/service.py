@@ -60,8 +60,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
     async def _decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext, traceparent: str
                       ) -> AsyncGenerator[pb.DecodeResponse, None]:
         core = self.core
-        if core.loop.error is not None:
-            raise Unavailable(f"decode worker {self.worker_id} engine failed: {core.loop.error}")
+        if health := core.health_error():
+            raise Unavailable(f"decode worker {self.worker_id} {health}")
         if self.streams >= self.max_waiting:
             raise Overloaded(f"decode worker {self.worker_id} has {self.streams} requests (limit "
                              f"{self.max_waiting}); retry later", retry_after_s=1.0)
@@ -135,7 +135,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         core = self.core
         stats = core.loop.stats()
         rstats = core.receiver.stats()
-        err = "" if core.loop.error is None else f"engine failed: {core.loop.error}"
+        err = core.health_error()
         return pb.StatusResponse(
             worker_id=self.worker_id, role=gen.WORKER_ROLE_DECODE,
             kv_blocks_total=stats["kv_blocks_total"], kv_blocks_free=stats["kv_blocks_free"],

@@ -23,6 +23,7 @@ from engine.engine_loop import EngineLoop
 from engine.sampling import SamplingParams
 from engine.sequence import Sequence
 from kvtransfer import CompletedTransfer, FailedTransfer, KVLayout, KVReceiver
+from kvtransfer.curve import CurveServer
 from tandem.metrics import WorkerMetrics, new_registry
 from tandem.protoconv import logprob_from_proto
 from tandem.tracing import disabled
@@ -46,7 +47,7 @@ class Pending:
 
 class DecodeCore:
     def __init__(self, engine: Engine, layout: KVLayout, kv_bind: str, kv_timeout_s: float,
-                 obs: DecodeObserver | None = None) -> None:
+                 obs: DecodeObserver | None = None, *, curve: CurveServer | None = None) -> None:
         self.engine = engine
         self.obs = obs or DecodeObserver(disabled(), WorkerMetrics(new_registry(), "decode"))
         self.loop = EngineLoop(engine, name="decode-engine")
@@ -56,7 +57,7 @@ class DecodeCore:
         self._pending: dict[str, Pending] = {}  # engine thread only
         self.receiver = KVReceiver(
             engine.runner.kv, layout, kv_bind, reserve=self._reserve, release=self._release,
-            on_complete=self._on_complete, on_failed=self._on_failed, timeout_s=kv_timeout_s,
+            on_complete=self._on_complete, on_failed=self._on_failed, timeout_s=kv_timeout_s, curve=curve,
         )
         self.transfers_completed = 0
         self.transfer_bytes = 0
@@ -151,3 +152,11 @@ class DecodeCore:
     # -------------------------------------------------------------- status
     def num_pending(self) -> int:
         return len(self._pending)
+
+    def health_error(self) -> str:
+        """Why this worker cannot serve ("" when it can): its engine thread or its KV receiver died."""
+        if self.loop.error is not None:
+            return f"engine failed: {self.loop.error}"
+        if self.receiver.error is not None:
+            return f"KV receiver failed: {self.receiver.error!r}"
+        return ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,9 +15,14 @@ from gateway.registry import WorkerRegistry
 from gateway.router import Router
 from gateway.service import GatewayLimits, GenerationService
 from tandem import serve
+from tandem.auth import AuthInterceptor, TokenTable
 from tandem.metrics import GatewayMetrics, new_registry, start_metrics_server
+from tandem.tls import TLSConfig
 from tandem.tracing import Tracing
 from tandem.v1 import generation_pb2_grpc
+
+logger = logging.getLogger(__name__)
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,8 @@ class GatewayConfig:
     limits: GatewayLimits = field(default_factory=GatewayLimits)
     ready_file: str | None = None
     metrics_port: int = 0  # Prometheus /metrics on host:metrics_port; 0: off
+    tls: TLSConfig | None = None  # None: plaintext (fine on loopback)
+    auth_token_file: str | None = None  # None: no bearer-token check (tandem.auth)
 
     def __post_init__(self) -> None:
         if not 0 <= self.metrics_port < 65536:
@@ -50,6 +58,7 @@ class GatewayConfig:
 
 async def serve_gateway(cfg: GatewayConfig, stop: asyncio.Event, *, tracing: Tracing | None = None) -> None:
     """Serve until `stop`; `tracing` is the process's (setup_tracing in its main), off when None."""
+    interceptors = [AuthInterceptor(TokenTable.from_file(cfg.auth_token_file))] if cfg.auth_token_file else []
     model_config = ModelConfig.from_hf(load_hf_config(cfg.model))
     tokenizer = Tokenizer.from_dir(cfg.model)
     registry = WorkerRegistry(list(cfg.prefill_workers), list(cfg.decode_workers),
@@ -60,10 +69,15 @@ async def serve_gateway(cfg: GatewayConfig, stop: asyncio.Event, *, tracing: Tra
     service = GenerationService(registry, Router(registry, cfg.local_prefill_threshold), tokenizer,
                                 model_config, cfg.model_name, cfg.limits, observer)
     metrics_server = start_metrics_server(cfg.host, cfg.metrics_port, metrics_registry)
+    if cfg.host not in _LOOPBACK and (cfg.tls is None or not interceptors):
+        logger.warning("the gateway listens on %s without %s: see docs/security.md", cfg.host,
+                       " or ".join(n for n, on in (("TLS", cfg.tls), ("bearer tokens", interceptors)) if not on))
     try:
         await serve.serve_component("gateway", service, generation_pb2_grpc.add_GenerationServicer_to_server,
                                     "tandem.v1.Generation", cfg.host, cfg.port, cfg.ready_file, stop,
-                                    {"metrics_address": metrics_server.address} if metrics_server else None)
+                                    {"metrics_address": metrics_server.address} if metrics_server else None,
+                                    interceptors=interceptors,
+                                    credentials=cfg.tls.server_credentials() if cfg.tls else None)
     finally:
         await registry.close()
         if metrics_server is not None:

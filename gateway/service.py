@@ -24,15 +24,14 @@ from engine.tokenizer import Tokenizer
 from gateway.observe import GatewayObserver, RequestObservation
 from gateway.registry import WorkerHandle, WorkerRegistry
 from gateway.router import Route, Router
-from tandem.errors import InvalidRequest, NotFound, Overloaded, TandemError, Unavailable
+from gateway.validation import check_length, check_prompt_ids, check_request
+from tandem.errors import Overloaded, TandemError, Unavailable
 from tandem.protoconv import sampling_from_proto, sampling_to_proto
 from tandem.v1 import generation_pb2 as gen
 from tandem.v1 import generation_pb2_grpc
 from tandem.v1 import worker_pb2 as pb
 
 logger = logging.getLogger(__name__)
-
-MAX_PROMPT_CHARS = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -49,9 +48,20 @@ def _error_from_rpc(exc: grpc.aio.AioRpcError, worker: WorkerHandle) -> TandemEr
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
         worker.mark_failed(f"{code.name}: {exc.details()}")
         return Unavailable(f"worker {worker.worker_id} ({worker.address}) failed: {exc.details()}", retry_after_s=1.0)
-    err = TandemError(exc.details() or code.name)
+    err = TandemError(exc.details() or code.name, retry_after_s=_retry_after_s(exc))
     err.code = code
     return err
+
+
+def _retry_after_s(exc: grpc.aio.AioRpcError) -> float | None:
+    """A worker's `retry-after-ms` trailer (RESOURCE_EXHAUSTED), passed on to the client."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == "retry-after-ms":
+            try:
+                return int(value) / 1000
+            except (TypeError, ValueError):
+                return None
+    return None
 
 
 class GenerationService(generation_pb2_grpc.GenerationServicer):
@@ -69,32 +79,13 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
 
     # ------------------------------------------------------------ validation
     async def _prompt_ids(self, req: gen.GenerateRequest) -> list[int]:
-        if req.HasField("model") and req.model != self.model_name:
-            raise NotFound(f"model {req.model!r} is not served here; this gateway serves {self.model_name!r}")
-        if req.prompt and req.prompt_token_ids:
-            raise InvalidRequest("set exactly one of prompt and prompt_token_ids, not both")
-        if req.prompt:
-            if len(req.prompt) > MAX_PROMPT_CHARS:
-                raise InvalidRequest(f"prompt has {len(req.prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
-            ids = await asyncio.to_thread(self.tokenizer.encode, req.prompt)
-        else:
-            ids = list(req.prompt_token_ids)
-        if not ids:
-            raise InvalidRequest("the prompt is empty: set prompt or prompt_token_ids")
-        vocab = self.model_config.vocab_size
-        bad = next((t for t in ids if t >= vocab), None)
-        if bad is not None:
-            raise InvalidRequest(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
-        return ids
+        check_request(req, self.model_name)
+        ids = await asyncio.to_thread(self.tokenizer.encode, req.prompt) if req.prompt else req.prompt_token_ids
+        return check_prompt_ids(ids, self.model_config.vocab_size)
 
     def _check_length(self, ids: list[int], max_tokens: int, route: Route) -> None:
         limit = route.decode.status.max_model_len if route.decode.status else self.model_config.max_position_embeddings
-        if len(ids) >= limit:
-            raise InvalidRequest(f"the prompt has {len(ids)} tokens; the model's context holds {limit}, "
-                                 f"leaving no room to generate")
-        if len(ids) + max_tokens > limit:
-            raise InvalidRequest(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
-                                 f"context of {limit} tokens; lower max_tokens to at most {limit - len(ids)}")
+        check_length(len(ids), max_tokens, limit)
 
     # --------------------------------------------------------------- Generate
     async def Generate(self, request: gen.GenerateRequest, context: grpc.aio.ServicerContext
@@ -116,18 +107,22 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         if self.inflight >= self.limits.max_inflight:
             raise Overloaded(f"the gateway is serving {self.inflight} requests (limit {self.limits.max_inflight}); "
                              f"retry after about 1 s", retry_after_s=1.0)
-        params = sampling_from_proto(request.sampling, default_max_tokens=self.limits.default_max_tokens)
-        obs.request(params)
-        with obs.span("gateway.tokenize") as span:
-            ids = await self._prompt_ids(request)
-            obs.tokenized(span, ids, bool(request.prompt))
-        with obs.span("gateway.route") as span:
-            route = self.router.route(ids)
-            obs.routed(span, route)
-        self._check_length(ids, params.max_tokens, route)
-        d_span, d_md, d_traceparent = obs.client_call("tandem.v1.DecodeWorker/Decode", route.decode.worker_id,
-                                                      route.decode.address)
-        self.inflight += 1
+        self.inflight += 1  # the slot is held from admission (tokenizing counts) to the end of the call
+        try:
+            params = sampling_from_proto(request.sampling, default_max_tokens=self.limits.default_max_tokens)
+            obs.request(params)
+            with obs.span("gateway.tokenize") as span:
+                ids = await self._prompt_ids(request)
+                obs.tokenized(span, ids, bool(request.prompt))
+            with obs.span("gateway.route") as span:
+                route = self.router.route(ids)
+                obs.routed(span, route)
+            self._check_length(ids, params.max_tokens, route)
+            d_span, d_md, d_traceparent = obs.client_call("tandem.v1.DecodeWorker/Decode", route.decode.worker_id,
+                                                          route.decode.address)
+        except BaseException:
+            self.inflight -= 1
+            raise
         finished = False
         p_task: asyncio.Task[pb.PrefillResponse] | None = None
         d_call = route.decode.stub.Decode(pb.DecodeRequest(

@@ -48,6 +48,7 @@ class IOThread:
         self._stop = False
         self._started = threading.Event()
         self._start_error: BaseException | None = None
+        self.error: BaseException | None = None  # why the thread died, if it crashed (workers report it)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     # -- for subclasses -------------------------------------------------------------------------
@@ -139,8 +140,9 @@ class IOThread:
                 for sock, _ in events:
                     if isinstance(sock, zmq.Socket) and not sock.closed:
                         self._on_readable(sock)
-        except Exception:
+        except Exception as exc:
             log.exception("%s crashed; failing every transfer it holds", self._thread.name)
+            self.error = exc
         finally:
             self._closing = True  # nothing queued from now on would ever run
             self._run_calls()

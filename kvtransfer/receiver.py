@@ -15,9 +15,11 @@ from collections.abc import Callable
 import torch
 import zmq
 from google.protobuf.message import Message
+from zmq.auth.thread import ThreadAuthenticator
 
 from kvtransfer import wire
-from kvtransfer.frames import PagePool, run_lengths
+from kvtransfer.curve import CurveServer
+from kvtransfer.frames import MAX_CHUNK_BYTES, PagePool, run_lengths
 from kvtransfer.inbound import Inbound, Phase, refuse_begin
 from kvtransfer.ioloop import IOThread
 from kvtransfer.layout import PROTOCOL_VERSION, KVLayout
@@ -29,6 +31,13 @@ ReserveFn = Callable[[str, int], list[int] | None]
 ReleaseFn = Callable[[str, list[int]], None]
 _RESERVE_RETRY_S = 0.01
 _MAX_TOMBSTONES = 1 << 16  # aborted request ids remembered (for max(60 s, 4 timeouts))
+_HEADER_ROOM = 1 << 20  # a KVMessage header (meta, traceparent) is far smaller
+
+
+def max_frame_bytes(layout: KVLayout) -> int:
+    """The largest ZeroMQ frame a receiver accepts (zmq.MAXMSGSIZE, per frame): one chunk of KV, or
+    one page when a page is bigger than a chunk; a sender that exceeds it is disconnected."""
+    return max(MAX_CHUNK_BYTES, layout.page_bytes) + _HEADER_ROOM
 
 
 class KVReceiver(IOThread):
@@ -48,20 +57,27 @@ class KVReceiver(IOThread):
     All callbacks run on the I/O thread: they must be short, must not raise, must not call close().
     timeout_s: a transfer whose sender has been silent that long is dropped (and released).
     max_inflight_bytes: the credit window granted to each transfer.
+    max_transfers: transfers live at once (reserving or receiving); a KVTransferBegin beyond it is
+        refused with NO_SPACE before anything is reserved, so no peer can grow the receiver's state.
+    curve: CurveZMQ keys and the allowed senders' public keys (kvtransfer.curve); None: plaintext.
     """
 
     def __init__(self, kv: torch.Tensor, layout: KVLayout, bind: str, *, reserve: ReserveFn, release: ReleaseFn,
                  on_complete: Callable[[CompletedTransfer], None],
                  on_failed: Callable[[FailedTransfer], None] | None = None,
-                 timeout_s: float = 30.0, max_inflight_bytes: int = 256 << 20) -> None:
-        if timeout_s <= 0 or max_inflight_bytes <= 0:
-            raise ValueError("timeout_s and max_inflight_bytes must be > 0")
+                 timeout_s: float = 30.0, max_inflight_bytes: int = 256 << 20, max_transfers: int = 4096,
+                 curve: CurveServer | None = None) -> None:
+        if timeout_s <= 0 or max_inflight_bytes <= 0 or max_transfers <= 0:
+            raise ValueError("timeout_s, max_inflight_bytes and max_transfers must be > 0")
         if not bind.startswith(("tcp://", "ipc://")):
             raise ValueError(f"bind must be a tcp:// or ipc:// endpoint, got {bind!r}")
         self.pool = PagePool(kv, layout)
         self.layout = layout
         self.timeout_s = float(timeout_s)
         self.max_inflight_bytes = int(max_inflight_bytes)
+        self.max_transfers = int(max_transfers)
+        self._curve = curve
+        self._zap: ThreadAuthenticator | None = None  # the ZAP handler thread, when curve is set
         self._bind = bind[:-2] + ":*" if bind.startswith("tcp://") and bind.endswith(":0") else bind
         self._reserve, self._release = reserve, release
         self._on_complete, self._on_failed = on_complete, on_failed
@@ -96,12 +112,16 @@ class KVReceiver(IOThread):
     def _setup(self) -> None:
         sock = self.ctx.socket(zmq.ROUTER)
         for opt, value in ((zmq.LINGER, 0), (zmq.SNDHWM, 0), (zmq.RCVHWM, 0), (zmq.ROUTER_MANDATORY, 1),
-                           (zmq.ROUTER_HANDOVER, 1)):
+                           (zmq.ROUTER_HANDOVER, 1), (zmq.MAXMSGSIZE, max_frame_bytes(self.layout))):
             sock.setsockopt(opt, value)
+        if self._curve is not None:
+            self._zap = self._curve.start_authenticator(self.ctx)
+            self._curve.apply(sock)
         try:
             sock.bind(self._bind)
         except zmq.ZMQError as e:
             sock.close(0)
+            self._stop_zap()
             raise ValueError(f"cannot bind the KV receiver at {self._bind}: {e}") from e
         self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.poller.register(sock, zmq.POLLIN)
@@ -154,6 +174,9 @@ class KVReceiver(IOThread):
                          report=False)
         elif (refusal := refuse_begin(b, self.layout, self.pool.num_blocks)) is not None:
             self._refuse(ident, rid, *refusal)
+        elif len(self._transfers) >= self.max_transfers:
+            self._refuse(ident, rid, TransferCode.NO_SPACE, f"the receiver has {len(self._transfers)} transfers in "
+                         f"progress (limit {self.max_transfers}); retry later")
         else:
             self._expected.pop(rid, None)
             window = min(self.max_inflight_bytes, b.max_inflight_bytes or self.max_inflight_bytes)
@@ -301,6 +324,12 @@ class KVReceiver(IOThread):
             self._fail(t, TransferCode.CLOSED, "the KV receiver was closed", report=False)
         if self._sock is not None:
             self._sock.close(0)
+        self._stop_zap()
+
+    def _stop_zap(self) -> None:
+        if self._zap is not None:
+            self._zap.stop()
+            self._zap = None
 
 
 def _drain(sock: zmq.Socket) -> None:

@@ -18,6 +18,7 @@ import zmq
 from google.protobuf.message import Message
 
 from kvtransfer import wire
+from kvtransfer.curve import CurveClient, HandshakeWatch
 from kvtransfer.frames import (
     MAX_CHUNK_BYTES,
     PagePool,
@@ -46,10 +47,14 @@ class KVSender(IOThread):
     max_inflight_bytes: KV bytes sent but not yet acknowledged, over all transfers (a single chunk
         may exceed it when nothing else is in flight); receivers may grant less per transfer.
     chunk_bytes: the most KV one KVLayer message carries (one ack each).
+    curve: CurveZMQ keys and the receivers' public key (kvtransfer.curve); None: plaintext. A receiver
+        that refuses the handshake (wrong key, or CurveZMQ at one end only) fails that peer's
+        transfers at once with MISMATCH, saying why.
     """
 
     def __init__(self, kv: torch.Tensor, layout: KVLayout, *, timeout_s: float = 30.0,
-                 max_inflight_bytes: int = 256 << 20, chunk_bytes: int = MAX_CHUNK_BYTES) -> None:
+                 max_inflight_bytes: int = 256 << 20, chunk_bytes: int = MAX_CHUNK_BYTES,
+                 curve: CurveClient | None = None) -> None:
         if timeout_s <= 0 or max_inflight_bytes <= 0 or chunk_bytes <= 0:
             raise ValueError("timeout_s, max_inflight_bytes and chunk_bytes must be > 0")
         self.pool = PagePool(kv, layout)
@@ -60,6 +65,9 @@ class KVSender(IOThread):
         super().__init__("kv-sender")
         self._peers: dict[str, zmq.Socket] = {}
         self._peer_of: dict[zmq.Socket, str] = {}
+        self._curve = curve
+        self._watches: dict[str, HandshakeWatch] = {}  # peer -> its handshake monitor
+        self._watched: dict[zmq.Socket, str] = {}  # monitor socket -> peer
         self._transfers: dict[str, Outbound] = {}
         self._inflight = 0
         self._live: set[str] = set()  # request ids with an unfinished handle; guarded by _lock
@@ -120,6 +128,11 @@ class KVSender(IOThread):
             for opt, value in ((zmq.LINGER, 0), (zmq.SNDHWM, 0), (zmq.RCVHWM, 0)):
                 sock.setsockopt(opt, value)
             sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
+            if self._curve is not None:
+                self._curve.apply(sock)
+            watch = self._watches[peer] = HandshakeWatch(sock)  # a refused handshake fails fast
+            self._watched[watch.socket] = peer
+            self.poller.register(watch.socket, zmq.POLLIN)
             try:
                 sock.connect(peer)
             except zmq.ZMQError:
@@ -135,6 +148,11 @@ class KVSender(IOThread):
             del self._peer_of[sock]
             self.poller.unregister(sock)
             sock.close(0)  # drops frames still queued for a dead peer
+        watch = self._watches.pop(peer, None)
+        if watch is not None:
+            del self._watched[watch.socket]
+            self.poller.unregister(watch.socket)
+            watch.close()
 
     def _start(self, handle: TransferHandle, ids: np.ndarray, begin: wire.Begin) -> None:
         try:
@@ -147,11 +165,31 @@ class KVSender(IOThread):
                      chunks_left=len(chunks) * self.layout.num_layers)
         self._transfers[handle.request_id] = t
         self._stats["started"] += 1
-        self._send(t, begin)
+        if not self._send(t, begin) and not self._redial(t, begin):
+            self._end(t, TransferCode.ABORTED, f"receiver {handle.peer} is unreachable", notify=False)
 
-    def _send(self, t: Outbound, body: Message) -> None:
-        t.sock.send(wire.encode(body), zmq.NOBLOCK)
+    def _redial(self, t: Outbound, begin: wire.Begin) -> bool:
+        """The peer's socket lost its route (a refused handshake tears it down): replace the socket,
+        failing whatever else was queued on it, and send `begin` on the new one."""
+        peer = t.handle.peer
+        self._fail_peer(peer, TransferCode.ABORTED, f"the connection to receiver {peer} was torn down",
+                        but=t.handle.request_id)
+        self._drop_peer(peer)
+        try:
+            t.sock = self._socket(peer)
+        except zmq.ZMQError:
+            return False
+        return self._send(t, begin)
+
+    def _send(self, t: Outbound, body: Message) -> bool:
+        """Queue a header-only message for t's receiver. False when ZeroMQ will not take it (its route
+        to the peer is gone, e.g. after a refused CurveZMQ handshake): never raise on the I/O thread."""
+        try:
+            t.sock.send(wire.encode(body), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return False
         t.last_sent = time.monotonic()
+        return True
 
     def _on_layers_ready(self, request_id: str, layers: range) -> None:
         t = self._transfers.get(request_id)
@@ -206,7 +244,12 @@ class KVSender(IOThread):
         header = wire.encode(layer_msg)
         if not t.t_first_ns:
             t.t_first_ns = time.perf_counter_ns()
-        t.sock.send_multipart([header, *(b.data for b in bufs)], flags=zmq.NOBLOCK, copy=False)
+        try:
+            t.sock.send_multipart([header, *(b.data for b in bufs)], flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as e:
+            self.pool.give_back(t.staged.pop((layer, first), []))
+            self._end(t, TransferCode.ABORTED, f"receiver {t.handle.peer} is unreachable: {e}", notify=False)
+            return
         t.last_sent = time.monotonic()
         t.inflight += n * page
         self._inflight += n * page
@@ -217,6 +260,13 @@ class KVSender(IOThread):
             t.state = State.WAIT_DONE
 
     def _on_readable(self, sock: zmq.Socket) -> None:
+        if sock in self._watched:
+            peer = self._watched[sock]
+            failure = self._watches[peer].failure()
+            if failure is not None:
+                self._fail_peer(peer, TransferCode.MISMATCH, f"receiver {peer}: {failure}")
+                self._drop_peer(peer)  # discards what was queued; the next begin dials afresh
+            return
         peer = self._peer_of[sock]
         for _ in range(256):  # bounded, so one busy peer cannot starve the others
             try:
@@ -263,8 +313,8 @@ class KVSender(IOThread):
             self._end(t, TransferCode.PROTOCOL, f"receiver {peer} sent {env.kind!r} while {t.state.value}",
                       notify=True)
 
-    def _fail_peer(self, peer: str, code: TransferCode, error: str) -> None:
-        for t in [t for t in self._transfers.values() if t.handle.peer == peer]:
+    def _fail_peer(self, peer: str, code: TransferCode, error: str, but: str = "") -> None:
+        for t in [t for t in self._transfers.values() if t.handle.peer == peer and t.handle.request_id != but]:
             self._end(t, code, error, notify=True)
 
     def _on_tick(self, now: float) -> float | None:
@@ -304,6 +354,10 @@ class KVSender(IOThread):
 
     def _teardown(self) -> None:
         for t in list(self._transfers.values()):
-            self._end(t, TransferCode.CLOSED, "the KV sender was closed", notify=True)
+            try:
+                self._end(t, TransferCode.CLOSED, "the KV sender was closed", notify=True)
+            except Exception:  # noqa: BLE001 - every handle must resolve, even after a crash
+                self._transfers.pop(t.handle.request_id, None)
+                self._finish(t.handle, TransferCode.CLOSED, "the KV sender was closed")
         for peer in list(self._peers):
             self._drop_peer(peer)

@@ -9,6 +9,7 @@ from engine.checkpoint import checkpoint_fingerprint
 from engine.config import EngineConfig
 from engine.engine import Engine
 from kvtransfer import KVLayout
+from kvtransfer.curve import CurveClient
 from prefill_worker.observe import PrefillObserver
 from prefill_worker.service import PrefillService
 from prefill_worker.worker import PrefillCore
@@ -27,6 +28,7 @@ class PrefillWorkerConfig:
     request_timeout_s: float = 300.0  # queueing + prefill + transfer, unless the request says less
     max_waiting: int = 1024  # queued Prefill calls before RESOURCE_EXHAUSTED
     ready_file: str | None = None
+    kv_curve: CurveClient | None = None  # CurveZMQ on the KV sender; None: plaintext
     metrics_port: int = 0  # Prometheus /metrics on host:metrics_port; 0: off
 
     def __post_init__(self) -> None:
@@ -44,7 +46,8 @@ async def serve_prefill(cfg: PrefillWorkerConfig, stop: asyncio.Event, *, tracin
     layout = KVLayout.for_pool(engine.runner.kv, checkpoint_fingerprint(cfg.engine.model))
     registry = new_registry()
     metrics = WorkerMetrics(registry, "prefill")
-    core = PrefillCore(engine, layout, cfg.kv_timeout_s, PrefillObserver(tracing or disabled(), metrics))
+    core = PrefillCore(engine, layout, cfg.kv_timeout_s, PrefillObserver(tracing or disabled(), metrics),
+                       curve=cfg.kv_curve)
     service = PrefillService(core, "", "", cfg.request_timeout_s, cfg.max_waiting)
     registry.register(EngineCollector("prefill", core.loop.stats, lambda: {
         "prefill_requests_inflight": service.inflight, "prefill_outstanding_tokens": core.outstanding_tokens(),

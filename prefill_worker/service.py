@@ -52,8 +52,8 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
     async def _prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext,
                        traceparent: str) -> pb.PrefillResponse:
         core = self.core
-        if core.loop.error is not None:
-            raise Unavailable(f"prefill worker {self.worker_id} engine failed: {core.loop.error}")
+        if health := core.health_error():
+            raise Unavailable(f"prefill worker {self.worker_id} {health}")
         if self.inflight >= self.max_waiting:
             raise Overloaded(f"prefill worker {self.worker_id} has {self.inflight} requests queued (limit "
                              f"{self.max_waiting}); retry later", retry_after_s=1.0)
@@ -93,7 +93,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
         core = self.core
         stats = core.loop.stats()
-        err = "" if core.loop.error is None else f"engine failed: {core.loop.error}"
+        err = core.health_error()
         return pb.StatusResponse(
             worker_id=self.worker_id, role=gen.WORKER_ROLE_PREFILL,
             kv_blocks_total=stats["kv_blocks_total"], kv_blocks_free=stats["kv_blocks_free"],

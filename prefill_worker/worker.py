@@ -25,6 +25,7 @@ from engine.model_runner import StepInput
 from engine.sampling import SamplingParams
 from engine.sequence import Sequence
 from kvtransfer import KVLayout, KVSender, TransferCode, TransferHandle, TransferResult
+from kvtransfer.curve import CurveClient
 from prefill_worker.observe import PrefillObserver
 from tandem.metrics import WorkerMetrics, new_registry
 from tandem.protoconv import logprob_to_proto
@@ -44,12 +45,12 @@ class PrefillDone:
 
 class PrefillCore:
     def __init__(self, engine: Engine, layout: KVLayout, kv_timeout_s: float,
-                 obs: PrefillObserver | None = None) -> None:
+                 obs: PrefillObserver | None = None, *, curve: CurveClient | None = None) -> None:
         self.engine = engine
         self.obs = obs or PrefillObserver(disabled(), WorkerMetrics(new_registry(), "prefill"))
         self.layout = layout
         self.loop = EngineLoop(engine, name="prefill-engine")
-        self.sender = KVSender(engine.runner.kv, layout, timeout_s=kv_timeout_s)
+        self.sender = KVSender(engine.runner.kv, layout, timeout_s=kv_timeout_s, curve=curve)
         self.loop.before_execute = self._before_execute
         self.loop.on_layer_done = self._on_layer_done
         self.loop.after_process = self._after_process
@@ -179,3 +180,11 @@ class PrefillCore:
 
     def num_transferring(self) -> int:
         return len(self._transferring)
+
+    def health_error(self) -> str:
+        """Why this worker cannot serve ("" when it can): its engine thread or its KV sender died."""
+        if self.loop.error is not None:
+            return f"engine failed: {self.loop.error}"
+        if self.sender.error is not None:
+            return f"KV sender failed: {self.sender.error!r}"
+        return ""

@@ -16,6 +16,7 @@ COMMANDS: tuple[str, ...] = (
     "tandem.cmd_components",
     "tandem.cmd_up",
     "tandem.cmd_generate",
+    "tandem.cmd_keygen",
     "tandem.cmd_train", "tandem.cmd_distill",
 )
 

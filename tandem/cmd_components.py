@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from engine.config import KV_CACHE_DTYPES, QUANTIZATIONS, EngineConfig
+from tandem.security_args import add_gateway_security_args, add_kv_curve_args
 
 if TYPE_CHECKING:
     import asyncio
@@ -107,6 +108,7 @@ def _split(value: str) -> tuple[str, ...]:
 def run_gateway(args: argparse.Namespace) -> int:
     from gateway.main import GatewayConfig, serve_gateway
     from gateway.service import GatewayLimits
+    from tandem.security_args import gateway_tls
 
     cfg = GatewayConfig(
         model=args.model, prefill_workers=_split(args.prefill_workers), decode_workers=_split(args.decode_workers),
@@ -115,6 +117,7 @@ def run_gateway(args: argparse.Namespace) -> int:
         limits=GatewayLimits(max_inflight=args.max_inflight, kv_timeout_s=args.kv_timeout,
                              default_max_tokens=args.default_max_tokens),
         metrics_port=args.metrics_port,
+        tls=gateway_tls(args), auth_token_file=args.auth_token_file,
     )
     _run_traced("gateway", args, lambda stop, tracing: serve_gateway(cfg, stop, tracing=tracing))
     return 0
@@ -122,20 +125,22 @@ def run_gateway(args: argparse.Namespace) -> int:
 
 def run_prefill(args: argparse.Namespace) -> int:
     from prefill_worker.main import PrefillWorkerConfig, serve_prefill
+    from tandem.security_args import kv_curve_client
 
     cfg = PrefillWorkerConfig(engine=without_speculation(engine_config(args)), host=args.host, port=args.port,
                               kv_timeout_s=args.kv_timeout, ready_file=args.ready_file,
-                              metrics_port=args.metrics_port)
+                              metrics_port=args.metrics_port, kv_curve=kv_curve_client(args))
     _run_traced("prefill", args, lambda stop, tracing: serve_prefill(cfg, stop, tracing=tracing))
     return 0
 
 
 def run_decode(args: argparse.Namespace) -> int:
     from decode_worker.main import DecodeWorkerConfig, serve_decode
+    from tandem.security_args import kv_curve_server
 
     cfg = DecodeWorkerConfig(engine=engine_config(args), host=args.host, port=args.port, kv_bind=args.kv_bind,
                              kv_timeout_s=args.kv_timeout, ready_file=args.ready_file,
-                             metrics_port=args.metrics_port)
+                             metrics_port=args.metrics_port, kv_curve=kv_curve_server(args))
     _run_traced("decode", args, lambda stop, tracing: serve_decode(cfg, stop, tracing=tracing))
     return 0
 
@@ -153,6 +158,7 @@ def register(subparsers: Any) -> None:
     g.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request leaves it 0")
     add_server_args(g, 50051)
     add_observability_args(g)
+    add_gateway_security_args(g)
     g.set_defaults(func=run_gateway)
 
     p = subparsers.add_parser("prefill-worker", help="run a prefill worker")
@@ -160,6 +166,7 @@ def register(subparsers: Any) -> None:
     add_server_args(p, 50061)
     p.add_argument("--kv-timeout", type=float, default=30.0, help="seconds a KV transfer may stay silent")
     add_observability_args(p)
+    add_kv_curve_args(p, "prefill")
     p.set_defaults(func=run_prefill)
 
     d = subparsers.add_parser("decode-worker", help="run a decode worker")
@@ -168,4 +175,5 @@ def register(subparsers: Any) -> None:
     d.add_argument("--kv-bind", default="tcp://127.0.0.1:0", help="KV receiver endpoint (tcp://host:port or ipc://path)")
     d.add_argument("--kv-timeout", type=float, default=30.0, help="seconds a KV transfer may stay silent")
     add_observability_args(d)
+    add_kv_curve_args(d, "decode")
     d.set_defaults(func=run_decode)

@@ -59,6 +59,11 @@ class Child:
             time.sleep(0.05)
         raise TimeoutError(f"{self.name} was not ready in time; see {self.log_path}")
 
+    def terminate(self) -> None:
+        """Ask the child to drain and exit (SIGTERM) without waiting for it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
     def stop(self, grace_s: float = 5.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
@@ -144,9 +149,12 @@ class Stack:
         child.wait_ready(time.monotonic() + timeout_s)
 
     def stop(self) -> None:
-        for c in [self.gateway, *self.decode, *self.prefill]:
-            if c is not None:
-                c.stop()
+        """SIGTERM every child at once (they drain in parallel), then wait for each (SIGKILL after 5 s)."""
+        children = [c for c in [self.gateway, *self.decode, *self.prefill] if c is not None]
+        for c in children:
+            c.terminate()
+        for c in children:
+            c.stop()
 
     def __enter__(self) -> Stack:
         return self.start()

@@ -10,6 +10,8 @@ from engine.sequence import FinishReason
 from tandem.v1 import generation_pb2 as gen
 
 DEFAULT_MAX_TOKENS = 256
+MAX_STOP_TOKEN_IDS = 1024
+_UINT32_WRAP = 1 << 32
 
 _FINISH = {
     None: gen.FINISH_REASON_UNSPECIFIED,
@@ -20,7 +22,17 @@ _FINISH = {
 
 
 def sampling_from_proto(p: gen.SamplingParams, *, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> SamplingParams:
-    """Raises ValueError (-> INVALID_ARGUMENT) with the field named, as SamplingParams does."""
+    """Raises ValueError (-> INVALID_ARGUMENT) with the field named, as SamplingParams does.
+
+    top_k is uint32 on the wire: a client that sends -1 ("off" in some APIs) through a language that
+    wraps it arrives as 4294967295. Values >= 2**31 are read as such wrapped negatives and refused
+    with a message saying so, rather than taken as "keep 4 billion tokens".
+    """
+    if p.HasField("top_k") and p.top_k >= _UINT32_WRAP >> 1:
+        raise ValueError(f"top_k must be 0 (off) or in [1, 2**31); got {p.top_k}, which is {p.top_k - _UINT32_WRAP} "
+                         f"wrapped to uint32 by the client: send 0 or leave top_k unset to turn it off")
+    if len(p.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise ValueError(f"stop_token_ids has {len(p.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS} are allowed")
     kw: dict[str, Any] = {"max_tokens": p.max_tokens or default_max_tokens}
     for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                  "frequency_penalty", "seed", "logprobs", "skip_special_tokens", "top_k"):

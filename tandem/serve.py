@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +60,17 @@ async def serve_component(
     ready_file: str | None,
     stop: asyncio.Event,
     extra_info: dict[str, Any] | None = None,
+    *,
+    interceptors: Sequence[Any] = (),
+    credentials: Any = None,
 ) -> None:
-    """Serve `service` (whose `address`/`worker_id` are filled in here) until `stop` is set."""
+    """Serve `service` (whose `address`/`worker_id` are filled in here) until `stop` is set.
+    `interceptors` run inside the error mapper (tandem.auth's); `credentials` (grpc.ServerCredentials)
+    serve TLS instead of plaintext."""
     from tandem.grpc_server import make_server
 
-    server, bound, _ = await make_server(lambda s: add_to_server(service, s), [service_name], f"{host}:{port}")
+    server, bound, _ = await make_server(lambda s: add_to_server(service, s), [service_name], f"{host}:{port}",
+                                         interceptors=interceptors, credentials=credentials)
     service.address = f"{advertised_host(host)}:{bound}"
     service.worker_id = worker_id(role, bound)
     info = {"role": role, "address": service.address, "worker_id": service.worker_id, **(extra_info or {})}

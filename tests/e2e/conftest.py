@@ -53,13 +53,14 @@ def generate(stack_or_stub, prompt_ids: list[int], **sampling) -> tuple[list[int
     return [t for m in msgs for t in m.token_ids], msgs
 
 
-def wait_all_blocks_free(stack: Stack, timeout_s: float = 10.0) -> list[gen.WorkerStatus]:
-    """Every e2e test ends here: once idle, free == total on every live worker."""
-    s = stub(stack)
+def wait_all_blocks_free(stack_or_stub, timeout_s: float = 10.0, metadata=None) -> list[gen.WorkerStatus]:
+    """Every e2e test ends here: once idle, free == total on every live worker. Takes a Stack, or a
+    stub (with `metadata`, e.g. an admin token) for a gateway that needs credentials."""
+    s = stub(stack_or_stub) if isinstance(stack_or_stub, Stack) else stack_or_stub
     deadline = time.monotonic() + timeout_s
     workers: list[gen.WorkerStatus] = []
     while time.monotonic() < deadline:
-        workers = list(s.ClusterStatus(gen.ClusterStatusRequest(), timeout=5).workers)
+        workers = list(s.ClusterStatus(gen.ClusterStatusRequest(), timeout=5, metadata=metadata).workers)
         live = [w for w in workers if w.healthy]
         if live and all(w.kv_blocks_free == w.kv_blocks_total for w in live):
             return workers

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -37,7 +36,7 @@ def test_concurrent_streams_match_engine_and_transformers(make_stack, stack_mode
                                                                       ignore_eos=True))]
     assert got == want
     ref = hf_model(stack_model)
-    for p, g in zip(prompts[::3], got[::3]):
+    for p, g in zip(prompts[::3], got[::3], strict=True):
         r = hf_greedy(ref, p, MAX_NEW)  # transformers stops at EOS; we ignored it, so compare up to there
         assert_same_or_near_tie(ref, p, g[: len(r)], r)
     workers_status = wait_all_blocks_free(stack)
@@ -124,23 +123,3 @@ def test_transfer_that_never_completes_fails_in_time_and_frees_blocks(make_stack
     assert "KV" in err.value.details()
     assert elapsed < 6.0
     wait_all_blocks_free(stack, timeout_s=15)
-
-
-def test_bad_requests_get_precise_statuses(make_stack, stack_model) -> None:
-    stack = make_stack(stack_model)
-    s = stub(stack)
-    cases = [
-        (gen.GenerateRequest(), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
-        (gen.GenerateRequest(prompt="hi", prompt_token_ids=[1]), grpc.StatusCode.INVALID_ARGUMENT, "exactly one"),
-        (gen.GenerateRequest(prompt_token_ids=[10**6]), grpc.StatusCode.INVALID_ARGUMENT, "vocabulary"),
-        (gen.GenerateRequest(prompt="hi", sampling=gen.SamplingParams(top_p=1.5)), grpc.StatusCode.INVALID_ARGUMENT,
-         "top_p"),
-        (gen.GenerateRequest(prompt="hi", model="gpt-9"), grpc.StatusCode.NOT_FOUND, "gpt-9"),
-        (gen.GenerateRequest(prompt_token_ids=[5] * 1100), grpc.StatusCode.INVALID_ARGUMENT, "context"),
-    ]
-    for req, code, needle in cases:
-        with pytest.raises(grpc.RpcError) as err:
-            list(s.Generate(req, timeout=10))
-        assert err.value.code() == code, (req, err.value.details())
-        assert needle in err.value.details()
-    wait_all_blocks_free(stack)
