@@ -2,12 +2,14 @@
 
 `secure`: the whole security configuration at once, so the bad-input table also covers the
 authentication rows and every overload test runs through TLS and CurveZMQ:
-    gateway  TLS + mTLS (test CA), bearer tokens (user, admin), --max-inflight 4
+    gateway  TLS + mTLS (test CA), bearer tokens (user, admin), --max-inflight 4, and the HTTP API
+             (same TLS and tokens) when this checkout has it
     prefill  CurveZMQ client key        decode  CurveZMQ server key + allow-list, 16 KV blocks (128 tokens)
 """
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from tandem.cli import build_parser
 from tandem.cmd_keygen import write_keypair
 from tandem.launcher import Stack
 from tandem.tls import client_credentials
@@ -33,6 +36,13 @@ def bearer(role: str) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {TOKENS[role]}")]
 
 
+def _gateway_has_http() -> bool:
+    """Whether this checkout's gateway serves the OpenAI-compatible HTTP API (`--http-port`)."""
+    _, unknown = build_parser().parse_known_args(["gateway", "--model", "m", "--decode-workers", "d:1",
+                                                  "--http-port", "0"])
+    return not unknown
+
+
 @pytest.fixture(scope="session")
 def rel_model(tiny_model) -> Path:
     return tiny_model("llama", max_position_embeddings=1024)  # the e2e tests' model: made once
@@ -42,6 +52,17 @@ def rel_model(tiny_model) -> Path:
 class SecureStack:
     stack: Stack
     pki: TestPKI
+
+    @property
+    def http_address(self) -> str | None:
+        """host:port of the HTTP API (same TLS, client CA and tokens as gRPC), None if not served."""
+        assert self.stack.gateway is not None
+        return self.stack.gateway.info.get("http_address")
+
+    def ssl_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.pki.ca))
+        ctx.load_cert_chain(str(self.pki.client.cert), str(self.pki.client.key))
+        return ctx
 
     def channel(self, *, client_cert: bool = True, stranger: bool = False) -> grpc.Channel:
         pem = self.pki.stranger if stranger else self.pki.client
@@ -76,7 +97,8 @@ def secure(rel_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                      "--kv-curve-client-keys", str(clients)],
         gateway_args=["--local-prefill-threshold", "0", "--max-inflight", str(MAX_INFLIGHT),
                       "--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key),
-                      "--tls-client-ca", str(pki.ca), "--auth-token-file", str(tokens)],
+                      "--tls-client-ca", str(pki.ca), "--auth-token-file", str(tokens),
+                      *(["--http-port", "0"] if _gateway_has_http() else [])],
     )
     stack.start()
     try:

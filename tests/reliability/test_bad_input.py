@@ -1,13 +1,14 @@
 """Hostile and broken requests, one table: each gets a precise status and a message naming the field and
-the limit, at once, and leaves nothing allocated. Through gRPC on the secure stack (TLS + tokens).
-
-The OpenAI-compatible HTTP API (gateway/http_api.py) maps the same statuses to HTTP; its rows belong
-in this table once that API is served by the stack's gateway.
+the limit, at once, and leaves nothing allocated. Through gRPC and, when the gateway serves it, the
+OpenAI-compatible HTTP API (same TLS, client certificate and tokens), on the secure stack.
 """
 
 from __future__ import annotations
 
+import http.client
+import json
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import grpc
@@ -17,7 +18,7 @@ from gateway.validation import MAX_PROMPT_CHARS
 from tandem.grpc_server import MAX_MESSAGE_BYTES
 from tandem.v1 import generation_pb2 as gen
 from tests.e2e.conftest import wait_all_blocks_free
-from tests.reliability.conftest import DECODE_BLOCKS, SecureStack, bearer
+from tests.reliability.conftest import DECODE_BLOCKS, TOKENS, SecureStack, bearer
 
 CONTEXT = DECODE_BLOCKS * 8  # the decode worker's context, in tokens
 GENERATE, STATUS = "/tandem.v1.Generation/Generate", "/tandem.v1.Generation/ClusterStatus"
@@ -81,6 +82,67 @@ CASES = [
 ]
 
 
+@dataclass(frozen=True)
+class HttpCase:
+    name: str
+    body: dict[str, object] | bytes  # bytes: sent as is
+    status: int
+    needles: tuple[str, ...]
+    token: str | None = "user"  # None: no Authorization header; other strings: sent as the bearer token
+
+
+def _json(d: dict[str, object]) -> bytes:
+    return json.dumps(d).encode()
+
+
+HTTP_CASES = [
+    HttpCase("empty prompt", {"prompt": ""}, 400, ("empty",)),
+    HttpCase("token id outside the vocabulary", {"prompt": [3, 10**6]}, 400, ("1000000", "vocabulary")),
+    HttpCase("prompt longer than the context", {"prompt": "hello world " * 200}, 400, (f"context holds {CONTEXT}",)),
+    HttpCase("max_tokens beyond the context", {"prompt": [5] * 10, "max_tokens": 1000}, 400,
+             (f"at most {CONTEXT - 10}",)),
+    HttpCase("negative temperature", {"prompt": "hi", "temperature": -0.5}, 400, ("temperature",)),
+    HttpCase("NaN temperature", b'{"prompt": "hi", "temperature": NaN}', 400, ("temperature", "finite")),
+    HttpCase("top_p above 1", {"prompt": "hi", "top_p": 1.5}, 400, ("top_p",)),
+    HttpCase("negative top_k", {"prompt": "hi", "top_k": -5}, 400, ("top_k",)),
+    HttpCase("too many stop strings", {"prompt": "hi", "stop": ["s"] * (MAX_STOP_STRINGS + 1)}, 400, ("stop",)),
+    HttpCase("too long a stop string", {"prompt": "hi", "stop": ["x" * (MAX_STOP_LEN + 1)]}, 400, ("stop",)),
+    HttpCase("body over the size limit", _json({"prompt": "x" * (MAX_MESSAGE_BYTES + 1)}), 413, ("Too Large",)),
+    HttpCase("invalid UTF-8 in the body", b'{"prompt": "hel\xfflo"}', 400, ("JSON",)),
+    HttpCase("unknown model", {"prompt": "hi", "model": "gpt-9"}, 404, ("gpt-9",)),
+    HttpCase("no bearer token", {"prompt": "hi"}, 401, ("Bearer",), token=None),
+    HttpCase("unknown bearer token", {"prompt": "hi"}, 401, ("invalid bearer token",), token="not-a-real-token-at-all"),
+]
+
+
+def _http_failures(secure: SecureStack) -> list[str]:
+    address = secure.http_address
+    if address is None:
+        warnings.warn("the gateway does not serve the HTTP API in this checkout: HTTP rows skipped", stacklevel=1)
+        return []
+    host, port = address.rsplit(":", 1)
+    failures = []
+    for case in HTTP_CASES:
+        conn = http.client.HTTPSConnection(host, int(port), context=secure.ssl_context(), timeout=30)
+        headers = {"Content-Type": "application/json"}
+        if case.token is not None:
+            headers["Authorization"] = f"Bearer {TOKENS.get(case.token, case.token)}"
+        body = case.body if isinstance(case.body, bytes) else _json(case.body)
+        t0 = time.monotonic()
+        try:
+            conn.request("POST", "/v1/completions", body=body, headers=headers)
+            resp = conn.getresponse()
+            status, text = resp.status, resp.read().decode(errors="replace")
+        except (OSError, http.client.HTTPException) as exc:  # a server that hangs up on a huge body
+            status, text = 0, repr(exc)
+        finally:
+            conn.close()
+        elapsed = time.monotonic() - t0
+        if status != case.status or not all(n in text for n in case.needles) or elapsed > 5.0:
+            failures.append(f"HTTP {case.name}: {status} after {elapsed:.1f} s: {text[:200]}")
+    return failures
+
+
 def _call(channel: grpc.Channel, case: Case) -> grpc.RpcError:
     serialize = lambda m: m if isinstance(m, bytes) else m.SerializeToString()  # noqa: E731
     try:
@@ -98,6 +160,7 @@ def _call(channel: grpc.Channel, case: Case) -> grpc.RpcError:
 
 
 def test_every_bad_request_gets_a_precise_status_at_once(secure: SecureStack) -> None:
+    """Every gRPC row, then every HTTP row; all failures are reported together."""
     channel = secure.channel()
     failures = []
     for case in CASES:
@@ -107,6 +170,7 @@ def test_every_bad_request_gets_a_precise_status_at_once(secure: SecureStack) ->
         details = err.details() or ""
         if err.code() != case.code or not all(n in details for n in case.needles) or elapsed > 5.0:
             failures.append(f"{case.name}: {err.code().name} after {elapsed:.1f} s: {details[:200]}")
+    failures += _http_failures(secure)
     assert not failures, "\n".join(failures)
     assert secure.generate([5, 6, 7], max_tokens=3, temperature=0.0)[-1].usage.completion_tokens == 3
     wait_all_blocks_free(secure.stub(), metadata=bearer("admin"))
