@@ -8,7 +8,7 @@ PROTO_OUT := tandem/v1/.generated
 MODEL    ?= models/tiny-llama
 ARGS     ?=
 
-.PHONY: install proto run test lint bench demo-model tiny-model compose-config images soak clean
+.PHONY: install proto run test lint bench bench-serving demo-model tiny-model compose-config images soak clean
 
 install: $(STAMP) $(PROTO_OUT)
 
@@ -47,6 +47,21 @@ lint: install
 
 bench: install
 	$(PY) bench/offline.py $(ARGS)
+
+# The serving benchmark (tandem bench): a local stack on $(MODEL), the same workload on transformers.
+bench-serving: install $(MODEL)/config.json
+	$(VENV)/bin/tandem bench --launch --model $(MODEL) --baseline hf $(ARGS)
+
+# Validates docker-compose.yml (installs Debian's docker-compose first when root and it is missing).
+compose-config:
+	deploy/install-compose.sh
+	docker-compose -f docker-compose.yml config -q
+	@echo "docker-compose.yml: ok"
+
+# Container images (needs a Docker engine): tandem:cpu for CPUs and the gateway, tandem:gpu for GPU workers.
+images:
+	docker build -f deploy/Dockerfile -t tandem:cpu .
+	docker build -f deploy/Dockerfile.gpu -t tandem:gpu .
 
 # Minutes of mixed load with cancellations and worker kills; fails on a leaked KV block or RSS growth.
 # Not part of `make test`. MINUTES=3 by default; the run is written to bench/results/soak.json.

@@ -40,6 +40,7 @@ class GatewayConfig:
     metrics_port: int = 0  # Prometheus /metrics on host:metrics_port; 0: off
     tls: TLSConfig | None = None  # None: plaintext (fine on loopback)
     auth_token_file: str | None = None  # None: no bearer-token check (tandem.auth)
+    http_port: int | None = None  # the OpenAI-compatible HTTP API (gateway/http_api.py); 0: any free port; None: off
 
     def __post_init__(self) -> None:
         if not 0 <= self.metrics_port < 65536:
@@ -48,6 +49,8 @@ class GatewayConfig:
             raise ValueError("the gateway needs at least one decode worker (--decode-workers)")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.http_port is not None and not 0 <= self.http_port < 65536:
+            raise ValueError(f"http_port must be in [0, 65535], got {self.http_port}")
         if self.local_prefill_threshold < 0:
             raise ValueError(f"local_prefill_threshold must be >= 0, got {self.local_prefill_threshold}")
 
@@ -72,13 +75,26 @@ async def serve_gateway(cfg: GatewayConfig, stop: asyncio.Event, *, tracing: Tra
     if cfg.host not in _LOOPBACK and (cfg.tls is None or not interceptors):
         logger.warning("the gateway listens on %s without %s: see docs/security.md", cfg.host,
                        " or ".join(n for n, on in (("TLS", cfg.tls), ("bearer tokens", interceptors)) if not on))
+    http, http_info = None, {}
+    if cfg.http_port is not None:  # same service, limits, auth and TLS as gRPC
+        from gateway.http_api import http_ssl_context, start_http_api
+
+        tokens = interceptors[0].tokens if interceptors else None
+        http = await start_http_api(
+            service, cfg.host, cfg.http_port,
+            authorize=(lambda header: tokens.check("/tandem.v1.Generation/Generate", header)) if tokens else None,
+            ssl_context=http_ssl_context(cfg.tls.cert, cfg.tls.key, cfg.tls.client_ca) if cfg.tls else None)
+        http_info = {"http_address": f"{serve.advertised_host(cfg.host)}:{http.port}"}
     try:
         await serve.serve_component("gateway", service, generation_pb2_grpc.add_GenerationServicer_to_server,
                                     "tandem.v1.Generation", cfg.host, cfg.port, cfg.ready_file, stop,
-                                    {"metrics_address": metrics_server.address} if metrics_server else None,
+                                    {**({"metrics_address": metrics_server.address} if metrics_server else {}),
+                                     **http_info},
                                     interceptors=interceptors,
                                     credentials=cfg.tls.server_credentials() if cfg.tls else None)
     finally:
+        if http is not None:
+            await http.close()
         await registry.close()
         if metrics_server is not None:
             metrics_server.close()

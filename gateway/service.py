@@ -13,9 +13,10 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -90,10 +91,22 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     # --------------------------------------------------------------- Generate
     async def Generate(self, request: gen.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[gen.GenerateResponse]:
+        async with aclosing(self.generate(request, context.invocation_metadata())) as stream:
+            async for out in stream:
+                yield out
+
+    async def generate(self, request: gen.GenerateRequest, metadata: Sequence[tuple[str, Any]] | None = None
+                       ) -> AsyncGenerator[gen.GenerateResponse, None]:
+        """One request's whole path: what gRPC's Generate and the HTTP API (gateway/http_api.py) both run.
+
+        `metadata`: the caller's (key, value) pairs; a `traceparent` there parents the request's trace.
+        A refused request (validation, limits, no worker) raises TandemError / ValueError before the
+        first message; closing the generator early aborts the request on every worker.
+        """
         rid = request.request_id or secrets.token_hex(8)
-        obs = self.observer.start(rid, self.model_name, context.invocation_metadata())
+        obs = self.observer.start(rid, self.model_name, metadata)
         try:
-            async with aclosing(self._generate(request, context, rid, obs)) as stream:
+            async with aclosing(self._generate(request, rid, obs)) as stream:
                 async for out in stream:
                     yield out
         except BaseException as exc:
@@ -101,8 +114,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             raise
         obs.end(None)
 
-    async def _generate(self, request: gen.GenerateRequest, context: grpc.aio.ServicerContext, rid: str,
-                        obs: RequestObservation) -> AsyncGenerator[gen.GenerateResponse, None]:
+    async def _generate(self, request: gen.GenerateRequest, rid: str, obs: RequestObservation
+                        ) -> AsyncGenerator[gen.GenerateResponse, None]:
         t0 = time.monotonic()
         if self.inflight >= self.limits.max_inflight:
             raise Overloaded(f"the gateway is serving {self.inflight} requests (limit {self.limits.max_inflight}); "

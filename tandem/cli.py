@@ -18,6 +18,7 @@ COMMANDS: tuple[str, ...] = (
     "tandem.cmd_generate",
     "tandem.cmd_keygen",
     "tandem.cmd_train", "tandem.cmd_distill",
+    "tandem.cmd_health", "tandem.cmd_bench",
 )
 
 

@@ -118,6 +118,7 @@ def run_gateway(args: argparse.Namespace) -> int:
                              default_max_tokens=args.default_max_tokens),
         metrics_port=args.metrics_port,
         tls=gateway_tls(args), auth_token_file=args.auth_token_file,
+        http_port=args.http_port,
     )
     _run_traced("gateway", args, lambda stop, tracing: serve_gateway(cfg, stop, tracing=tracing))
     return 0
@@ -156,6 +157,9 @@ def register(subparsers: Any) -> None:
     g.add_argument("--max-inflight", type=int, default=256, help="concurrent requests before RESOURCE_EXHAUSTED")
     g.add_argument("--kv-timeout", type=float, default=30.0, help="seconds a KV transfer may take")
     g.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request leaves it 0")
+    g.add_argument("--http-port", type=int, default=None,
+                   help="serve the OpenAI-compatible HTTP API (/v1/completions, ...) on this port "
+                        "(0: any free port, reported as http_address in the ready file; default: off)")
     add_server_args(g, 50051)
     add_observability_args(g)
     add_gateway_security_args(g)

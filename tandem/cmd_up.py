@@ -28,7 +28,8 @@ def run(args: argparse.Namespace) -> int:
         tracing_args += ["--otlp-endpoint", args.otlp_endpoint]
     stack = Stack(args.model, prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
                   host=args.host, port=args.port, engine_args=[*engine_args, *tracing_args],
-                  gateway_args=["--local-prefill-threshold", str(args.local_prefill_threshold), *tracing_args],
+                  gateway_args=["--local-prefill-threshold", str(args.local_prefill_threshold), *tracing_args,
+                                *(["--http-port", str(args.http_port)] if args.http_port is not None else [])],
                   workdir=args.workdir, metrics_port=args.metrics_port, decode_args=spec_args)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -45,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
         if stack.gateway is not None and "metrics_address" in stack.gateway.info:
             print(f"  gateway metrics http://{stack.gateway.info['metrics_address']}/metrics", flush=True)
         print(f"gateway ready on {stack.address}   logs: {stack.workdir}", flush=True)
+        if stack.gateway is not None and "http_address" in stack.gateway.info:
+            print(f"  OpenAI-compatible HTTP API http://{stack.gateway.info['http_address']}/v1", flush=True)
         print(f"try: tandem generate --addr {stack.address} 'def fibonacci(n):'   (Ctrl-C stops everything)",
               flush=True)
         while not stop.wait(0.5):
@@ -84,6 +87,8 @@ def register(subparsers: Any) -> None:
     add_speculative_args(p)
     p.add_argument("--workdir", default=None, help="where ready files and logs go (default: a temp dir)")
     p.add_argument("--startup-timeout", type=float, default=300.0)
+    p.add_argument("--http-port", type=int, default=None,
+                   help="the gateway's OpenAI-compatible HTTP API port (0: any free port; default: off)")
     p.add_argument("--otlp-endpoint", default=None,
                    help="every process sends traces here (http://host:4317 or 'console'); "
                         "default: $OTEL_EXPORTER_OTLP_ENDPOINT, else off")

@@ -1,0 +1,57 @@
+"""`tandem bench` against a real local stack, over gRPC and HTTP, with the transformers baseline.
+
+Small on purpose (6 requests per run): it checks that the command runs end to end and writes what it
+promises (the JSON report, the latency CDFs, the rate sweep), not how fast anything is. The command
+runs in this process (`tandem.cli.main`, the `tandem` entry point), which already has torch and
+transformers imported: a subprocess would spend ~10 s of this 2-core box importing them again.
+"""
+
+from __future__ import annotations
+
+import json
+
+from tandem.cli import main
+from tests.e2e.conftest import wait_all_blocks_free
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+N = 6
+
+
+def test_bench_writes_json_and_plots_for_grpc_http_and_the_hf_baseline(make_stack, stack_model, tmp_path,
+                                                                       capsys) -> None:
+    stack = make_stack(stack_model, gateway_args=["--http-port", "0", "--local-prefill-threshold", "0"])
+    out = tmp_path / "bench"
+    argv = ["bench", "--addr", stack.address,
+            "--http-url", f"http://{stack.gateway.info['http_address']}", "--protocol", "both",
+            "--model", str(stack_model), "--num-requests", str(N), "--input-len", "24", "--output-len", "8",
+            "--request-rates", "10,40", "--max-duration", "60", "--warmup", "1",
+            "--slo-ttft-ms", "60000", "--slo-tpot-ms", "60000", "--baseline", "hf", "--out-dir", str(out)]
+    assert main(argv) == 0
+    assert "tandem vs baseline" in capsys.readouterr().out
+
+    report = json.loads((out / "bench.json").read_text())
+    assert {"date", "machine", "command", "workload", "runs", "baseline", "ratios", "plots"} <= set(report)
+    runs = report["runs"]
+    assert [(r["backend"], r["request_rate"]) for r in runs] == [
+        ("tandem-grpc", 10.0), ("tandem-grpc", 40.0), ("tandem-http", 10.0), ("tandem-http", 40.0)]
+    base = report["baseline"]
+    for r in [*runs, base]:
+        assert (r["completed"], r["failed"], r["not_sent"]) == (N, 0, 0), r
+        for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+            d = r[key]
+            assert 0 < d["p50"] <= d["p90"] <= d["p99"], (r["backend"], key, d)
+        assert r["output_throughput"] > 0 and r["request_throughput"] > 0
+        assert r["goodput"]["fraction"] == 1.0  # SLOs of a minute: everything is good
+    # the same workload everywhere: exact output lengths (ignore_eos), the same prompts
+    assert len({(r["prompt_tokens"], r["output_tokens"]) for r in [*runs, base]}) == 1
+    assert len(report["ratios"]) == len(runs) and report["ratios"][0]["output_throughput_x"] > 0
+    assert len(base["latencies_s"]["e2e"]) == N and len(runs[0]["latencies_s"]["itl"]) > N  # raw, for --replot
+
+    assert set(report["plots"]) == {"latency_cdf.png", "rate_sweep.png", "rate_sweep_http.png"}
+    for name in report["plots"]:
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000, name
+        (out / name).unlink()
+    assert main(["bench", "--replot", str(out / "bench.json")]) == 0  # redrawn from the JSON alone
+    assert all((out / name).read_bytes().startswith(PNG_MAGIC) for name in report["plots"])
+    wait_all_blocks_free(stack)

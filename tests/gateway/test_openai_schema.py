@@ -1,0 +1,105 @@
+"""OpenAI bodies -> GenerateRequest (gateway/openai_schema.py), and the HTTP adapter's own answers
+(auth hook, malformed bodies, unknown routes, no workers) on a real, idle GenerationService."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from aiohttp import test_utils
+
+from engine.checkpoint import load_hf_config
+from engine.config import ModelConfig
+from engine.tokenizer import Tokenizer
+from gateway.http_api import OpenAIApi
+from gateway.openai_schema import RequestError, parse_chat, parse_completion
+from gateway.registry import WorkerRegistry
+from gateway.router import Router
+from gateway.service import GatewayLimits, GenerationService
+from tandem.errors import Unauthenticated
+
+
+def test_completion_fields_map_onto_the_grpc_request() -> None:
+    p = parse_completion({"model": "m", "prompt": ["hello"], "max_tokens": 7, "temperature": 0.5, "top_p": 0.9,
+                          "stop": "\n", "seed": 3, "logprobs": 2, "stream": True,
+                          "stream_options": {"include_usage": True}, "top_k": -1, "ignore_eos": True, "user": "u"})
+    r = p.request
+    assert (r.model, r.prompt, r.sampling.max_tokens, list(r.sampling.stop), r.sampling.seed) == ("m", "hello", 7,
+                                                                                                  ["\n"], 3)
+    assert r.sampling.temperature == pytest.approx(0.5) and r.sampling.top_k == 0 and r.sampling.ignore_eos
+    assert (p.stream, p.include_usage, p.top_logprobs, r.sampling.logprobs) == (True, True, 2, 2)
+    assert list(parse_completion({"prompt": [[5, 6, 7]]}).request.prompt_token_ids) == [5, 6, 7]
+    assert not parse_completion({"prompt": "x"}).request.HasField("model")  # unset: the served model
+
+
+def test_chat_fields_and_message_parts() -> None:
+    p = parse_chat({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                {"type": "text", "text": "b"}]}],
+                    "max_completion_tokens": 4, "logprobs": True, "top_logprobs": 3})
+    assert p.messages == [{"role": "user", "content": "ab"}] and p.request.sampling.max_tokens == 4
+    assert p.top_logprobs == 3 and not p.request.prompt and not p.request.prompt_token_ids
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"prompt": "x", "temperature": "hot"}, "temperature"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "n": 2}, "n"),
+    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": "x", "echo": True}, "echo"),
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"prompt": "x", "seed": -1}, "seed"),
+    ({"prompt": "x", "logit_bias": {"5": 1}}, "logit_bias"),
+    ({"prompt": "x", "frobnicate": 1}, "frobnicate"),
+    ({}, "prompt"),
+])
+def test_bad_completion_bodies_name_the_field(body: dict[str, Any], param: str) -> None:
+    with pytest.raises(RequestError) as err:
+        parse_completion(body)
+    assert err.value.param == param
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"content": "no role"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, "response_format"),
+])
+def test_bad_chat_bodies_name_the_field(body: dict[str, Any], param: str) -> None:
+    with pytest.raises(RequestError) as err:
+        parse_chat(body)
+    assert err.value.param == param
+
+
+def test_adapter_answers_in_openai_shape_without_workers(tiny_model) -> None:
+    """Auth hook on /v1 (not /health), malformed JSON, unknown routes, and UNAVAILABLE -> 503 with
+    Retry-After when the only decode worker is unreachable: all OpenAI-shaped."""
+    model = tiny_model("llama")
+
+    def authorize(header: str | None) -> None:
+        if header != "Bearer good-token-0123456789":
+            raise Unauthenticated("needs a bearer token")
+
+    async def scenario() -> None:
+        registry = WorkerRegistry([], ["127.0.0.1:9"], interval_s=60)  # never polled: no healthy worker
+        service = GenerationService(registry, Router(registry, 0), Tokenizer.from_dir(model),
+                                    ModelConfig.from_hf(load_hf_config(model)), "tiny", GatewayLimits())
+        ok = {"Authorization": "Bearer good-token-0123456789"}
+        async with test_utils.TestClient(test_utils.TestServer(OpenAIApi(service, authorize).app())) as client:
+            r = await client.get("/v1/models")
+            assert r.status == 401 and (await r.json())["error"]["type"] == "authentication_error"
+            assert (await client.get("/v1/models", headers=ok)).status == 200
+            r = await client.get("/health")
+            assert r.status == 503 and (await r.json())["status"] == "no healthy decode worker"
+            r = await client.post("/v1/completions", data=b"{not json", headers=ok)
+            assert r.status == 400 and "JSON" in (await r.json())["error"]["message"]
+            r = await client.get("/v1/nothing-here", headers=ok)
+            assert r.status == 404 and set((await r.json())["error"]) == {"message", "type", "param", "code"}
+            r = await client.post("/v1/completions", json={"prompt": "hi"}, headers=ok)
+            body = await r.json()
+            assert r.status == 503 and body["error"]["code"] == "unavailable" and r.headers["Retry-After"] == "1"
+        await registry.close()
+
+    asyncio.run(scenario())
