@@ -56,6 +56,8 @@ class SpecDecoder:
         self.generator = torch.Generator(device=runner.device).manual_seed(config.seed + 2)
         self.metrics = SpecMetrics()
         self._planned: list[int] = []  # per step sequence: drafts the plan reserved (draft model)
+        self._last_plan: float | None = None  # perf_counter at the last plan
+        self._last_execute = 0.0  # seconds the last execute took
         logger.info("speculative decoding: %s, k=%d, adaptive %s",
                     f"draft {config.speculative_model}" if self.draft else config.speculative_method, self.k,
                     "on" if config.speculative_adaptive else "off")
@@ -63,6 +65,10 @@ class SpecDecoder:
     # --------------------------------------------------------------- schedule
     def plan(self, step: StepInput) -> None:
         """Choose each sequence's drafts and reserve their KV slots (out of blocks: it drafts none)."""
+        now = time.perf_counter()
+        if self._last_plan is not None:  # the last step's time outside its forwards
+            self.policy.observe_overhead(max(0.0, now - self._last_plan - self._last_execute))
+        self._last_plan = now
         if self.draft is not None:
             self.draft.release_stale()
         cand = [i for i, (s, n, smp) in enumerate(zip(step.seqs, step.num_new_tokens, step.sample, strict=True))
@@ -70,13 +76,21 @@ class SpecDecoder:
         caps = [max(0, min(self.k, step.seqs[i].params.max_tokens - step.seqs[i].num_output_tokens - 1,
                            self.max_model_len - step.seqs[i].num_tokens - 1)) for i in cand]
         rates = [self.policy.acceptance.of(step.seqs[i]) for i in cand]
-        ks = self.policy.choose(caps, rates, sum(step.num_new_tokens), sum(step.sample))
-        planned = [0] * len(step.seqs)
+        scheduled, sampling = sum(step.num_new_tokens), sum(step.sample)
         drafts: list[list[int]] = [[] for _ in step.seqs]
+        if self.draft is None:
+            # n-gram: look up only if drafting could pay even if every sequence found k tokens, then
+            # decide on what the lookups found (a sequence without a match has nothing to verify)
+            pays = any(self.policy.choose(caps, rates, scheduled, sampling, final=False))
+            if not pays and not self.policy.probe_due:
+                caps = [0] * len(cand)
+            for j, i in enumerate(cand):
+                drafts[i] = propose_ngram(step.seqs[i].token_ids, caps[j]) if caps[j] else []
+                caps[j] = len(drafts[i])
+        ks = self.policy.choose(caps, rates, scheduled, sampling)
+        planned = [0] * len(step.seqs)
         for i, k in zip(cand, ks, strict=True):
-            if k and self.draft is None:  # n-gram lookup only where the policy wants drafts
-                drafts[i] = propose_ngram(step.seqs[i].token_ids, k)
-                k = len(drafts[i])
+            drafts[i] = drafts[i][:k]
             if k and self.bm.allocate_slots(step.seqs[i], 1 + k):
                 planned[i] = k
             else:
@@ -90,6 +104,7 @@ class SpecDecoder:
     # ---------------------------------------------------------------- execute
     def execute(self, step: StepInput, on_layer_done: Callable[[int], None] | None = None) -> SamplerOutput | None:
         """Propose (draft model), run the one target forward and verify; sets step.num_accepted."""
+        start = time.perf_counter()
         probs: list[torch.Tensor | None] = []
         if self.draft is not None and step.spec_tokens is None and any(self._planned):
             idx = [i for i, k in enumerate(self._planned) if k]
@@ -119,7 +134,9 @@ class SpecDecoder:
                 accepted[i] = a
             step.num_accepted = accepted
             result = verdict.out
-        self.policy.target_cost.observe(tokens, time.perf_counter() - t0)
+        end = time.perf_counter()
+        self.policy.target_cost.observe(tokens, end - t0)
+        self._last_execute = end - start
         return result
 
     # ---------------------------------------------------------------- process

@@ -229,7 +229,7 @@ def test_policy_speculates_when_cheap_and_stops_when_compute_bound() -> None:
     assert flat.choose([4], [0.7], 1, 1) == [4]
     bound = SpecPolicy(max_batched_tokens=2048, adaptive=True, has_draft_model=False)
     for tokens in (32, 64, 96, 128, 160):
-        bound.target_cost.observe(tokens, 0.001 * tokens)  # compute-bound: time grows with tokens
+        bound.target_cost.observe(tokens, 0.010 + 0.001 * tokens)  # compute-bound: time grows with tokens
     assert bound.choose([4] * 32, [0.5] * 32, 32, 32) == [0] * 32
     assert bound.choose([4] * 32, [0.98] * 32, 32, 32) != [0] * 32  # near-certain drafts still pay
     capped = SpecPolicy(max_batched_tokens=40, adaptive=False, has_draft_model=False)
