@@ -46,7 +46,7 @@ lint: install
 	$(VENV)/bin/mypy engine kvtransfer gateway prefill_worker decode_worker kernels tandem
 
 bench: install
-	$(PY) bench/offline.py $(ARGS)
+	$(PY) -m bench.offline $(ARGS)
 
 # The serving benchmark (tandem bench): a local stack on $(MODEL), the same workload on transformers.
 bench-serving: install $(MODEL)/config.json
