@@ -39,7 +39,9 @@ run: install $(MODEL)/config.json
 	$(VENV)/bin/tandem up --model $(MODEL) $(ARGS)
 
 test: install
-	$(PY) -m pytest -q -x --durations=15 tests $(ARGS)
+	@# one torch thread per process: e2e tests run several processes on a 2-core box, and
+	@# oversubscribed threads make every forward several times slower
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=15 tests $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
