@@ -28,9 +28,11 @@ from typing import Any
 import torch
 
 from engine.checkpoint import load_hf_config
-from engine.distill import StudentShape, distill, train_lm
+from engine.distill import StudentShape, distill, init_student, train_lm
 from engine.draft_eval import greedy_agreement, mean_loss, speculative_acceptance
+from engine.llm import LLM
 from engine.lm_data import tokenize_files
+from engine.sampling import SamplingParams
 from engine.tiny import make_tiny_model
 from engine.tokenizer import Tokenizer
 from engine.train import TrainableLM
@@ -41,11 +43,13 @@ logger = logging.getLogger(__name__)
 # Folders that are data rather than code (encoding tables, pydoc's text dump) or not the stdlib.
 _SKIP_DIRS = frozenset({"site-packages", "encodings", "pydoc_data", "__pycache__"})
 _HELD_OUT_MOD = 20
+# No trailing newline: the byte-level pre-tokenizer merges a newline with the next line's indentation,
+# so a prompt ending in a bare "\n" tells the model the next line is not indented.
 SAMPLE_PROMPTS: tuple[str, ...] = (
-    "def fibonacci(n):\n",
-    "import os\n\n\ndef list_files(path):\n",
-    "class Stack:\n    def __init__(self):\n",
-    "    for i in range(len(items)):\n",
+    "def fibonacci(n):",
+    "import os\n\n\ndef list_files(path):",
+    "class Stack:\n    def __init__(self):",
+    "    def __repr__(self):",
 )
 
 
@@ -100,9 +104,6 @@ def _prompts(files: list[Path], tokenizer: Tokenizer, count: int, length: int) -
 
 def _samples(model_dir: Path, max_tokens: int = 48) -> dict[str, str]:
     """Greedy completions of SAMPLE_PROMPTS through the serving engine."""
-    from engine.llm import LLM
-    from engine.sampling import SamplingParams
-
     llm = LLM(str(model_dir), dtype="float32", device="cpu", num_kv_blocks=256)
     outs = llm.generate(list(SAMPLE_PROMPTS), SamplingParams(temperature=0.0, max_tokens=max_tokens))
     return {p: o.text for p, o in zip(SAMPLE_PROMPTS, outs, strict=True)}
@@ -115,6 +116,7 @@ def evaluate(teacher_dir: Path, draft_dir: Path, held_out: list[Path], seq_len: 
     teacher, draft = TrainableLM.from_pretrained(teacher_dir), TrainableLM.from_pretrained(draft_dir)
     random_draft = TrainableLM(draft.hf_config)
     random_draft.init_weights(seed + 1)
+    undistilled = init_student(teacher, draft.hf_config, seed)  # the draft's starting point
     prompts = _prompts(held_out, tokenizer, count=24, length=32)
     counts = torch.bincount(tokens, minlength=teacher.cfg.vocab_size).double()
     probs = counts[counts > 0] / counts.sum()
@@ -123,7 +125,9 @@ def evaluate(teacher_dir: Path, draft_dir: Path, held_out: list[Path], seq_len: 
                               "held_out_unigram_entropy": float(-(probs * probs.log()).sum()),
                               "acceptance_prompts": len(prompts), "acceptance_max_new_tokens": 64}
     started = time.perf_counter()
-    for name, model in (("teacher", teacher), ("draft", draft), ("random_draft", random_draft)):
+    models = (("teacher", teacher), ("draft", draft), ("random_draft", random_draft),
+              ("undistilled_draft", undistilled))
+    for name, model in models:
         report[f"{name}_loss"] = mean_loss(model, tokens, seq_len)
         if name != "teacher":
             report[f"{name}_greedy_agreement"] = greedy_agreement(teacher, model, tokens, seq_len)
@@ -138,7 +142,7 @@ def evaluate(teacher_dir: Path, draft_dir: Path, held_out: list[Path], seq_len: 
 
 def build(out: Path, shape: DemoShape, teacher_steps: int, draft_steps: int, seed: int) -> dict[str, Any]:
     """Train the teacher, distill the draft, evaluate; return the metrics (also written to metrics.json)."""
-    train_files, held_out = stdlib_split()
+    train_files, _ = stdlib_split()
     teacher_dir, draft_dir = out / "teacher", out / "draft"
     metrics: dict[str, Any] = {"shape": asdict(shape), "train_files": len(train_files), "threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -165,9 +169,18 @@ def build(out: Path, shape: DemoShape, teacher_steps: int, draft_steps: int, see
                         "final_train_kl": sum(result.losses[-50:]) / len(result.losses[-50:])}
     for d in (teacher_dir, draft_dir):
         (d / STATE_FILE).unlink(missing_ok=True)  # optimizer state: large, and not part of the model
-    metrics["eval"] = evaluate(teacher_dir, draft_dir, held_out, shape.seq_len, seed)
-    metrics["samples"] = {"teacher": _samples(teacher_dir), "draft": _samples(draft_dir)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return measure(out, shape, seed)
+
+
+def measure(out: Path, shape: DemoShape, seed: int) -> dict[str, Any]:
+    """(Re)compute the "eval" and "samples" entries of OUT/metrics.json (created if missing); return it."""
+    path = out / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.is_file() else {"shape": asdict(shape)}
+    teacher_dir, draft_dir = out / "teacher", out / "draft"
+    metrics["eval"] = evaluate(teacher_dir, draft_dir, stdlib_split()[1], shape.seq_len, seed)
+    metrics["samples"] = {"teacher": _samples(teacher_dir), "draft": _samples(draft_dir)}
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
@@ -179,14 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
-    parser.add_argument("--eval-only", action="store_true", help="re-measure an existing pair in --out")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="re-measure an existing pair in --out (rewrites metrics.json's eval and samples)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     shape = DemoShape()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.eval_only:
-        metrics = evaluate(args.out / "teacher", args.out / "draft", stdlib_split()[1], shape.seq_len, args.seed)
+        metrics = measure(args.out, shape, args.seed)
     else:
         for d in (args.out / "teacher", args.out / "draft"):
             (d / STATE_FILE).unlink(missing_ok=True)  # `make demo-model` always starts over
