@@ -5,7 +5,11 @@ PIP      := $(VENV)/bin/pip
 STAMP    := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/tandem/v1/*.proto)
 PROTO_OUT := tandem/v1/.generated
-MODEL    ?= models/tiny-llama
+# The committed demo pair (a small teacher trained on the stdlib and its distilled draft); override with
+# MODEL=/path/to/hf-checkpoint (then no draft is assumed).
+DEMO     := models/demo/teacher
+MODEL    ?= $(DEMO)
+RUN_ARGS := $(if $(filter $(DEMO),$(MODEL)),--speculative-model models/demo/draft,)
 ARGS     ?=
 
 .PHONY: install proto run test lint bench bench-serving demo-model tiny-model compose-config images soak clean
@@ -36,7 +40,7 @@ demo-model: install
 	$(PY) -m engine.demo_model --out models/demo $(ARGS)
 
 run: install $(MODEL)/config.json
-	$(VENV)/bin/tandem up --model $(MODEL) $(ARGS)
+	$(VENV)/bin/tandem up --model $(MODEL) $(RUN_ARGS) $(ARGS)
 
 test: install
 	@# one torch thread per process: e2e tests run several processes on a 2-core box, and
