@@ -36,7 +36,8 @@ def test_bench_writes_json_and_plots_for_grpc_http_and_the_hf_baseline(make_stac
         ("tandem-grpc", 10.0), ("tandem-grpc", 40.0), ("tandem-http", 10.0), ("tandem-http", 40.0)]
     base = report["baseline"]
     for r in [*runs, base]:
-        assert (r["completed"], r["failed"], r["not_sent"]) == (N, 0, 0), r
+        assert (r["completed"], r["failed"], r["not_sent"]) == (N, 0, 0), (r["backend"], r["request_rate"],
+                                                                           r.get("errors"))
         for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
             d = r[key]
             assert 0 < d["p50"] <= d["p90"] <= d["p99"], (r["backend"], key, d)
