@@ -13,10 +13,11 @@ random Llama of bench/offline.py (MODEL_SHAPE); the JSON says which.
 Memory. Bytes of the decoder layers' projection weights (with scales and zero points) against the
 16-bit model, in the float16 layout (ours) and the bfloat16 one (torch's packed CPU kernels).
 
-Speed. Output tokens/s of greedy decoding (32-token prompts, 24 new tokens, prefill included) at batch
+Speed. Output tokens/s of greedy decoding (32-token prompts, 16 new tokens, prefill included) at batch
 1 and 16 on the ~50M Llama, for each scheme in float32 (dequantize-and-matmul) and bfloat16 (torch's
-packed int8/int4 kernels), against the dense model of the same dtype. Best of ``--rounds`` interleaved
-rounds, since the CPU is shared.
+packed int8/int4 kernels), against the dense model of the same dtype, over ``--rounds`` rounds that
+each run every configuration once. The CPU is shared, so the best round (the least disturbed) is the
+headline and the median is kept too. ``--parts`` picks what to run.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import json
 import platform
 import random
 import shutil
+import statistics
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -101,22 +103,28 @@ def decode_speed(model: Path, batches: list[int], rounds: int, new_tokens: int) 
     llms = {c: LLM(model, device="cpu", dtype=c[0], quantization=c[1], num_kv_blocks=512, max_num_seqs=64)
             for c in configs}
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    best: dict[str, float] = {}
-    for _ in range(rounds):
+    for llm in llms.values():
+        llm.generate([[5] * 32], SamplingParams(max_tokens=2))  # warm-up
+    runs: dict[str, list[float]] = {}
+    for _ in range(rounds):  # every config once per round, so load swings hit them all alike
         for b in batches:
             prompts = [[rng.randrange(3, MODEL_SHAPE["vocab_size"]) for _ in range(32)] for _ in range(b)]
             for (dt, s), llm in llms.items():
-                llm.generate(prompts[:1], SamplingParams(max_tokens=2))  # warm-up
                 t0 = time.perf_counter()
                 llm.generate(prompts, params)
-                tps = b * new_tokens / (time.perf_counter() - t0)
-                key = f"{dt}/{s or 'dense'}/batch{b}"
-                best[key] = max(best.get(key, 0.0), tps)
-    out: dict[str, Any] = {"tokens_per_s": best, "vs_dense": {}}
-    for key, tps in best.items():
+                runs.setdefault(f"{dt}/{s or 'dense'}/batch{b}", []).append(
+                    b * new_tokens / (time.perf_counter() - t0))
+    best = {k: max(v) for k, v in runs.items()}
+    median = {k: statistics.median(v) for k, v in runs.items()}
+    out: dict[str, Any] = {"tokens_per_s_best": best, "tokens_per_s_median": median, "tokens_per_s_runs": runs,
+                           "vs_dense_best": {}, "vs_dense_median": {}}
+    for key in best:
         dtype_name, _, batch_name = key.split("/")
-        out["vs_dense"][key] = tps / best[f"{dtype_name}/dense/{batch_name}"]
-        print(f"  {key:28s} {tps:8.1f} tok/s  x{out['vs_dense'][key]:.2f} vs dense {dtype_name}", flush=True)
+        base = f"{dtype_name}/dense/{batch_name}"
+        out["vs_dense_best"][key] = best[key] / best[base]
+        out["vs_dense_median"][key] = median[key] / median[base]
+        print(f"  {key:28s} best {best[key]:7.1f} tok/s x{out['vs_dense_best'][key]:.2f}, median "
+              f"{median[key]:7.1f} x{out['vs_dense_median'][key]:.2f} vs dense {dtype_name}", flush=True)
     return out
 
 
@@ -124,8 +132,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--windows", type=int, default=8, help="text windows per model")
     ap.add_argument("--window-tokens", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=2, help="speed: best of this many rounds")
-    ap.add_argument("--new-tokens", type=int, default=24)
+    ap.add_argument("--rounds", type=int, default=7, help="speed: rounds (best and median reported)")
+    ap.add_argument("--parts", default="quality,speed", help="comma list of quality (and memory), speed")
+    ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--quick", action="store_true", help="2 short windows, one tiny arch, batch 1, 1 round")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "quant_quality.json"))
     args = ap.parse_args()
@@ -147,16 +156,18 @@ def main() -> None:
                 (DEMO / "model.safetensors").stat().st_mtime, UTC).isoformat(timespec="seconds")}
         else:
             models["random-llama-50m (no demo model yet)"] = big
-        for name, path in models.items():
+        for name, path in models.items() if "quality" in args.parts else ():
             print(f"quality: {name}", flush=True)
             record["quality"][name] = quality(path, text_windows(path, args.windows, args.window_tokens))
             print(f"memory: {name}", flush=True)
             record["memory"][name] = memory(path)
-        print("memory: llama-50m", flush=True)
-        record["memory"]["llama-50m"] = memory(big)
-        print("speed: llama-50m", flush=True)
-        batches = [1] if args.quick else [1, 16]
-        record["speed_llama_50m"] = decode_speed(big, batches, args.rounds, args.new_tokens)
+        if "quality" in args.parts:
+            print("memory: llama-50m", flush=True)
+            record["memory"]["llama-50m"] = memory(big)
+        if "speed" in args.parts:
+            print("speed: llama-50m", flush=True)
+            batches = [1] if args.quick else [1, 16]
+            record["speed_llama_50m"] = decode_speed(big, batches, args.rounds, args.new_tokens)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.out}", flush=True)
