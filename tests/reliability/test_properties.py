@@ -34,6 +34,7 @@ from tests.kvtransfer.kvpeers import Allocator, layout_of, make_pool
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 U32, U64 = st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1)
+ENUM = st.integers(-(2**31), 2**31 - 1)  # protobuf enums are int32; unknown values included
 FLOATS = st.floats(allow_nan=True, allow_infinity=True, width=32)
 
 
@@ -184,7 +185,7 @@ def _messages() -> st.SearchStrategy[list[bytes]]:
         _begins().map(wire.encode), _begins(layout_ok=False).map(wire.encode), _fitting_begins().map(wire.encode),
         st.builds(kv_pb2.KVLayer, request_id=st.sampled_from(["a", "b", ""]), layer=U32, first_block=U32,
                   num_blocks=U32, bytes_per_block=U32, frame_pages=st.lists(U32, max_size=4)).map(wire.encode),
-        st.builds(kv_pb2.KVAbort, request_id=st.sampled_from(["a", "b"]), code=U32).map(wire.encode))
+        st.builds(kv_pb2.KVAbort, request_id=st.sampled_from(["a", "b"]), code=ENUM).map(wire.encode))
     return st.tuples(header, st.lists(st.binary(max_size=64), max_size=3)).map(lambda hp: [hp[0], *hp[1]])
 
 
