@@ -2,15 +2,16 @@
 
 Run: `.venv/bin/python -m bench.spec_decode` (`--help` for options). Uses the demo pair
 (models/demo/teacher verifies, models/demo/draft proposes) when both exist, else a tiny random pair
-(a 4-layer target and a draft that is the target with noise on its weights) and says so. Prompts
+(a 4-layer target; the draft is its first layer with noise on its weights) and says so. Prompts
 are held-out standard-library files (the demo model never trained on them), `--prompt-len` tokens each.
 
 For each batch size, every configuration runs on its own engine, side by side: off (no speculation),
 n-gram lookup and the draft model, each with the adaptive policy and with a fixed k (adaptive off,
 to show what the policy avoids). Each is warmed up once (the adaptive policy learns its costs
-then), then timed `--repeats` times, all configurations back to back in each repeat (alternating
-order); tok/s is the median, the speedup the median of each repeat's ratio to off. Greedy, EOS
-ignored, so every configuration produces exactly the same tokens (checked).
+then), then timed `--repeats` times: each unit of work (one request at batch 1, the 32 requests at
+batch 32) runs under every configuration back to back, in alternating order, and the speedup is the
+median over units of the ratio to off (with its interquartile range in the JSON); tok/s is over
+all units. Greedy, EOS ignored, so every configuration produces exactly the same tokens (checked).
 
 Acceptance beside every speedup: acc = accepted / proposed draft tokens, len = draft tokens
 accepted per verification (0..k), tok/fwd = output tokens per target forward for speculating
@@ -79,12 +80,10 @@ def stdlib_prompts(tokenizer: Tokenizer, count: int, length: int) -> list[list[i
     raise RuntimeError(f"only {len(prompts)} prompts of {length} tokens in the held-out files; lower --prompt-len")
 
 
-def run_once(llm: LLM, prompts: list[list[int]], batch: int, params: SamplingParams) -> tuple[float, list]:
-    """Generate for all prompts, `batch` at a time; (seconds, outputs)."""
-    outs = []
+def run_once(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> tuple[float, list]:
+    """Generate for `prompts` as one batch; (seconds, outputs)."""
     t0 = time.perf_counter()
-    for i in range(0, len(prompts), batch):
-        outs += llm.generate(prompts[i : i + batch], params)
+    outs = llm.generate(prompts, params)
     return time.perf_counter() - t0, outs
 
 
@@ -133,33 +132,37 @@ def main() -> None:
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         prompts = stdlib_prompts(tok, args.batch1_prompts if batch == 1 else batch, args.prompt_len)
         engines = {name: LLM(target, **base, **cfg) for name, cfg in configs.items()}
-        times: dict[str, list[float]] = {name: [] for name in configs}
+        units = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
         tokens: dict[str, list[list[int]]] = {}
         for name, llm in engines.items():  # warm-up: the adaptive policy measures its costs here
-            _, outs = run_once(llm, prompts, batch, params)
-            tokens[name] = [o.token_ids for o in outs]
+            tokens[name] = [o.token_ids for u in units for o in run_once(llm, u, params)[1]]
+        # every unit (a batch of prompts) runs under every configuration back to back, in alternating
+        # order: the ratio to "off" within a unit is what the machine's changing load disturbs least
+        times: dict[str, list[float]] = {name: [] for name in configs}
         for r in range(args.repeats):
-            order = list(engines) if r % 2 == 0 else list(reversed(engines))
-            for name in order:
-                seconds, outs = run_once(engines[name], prompts, batch, params)
-                times[name].append(seconds)
-                if args.temperature == 0:
-                    assert [o.token_ids for o in outs] == tokens["off"], f"{name} changed the greedy output"
+            for j, unit in enumerate(units):
+                order = list(engines) if (r + j) % 2 == 0 else list(reversed(engines))
+                for name in order:
+                    seconds, outs = run_once(engines[name], unit, params)
+                    times[name].append(seconds)
+                    if args.temperature == 0:
+                        want = tokens["off"][j * batch : j * batch + len(unit)]
+                        assert [o.token_ids for o in outs] == want, f"{name} changed the greedy output"
         n_tokens = sum(len(t) for t in tokens["off"])
         for name, llm in engines.items():
             s = llm.engine.stats()
             drafted, accepted, steps = (s.get("spec_draft_tokens", 0), s.get("spec_accepted_tokens", 0),
                                         s.get("spec_steps", 0))
-            med = statistics.median(times[name])
+            ratios = sorted(o / t for o, t in zip(times["off"], times[name], strict=True))
+            total = sum(times[name]) / args.repeats  # seconds for all prompts, per repeat
             rows.append({
-                "batch": batch, "method": name, "tokens": n_tokens, "seconds": med, "tok_per_s": n_tokens / med,
-                # each repeat ran every configuration back to back: the median of those paired ratios
-                # is steadier than a ratio of medians while other work comes and goes on the machine
-                "speedup": statistics.median(o / t for o, t in zip(times["off"], times[name], strict=True)),
+                "batch": batch, "method": name, "tokens": n_tokens, "seconds": total, "tok_per_s": n_tokens / total,
+                "speedup": statistics.median(ratios),
+                "speedup_iqr": [ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]],
                 "acceptance_rate": accepted / drafted if drafted else None,
                 "mean_accepted_length": accepted / steps if steps else None,
                 "spec_steps": steps, "draft_tokens": drafted, "accepted_tokens": accepted,
-                "all_seconds": times[name],
+                "unit_seconds": times[name],
             })
     print(f"\n{'batch':>5} {'method':<15} {'tok/s':>8} {'speedup':>8} {'acc':>6} {'len':>5} {'tok/fwd':>7}")
     for row in rows:

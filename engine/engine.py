@@ -152,7 +152,7 @@ class Engine:
                     break
             row += rows
             if self.spec is not None:
-                self.spec.after_append(seq)
+                self.spec.after_append(seq, emit)
             outputs.append(deltas[0] if len(deltas) == 1 else _merge(deltas))
             if self.spec is not None:
                 outputs[-1].spec = SpecMetrics.of(seq)

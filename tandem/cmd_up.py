@@ -17,15 +17,15 @@ def run(args: argparse.Namespace) -> int:
     if args.quantization:
         engine_args += ["--quantization", args.quantization]
     engine_args += ["--kv-cache-dtype", args.kv_cache_dtype]
+    tracing_args = ["--trace-sample-ratio", str(args.trace_sample_ratio)]
+    if args.otlp_endpoint is not None:
+        tracing_args += ["--otlp-endpoint", args.otlp_endpoint]
     spec_args: list[str] = []  # decode workers speculate; prefill workers would ignore it
     for flag, value in (("--speculative-model", args.speculative_model),
                         ("--speculative-method", args.speculative_method),
                         ("--num-speculative-tokens", args.num_speculative_tokens)):
         if value is not None:
             spec_args += [flag, str(value)]
-    tracing_args = ["--trace-sample-ratio", str(args.trace_sample_ratio)]
-    if args.otlp_endpoint is not None:
-        tracing_args += ["--otlp-endpoint", args.otlp_endpoint]
     stack = Stack(args.model, prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
                   host=args.host, port=args.port, engine_args=[*engine_args, *tracing_args],
                   gateway_args=["--local-prefill-threshold", str(args.local_prefill_threshold), *tracing_args,

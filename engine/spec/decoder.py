@@ -56,8 +56,18 @@ class SpecDecoder:
         self.generator = torch.Generator(device=runner.device).manual_seed(config.seed + 2)
         self.metrics = SpecMetrics()
         self._planned: list[int] = []  # per step sequence: drafts the plan reserved (draft model)
-        self._last_plan: float | None = None  # perf_counter at the last plan
-        self._last_execute = 0.0  # seconds the last execute took
+        self._reserved: list[int] = []  # the same, kept until the step is processed ([]: none)
+        self._probed = -1  # the step sequence a draft-model probe drafted for (-1: none)
+        # Costs are compared across sizes measured at different times. On CPU the clock is this
+        # process's CPU time, so other processes' load on a shared machine does not make one size
+        # look dearer than another; the step overhead is the engine thread's own. On GPU, wall time.
+        cpu = runner.device.type == "cpu"
+        self._clock = time.process_time if cpu else time.perf_counter
+        self._thread_clock = time.thread_time if cpu else time.perf_counter
+        if self.draft is not None:
+            self.draft.clock = self._clock
+        self._last_plan: float | None = None  # _thread_clock at the last plan
+        self._last_execute = 0.0  # _thread_clock seconds the last execute took
         logger.info("speculative decoding: %s, k=%d, adaptive %s",
                     f"draft {config.speculative_model}" if self.draft else config.speculative_method, self.k,
                     "on" if config.speculative_adaptive else "off")
@@ -65,7 +75,7 @@ class SpecDecoder:
     # --------------------------------------------------------------- schedule
     def plan(self, step: StepInput) -> None:
         """Choose each sequence's drafts and reserve their KV slots (out of blocks: it drafts none)."""
-        now = time.perf_counter()
+        now = self._thread_clock()
         if self._last_plan is not None:  # the last step's time outside its forwards
             self.policy.observe_overhead(max(0.0, now - self._last_plan - self._last_execute))
         self._last_plan = now
@@ -73,9 +83,12 @@ class SpecDecoder:
             self.draft.release_stale()
         cand = [i for i, (s, n, smp) in enumerate(zip(step.seqs, step.num_new_tokens, step.sample, strict=True))
                 if smp and n == 1 and not s.prefill_only]
+        self._reserved, self._probed = [], -1
+        if self.policy.skip(len(cand)):  # speculation is off, as the last few steps found
+            return
         caps = [max(0, min(self.k, step.seqs[i].params.max_tokens - step.seqs[i].num_output_tokens - 1,
                            self.max_model_len - step.seqs[i].num_tokens - 1)) for i in cand]
-        rates = [self.policy.acceptance.of(step.seqs[i]) for i in cand]
+        rates = self.policy.acceptance.of([step.seqs[i] for i in cand])
         scheduled, sampling = sum(step.num_new_tokens), sum(step.sample)
         drafts: list[list[int]] = [[] for _ in step.seqs]
         if self.draft is None:
@@ -88,6 +101,7 @@ class SpecDecoder:
                 drafts[i] = propose_ngram(step.seqs[i].token_ids, caps[j]) if caps[j] else []
                 caps[j] = len(drafts[i])
         ks = self.policy.choose(caps, rates, scheduled, sampling)
+        self._probed = cand[self.policy.probed] if self.policy.probed >= 0 else -1
         planned = [0] * len(step.seqs)
         for i, k in zip(cand, ks, strict=True):
             drafts[i] = drafts[i][:k]
@@ -100,11 +114,12 @@ class SpecDecoder:
         if self.draft is None:
             step.spec_tokens = drafts
         self._planned = planned
+        self._reserved = planned
 
     # ---------------------------------------------------------------- execute
     def execute(self, step: StepInput, on_layer_done: Callable[[int], None] | None = None) -> SamplerOutput | None:
         """Propose (draft model), run the one target forward and verify; sets step.num_accepted."""
-        start = time.perf_counter()
+        start = self._thread_clock()
         probs: list[torch.Tensor | None] = []
         if self.draft is not None and step.spec_tokens is None and any(self._planned):
             idx = [i for i, k in enumerate(self._planned) if k]
@@ -115,10 +130,11 @@ class SpecDecoder:
                 drafts[i], probs_by_seq[i] = toks, q
             step.spec_tokens = drafts
             probs = [probs_by_seq[i] for i, smp in enumerate(step.sample) if smp]
-            if out.seconds_per_forward > 0:  # the draft prefill of new prompts is not counted
-                self.policy.draft_cost.observe(len(idx), out.seconds_per_forward)
+            # the draft prefill of new prompts (catch-up) is not counted
+            self.policy.draft_first_cost.observe(len(idx), out.first_seconds)
+            self.policy.draft_cost.observe(len(idx), out.seconds_per_forward)
         self._planned = []
-        t0 = time.perf_counter()
+        t0 = self._clock()
         tokens = sum(step.num_new_tokens) + sum(step.num_draft(i) for i in range(len(step.seqs)))
         if step.spec_tokens is None or not any(step.spec_tokens):
             step.spec_tokens = None
@@ -134,9 +150,8 @@ class SpecDecoder:
                 accepted[i] = a
             step.num_accepted = accepted
             result = verdict.out
-        end = time.perf_counter()
-        self.policy.target_cost.observe(tokens, end - t0)
-        self._last_execute = end - start
+        self.policy.target_cost.observe(tokens, self._clock() - t0)
+        self._last_execute = self._thread_clock() - start
         return result
 
     # ---------------------------------------------------------------- process
@@ -145,6 +160,8 @@ class SpecDecoder:
 
         Returns how many tokens it emits this step (accepted + 1); the caller appends them.
         """
+        if not self._reserved or not self._reserved[i]:  # no drafts, no slots reserved for them
+            return 1
         seq = step.seqs[i]
         k = step.num_draft(i)
         a = step.num_accepted[i] if step.num_accepted is not None else 0
@@ -160,13 +177,16 @@ class SpecDecoder:
             m = self.metrics
             self.metrics = SpecMetrics(m.num_spec_steps + 1, m.num_draft_tokens + k, m.num_accepted_tokens + a)
             self.policy.acceptance.record(seq, k, a)
+            if i == self._probed:
+                self.policy.probe_outcome(k, a)
         return a + 1
 
-    def after_append(self, seq: Sequence) -> None:
-        """The step's tokens are appended: name newly full blocks (accepted tokens only), or let go."""
+    def after_append(self, seq: Sequence, emitted: int) -> None:
+        """The step's `emitted` tokens are appended: name newly full blocks (accepted drafts; one
+        token's were named by the scheduler), or let go."""
         if seq.is_finished:
             self.release(seq)
-        elif seq.block_table:
+        elif emitted > 1 and seq.block_table:
             self.bm.cache_full_blocks(seq)
 
     def release(self, seq: Sequence) -> None:

@@ -27,10 +27,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from tokenizers import Tokenizer as Backend
 from torch import Tensor
 
 from engine.block_manager import BlockManager
@@ -48,7 +50,8 @@ _INLINE = 8  # uncomputed tokens a mirror may bring into its first proposal forw
 class DraftOutput(NamedTuple):
     tokens: list[list[int]]  # per requested sequence, up to its k draft tokens ([] if it could not draft)
     probs: list[Tensor | None]  # (len(tokens[i]), V) q rows for the rejection rule, else None
-    seconds_per_forward: float  # mean time of the proposal forwards (the chunked catch-up excluded)
+    first_seconds: float  # the first proposal forward (it also feeds the last accepted tokens); 0: none
+    seconds_per_forward: float  # mean time of the later proposal forwards (0: none); catch-up excluded
 
 
 def check_compatible(target_dir: str | Path, draft_dir: str | Path, target_vocab: int, draft_vocab: int) -> None:
@@ -56,8 +59,6 @@ def check_compatible(target_dir: str | Path, draft_dir: str | Path, target_vocab
     if draft_vocab != target_vocab:
         raise ValueError(f"the draft model {draft_dir} has a vocabulary of {draft_vocab} tokens but the target "
                          f"{target_dir} has {target_vocab}: a draft must use the target's tokenizer")
-    from tokenizers import Tokenizer as Backend
-
     files = [Path(target_dir) / "tokenizer.json", Path(draft_dir) / "tokenizer.json"]
     if not files[1].is_file():
         raise ValueError(f"the draft model {draft_dir} has no tokenizer.json; a draft must ship the target's "
@@ -89,6 +90,7 @@ class DraftProposer:
         self.max_model_len = self.runner.max_model_len
         self.max_batched_tokens = config.max_num_batched_tokens
         self._mirrors: dict[Sequence, Sequence] = {}
+        self.clock: Callable[[], float] = time.perf_counter  # what `seconds_per_forward` is measured in
 
     # -------------------------------------------------------------- mirrors
     def sync(self, seq: Sequence) -> Sequence:
@@ -134,7 +136,8 @@ class DraftProposer:
         mirrors = [self.sync(s) for s in seqs]
         ks = list(ks)
         self._catch_up(mirrors, ks)
-        t0 = time.perf_counter()
+        t0 = self.clock()
+        first = 0.0
         forwards = 0
         tokens: list[list[int]] = [[] for _ in seqs]
         qrows: list[list[Tensor]] = [[] for _ in seqs]
@@ -153,6 +156,8 @@ class DraftProposer:
                 break
             step = StepInput([mirrors[i] for i in rows], counts, [True] * len(rows))
             logits = self.runner.forward_logits(step)  # (len(rows), V)
+            if not forwards:
+                first = self.clock() - t0
             forwards += 1
             batch = self.runner.sampling_batch(step.seqs)
             drawn = self.runner.sampler(logits, batch).token_ids.tolist()
@@ -167,7 +172,8 @@ class DraftProposer:
                     qrows[i].append(q[r])
         probs = [torch.stack(qrows[i]) if qrows[i] and len(qrows[i]) == len(tokens[i]) else None
                  for i in range(len(seqs))]
-        return DraftOutput(tokens, probs, (time.perf_counter() - t0) / forwards if forwards else 0.0)
+        later = (self.clock() - t0 - first) / (forwards - 1) if forwards > 1 else 0.0
+        return DraftOutput(tokens, probs, first, later)
 
     def _catch_up(self, mirrors: list[Sequence], ks: list[int]) -> None:
         """Compute the draft KV of every mirror to within `_INLINE` tokens of its end, in budget-sized

@@ -7,6 +7,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -229,9 +230,35 @@ def test_policy_speculates_when_cheap_and_stops_when_compute_bound() -> None:
     assert flat.choose([4], [0.7], 1, 1) == [4]
     bound = SpecPolicy(max_batched_tokens=2048, adaptive=True, has_draft_model=False)
     for tokens in (32, 64, 96, 128, 160):
-        bound.target_cost.observe(tokens, 0.010 + 0.001 * tokens)  # compute-bound: time grows with tokens
+        bound.target_cost.observe(tokens, 0.020 + 0.001 * tokens)  # compute-bound: time grows with tokens
     assert bound.choose([4] * 32, [0.5] * 32, 32, 32) == [0] * 32
     assert bound.choose([4] * 32, [0.98] * 32, 32, 32) != [0] * 32  # near-certain drafts still pay
+    # probes, when speculation is off: every sequence's next n-gram draft; a draft model's: one
+    # sequence, every draft it may take
+    for has_draft_model, probed, deepest in ((False, 32, 1), (True, 4, 4)):
+        off = SpecPolicy(max_batched_tokens=2048, adaptive=True, has_draft_model=has_draft_model, probe_every=4)
+        for tokens in (32, 64, 96, 128, 160):
+            off.target_cost.observe(tokens, 0.020 + 0.001 * tokens)
+        off.draft_cost.observe(32, 0.02)
+        picks = [off.choose([4] * 32, [0.5] * 32, 32, 32) for _ in range(20)]
+        # steps 4, 8, 16: each probe that finds speculation off doubles the interval
+        assert {i + 1: sum(p) for i, p in enumerate(picks) if sum(p)} == {4: probed, 8: probed, 16: probed}
+        assert max(picks[3]) == deepest
+        # while off, the next steps may skip choosing (probes and a change of candidates may not)
+        assert [off.skip(32) for _ in range(9)] == [True] * 8 + [False]  # a fresh choice every 8 steps
+        assert off.choose([4] * 32, [0.5] * 32, 32, 32) == [0] * 32
+        assert off.skip(32) and not off.skip(31)
+        off._off = None
+        assert not off.skip(32)
+    # a draft-model probe that kept most of its drafts stops the back-off where drafting was
+    # predicted to break even; one that did not, or far from paying, does not
+    off.probe_outcome(4, 3)
+    assert off._probe_interval == 32  # compute-bound: far from paying
+    off._best_ratio = 1.05  # within the margin
+    off.probe_outcome(4, 1)
+    assert off._probe_interval == 32
+    off.probe_outcome(4, 3)
+    assert off._probe_interval == 4
     capped = SpecPolicy(max_batched_tokens=40, adaptive=False, has_draft_model=False)
     assert sum(capped.choose([4] * 32, [0.9] * 32, 32, 32)) == 8  # the verify forward fits the budget
 
@@ -264,3 +291,15 @@ def test_a_draft_with_another_vocabulary_is_refused(target, tmp_path) -> None:
     (other / "tokenizer.json").write_text(json.dumps(tok))
     with pytest.raises(ValueError, match="different tokenizer"):
         LLM(target, device="cpu", num_kv_blocks=16, speculative_model=str(other))
+
+
+def test_cost_curve_outvotes_one_slow_measurement_of_a_rare_size() -> None:
+    cost = SpecPolicy(max_batched_tokens=2048, adaptive=True, has_draft_model=True).target_cost
+    for _ in range(50):
+        cost.observe(1, 0.005)  # the size measured every step
+    cost.observe(2, 0.012)  # once, while the machine was busy
+    for _ in range(8):
+        cost.observe(5, 0.006)  # a larger size, measured a few times since
+    low, two, five = cost.predict(np.array([1, 2, 5]))
+    # nondecreasing, the outlier pooled with the larger size and outvoted (not copied up the curve)
+    assert low == pytest.approx(0.005) and low <= two == five < 0.007
