@@ -28,15 +28,16 @@ from engine.sequence import Sequence
 from kvtransfer import CompletedTransfer, FailedTransfer
 from tandem.metrics import WorkerMetrics
 from tandem.tracing import (
+    PARENT_KEY,
     Tracing,
     context_from_traceparent,
     epoch_ns_from_monotonic,
     epoch_ns_from_perf,
     record_span,
+    sampled_parent,
 )
 
 STEPS_PER_SPAN = 16
-_PARENT = "otel_parent"  # seq.extra key: the sampled parent Context, or None
 
 
 class _Window:
@@ -77,12 +78,7 @@ class DecodeObserver:
         self.steps_per_span = steps_per_span
 
     def _parent(self, seq: Sequence) -> Context | None:
-        x = seq.extra
-        if _PARENT not in x:
-            ctx = context_from_traceparent(x.get("traceparent", "")) if self.tracing.enabled else None
-            sampled = ctx is not None and trace.get_current_span(ctx).get_span_context().trace_flags.sampled
-            x[_PARENT] = ctx if sampled else None
-        return x[_PARENT]
+        return sampled_parent(self.tracing, seq.extra)
 
     # ------------------------------------------------------------------ receiver I/O thread
     def kv_received(self, t: CompletedTransfer) -> None:
@@ -160,7 +156,7 @@ class DecodeObserver:
         }
         now = seq.extra["obs_spec"] = _spec(seq)
         attrs.update(_spec_attrs(*(a - b for a, b in zip(now, win.spec0, strict=True))))
-        record_span(self.tracing.tracer, "decode.steps", seq.extra[_PARENT], epoch_ns_from_perf(win.start_ns),
+        record_span(self.tracing.tracer, "decode.steps", seq.extra[PARENT_KEY], epoch_ns_from_perf(win.start_ns),
                     epoch_ns_from_perf(end_ns), attrs)
 
     def _finish(self, seq: Sequence, out: RequestOutput, at_ns: int) -> None:
@@ -176,4 +172,4 @@ class DecodeObserver:
         if seq.stop_reason is not None:
             attrs["tandem.finish.stop"] = str(seq.stop_reason)
         attrs.update(_spec_attrs(*_spec(seq)))
-        record_span(self.tracing.tracer, "decode.finish", seq.extra[_PARENT], at_ns, at_ns, attrs)
+        record_span(self.tracing.tracer, "decode.finish", seq.extra[PARENT_KEY], at_ns, at_ns, attrs)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Status, StatusCode
 
@@ -28,14 +27,12 @@ from kvtransfer import TransferResult
 from tandem.metrics import WorkerMetrics
 from tandem.tracing import (
     Tracing,
-    context_from_traceparent,
     epoch_ns_from_monotonic,
     epoch_ns_from_perf,
     record_span,
+    sampled_parent,
     traceparent_of,
 )
-
-_PARENT = "otel_parent"  # seq.extra key: the sampled parent Context, or None
 
 
 class PrefillObserver:
@@ -49,12 +46,7 @@ class PrefillObserver:
         self.metrics = metrics
 
     def _parent(self, seq: Sequence) -> Context | None:
-        x = seq.extra
-        if _PARENT not in x:
-            ctx = context_from_traceparent(x.get("traceparent", "")) if self.tracing.enabled else None
-            sampled = ctx is not None and trace.get_current_span(ctx).get_span_context().trace_flags.sampled
-            x[_PARENT] = ctx if sampled else None
-        return x[_PARENT]
+        return sampled_parent(self.tracing, seq.extra)
 
     # ------------------------------------------------------------------ engine thread
     def on_step(self, step: StepInput, outputs: list[RequestOutput], t_exec_ns: int, t_done_ns: int) -> None:

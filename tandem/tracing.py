@@ -128,6 +128,19 @@ def context_from_traceparent(traceparent: str) -> Context | None:
     return context_from_carrier({"traceparent": traceparent}) if traceparent else None
 
 
+PARENT_KEY = "otel_parent"  # request-state key (`Sequence.extra`): the sampled parent Context, or None
+
+
+def sampled_parent(tracing: Tracing, extra: dict[str, Any]) -> Context | None:
+    """The parent Context of a request whose state `extra` carries its "traceparent", or None when
+    tracing is off or the trace is not sampled; worked out once, then kept in extra[PARENT_KEY]."""
+    if PARENT_KEY not in extra:
+        ctx = context_from_traceparent(extra.get("traceparent", "")) if tracing.enabled else None
+        sampled = ctx is not None and trace.get_current_span(ctx).get_span_context().trace_flags.sampled
+        extra[PARENT_KEY] = ctx if sampled else None
+    return extra[PARENT_KEY]
+
+
 def context_of(span: Span) -> Context:
     """A context whose parent is `span` (for `start_span(context=...)`)."""
     return trace.set_span_in_context(span)

@@ -55,8 +55,8 @@ class SpecDecoder:
         self.policy = SpecPolicy(config.max_num_batched_tokens, config.speculative_adaptive, self.draft is not None)
         self.generator = torch.Generator(device=runner.device).manual_seed(config.seed + 2)
         self.metrics = SpecMetrics()
-        self._planned: list[int] = []  # per step sequence: drafts the plan reserved (draft model)
-        self._reserved: list[int] = []  # the same, kept until the step is processed ([]: none)
+        # per step sequence: drafts the plan reserved KV slots for ([]: none), until the next plan
+        self._planned: list[int] = []
         self._probed = -1  # the step sequence a draft-model probe drafted for (-1: none)
         # Costs are compared across sizes measured at different times. On CPU the clock is this
         # process's CPU time, so other processes' load on a shared machine does not make one size
@@ -83,7 +83,7 @@ class SpecDecoder:
             self.draft.release_stale()
         cand = [i for i, (s, n, smp) in enumerate(zip(step.seqs, step.num_new_tokens, step.sample, strict=True))
                 if smp and n == 1 and not s.prefill_only]
-        self._reserved, self._probed = [], -1
+        self._planned, self._probed = [], -1
         if self.policy.skip(len(cand)):  # speculation is off, as the last few steps found
             return
         caps = [max(0, min(self.k, step.seqs[i].params.max_tokens - step.seqs[i].num_output_tokens - 1,
@@ -114,7 +114,6 @@ class SpecDecoder:
         if self.draft is None:
             step.spec_tokens = drafts
         self._planned = planned
-        self._reserved = planned
 
     # ---------------------------------------------------------------- execute
     def execute(self, step: StepInput, on_layer_done: Callable[[int], None] | None = None) -> SamplerOutput | None:
@@ -133,7 +132,6 @@ class SpecDecoder:
             # the draft prefill of new prompts (catch-up) is not counted
             self.policy.draft_first_cost.observe(len(idx), out.first_seconds)
             self.policy.draft_cost.observe(len(idx), out.seconds_per_forward)
-        self._planned = []
         t0 = self._clock()
         tokens = sum(step.num_new_tokens) + sum(step.num_draft(i) for i in range(len(step.seqs)))
         if step.spec_tokens is None or not any(step.spec_tokens):
@@ -160,7 +158,7 @@ class SpecDecoder:
 
         Returns how many tokens it emits this step (accepted + 1); the caller appends them.
         """
-        if not self._reserved or not self._reserved[i]:  # no drafts, no slots reserved for them
+        if not self._planned or not self._planned[i]:  # no drafts, no slots reserved for them
             return 1
         seq = step.seqs[i]
         k = step.num_draft(i)
