@@ -26,18 +26,18 @@ $(STAMP): pyproject.toml
 
 proto: $(PROTO_OUT)
 
-$(PROTO_OUT): $(PROTO_SRC) $(STAMP) tandem/protogen.py
-	$(PY) -m tandem.protogen
+$(PROTO_OUT): $(PROTO_SRC) $(STAMP) protos/generate.py
+	$(PY) -m protos.generate
 	touch $@
 
 $(MODEL)/config.json: | install
-	$(PY) -m tandem.cli make-tiny-model $(MODEL) --arch llama
+	$(PY) -m cli.main make-tiny-model $(MODEL) --arch llama
 
 tiny-model: $(MODEL)/config.json
 
 # Trains the committed demo pair (models/demo/{teacher,draft}) from the standard library; ~30 min on 2 cores.
 demo-model: install
-	$(PY) -m engine.demo_model --out models/demo $(ARGS)
+	$(PY) -m training.demo --out models/demo $(ARGS)
 
 run: install $(MODEL)/config.json
 	$(VENV)/bin/tandem up --model $(MODEL) $(RUN_ARGS) $(ARGS)
@@ -49,7 +49,7 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy engine kvtransfer gateway prefill_worker decode_worker kernels tandem
+	$(VENV)/bin/mypy kernels kvtransfer engine server gateway prefill_worker decode_worker training cli
 
 bench: install
 	$(PY) -m bench.offline $(ARGS)

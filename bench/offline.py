@@ -15,13 +15,13 @@ import platform
 import random
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
 from engine import LLM, SamplingParams
-from engine.tiny import make_tiny_model
+from training.tiny import make_tiny_model
 
 MODEL_SHAPE = dict(hidden_size=512, num_layers=10, num_heads=8, num_kv_heads=8, intermediate_size=2048,
                    vocab_size=8192, max_position_embeddings=2048)
@@ -92,7 +92,7 @@ def main() -> None:
                 print(f"transformers batch {b}: {results[f'hf_batch{b}']:.1f} output tok/s", flush=True)
     best_hf = max((v for k, v in results.items() if k.startswith("hf")), default=None)
     record = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, {platform.platform()}",
         "torch": torch.__version__,
         "model_params": params,

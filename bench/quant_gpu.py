@@ -38,7 +38,7 @@ from torch import nn
 if __name__ == "__main__" and not __package__:
     raise SystemExit("run from the repository root as a module: python -m bench.quant_gpu")
 
-from bench.kernels import timer  # noqa: E402
+from bench.kernel_speed import timer  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
 from engine.model import CausalLM, ForwardContext  # noqa: E402
 from engine.quant import linear_weight_bytes, quantize_model  # noqa: E402

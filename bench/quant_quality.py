@@ -3,9 +3,9 @@
 Run from the repository root: ``.venv/bin/python -m bench.quant_quality [--quick] [--out PATH]``.
 
 Quality. Each model reads the same windows of held-out text (the demo model's held-out standard-library
-files, engine/demo_model.py ``stdlib_split``) once unquantized and once per variant, all in float32 so
+files, training/demo.py ``stdlib_split``) once unquantized and once per variant, all in float32 so
 only the quantization differs; reported: top-1 agreement and the mean per-token KL(unquantized ||
-variant) in nats (engine/quant/quality.py). Variants: int8, int4, fp8 weights; fp8 KV cache; int4 with
+variant) in nats (training/quant_quality.py). Variants: int8, int4, fp8 weights; fp8 KV cache; int4 with
 fp8 KV. Models: a random tiny model of each architecture (hidden 256, 4 layers, intermediate 768, so every
 int4 layer has groups of 128), and the demo model (models/demo/teacher) when it exists, else the ~50M
 random Llama of bench/offline.py (MODEL_SHAPE); the JSON says which.
@@ -41,11 +41,11 @@ if __name__ == "__main__" and not __package__:
 
 from bench.offline import MODEL_SHAPE  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
-from engine.demo_model import stdlib_split  # noqa: E402
 from engine.quant import linear_weight_bytes  # noqa: E402
-from engine.quant.quality import agreement  # noqa: E402
-from engine.tiny import make_tiny_model  # noqa: E402
 from engine.tokenizer import Tokenizer  # noqa: E402
+from training.demo import stdlib_split  # noqa: E402
+from training.quant_quality import agreement  # noqa: E402
+from training.tiny import make_tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "models" / "demo" / "teacher"

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import grpc
 
-from tandem.launcher import Child, Stack
+from cli.launcher import Child, Stack
 from tandem.v1 import generation_pb2 as gen
 from tandem.v1 import generation_pb2_grpc
 
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="tandem-soak-"))
     model = args.model
     if model is None:
-        from engine.tiny import make_tiny_model
+        from training.tiny import make_tiny_model
         model = str(make_tiny_model(workdir / "model", "llama", max_position_embeddings=1024))
     stack = Stack(model, prefill_workers=1, decode_workers=2, engine_args=ENGINE, workdir=workdir / "stack",
                   decode_args=["--num-kv-blocks", "64", "--kv-timeout", "5"], prefill_args=["--kv-timeout", "5"],

@@ -43,7 +43,7 @@ def tiny_pair(out: Path) -> tuple[Path, Path]:
     """A random 4-layer target; the draft is its first layer with noise (same tokenizer by construction)."""
     from safetensors.torch import load_file, save_file
 
-    from engine.tiny import make_tiny_model
+    from training.tiny import make_tiny_model
 
     target = make_tiny_model(out / "target", "llama", hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
                              intermediate_size=768, vocab_size=4096)
@@ -64,7 +64,7 @@ def tiny_pair(out: Path) -> tuple[Path, Path]:
 def stdlib_prompts(tokenizer: Tokenizer, count: int, length: int) -> list[list[int]]:
     """`count` prompts of `length` tokens from held-out standard-library files: a third into each
     file first, then two thirds into each, and so on, until there are enough."""
-    from engine.demo_model import stdlib_split
+    from training.demo import stdlib_split
 
     _, held_out = stdlib_split()
     texts = [tokenizer.encode(f.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)

@@ -30,10 +30,10 @@ from typing import Any
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from engine.tiny import make_tiny_model
-from tandem.launcher import Stack
+from cli.launcher import Stack
 from tandem.v1 import generation_pb2 as gen
 from tandem.v1 import generation_pb2_grpc
+from training.tiny import make_tiny_model
 
 ENGINE = ["--device", "cpu", "--dtype", "float32", "--block-size", "16", "--num-kv-blocks", "1024"]
 
@@ -101,7 +101,7 @@ def span_cost_us(n: int = 20000) -> dict[str, float]:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
     from opentelemetry.trace import NoOpTracer
 
-    from tandem.tracing import record_span
+    from server.tracing import record_span
 
     class Drop(SpanExporter):
         def export(self, spans: Any) -> SpanExportResult:

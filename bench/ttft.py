@@ -18,16 +18,16 @@ import statistics
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
 import torch
 
-from engine.tiny import make_tiny_model
-from tandem.launcher import Stack
+from cli.launcher import Stack
 from tandem.v1 import generation_pb2 as gen
 from tandem.v1 import generation_pb2_grpc
+from training.tiny import make_tiny_model
 
 MODES = {"disaggregated": 0, "conditional": 256, "co-located": 1_000_000}
 SHAPE = dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=1536,
@@ -61,7 +61,7 @@ def measure(model: Path, threshold: int, lengths: list[int], reps: int) -> dict:
 
         def background(i: int) -> None:
             _, times = stream(stub, prompt(64, 200 + i), 160)
-            gaps.extend(b - a for a, b in zip(times, times[1:]))
+            gaps.extend(b - a for a, b in zip(times, times[1:], strict=False))
 
         threads = [threading.Thread(target=background, args=(i,)) for i in range(4)]
         for t in threads:
@@ -87,7 +87,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = make_tiny_model(Path(tmp) / "ttft-llama", "llama", **SHAPE)
         results = {mode: measure(model, th, lengths, args.reps) for mode, th in MODES.items()}
-    record = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    record = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
               "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads", "model": SHAPE,
               "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

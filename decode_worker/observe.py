@@ -22,12 +22,12 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.context import Context
 
-from engine.engine import RequestOutput
 from engine.model_runner import StepInput
+from engine.outputs import RequestOutput
 from engine.sequence import Sequence
 from kvtransfer import CompletedTransfer, FailedTransfer
-from tandem.metrics import WorkerMetrics
-from tandem.tracing import (
+from server.metrics import WorkerMetrics
+from server.tracing import (
     PARENT_KEY,
     Tracing,
     context_from_traceparent,

@@ -11,10 +11,10 @@ from contextlib import aclosing
 import grpc
 
 from decode_worker.worker import DecodeCore
-from engine.engine import RequestOutput
-from tandem.errors import DeadlineExceeded, Mismatch, Overloaded, TandemError, Unavailable
-from tandem.protoconv import finish_to_proto, logprob_to_proto, sampling_from_proto
-from tandem.tracing import finish_span, start_server_span, traceparent_of
+from engine.outputs import RequestOutput
+from server.errors import DeadlineExceeded, Mismatch, Overloaded, TandemError, Unavailable
+from server.protoconv import finish_to_proto, logprob_to_proto, sampling_from_proto
+from server.tracing import finish_span, start_server_span, traceparent_of
 from tandem.v1 import generation_pb2 as gen
 from tandem.v1 import worker_pb2 as pb
 from tandem.v1 import worker_pb2_grpc
@@ -32,11 +32,11 @@ class _Failed:
 
 
 class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
-    def __init__(self, core: DecodeCore, worker_id: str, address: str, max_waiting: int) -> None:
+    def __init__(self, core: DecodeCore, worker_id: str, address: str, max_streams: int) -> None:
         self.core = core
         self.worker_id = worker_id
         self.address = address
-        self.max_waiting = max_waiting
+        self.max_streams = max_streams
         self.streams = 0
 
     async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext
@@ -62,9 +62,9 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         core = self.core
         if health := core.health_error():
             raise Unavailable(f"decode worker {self.worker_id} {health}")
-        if self.streams >= self.max_waiting:
+        if self.streams >= self.max_streams:
             raise Overloaded(f"decode worker {self.worker_id} has {self.streams} requests (limit "
-                             f"{self.max_waiting}); retry later", retry_after_s=1.0)
+                             f"{self.max_streams}); retry later", retry_after_s=1.0)
         params = sampling_from_proto(request.sampling)
         rid = request.request_id
         prompt = list(request.prompt_token_ids)

@@ -18,15 +18,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from decode_worker.observe import DecodeObserver
-from engine.engine import Engine, RequestOutput
+from engine.engine import Engine
 from engine.engine_loop import EngineLoop
-from engine.sampling import SamplingParams
+from engine.outputs import RequestOutput
+from engine.sampling.params import SamplingParams
 from engine.sequence import Sequence
 from kvtransfer import CompletedTransfer, FailedTransfer, KVLayout, KVReceiver
 from kvtransfer.curve import CurveServer
-from tandem.metrics import WorkerMetrics, new_registry
-from tandem.protoconv import logprob_from_proto
-from tandem.tracing import disabled
+from server.metrics import WorkerMetrics, new_registry
+from server.protoconv import logprob_from_proto
+from server.tracing import disabled
 from tandem.v1 import kv_pb2
 
 logger = logging.getLogger(__name__)
@@ -59,8 +60,6 @@ class DecodeCore:
             engine.runner.kv, layout, kv_bind, reserve=self._reserve, release=self._release,
             on_complete=self._on_complete, on_failed=self._on_failed, timeout_s=kv_timeout_s, curve=curve,
         )
-        self.transfers_completed = 0
-        self.transfer_bytes = 0
 
     def start(self) -> None:
         self.loop.start()
@@ -108,8 +107,6 @@ class DecodeCore:
             self.engine.block_manager.free_blocks(block_ids)
 
     def _on_complete(self, t: CompletedTransfer) -> None:
-        self.transfers_completed += 1
-        self.transfer_bytes += t.bytes
         self.obs.kv_received(t)
         self.loop.submit(lambda: self._adopt(t))
 

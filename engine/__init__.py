@@ -13,7 +13,7 @@ _EXPORTS = {
     "Engine": "engine.engine",
     "EngineConfig": "engine.config",
     "ModelConfig": "engine.config",
-    "SamplingParams": "engine.sampling",
+    "SamplingParams": "engine.sampling.params",
 }
 __all__ = list(_EXPORTS)
 

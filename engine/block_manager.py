@@ -25,32 +25,13 @@ an answer (`allocate_slots` returns False), not an exception.
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
+from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
-
-
-def hash_block(parent: int | None, token_ids: Seq[int]) -> int:
-    """A 128-bit name for a full block, chained over its parent's name (stable across processes)."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update((parent or 0).to_bytes(16, "little"))
-    h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
-    return int.from_bytes(h.digest(), "little")
-
-
-def hash_prefix(token_ids: Seq[int], block_size: int, max_tokens: int | None = None) -> list[int]:
-    """Names of the full blocks in `token_ids[:max_tokens]`, in order."""
-    limit = len(token_ids) if max_tokens is None else min(max_tokens, len(token_ids))
-    hashes: list[int] = []
-    parent: int | None = None
-    for start in range(0, limit - block_size + 1, block_size):
-        parent = hash_block(parent, token_ids[start : start + block_size])
-        hashes.append(parent)
-    return hashes
+from engine.prefix_hash import hash_block, hash_prefix
 
 
 class HasBlocks(Protocol):
@@ -186,8 +167,8 @@ class BlockManager:
         seq.block_table.clear()
         seq.block_hashes.clear()
 
-    def free_blocks(self, block_ids: Seq[int] | object) -> None:
-        for block_id in block_ids:  # type: ignore[attr-defined]
+    def free_blocks(self, block_ids: Iterable[int]) -> None:
+        for block_id in block_ids:
             block = self._blocks[block_id]
             assert block.ref_count > 0, f"double free of block {block_id}"
             block.ref_count -= 1

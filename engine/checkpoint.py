@@ -6,8 +6,7 @@ A checkpoint directory holds `config.json` and its weights in one of three layou
     model.safetensors              a single file
     *.safetensors                  any other files, read in sorted name order
 
-Tensors are streamed one at a time from memory-mapped files, so loading never holds a second full
-copy of the checkpoint in memory.
+Torch-free (the gateway reads configs through it); `engine.weights` streams the tensors.
 """
 
 from __future__ import annotations
@@ -15,21 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import torch
-from safetensors import safe_open
-from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-# Checkpoints larger than this show a progress bar when `progress` is None.
-PROGRESS_MIN_BYTES = 256 << 20
 
 
 class CheckpointError(ValueError):
@@ -45,7 +36,7 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"cannot read {path}: {exc}") from exc
 
 
-def _check_dir(model_dir: str | Path) -> Path:
+def check_dir(model_dir: str | Path) -> Path:
     path = Path(model_dir)
     if not path.exists():
         raise CheckpointError(f"model directory {path} does not exist")
@@ -54,7 +45,7 @@ def _check_dir(model_dir: str | Path) -> Path:
     return path
 
 
-def _load_index(path: Path) -> dict[str, str]:
+def load_index(path: Path) -> dict[str, str]:
     """The index's tensor-name -> file-name map; raises CheckpointError if malformed."""
     index = _read_json(path / INDEX_FILE)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -71,9 +62,9 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
     Raises CheckpointError if the directory is missing, has no *.safetensors, or its index names a
     shard that is not there.
     """
-    path = _check_dir(model_dir)
+    path = check_dir(model_dir)
     if (path / INDEX_FILE).is_file():
-        names = list(dict.fromkeys(_load_index(path).values()))
+        names = list(dict.fromkeys(load_index(path).values()))
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
             raise CheckpointError(
@@ -97,7 +88,7 @@ def load_hf_config(model_dir: str | Path) -> dict[str, Any]:
     Raises CheckpointError if the directory does not exist or is not a directory, has no config.json
     (or it is not a JSON object), or has no safetensors weights.
     """
-    path = _check_dir(model_dir)
+    path = check_dir(model_dir)
     config_path = path / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{path} has no config.json; is it a Hugging Face model directory?")
@@ -106,49 +97,6 @@ def load_hf_config(model_dir: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
     safetensors_files(path)
     return config
-
-
-def iter_safetensors(
-    model_dir: str | Path, *, progress: bool | None = None
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield `(name, tensor)` for every tensor of the checkpoint, one at a time, on CPU.
-
-    Each tensor is read from a memory-mapped file when it is yielded; the caller owns it and should
-    copy it into place and drop it. With an index, a file's tensors that the index assigns to another
-    file are skipped, so no name is yielded twice. `progress=True` shows a byte-counting tqdm bar on
-    stderr; `None` shows it only for checkpoints over PROGRESS_MIN_BYTES.
-    Raises CheckpointError as `safetensors_files` does, or if an indexed tensor is in none of the files.
-    """
-    path = _check_dir(model_dir)
-    files = safetensors_files(path)
-    weight_map = _load_index(path) if (path / INDEX_FILE).is_file() else None
-    total = sum(f.stat().st_size for f in files)
-    show = progress if progress is not None else total > PROGRESS_MIN_BYTES
-    seen: set[str] = set()
-    with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", file=sys.stderr,
-              disable=not show) as bar:
-        for file in files:
-            read = 0
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                rel = file.relative_to(path).as_posix()
-                for name in f.keys():
-                    if weight_map is not None and weight_map.get(name) != rel:
-                        logger.debug("skipping %s in %s: the index places it elsewhere", name, rel)
-                        continue
-                    tensor = f.get_tensor(name)
-                    size = tensor.numel() * tensor.element_size()
-                    bar.update(size)
-                    read += size
-                    seen.add(name)
-                    yield name, tensor
-            # The file's header and skipped tensors, so the bar ends at the total.
-            bar.update(max(file.stat().st_size - read, 0))
-    if weight_map is not None and len(seen) < len(weight_map):
-        missing = sorted(set(weight_map) - seen)
-        raise CheckpointError(
-            f"{path / INDEX_FILE} lists {len(missing)} tensors found in no shard, "
-            f"e.g. {', '.join(missing[:3])}"
-        )
 
 
 def checkpoint_fingerprint(model_dir: str | Path) -> str:

@@ -2,16 +2,17 @@
 
 `ModelConfig` is what the model runtime needs from a Hugging Face `config.json`; `EngineConfig` is
 what a person chooses when starting an engine. Both reject bad values with `ValueError` naming the
-field, the value and what is allowed. Derived values are properties.
+field, the value and what is allowed. Derived values are properties. Torch-free: the gateway reads a
+checkpoint's `ModelConfig` without loading the model stack (`engine.device` maps names to torch).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import torch
+from engine.options import REQUIRED, check_options, option
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "LlamaForCausalLM",
@@ -19,17 +20,14 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
 )
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")  # torch dtypes: engine.device.TORCH_DTYPES
 SPECULATIVE_METHODS: tuple[str, ...] = ("ngram",)
 MAX_SPECULATIVE_TOKENS = 16
 DEFAULT_SPECULATIVE_TOKENS = 4
 QUANTIZATIONS: tuple[str, ...] = ("int8", "int4", "fp8")  # engine/quant; docs/quantization.md
 KV_CACHE_DTYPES: tuple[str, ...] = ("auto", "fp8")
-_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
+ATTENTION_BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -113,77 +111,64 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
 
-def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: str) -> torch.dtype:
-    """auto: the checkpoint's dtype on GPU, float32 on CPU."""
-    key = _DTYPE_ALIASES.get(name, name)
-    if key == "auto":
-        return DTYPES[checkpoint_dtype] if device.type == "cuda" else torch.float32
-    if key not in DTYPES:
+def canonical_dtype(name: str) -> str:
+    """`name` with its alias resolved ("bf16" -> "bfloat16"); raises ValueError for an unknown one."""
+    key = DTYPE_ALIASES.get(name, name)
+    if key != "auto" and key not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose one of auto, {', '.join(DTYPES)}")
-    return DTYPES[key]
+    return key
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+def check_device(name: str) -> None:
+    """Raises ValueError for a device name that is not auto, cpu, cuda or cuda:N."""
+    if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
         raise ValueError(f"unknown device {name!r}; choose auto, cpu or cuda")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but no CUDA device is available")
-    return torch.device(name)
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Everything a person picks when starting an engine (offline, prefill or decode worker)."""
+    """Everything a person picks when starting an engine (offline, prefill or decode worker).
 
-    model: str
-    dtype: str = "auto"
-    device: str = "auto"
-    block_size: int = 16
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 256
-    max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
-    kv_cache_memory_bytes: int | None = None  # None: a fraction of free memory (GPU) or 2 GiB (CPU)
-    num_kv_blocks: int | None = None  # overrides the memory budget (tests)
-    enable_prefix_caching: bool = True
-    attention_backend: str = "auto"  # auto | torch | triton
-    quantization: str | None = None  # int8 | int4 | fp8: projection weights quantized at load (engine/quant)
-    kv_cache_dtype: str = "auto"  # auto: the model dtype | fp8: float8_e4m3fn pages (kernels/kv_store.py)
-    seed: int = 0
+    Each field's default, range and help text are declared here once (engine.options); the
+    `tandem` command's flags are generated from them.
+    """
+
+    model: str = option(REQUIRED, "Hugging Face checkpoint directory")
+    dtype: str = option("auto", "auto|float32|float16|bfloat16 (auto: the checkpoint's on GPU, float32 on CPU)")
+    device: str = option("auto", "auto|cpu|cuda|cuda:N")
+    block_size: int = option(16, "tokens per KV block (a power of two)", min=1)
+    max_num_batched_tokens: int = option(2048, "token budget of one engine step", min=1)
+    max_num_seqs: int = option(256, "running sequences in one engine step", min=1)
+    max_model_len: int | None = option(None, "context limit in tokens (default: the model's)", min=2)
+    kv_cache_memory_gib: float | None = option(
+        None, "KV pool budget in GiB (default: most of the free GPU memory, 2 GiB on CPU)", above=0,
+        flag="kv-cache-memory")
+    num_kv_blocks: int | None = option(None, "KV pool size in blocks (overrides --kv-cache-memory)", min=1)
+    enable_prefix_caching: bool = option(True, "reuse the KV of shared prompt prefixes", flag="prefix-caching")
+    attention_backend: str = option("auto", "auto: triton on CUDA, torch on CPU", choices=ATTENTION_BACKENDS)
+    quantization: str | None = option(None, "quantize the decoder layers' weights at load time "
+                                      "(docs/quantization.md)", choices=QUANTIZATIONS)
+    kv_cache_dtype: str = option("auto", "auto: the model dtype; fp8: float8_e4m3fn KV pages "
+                                 "(prefill and decode must agree)", choices=KV_CACHE_DTYPES)
+    seed: int = option(0, "seed of the engine's unseeded draws", min=0)
     # speculative decoding (engine.spec; docs/speculative.md): at most one of model / method
-    speculative_model: str | None = None  # a draft checkpoint with the target's tokenizer
-    speculative_method: str | None = None  # "ngram": prompt lookup, no model
-    num_speculative_tokens: int | None = None  # k in 1..16; None: DEFAULT_SPECULATIVE_TOKENS
-    speculative_adaptive: bool = True  # shrink k (to 0) when verifying costs more than it yields
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    speculative_model: str | None = option(
+        None, "draft checkpoint (the target's tokenizer) that proposes tokens for the model to verify; "
+        "decode workers speculate, prefill workers ignore it")
+    speculative_method: str | None = option(None, "ngram: propose by prompt lookup, no draft model",
+                                            choices=SPECULATIVE_METHODS)
+    num_speculative_tokens: int | None = option(
+        None, f"k, the most draft tokens verified per sequence and step (default {DEFAULT_SPECULATIVE_TOKENS})",
+        min=1, max=MAX_SPECULATIVE_TOKENS)
+    speculative_adaptive: bool = option(True, "shrink k (to 0) while verifying costs more than it yields")
 
     def __post_init__(self) -> None:
-        if not isinstance(self.block_size, int) or self.block_size <= 0 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a positive power of two, got {self.block_size!r}")
-        if self.max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
-        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
-            raise ValueError(f"kv_cache_memory_bytes must be > 0, got {self.kv_cache_memory_bytes}")
-        if self.attention_backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
-        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
-            raise ValueError(f"unknown quantization {self.quantization!r}; choose one of "
-                             f"{', '.join(QUANTIZATIONS)} (or None)")
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"unknown kv_cache_dtype {self.kv_cache_dtype!r}; choose one of "
-                             f"{', '.join(KV_CACHE_DTYPES)}")
-        key = _DTYPE_ALIASES.get(self.dtype, self.dtype)
-        if key != "auto" and key not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of auto, {', '.join(DTYPES)}")
-        resolve_device(self.device) if self.device != "auto" else None
         self._check_speculation()
+        check_options(self)
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a positive power of two, got {self.block_size!r}")
+        canonical_dtype(self.dtype)
+        check_device(self.device)
 
     def _check_speculation(self) -> None:
         if self.speculative_model is not None and self.speculative_method is not None:
@@ -192,13 +177,8 @@ class EngineConfig:
         if self.speculative_method is not None and self.speculative_method not in SPECULATIVE_METHODS:
             raise ValueError(f"speculative_method must be one of {', '.join(SPECULATIVE_METHODS)}, got "
                              f"{self.speculative_method!r} (a draft model is given as speculative_model=DIR)")
-        k = self.num_speculative_tokens
-        if k is not None:
-            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
-                raise ValueError(f"num_speculative_tokens must be an integer in 1..{MAX_SPECULATIVE_TOKENS}, "
-                                 f"got {k!r}")
-            if not self.speculative:
-                raise ValueError("num_speculative_tokens needs speculative_model or speculative_method")
+        if self.num_speculative_tokens is not None and not self.speculative:
+            raise ValueError("num_speculative_tokens needs speculative_model or speculative_method")
 
     @property
     def speculative(self) -> bool:
@@ -214,3 +194,7 @@ class EngineConfig:
 
     def blocks_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.block_size)
+
+    @property
+    def kv_cache_memory_bytes(self) -> int | None:
+        return int(self.kv_cache_memory_gib * 2**30) if self.kv_cache_memory_gib is not None else None

@@ -9,43 +9,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.model_runner import ModelRunner, StepInput
-from engine.sampling import SamplerOutput, SamplingParams
+from engine.outputs import FinishReason, RequestOutput, TokenLogprob
+from engine.sampling.params import SamplingParams
+from engine.sampling.sampler import SamplerOutput
 from engine.scheduler import Scheduler
-from engine.sequence import FinishReason, Sequence, SequenceStatus
+from engine.sequence import Sequence, SequenceStatus
 from engine.spec import SpecDecoder, SpecMetrics
 from engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)
-
-
-@dataclass
-class RequestOutput:
-    """What one request gained in one step (a delta), and its state."""
-
-    request_id: str
-    new_token_ids: list[int]
-    new_text: str
-    finished: bool
-    finish_reason: FinishReason | None
-    num_prompt_tokens: int
-    num_output_tokens: int
-    num_cached_tokens: int
-    new_logprobs: list[TokenLogprob] = field(default_factory=list)
-    seq: Sequence | None = None
-    spec: SpecMetrics | None = None  # the request's speculation so far (engines that speculate)
 
 
 class Engine:
@@ -59,7 +36,6 @@ class Engine:
         self.max_model_len = min(self.runner.max_model_len, self.runner.num_blocks * config.block_size)
         self.spec = (SpecDecoder(config, self.runner, self.block_manager, self.max_model_len)
                      if config.speculative else None)
-        self.num_steps = 0
         self.num_computed_tokens_total = 0
 
     @property
@@ -127,7 +103,6 @@ class Engine:
     def process(self, step: StepInput, sampled: SamplerOutput | None) -> list[RequestOutput]:
         """Advance counters, append sampled tokens, apply stop conditions, free finished sequences."""
         self.scheduler.finish_step(step)
-        self.num_steps += 1
         self.num_computed_tokens_total += sum(step.num_new_tokens)
         return self._process(step, sampled)
 
@@ -165,7 +140,7 @@ class Engine:
             top: list[tuple[int, float]] = []
             if out.top_ids is not None and seq.params.logprobs > 0:
                 k = seq.params.logprobs
-                top = list(zip(out.top_ids[row, :k].tolist(), out.top_logprobs[row, :k].tolist()))  # type: ignore[index]
+                top = list(zip(out.top_ids[row, :k].tolist(), out.top_logprobs[row, :k].tolist(), strict=True))  # type: ignore[index]
             lp.append(TokenLogprob(token, float(out.logprobs[row]), top))
             seq.logprobs.extend(lp)
         return lp

@@ -22,9 +22,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from engine.engine import Engine, RequestOutput
+from engine.engine import Engine
 from engine.model_runner import StepInput
-from engine.sampling import SamplerOutput
+from engine.outputs import RequestOutput
+from engine.sampling.sampler import SamplerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,6 @@ class EngineLoop:
         # observability: (step, outputs, t_exec_ns, t_done_ns) perf_counter_ns around execute+process,
         # called before the outputs are delivered
         self.on_step: Callable[[StepInput, list[RequestOutput], int, int], None] | None = None
-        self.steps = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -57,10 +57,6 @@ class EngineLoop:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
 
     # --------------------------------------------------------------- commands
     def submit(self, fn: Callable[[], None]) -> None:
@@ -132,7 +128,6 @@ class EngineLoop:
         sampled: SamplerOutput | None = eng.execute(step, self.on_layer_done)
         with self.lock:
             outputs = eng.process(step, sampled)
-        self.steps += 1
         if self.after_process is not None:
             self.after_process(step, outputs)
         if self.on_step is not None:

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.config import EngineConfig
-from engine.engine import Engine, TokenLogprob
-from engine.sampling import SamplingParams
+from engine.engine import Engine
+from engine.outputs import TokenLogprob
+from engine.sampling.params import SamplingParams
 from engine.spec import SpecMetrics
 
 
@@ -50,7 +51,7 @@ class LLM:
         for prompt, p in zip(prompts, plist, strict=True):
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
             seqs.append(self.engine.add_request(f"offline-{next(self._ids)}", ids, p))
-        texts = {s.request_id: [] for s in seqs}
+        texts: dict[str, list[str]] = {s.request_id: [] for s in seqs}
         while self.engine.has_unfinished():
             for out in self.engine.step():
                 if out.new_text:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -61,8 +62,8 @@ class Attention(nn.Module):
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:  # Qwen3: RMSNorm over head_dim, per head, before RoPE
-            q = ctx.ops.rms_norm(q.reshape(-1, self.head_dim), self.q_norm, self.eps).view_as(q)
-            k = ctx.ops.rms_norm(k.reshape(-1, self.head_dim), self.k_norm, self.eps).view_as(k)
+            q = cast(Tensor, ctx.ops.rms_norm(q.reshape(-1, self.head_dim), self.q_norm, self.eps)).view_as(q)
+            k = cast(Tensor, ctx.ops.rms_norm(k.reshape(-1, self.head_dim), self.k_norm, self.eps)).view_as(k)
         q, k = ctx.ops.rotary(positions, q, k, cos_sin)
         kv_layer = ctx.kv[self.layer_idx]  # (num_blocks, 2, block_size, Hk, D)
         ctx.ops.store_kv(k, v, kv_layer, ctx.slot_mapping, kv_scale=ctx.kv_scale)
@@ -132,7 +133,7 @@ class CausalLM(nn.Module):
         for layer in self.layers:
             x, residual = layer(positions, x, residual, self.cos_sin_cache, ctx)
             if ctx.on_layer_done is not None:
-                ctx.on_layer_done(layer.self_attn.layer_idx)
+                ctx.on_layer_done(cast(DecoderLayer, layer).self_attn.layer_idx)
         x, _ = ctx.ops.rms_norm(x, self.norm, self.cfg.rms_norm_eps, residual)
         return x
 

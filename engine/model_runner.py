@@ -10,18 +10,22 @@ The KV pool is one tensor for all layers:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence as Seq
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from engine.checkpoint import iter_safetensors, load_hf_config
-from engine.config import EngineConfig, ModelConfig, resolve_device, resolve_dtype
+from engine.checkpoint import load_hf_config
+from engine.config import EngineConfig, ModelConfig
+from engine.device import resolve_device, resolve_dtype
 from engine.model import CausalLM, ForwardContext
-from engine.sampling import Sampler, SamplerOutput, SamplingBatch
+from engine.sampling.batch import SamplingBatch
+from engine.sampling.sampler import Sampler, SamplerOutput
 from engine.sequence import Sequence
+from engine.weights import iter_safetensors
 from kernels.kv_store import FP8_KV_SCALE
 from kernels.ops import select_ops
 

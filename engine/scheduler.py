@@ -14,7 +14,8 @@ from collections import deque
 
 from engine.block_manager import BlockManager
 from engine.model_runner import StepInput
-from engine.sequence import FinishReason, Sequence, SequenceStatus
+from engine.outputs import FinishReason
+from engine.sequence import Sequence, SequenceStatus
 
 
 class Scheduler:

@@ -18,19 +18,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.sampling import SamplingParams
+from engine.outputs import FinishReason
+from engine.sampling.params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
-
-
-class FinishReason(str, enum.Enum):
-    LENGTH = "length"  # max_tokens or the context limit
-    STOP = "stop"  # EOS, a stop token or a stop string
-    ABORT = "abort"  # cancelled
 
 
 @dataclass(eq=False)

@@ -31,8 +31,8 @@ from aiohttp import web
 
 from gateway.openai_response import Kind, ResponseBuilder
 from gateway.openai_schema import COMPLETION_FIELDS, ParsedRequest, RequestError, parse_chat, parse_completion
-from tandem.errors import NotFound
-from tandem.grpc_server import status_for
+from server.errors import NotFound
+from server.grpc_server import status_for
 from tandem.v1 import generation_pb2 as gen
 
 if TYPE_CHECKING:

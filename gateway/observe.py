@@ -23,10 +23,10 @@ from typing import Any
 import grpc
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from engine.sampling import SamplingParams
+from engine.sampling.params import SamplingParams
 from gateway.router import Route
-from tandem.metrics import GatewayMetrics, new_registry
-from tandem.tracing import (
+from server.metrics import GatewayMetrics, new_registry
+from server.tracing import (
     Tracing,
     carrier_of,
     context_from_carrier,

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal
 
-from tandem.errors import Unavailable
+from server.errors import Unavailable
 from tandem.v1 import generation_pb2 as gen
 
 Kind = Literal["completion", "chat"]

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from tandem.errors import InvalidRequest
+from server.errors import InvalidRequest
 from tandem.v1 import generation_pb2 as gen
 
 MAX_N = 1  # one choice per request: send n requests for n samples

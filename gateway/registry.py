@@ -11,10 +11,11 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
-from tandem.grpc_server import channel_options
+from server.grpc_server import channel_options
 from tandem.v1 import generation_pb2 as gen
 from tandem.v1 import worker_pb2 as pb
 from tandem.v1 import worker_pb2_grpc
@@ -25,9 +26,9 @@ logger = logging.getLogger(__name__)
 @dataclass(eq=False)
 class WorkerHandle:
     address: str
-    role: int  # gen.WorkerRole
+    role: gen.WorkerRole
     channel: grpc.aio.Channel
-    stub: worker_pb2_grpc.PrefillWorkerStub | worker_pb2_grpc.DecodeWorkerStub
+    stub: Any  # worker_pb2_grpc.PrefillWorkerStub or DecodeWorkerStub, by role
     status: pb.StatusResponse | None = None
     status_time: float = 0.0
     healthy: bool = False
@@ -73,7 +74,7 @@ class WorkerRegistry:
         self._task: asyncio.Task[None] | None = None
 
     @staticmethod
-    def _handle(address: str, role: int) -> WorkerHandle:
+    def _handle(address: str, role: gen.WorkerRole) -> WorkerHandle:
         channel = grpc.aio.insecure_channel(address, options=channel_options())
         stub_cls = worker_pb2_grpc.PrefillWorkerStub if role == gen.WORKER_ROLE_PREFILL else worker_pb2_grpc.DecodeWorkerStub
         return WorkerHandle(address, role, channel, stub_cls(channel))

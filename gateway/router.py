@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.block_manager import hash_prefix
+from engine.prefix_hash import hash_prefix
 from gateway.registry import WorkerHandle, WorkerRegistry
-from tandem.errors import Unavailable
+from server.errors import Unavailable
 from tandem.v1 import generation_pb2 as gen
 
 PREFIX_LRU_BLOCKS = 65536  # per prefill worker

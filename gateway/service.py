@@ -15,32 +15,24 @@ import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from engine.config import ModelConfig
 from engine.tokenizer import Tokenizer
+from gateway.config import GatewayLimits
 from gateway.observe import GatewayObserver, RequestObservation
 from gateway.registry import WorkerHandle, WorkerRegistry
 from gateway.router import Route, Router
 from gateway.validation import check_length, check_prompt_ids, check_request
-from tandem.errors import Overloaded, TandemError, Unavailable
-from tandem.protoconv import sampling_from_proto, sampling_to_proto
+from server.errors import Overloaded, TandemError, Unavailable
+from server.protoconv import sampling_from_proto, sampling_to_proto
 from tandem.v1 import generation_pb2 as gen
 from tandem.v1 import generation_pb2_grpc
 from tandem.v1 import worker_pb2 as pb
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GatewayLimits:
-    max_inflight: int = 256  # concurrent Generate calls before RESOURCE_EXHAUSTED
-    kv_timeout_s: float = 30.0
-    request_timeout_s: float = 600.0
-    default_max_tokens: int = 256
 
 
 def _error_from_rpc(exc: grpc.aio.AioRpcError, worker: WorkerHandle) -> TandemError:
@@ -182,7 +174,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         """Yield D's messages; fail fast with the prefill's error if it fails first."""
         while True:
             read = asyncio.ensure_future(d_call.read())
-            waiting: set[asyncio.Future[object]] = {read}
+            waiting: set[asyncio.Future[Any]] = {read}
             if p_task is not None and not p_task.done():
                 waiting.add(p_task)
             try:

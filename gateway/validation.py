@@ -3,7 +3,7 @@
 Order in the service: `check_request` (model, exactly one prompt form, size) -> tokenize ->
 `check_prompt_ids` (non-empty, inside the vocabulary) -> route -> `check_length` (prompt + max_tokens
 inside the chosen decode worker's context). Sampling fields are checked by
-`tandem.protoconv.sampling_from_proto`. Each raises InvalidRequest / NotFound with a message naming
+`server.protoconv.sampling_from_proto`. Each raises InvalidRequest / NotFound with a message naming
 the field, the value and the limit; none allocates more than the request already holds.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tandem.errors import InvalidRequest, NotFound
+from server.errors import InvalidRequest, NotFound
 from tandem.v1 import generation_pb2 as gen
 
 MAX_PROMPT_CHARS = 4 << 20

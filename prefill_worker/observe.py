@@ -20,12 +20,12 @@ from typing import Any
 from opentelemetry.context import Context
 from opentelemetry.trace import Status, StatusCode
 
-from engine.engine import RequestOutput
 from engine.model_runner import StepInput
+from engine.outputs import RequestOutput
 from engine.sequence import Sequence
 from kvtransfer import TransferResult
-from tandem.metrics import WorkerMetrics
-from tandem.tracing import (
+from server.metrics import WorkerMetrics
+from server.tracing import (
     Tracing,
     epoch_ns_from_monotonic,
     epoch_ns_from_perf,

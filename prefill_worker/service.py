@@ -9,9 +9,9 @@ import grpc
 
 from kvtransfer import TransferCode
 from prefill_worker.worker import PrefillCore
-from tandem.errors import DeadlineExceeded, Mismatch, Overloaded, TandemError, Unavailable
-from tandem.protoconv import logprob_to_proto, sampling_from_proto
-from tandem.tracing import finish_span, start_server_span, traceparent_of
+from server.errors import DeadlineExceeded, Mismatch, Overloaded, TandemError, Unavailable
+from server.protoconv import logprob_to_proto, sampling_from_proto
+from server.tracing import finish_span, start_server_span, traceparent_of
 from tandem.v1 import generation_pb2 as gen
 from tandem.v1 import worker_pb2 as pb
 from tandem.v1 import worker_pb2_grpc
@@ -26,12 +26,12 @@ _ERRORS: dict[TransferCode, type[TandemError]] = {
 
 
 class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
-    def __init__(self, core: PrefillCore, worker_id: str, address: str, timeout_s: float, max_waiting: int) -> None:
+    def __init__(self, core: PrefillCore, worker_id: str, address: str, timeout_s: float, max_queued: int) -> None:
         self.core = core
         self.worker_id = worker_id
         self.address = address
         self.timeout_s = timeout_s
-        self.max_waiting = max_waiting
+        self.max_queued = max_queued
         self.inflight = 0
 
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
@@ -54,9 +54,9 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         core = self.core
         if health := core.health_error():
             raise Unavailable(f"prefill worker {self.worker_id} {health}")
-        if self.inflight >= self.max_waiting:
+        if self.inflight >= self.max_queued:
             raise Overloaded(f"prefill worker {self.worker_id} has {self.inflight} requests queued (limit "
-                             f"{self.max_waiting}); retry later", retry_after_s=1.0)
+                             f"{self.max_queued}); retry later", retry_after_s=1.0)
         params = sampling_from_proto(request.sampling)
         rid = request.request_id
         timeout = request.timeout_ms / 1000 if request.timeout_ms else self.timeout_s

@@ -19,17 +19,18 @@ import logging
 import time
 from dataclasses import dataclass
 
-from engine.engine import Engine, RequestOutput
+from engine.engine import Engine
 from engine.engine_loop import EngineLoop
 from engine.model_runner import StepInput
-from engine.sampling import SamplingParams
+from engine.outputs import RequestOutput
+from engine.sampling.params import SamplingParams
 from engine.sequence import Sequence
 from kvtransfer import KVLayout, KVSender, TransferCode, TransferHandle, TransferResult
 from kvtransfer.curve import CurveClient
 from prefill_worker.observe import PrefillObserver
-from tandem.metrics import WorkerMetrics, new_registry
-from tandem.protoconv import logprob_to_proto
-from tandem.tracing import disabled
+from server.metrics import WorkerMetrics, new_registry
+from server.protoconv import logprob_to_proto
+from server.tracing import disabled
 from tandem.v1 import kv_pb2
 
 logger = logging.getLogger(__name__)
@@ -58,8 +59,6 @@ class PrefillCore:
         self._step_handles: list[TransferHandle] = []
         self._futures: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future[PrefillDone]]] = {}
         self._transferring: dict[str, Sequence] = {}  # first token sampled, KV on its way
-        self.transfer_bytes = 0
-        self.transfer_seconds = 0.0
 
     def start(self) -> None:
         self.loop.start()
@@ -155,9 +154,6 @@ class PrefillCore:
 
         self.loop.submit(release)
         self.obs.transfer_done(seq, res, self.layout.num_layers)
-        if res.ok:
-            self.transfer_bytes += res.bytes
-            self.transfer_seconds += res.seconds
         self._resolve(seq.request_id, out, res, p, q)
 
     def _resolve(self, request_id: str, out: RequestOutput | None, res: TransferResult, p: int, q: int) -> None:

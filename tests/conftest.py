@@ -26,7 +26,7 @@ ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """`tiny_model(arch, **options)` -> a checkpoint directory; equal arguments share one directory."""
-    from engine.tiny import make_tiny_model
+    from training.tiny import make_tiny_model
 
     made: dict[tuple[str, str], Path] = {}
 

@@ -25,7 +25,7 @@ def hf_greedy(model, prompt: list[int], max_new: int, ignore_eos: bool = False) 
 
 def assert_same_or_near_tie(model, prompt: list[int], ours: list[int], ref: list[int], tie: float = 1e-4) -> None:
     """Token-identical, except that a divergence is allowed at a step whose top-2 logit gap is < `tie`."""
-    for i, (a, b) in enumerate(zip(ours, ref)):
+    for i, (a, b) in enumerate(zip(ours, ref, strict=False)):
         if a != b:
             with torch.no_grad():
                 logits = model(torch.tensor([prompt + ref[:i]])).logits[0, -1]

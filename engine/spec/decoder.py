@@ -30,7 +30,7 @@ import torch
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.model_runner import ModelRunner, StepInput
-from engine.sampling import SamplerOutput
+from engine.sampling.sampler import SamplerOutput
 from engine.sequence import Sequence
 from engine.spec.draft import DraftProposer
 from engine.spec.metrics import SpecMetrics

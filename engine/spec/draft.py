@@ -39,7 +39,7 @@ from engine.block_manager import BlockManager
 from engine.checkpoint import load_hf_config
 from engine.config import EngineConfig, ModelConfig
 from engine.model_runner import ModelRunner, StepInput
-from engine.sampling import probabilities
+from engine.sampling.sampler import probabilities
 from engine.sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)

@@ -29,7 +29,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from engine.sampling import Sampler, SamplerOutput, SamplingBatch, penalized_logits, probabilities
+from engine.sampling.batch import SamplingBatch
+from engine.sampling.sampler import Sampler, SamplerOutput, penalized_logits, probabilities
 from engine.sequence import Sequence
 
 

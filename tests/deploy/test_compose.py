@@ -1,6 +1,6 @@
 """docker-compose.yml and deploy/k8s/ run exactly the commands `tandem up` runs, on consistent ports.
 
-Each Tandem container's command is parsed by the real `tandem` parser (`tandem.cli.build_parser`),
+Each Tandem container's command is parsed by the real `tandem` parser (`cli.main.build_parser`),
 so a renamed or removed flag fails here, not in someone's cluster. `docker-compose config` validates
 the compose file itself when the binary is installed (`.ci/run` installs it when it can).
 """
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tandem.cli import build_parser
+from cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -85,7 +85,7 @@ def test_compose_services_run_launcher_commands_on_consistent_ports() -> None:
     assert {f"{HTTP_PORT}:{HTTP_PORT}", f"{gw.port}:{gw.port}"} <= {str(p) for p in _ports(services[gw_name])}
     names = {name for name, svc in services.items() for name in [name, svc.get("hostname")] if name}
     for role, flag in (("prefill-worker", gw.prefill_workers), ("decode-worker", gw.decode_workers)):
-        targets = [host_port(a) for a in flag.split(",")]
+        targets = [host_port(a) for a in flag]
         assert len(targets) == 2 and all(p == COMPONENTS[role] for _, p in targets)
         assert all(h in names for h, _ in targets), f"the gateway dials {targets}; services are {sorted(names)}"
 
@@ -139,18 +139,18 @@ def test_k8s_manifests_name_the_same_commands_and_ports() -> None:
         obj, _ = roles[role]
         name, replicas = obj["metadata"]["name"], obj["spec"]["replicas"]
         assert obj["kind"] == "StatefulSet" and obj["spec"]["serviceName"] == name
-        assert [host_port(a) for a in flag.split(",")] == [(f"{name}-{i}.{name}", COMPONENTS[role])
+        assert [host_port(a) for a in flag] == [(f"{name}-{i}.{name}", COMPONENTS[role])
                                                            for i in range(replicas)]
     assert roles["decode-worker"][1].kv_bind == f"tcp://$(POD_IP):{KV_PORT}"
 
 
 def test_the_components_are_the_ones_the_launcher_starts(tmp_path: Path) -> None:
-    from tandem.launcher import Stack
+    from cli.launcher import Stack
 
     stack = Stack(tmp_path / "model", workdir=tmp_path)  # builds the argv lists; starts nothing
     argvs = [c.argv for c in [*stack.prefill, *stack.decode]] + [stack._gateway_argv]
-    started = {argv[argv.index("tandem.cli") + 1] for argv in argvs}
+    started = {argv[argv.index("cli.main") + 1] for argv in argvs}
     assert started == set(COMPONENTS)
     for argv in argvs:  # start_gateway() adds the worker lists once the workers are up
-        cmd = ["tandem", *argv[argv.index("tandem.cli") + 1:]]
+        cmd = ["tandem", *argv[argv.index("cli.main") + 1:]]
         parse_command(cmd + (["--decode-workers", "127.0.0.1:1"] if cmd[1] == "gateway" else []))

@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tandem.launcher import Stack
+from cli.launcher import Stack
 from tandem.v1 import generation_pb2 as gen
 from tandem.v1 import generation_pb2_grpc
 

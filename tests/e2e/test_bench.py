@@ -2,7 +2,7 @@
 
 Small on purpose (6 requests per run): it checks that the command runs end to end and writes what it
 promises (the JSON report, the latency CDFs, the rate sweep), not how fast anything is. The command
-runs in this process (`tandem.cli.main`, the `tandem` entry point), which already has torch and
+runs in this process (`cli.main.main`, the `tandem` entry point), which already has torch and
 transformers imported: a subprocess would spend ~10 s of this 2-core box importing them again.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from tandem.cli import main
+from cli.main import main
 from tests.e2e.conftest import wait_all_blocks_free
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

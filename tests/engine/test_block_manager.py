@@ -2,7 +2,8 @@
 
 from dataclasses import dataclass, field
 
-from engine.block_manager import BlockManager, hash_prefix
+from engine.block_manager import BlockManager
+from engine.prefix_hash import hash_prefix
 
 
 @dataclass

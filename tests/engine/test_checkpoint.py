@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import engine.checkpoint as checkpoint
-from engine.checkpoint import CheckpointError, checkpoint_fingerprint, iter_safetensors, load_hf_config
+import engine.weights as weights
+from engine.checkpoint import CheckpointError, checkpoint_fingerprint, load_hf_config
+from engine.weights import iter_safetensors
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -112,7 +113,7 @@ def test_progress_bar(
     list(iter_safetensors(path, progress=True))
     err = capsys.readouterr().err
     assert "loading weights" in err and "100%" in err
-    monkeypatch.setattr(checkpoint, "PROGRESS_MIN_BYTES", 1024)
+    monkeypatch.setattr(weights, "PROGRESS_MIN_BYTES", 1024)
     list(iter_safetensors(path))
     assert "loading weights" in capsys.readouterr().err
 

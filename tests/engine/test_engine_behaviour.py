@@ -100,7 +100,7 @@ def test_logprobs_are_reported(path) -> None:
     llm = LLM(path, device="cpu", block_size=8, num_kv_blocks=64)
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=4, logprobs=3))[0]
     assert len(out.logprobs) == len(out.token_ids)
-    for lp, tok in zip(out.logprobs, out.token_ids):
+    for lp, tok in zip(out.logprobs, out.token_ids, strict=True):
         assert lp.token_id == tok and lp.logprob <= 0 and len(lp.top) == 3
         assert lp.top[0][0] == tok  # greedy picks the most likely
 

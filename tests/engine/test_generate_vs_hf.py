@@ -26,7 +26,7 @@ def test_greedy_matches_transformers_with_small_chunks(tiny_model, arch: str) ->
     prompts = prompts_for(llm.engine.vocab_size)
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_NEW))
     ref_model = hf_model(path)
-    for prompt, out in zip(prompts, outs):
+    for prompt, out in zip(prompts, outs, strict=True):
         assert_same_or_near_tie(ref_model, prompt, out.token_ids, hf_greedy(ref_model, prompt, MAX_NEW))
     assert llm.engine.block_manager.num_free_blocks == 256
 
@@ -54,7 +54,7 @@ def test_batched_forward_logits_match(tiny_model, arch: str) -> None:
 
 
 def test_llama3_rope_scaling_and_tied_embeddings(tiny_model) -> None:
-    from engine.tiny import llama3_rope_scaling
+    from training.tiny import llama3_rope_scaling
 
     path = tiny_model("llama", tie_word_embeddings=True, rope_scaling=llama3_rope_scaling(64, 8.0),
                       max_position_embeddings=512)
@@ -62,7 +62,7 @@ def test_llama3_rope_scaling_and_tied_embeddings(tiny_model) -> None:
     prompts = prompts_for(llm.engine.vocab_size, [70, 130], seed=3)  # past the original 64 positions
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12))
     ref_model = hf_model(path)
-    for prompt, out in zip(prompts, outs):
+    for prompt, out in zip(prompts, outs, strict=True):
         assert_same_or_near_tie(ref_model, prompt, out.token_ids, hf_greedy(ref_model, prompt, 12))
 
 
@@ -70,5 +70,5 @@ def test_sharded_checkpoint_loads_identically(tiny_model) -> None:
     single = LLM(tiny_model("qwen2"), dtype="float32", device="cpu", num_kv_blocks=32)
     sharded = LLM(tiny_model("qwen2", num_shards=3), dtype="float32", device="cpu", num_kv_blocks=32)
     for (n, a), (_, b) in zip(single.engine.runner.model.state_dict().items(),
-                              sharded.engine.runner.model.state_dict().items()):
+                              sharded.engine.runner.model.state_dict().items(), strict=True):
         assert torch.equal(a, b), n

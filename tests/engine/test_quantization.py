@@ -13,7 +13,6 @@ from torch import nn
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.quant import QuantLinear, linear_weight_bytes, projection_modules
-from engine.quant.quality import agreement, prompt_logits
 from engine.quant.schemes import (
     dequantize_fp8,
     dequantize_int4,
@@ -26,6 +25,7 @@ from engine.quant.schemes import (
 )  # fmt: skip
 from kernels.quant_gemm import unpack_int4
 from kvtransfer import KVLayout
+from training.quant_quality import agreement, prompt_logits
 
 # Projections per layer of the model below (hidden 128, 4 heads of 32 / 2 KV heads, intermediate 256):
 # qkv (256, 128), o (128, 128), gate_up (512, 128), down (128, 256): 147456 weights, 1024 rows, 2 layers.
@@ -122,13 +122,13 @@ def test_triton_gemms_in_the_model_match_the_torch_path(model: Path, scheme: str
 
 
 def test_fp8_kv_cache_doubles_blocks_and_keeps_quality(model: Path) -> None:
-    budget = 1 << 20
-    half = load(model, dtype="float16", kv_cache_memory_bytes=budget, num_kv_blocks=None).engine.runner
-    fp8 = load(model, dtype="float16", kv_cache_memory_bytes=budget, num_kv_blocks=None, kv_cache_dtype="fp8")
+    budget = 1 / 1024  # GiB (1 MiB)
+    half = load(model, dtype="float16", kv_cache_memory_gib=budget, num_kv_blocks=None).engine.runner
+    fp8 = load(model, dtype="float16", kv_cache_memory_gib=budget, num_kv_blocks=None, kv_cache_dtype="fp8")
     runner = fp8.engine.runner
     assert runner.kv.dtype == torch.float8_e4m3fn and runner.page_bytes * 2 == half.page_bytes
     assert runner.num_blocks == 2 * half.num_blocks  # 1 byte a value instead of 2: twice the tokens
-    full = load(model, kv_cache_memory_bytes=budget, num_kv_blocks=None).engine.runner
+    full = load(model, kv_cache_memory_gib=budget, num_kv_blocks=None).engine.runner
     assert runner.num_blocks == 4 * full.num_blocks  # and four times float32's
     assert KVLayout.for_pool(runner.kv, "m").dtype == "float8_e4m3fn"  # what the KV handshake compares
     assert len(fp8.generate(sequences(1, 20), GREEDY)[0].token_ids) == 12

@@ -12,16 +12,9 @@ import pytest
 import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-from engine.sampling import (
-    MAX_LOGPROBS,
-    MAX_STOP_LEN,
-    MAX_STOP_STRINGS,
-    Sampler,
-    SamplingBatch,
-    SamplingParams,
-    penalized_logits,
-    probabilities,
-)
+from engine.sampling.batch import SamplingBatch
+from engine.sampling.params import MAX_LOGPROBS, MAX_STOP_LEN, MAX_STOP_STRINGS, SamplingParams
+from engine.sampling.sampler import Sampler, penalized_logits, probabilities
 
 NAN, INF = float("nan"), float("inf")
 CPU = torch.device("cpu")
@@ -197,7 +190,9 @@ def test_seeded_rows_reproduce_across_batch_composition_and_position() -> None:
 def test_seeded_rows_reproduce_in_another_process() -> None:
     script = (
         "import torch\n"
-        "from engine.sampling import Sampler, SamplingBatch, SamplingParams\n"
+        "from engine.sampling.batch import SamplingBatch\n"
+        "from engine.sampling.params import SamplingParams\n"
+        "from engine.sampling.sampler import Sampler\n"
         "logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 3\n"
         "p = [SamplingParams(seed=s, top_k=20) for s in (11, 12, 13)]\n"
         "b = SamplingBatch.build(p, [[]] * 3, [[0] * 5] * 3, frozenset(), 'cpu', 50)\n"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.sampling import Sampler
+from engine.sampling.sampler import Sampler
 from engine.sequence import Sequence
 from engine.spec.ngram import propose_ngram
 from engine.spec.policy import SpecPolicy
@@ -266,8 +266,8 @@ def test_policy_speculates_when_cheap_and_stops_when_compute_bound() -> None:
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"speculative_method": "ngram", "speculative_model": "x"}, "not both"),
     ({"speculative_method": "eagle"}, "speculative_method must be one of ngram"),
-    ({"speculative_method": "ngram", "num_speculative_tokens": 0}, "1..16"),
-    ({"speculative_method": "ngram", "num_speculative_tokens": 17}, "1..16"),
+    ({"speculative_method": "ngram", "num_speculative_tokens": 0}, r"num_speculative_tokens must be in \[1, 16\]"),
+    ({"speculative_method": "ngram", "num_speculative_tokens": 17}, r"in \[1, 16\]"),
     ({"num_speculative_tokens": 3}, "needs speculative_model or speculative_method"),
 ])
 def test_bad_speculation_options(target, kwargs, message) -> None:

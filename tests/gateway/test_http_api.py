@@ -13,8 +13,8 @@ import grpc
 import openai
 import pytest
 
+from cli.launcher import Stack
 from engine.tokenizer import Tokenizer
-from tandem.launcher import Stack
 from tandem.v1 import generation_pb2 as gen
 from tandem.v1 import generation_pb2_grpc
 from tests.e2e.conftest import ENGINE_ARGS, wait_all_blocks_free
@@ -138,7 +138,7 @@ def test_overload_is_429_with_retry_after(client: openai.OpenAI, stack: Stack) -
 
 def test_tandem_health_checks_each_component(stack: Stack) -> None:
     """What the compose healthchecks run: SERVING on every live component, a clear failure elsewhere."""
-    from tandem.cmd_health import check
+    from cli.health import check
 
     for addr in [stack.address, *(c.info["address"] for c in [*stack.prefill, *stack.decode])]:
         assert check(addr) == (True, "SERVING")

@@ -12,12 +12,13 @@ from aiohttp import test_utils
 from engine.checkpoint import load_hf_config
 from engine.config import ModelConfig
 from engine.tokenizer import Tokenizer
+from gateway.config import GatewayLimits
 from gateway.http_api import OpenAIApi
 from gateway.openai_schema import RequestError, parse_chat, parse_completion
 from gateway.registry import WorkerRegistry
 from gateway.router import Router
-from gateway.service import GatewayLimits, GenerationService
-from tandem.errors import Unauthenticated
+from gateway.service import GenerationService
+from server.errors import Unauthenticated
 
 
 def test_completion_fields_map_onto_the_grpc_request() -> None:

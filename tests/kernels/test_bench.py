@@ -1,4 +1,4 @@
-"""bench/kernels.py: importable, its arguments parse, it refuses to run without CUDA, and its
+"""bench/kernel_speed.py: importable, its arguments parse, it refuses to run without CUDA, and its
 --smoke run (tiny shapes, CPU interpreter) goes through every case and writes its JSON."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def bench(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "bench.kernels", *args]
+    cmd = [sys.executable, "-m", "bench.kernel_speed", *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 import zmq
 
+from cli.keygen import write_keypair
 from kvtransfer import KVSender, TransferCode, wire
 from kvtransfer.curve import CurveClient, CurveKeys, CurveServer, load_allow_list, load_public_key
 from kvtransfer.receiver import max_frame_bytes
-from tandem.cmd_keygen import write_keypair
 from tests.kvtransfer.kvpeers import SHAPE, SRC_IDS, Allocator, layout_of, make_pool
 
 T = 1.0

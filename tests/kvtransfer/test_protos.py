@@ -9,7 +9,7 @@ import pytest
 from google.protobuf.descriptor import FileDescriptor
 
 from kvtransfer import wire
-from tandem import protogen
+from protos import generate as protogen
 from tandem.v1 import generation_pb2, kv_pb2, worker_pb2
 
 FILES: list[FileDescriptor] = [generation_pb2.DESCRIPTOR, worker_pb2.DESCRIPTOR, kv_pb2.DESCRIPTOR]

@@ -20,7 +20,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
-from tandem.launcher import Stack
+from cli.launcher import Stack
 from tests.e2e.conftest import ENGINE_ARGS
 
 

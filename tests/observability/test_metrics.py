@@ -9,7 +9,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tandem.launcher import Stack
+from cli.launcher import Stack
 from tandem.v1 import generation_pb2 as gen
 from tests.e2e.conftest import generate, stub, wait_all_blocks_free
 from tests.hf_reference import random_prompts

@@ -6,7 +6,7 @@ import secrets
 
 import grpc
 
-from tandem.launcher import Stack
+from cli.launcher import Stack
 from tandem.v1 import generation_pb2 as gen
 from tandem.v1 import generation_pb2_grpc
 from tests.observability.conftest import ExportedSpan, SpanSink

@@ -17,10 +17,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tandem.cli import build_parser
-from tandem.cmd_keygen import write_keypair
-from tandem.launcher import Stack
-from tandem.tls import client_credentials
+from cli.keygen import write_keypair
+from cli.launcher import Stack
+from cli.main import build_parser
+from server.tls import client_credentials
 from tandem.v1 import generation_pb2 as gen
 from tandem.v1 import generation_pb2_grpc
 from tests.e2e.conftest import ENGINE_ARGS

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from engine.sampling_params import MAX_STOP_LEN, MAX_STOP_STRINGS
+from engine.sampling.params import MAX_STOP_LEN, MAX_STOP_STRINGS
 from gateway.validation import MAX_PROMPT_CHARS
-from tandem.grpc_server import MAX_MESSAGE_BYTES
+from server.grpc_server import MAX_MESSAGE_BYTES
 from tandem.v1 import generation_pb2 as gen
 from tests.e2e.conftest import wait_all_blocks_free
 from tests.reliability.conftest import DECODE_BLOCKS, TOKENS, SecureStack, bearer

@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tandem.launcher import Child, Stack
+from cli.launcher import Child, Stack
 from tandem.v1 import generation_pb2 as gen
 from tandem.v1 import worker_pb2 as pb
 from tandem.v1 import worker_pb2_grpc

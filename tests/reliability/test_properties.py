@@ -24,12 +24,12 @@ from hypothesis import strategies as st
 from gateway.validation import check_length, check_prompt_ids, check_request
 from kvtransfer import KVReceiver, wire
 from kvtransfer.inbound import Inbound, refuse_begin
-from tandem.errors import TandemError
-from tandem.grpc_server import _lenient
-from tandem.protoconv import sampling_from_proto, sampling_to_proto
+from server.errors import TandemError
+from server.grpc_server import _lenient
+from server.protoconv import sampling_from_proto, sampling_to_proto
+from server.wirecheck import bad_utf8_field
 from tandem.v1 import generation_pb2 as gen
 from tandem.v1 import kv_pb2
-from tandem.wirecheck import bad_utf8_field
 from tests.kvtransfer.kvpeers import Allocator, layout_of, make_pool
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

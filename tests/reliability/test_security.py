@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
-from tandem.cli import build_parser
+from cli.main import build_parser
 from tandem.v1 import generation_pb2 as gen
 from tandem.v1 import generation_pb2_grpc
 from tests.e2e.conftest import wait_all_blocks_free

@@ -1,0 +1,57 @@
+"""`tandem gateway`, `tandem prefill-worker`, `tandem decode-worker`: one component per process.
+
+These are exactly the commands `tandem up` and docker-compose run. Every flag is generated from the
+component's config dataclass (engine.options), which holds its default, range and help text.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from decode_worker.config import DecodeWorkerConfig
+from engine.options import add_options, from_args
+from gateway.config import GatewayConfig
+from prefill_worker.config import PrefillWorkerConfig
+from server.config import DEFAULT_PORTS
+
+
+def run_gateway(args: argparse.Namespace) -> int:
+    from gateway.main import serve_gateway
+    from server.process import run_component
+
+    cfg: GatewayConfig = from_args(GatewayConfig, args)
+    run_component("gateway", cfg.server, lambda stop, tracing: serve_gateway(cfg, stop, tracing=tracing))
+    return 0
+
+
+def run_prefill(args: argparse.Namespace) -> int:
+    from prefill_worker.main import serve_prefill
+    from server.process import run_component
+
+    cfg: PrefillWorkerConfig = from_args(PrefillWorkerConfig, args)
+    run_component("prefill", cfg.server, lambda stop, tracing: serve_prefill(cfg, stop, tracing=tracing))
+    return 0
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    from decode_worker.main import serve_decode
+    from server.process import run_component
+
+    cfg: DecodeWorkerConfig = from_args(DecodeWorkerConfig, args)
+    run_component("decode", cfg.server, lambda stop, tracing: serve_decode(cfg, stop, tracing=tracing))
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    g = subparsers.add_parser("gateway", help="run the gRPC gateway (and the OpenAI-compatible HTTP API)")
+    add_options(g, GatewayConfig, defaults={"port": DEFAULT_PORTS["gateway"]})
+    g.set_defaults(func=run_gateway)
+
+    p = subparsers.add_parser("prefill-worker", help="run a prefill worker")
+    add_options(p, PrefillWorkerConfig, defaults={"port": DEFAULT_PORTS["prefill"]})
+    p.set_defaults(func=run_prefill)
+
+    d = subparsers.add_parser("decode-worker", help="run a decode worker")
+    add_options(d, DecodeWorkerConfig, defaults={"port": DEFAULT_PORTS["decode"]})
+    d.set_defaults(func=run_decode)

@@ -1,0 +1,94 @@
+"""`tandem up`: the whole stack as local processes; Ctrl-C or SIGTERM stops every one of them.
+
+Its flags are the components' own (generated from their configs, engine.options): engine flags go to
+every worker, gateway flags to the gateway, worker flags to the workers that have them. Only the
+flags given are passed on, so each child keeps its own defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from typing import Any
+
+from decode_worker.config import DecodeWorkerConfig
+from engine.config import EngineConfig
+from engine.options import add_options, forward_args
+from gateway.config import GatewayConfig
+from prefill_worker.config import PrefillWorkerConfig
+from server.config import DEFAULT_PORTS, ServerOptions
+
+# Decided by `tandem up` itself: the model and the workers' addresses, each process's bind address,
+# port, ready file and metrics port (see --metrics-port).
+_SET_BY_UP = ("model", "decode_workers", "prefill_workers", "host", "port", "ready_file", "metrics_port")
+_TRACING = ("otlp_endpoint", "trace_sample_ratio")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cli.launcher import Stack
+
+    tracing = forward_args(ServerOptions, args, exclude=_SET_BY_UP)
+    engine = forward_args(EngineConfig, args, exclude=("model",))
+    stack = Stack(args.model, prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
+                  host=getattr(args, "host", "127.0.0.1"), port=getattr(args, "port", DEFAULT_PORTS["gateway"]),
+                  engine_args=[*engine, *tracing],
+                  prefill_args=forward_args(PrefillWorkerConfig, args, exclude=(*_SET_BY_UP, *_TRACING, "engine")),
+                  decode_args=forward_args(DecodeWorkerConfig, args, exclude=(*_SET_BY_UP, *_TRACING, "engine")),
+                  gateway_args=forward_args(GatewayConfig, args, exclude=_SET_BY_UP),
+                  workdir=args.workdir, metrics_port=getattr(args, "metrics_port", 0))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"starting {args.prefill_workers} prefill + {args.decode_workers} decode workers on {args.model} ...",
+          flush=True)
+    stack.start(timeout_s=args.startup_timeout)
+    try:
+        for c in stack.prefill:
+            print(f"  prefill worker  {c.info['address']}{_metrics(c.info)}", flush=True)
+        for c in stack.decode:
+            print(f"  decode worker   {c.info['address']}  (KV {c.info.get('kv_address')}){_metrics(c.info)}",
+                  flush=True)
+        if stack.gateway is not None and "metrics_address" in stack.gateway.info:
+            print(f"  gateway metrics http://{stack.gateway.info['metrics_address']}/metrics", flush=True)
+        print(f"gateway ready on {stack.address}   logs: {stack.workdir}", flush=True)
+        if stack.gateway is not None and "http_address" in stack.gateway.info:
+            print(f"  OpenAI-compatible HTTP API http://{stack.gateway.info['http_address']}/v1", flush=True)
+        print(f"try: tandem generate --addr {stack.address} 'def fibonacci(n):'   (Ctrl-C stops everything)",
+              flush=True)
+        while not stop.wait(0.5):
+            dead = [c.name for c in [stack.gateway, *stack.prefill, *stack.decode]
+                    if c is not None and c.proc is not None and c.proc.poll() is not None]
+            if dead:
+                print(f"stopping: {', '.join(dead)} exited (logs in {stack.workdir})", flush=True)
+                return 1
+    finally:
+        stack.stop()
+        print("stopped", flush=True)
+    return 0
+
+
+def _metrics(info: dict[str, Any]) -> str:
+    return f"  metrics http://{info['metrics_address']}/metrics" if "metrics_address" in info else ""
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("up", help="start gateway + prefill + decode workers as local processes")
+    p.add_argument("--prefill-workers", type=int, default=1, help="prefill worker processes (0: decode workers "
+                   "prefill every prompt themselves)")
+    p.add_argument("--decode-workers", type=int, default=1, help="decode worker processes")
+    p.add_argument("--workdir", default=None, help="where ready files and logs go (default: a temp dir)")
+    p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for every process")
+    add_options(p.add_argument_group("engine (every worker)"), EngineConfig, passthrough=True)
+    add_options(p.add_argument_group("gateway"), GatewayConfig, passthrough=True,
+                exclude=("model", "decode_workers", "prefill_workers", "ready_file"),
+                defaults={"port": DEFAULT_PORTS["gateway"]},
+                helps={"host": "bind address of every process (the gateway's is the one clients dial)",
+                       "metrics_port": "Prometheus base port: the gateway here, prefill workers next, then decode "
+                                       "workers (0: off)",
+                       "otlp_endpoint": "every process sends traces here (http://host:4317 or 'console'); "
+                                        "default: $OTEL_EXPORTER_OTLP_ENDPOINT, else off"})
+    workers = p.add_argument_group("workers")
+    for cls in (PrefillWorkerConfig, DecodeWorkerConfig):
+        add_options(workers, cls, passthrough=True, exclude=("ready_file",))
+    p.set_defaults(func=run)

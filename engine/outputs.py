@@ -1,0 +1,44 @@
+"""What an engine says about a request: finish reasons, per-token logprobs, per-step deltas.
+
+Torch-free: the gateway and the proto conversions (server.protoconv) use these types too.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.sequence import Sequence
+    from engine.spec.metrics import SpecMetrics
+
+
+class FinishReason(enum.StrEnum):
+    LENGTH = "length"  # max_tokens or the context limit
+    STOP = "stop"  # EOS, a stop token or a stop string
+    ABORT = "abort"  # cancelled
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    """What one request gained in one step (a delta), and its state."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int
+    new_logprobs: list[TokenLogprob] = field(default_factory=list)
+    seq: Sequence | None = None
+    spec: SpecMetrics | None = None  # the request's speculation so far (engines that speculate)

@@ -1,0 +1,65 @@
+"""The gateway's configuration: which workers, which limits, which model name. Torch-free.
+
+Each field's default, range and help text are declared here once (engine.options); `tandem gateway`
+and `tandem up` generate their flags from them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.options import REQUIRED, check_options, option
+from server.config import ServerOptions
+from server.protoconv import DEFAULT_MAX_TOKENS
+from server.tls import TLSConfig
+
+
+@dataclass(frozen=True)
+class GatewayLimits:
+    max_inflight: int = option(256, "concurrent requests (gRPC and HTTP) before RESOURCE_EXHAUSTED / 429", min=1)
+    kv_timeout_s: float = option(30.0, "seconds a request's KV transfer may take", flag="kv-timeout", above=0)
+    request_timeout_s: float = option(600.0, "seconds a request may run in all (queueing, prefill, decode)",
+                                      flag="request-timeout", above=0)
+    default_max_tokens: int = option(DEFAULT_MAX_TOKENS, "max_tokens of a request that leaves it unset", min=1)
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    model: str = option(REQUIRED, "checkpoint directory (tokenizer and config are read from it)")
+    decode_workers: tuple[str, ...] = option(REQUIRED, "comma-separated host:port of decode workers")
+    prefill_workers: tuple[str, ...] = option((), "comma-separated host:port of prefill workers")
+    served_model_name: str | None = option(None, "the name clients use (default: the model directory's)")
+    local_prefill_threshold: int = option(
+        32, "uncached prompt tokens below which the decode worker prefills itself (0: never)", min=0)
+    heartbeat_interval_s: float = option(0.5, "seconds between status polls of each worker",
+                                         flag="heartbeat-interval", above=0)
+    http_port: int | None = option(
+        None, "serve the OpenAI-compatible HTTP API (/v1/completions, ...) on this port (0: any free port, "
+        "reported as http_address in the ready file; default: off)", min=0, max=65535)
+    tls_cert: str | None = option(None, "PEM certificate (chain) of the gateway: serve TLS")
+    tls_key: str | None = option(None, "PEM private key of --tls-cert")
+    tls_client_ca: str | None = option(None, "PEM CA bundle: require client certificates it signed (mTLS)")
+    auth_token_file: str | None = option(
+        None, "file of allowed bearer tokens, one `token [role]` per line (roles: user, admin); calls "
+        "without a listed token get UNAUTHENTICATED")
+    limits: GatewayLimits = field(default_factory=GatewayLimits)
+    server: ServerOptions = field(default_factory=ServerOptions)
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        if not self.decode_workers:
+            raise ValueError("the gateway needs at least one decode worker (--decode-workers)")
+        self.tls  # noqa: B018 - validates the TLS flags (half a configuration, missing files)
+
+    @property
+    def tls(self) -> TLSConfig | None:
+        """The TLS files, or None for plaintext. Raises ValueError for half a configuration."""
+        return TLSConfig.from_flags(self.tls_cert, self.tls_key, self.tls_client_ca)
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model).name

@@ -1,0 +1,76 @@
+"""Conversions between the wire (tandem.v1 protos) and the engine's types. No policy lives here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.outputs import FinishReason, TokenLogprob
+from engine.sampling.params import SamplingParams
+from tandem.v1 import generation_pb2 as gen
+
+DEFAULT_MAX_TOKENS = 256
+MAX_STOP_TOKEN_IDS = 1024
+_UINT32_WRAP = 1 << 32
+
+_FINISH: dict[FinishReason | None, gen.FinishReason] = {
+    None: gen.FINISH_REASON_UNSPECIFIED,
+    FinishReason.LENGTH: gen.FINISH_REASON_LENGTH,
+    FinishReason.STOP: gen.FINISH_REASON_STOP,
+    FinishReason.ABORT: gen.FINISH_REASON_ABORT,
+}
+
+
+def sampling_from_proto(p: gen.SamplingParams, *, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> SamplingParams:
+    """Raises ValueError (-> INVALID_ARGUMENT) with the field named, as SamplingParams does.
+
+    top_k is uint32 on the wire: a client that sends -1 ("off" in some APIs) through a language that
+    wraps it arrives as 4294967295. Values >= 2**31 are read as such wrapped negatives and refused
+    with a message saying so, rather than taken as "keep 4 billion tokens".
+    """
+    if p.HasField("top_k") and p.top_k >= _UINT32_WRAP >> 1:
+        raise ValueError(f"top_k must be 0 (off) or in [1, 2**31); got {p.top_k}, which is {p.top_k - _UINT32_WRAP} "
+                         f"wrapped to uint32 by the client: send 0 or leave top_k unset to turn it off")
+    if len(p.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise ValueError(f"stop_token_ids has {len(p.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS} are allowed")
+    kw: dict[str, Any] = {"max_tokens": p.max_tokens or default_max_tokens}
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty", "seed", "logprobs", "skip_special_tokens", "top_k"):
+        if p.HasField(name):
+            kw[name] = getattr(p, name)
+    if p.stop:
+        kw["stop"] = tuple(p.stop)
+    if p.stop_token_ids:
+        kw["stop_token_ids"] = tuple(p.stop_token_ids)
+    kw["ignore_eos"] = p.ignore_eos
+    kw["min_tokens"] = p.min_tokens
+    if kw["min_tokens"] > kw["max_tokens"]:
+        raise ValueError(f"min_tokens ({kw['min_tokens']}) must not exceed max_tokens ({kw['max_tokens']})")
+    return SamplingParams(**kw)
+
+
+def sampling_to_proto(s: SamplingParams) -> gen.SamplingParams:
+    p = gen.SamplingParams(
+        temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p, max_tokens=s.max_tokens,
+        stop=list(s.stop), stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
+        repetition_penalty=s.repetition_penalty, presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty, min_tokens=s.min_tokens,
+        skip_special_tokens=s.skip_special_tokens,
+    )
+    if s.seed is not None:
+        p.seed = s.seed
+    if s.logprobs is not None:
+        p.logprobs = s.logprobs
+    return p
+
+
+def finish_to_proto(reason: FinishReason | None) -> gen.FinishReason:
+    return _FINISH[reason]
+
+
+def logprob_to_proto(lp: TokenLogprob) -> gen.TokenLogprob:
+    return gen.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+                            top=[gen.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
+
+
+def logprob_from_proto(p: gen.TokenLogprob) -> TokenLogprob:
+    return TokenLogprob(p.token_id, p.logprob, [(t.token_id, t.logprob) for t in p.top])
