@@ -3,6 +3,10 @@
 Each child runs one `tandem <component>` command (the same ones docker-compose runs), binds port 0,
 and writes its bound addresses to a ready file; the launcher waits for those files, so there are no
 port races. Children die with the launcher (PR_SET_PDEATHSIG on Linux) and on `stop()`.
+
+PR_SET_PDEATHSIG fires when the *thread* that started a child exits, not only the process: start
+children (and restart them: `Stack.restart`, `Stack.relaunch`) from a thread that lives as long as
+the stack, as `tandem up`'s main loop does (cli/supervisor.py).
 """
 
 from __future__ import annotations
@@ -48,10 +52,25 @@ class Child:
                                      env=env, preexec_fn=_die_with_parent)
         log.close()
 
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def exit_code(self) -> int | None:
+        """None while the process runs (or was never started); its exit code once it has exited."""
+        return self.proc.poll() if self.proc is not None else None
+
+    def ready(self) -> bool:
+        """Whether the current process has written its ready file; if so, `info` now holds it. Never blocks."""
+        if not self.ready_file.exists():
+            return False
+        self.info = json.loads(self.ready_file.read_text())
+        return True
+
     def wait_ready(self, deadline: float) -> dict[str, Any]:
         while time.monotonic() < deadline:
-            if self.ready_file.exists():
-                self.info = json.loads(self.ready_file.read_text())
+            if self.ready():
                 return self.info
             if self.proc is not None and self.proc.poll() is not None:
                 tail = self.log_path.read_text(errors="replace")[-3000:]
@@ -139,13 +158,23 @@ class Stack:
         self.gateway.start(self.env)
         self.gateway.wait_ready(deadline or time.monotonic() + 60)
 
-    def restart(self, child: Child, timeout_s: float = 60.0) -> None:
-        """Start a stopped worker again on the same port, so the gateway's heartbeat finds it."""
+    @property
+    def workers(self) -> list[Child]:
+        return [*self.prefill, *self.decode]
+
+    def relaunch(self, child: Child) -> None:
+        """Start an exited worker again on the port it first bound, so the gateway's heartbeat finds it;
+        returns at once (`child.ready()` says when it serves). Its log file is appended to.
+        Raises KeyError if the worker never became ready (no port to reuse)."""
         port = child.info["address"].rsplit(":", 1)[1]
         argv = list(child.argv)
         argv[argv.index("--port") + 1] = port
         child.argv = argv
         child.start(self.env)
+
+    def restart(self, child: Child, timeout_s: float = 60.0) -> None:
+        """`relaunch` and wait until the worker is ready (RuntimeError if it exits first, TimeoutError)."""
+        self.relaunch(child)
         child.wait_ready(time.monotonic() + timeout_s)
 
     def stop(self) -> None:
