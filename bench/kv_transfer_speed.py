@@ -48,13 +48,13 @@ def placement(name: str, n: int, num_blocks: int, seed: int) -> list[int]:
 def receiver_main(bind: str, num_blocks: int, dtype: str, events: Any, commands: Any) -> None:
     kv = pool(num_blocks, getattr(torch, dtype), fill=False)
 
-    def reserve(rid: str, n: int) -> list[int]:
-        return placement(rid.split("/")[0], n, num_blocks, seed=2)  # same blocks every time: no leaks
+    def want(rid: str, n: int) -> None:  # the same blocks every time: no leaks
+        receiver.grant(rid, placement(rid.split("/")[0], n, num_blocks, seed=2))
 
     def on_complete(done: CompletedTransfer) -> None:
         events.put({"rid": done.request_id, "seconds": done.seconds, "bytes": done.bytes})
 
-    receiver = KVReceiver(kv, KVLayout.for_pool(kv, FINGERPRINT), bind, reserve=reserve,
+    receiver = KVReceiver(kv, KVLayout.for_pool(kv, FINGERPRINT), bind, want=want,
                           release=lambda rid, ids: None, on_complete=on_complete, timeout_s=60)
     events.put({"address": receiver.address})
     commands.get()

@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         model = str(make_tiny_model(workdir / "model", "llama", max_position_embeddings=1024))
     stack = Stack(model, prefill_workers=1, decode_workers=2, engine_args=ENGINE, workdir=workdir / "stack",
                   decode_args=["--num-kv-blocks", "64", "--kv-timeout", "5"], prefill_args=["--kv-timeout", "5"],
-                  gateway_args=["--local-prefill-threshold", "16", "--max-inflight", "16", "--kv-timeout", "5"])
+                  gateway_args=["--local-prefill-threshold", "16", "--max-inflight", "16"])
     stack.start()
     try:
         soak = Soak(stack, args.minutes * 60, args.clients, args.seed)

@@ -21,8 +21,7 @@ def run_gateway(args: argparse.Namespace) -> int:
     from server.process import run_component
 
     cfg: GatewayConfig = from_args(GatewayConfig, args)
-    run_component("gateway", cfg.server, lambda stop, tracing: serve_gateway(cfg, stop, tracing=tracing))
-    return 0
+    return run_component("gateway", cfg.server, lambda stop, tracing: serve_gateway(cfg, stop, tracing=tracing))
 
 
 def run_prefill(args: argparse.Namespace) -> int:
@@ -30,8 +29,7 @@ def run_prefill(args: argparse.Namespace) -> int:
     from server.process import run_component
 
     cfg: PrefillWorkerConfig = from_args(PrefillWorkerConfig, args)
-    run_component("prefill", cfg.server, lambda stop, tracing: serve_prefill(cfg, stop, tracing=tracing))
-    return 0
+    return run_component("prefill", cfg.server, lambda stop, tracing: serve_prefill(cfg, stop, tracing=tracing))
 
 
 def run_decode(args: argparse.Namespace) -> int:
@@ -39,8 +37,7 @@ def run_decode(args: argparse.Namespace) -> int:
     from server.process import run_component
 
     cfg: DecodeWorkerConfig = from_args(DecodeWorkerConfig, args)
-    run_component("decode", cfg.server, lambda stop, tracing: serve_decode(cfg, stop, tracing=tracing))
-    return 0
+    return run_component("decode", cfg.server, lambda stop, tracing: serve_decode(cfg, stop, tracing=tracing))
 
 
 def register(subparsers: Any) -> None:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from engine.config import EngineConfig
 from engine.options import check_options, option
-from server.config import ServerOptions
+from server.config import ServerOptions, WorkerOptions
 
 if TYPE_CHECKING:
     from kvtransfer.curve import CurveServer
@@ -17,12 +17,12 @@ if TYPE_CHECKING:
 class DecodeWorkerConfig:
     engine: EngineConfig
     kv_bind: str = option("tcp://127.0.0.1:0", "KV receiver endpoint (tcp://host:port or ipc://path)")
-    kv_timeout_s: float = option(30.0, "seconds a KV transfer may stay silent", flag="kv-timeout", above=0)
     max_streams: int = option(1024, "concurrent Decode streams before RESOURCE_EXHAUSTED", min=1)
     kv_curve_secret_key_file: str | None = option(
         None, "this worker's CurveZMQ certificate with its secret key (`tandem keygen` writes NAME.key_secret)")
     kv_curve_client_keys: str | None = option(
         None, "directory of the allowed prefill workers' public certificates (*.key), or one file")
+    worker: WorkerOptions = field(default_factory=WorkerOptions)
     server: ServerOptions = field(default_factory=ServerOptions)
 
     def __post_init__(self) -> None:

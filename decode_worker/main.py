@@ -10,22 +10,24 @@ from decode_worker.service import DecodeService
 from decode_worker.worker import DecodeCore
 from engine.engine import Engine
 from kvtransfer import KVLayout
+from server.config import parse_fault
 from server.metrics import WorkerMetrics
 from server.tracing import Tracing
 from server.worker import Worker, WorkerKind, serve_worker
 from tandem.v1 import worker_pb2_grpc
 
 
-async def serve_decode(cfg: DecodeWorkerConfig, stop: asyncio.Event, *, tracing: Tracing | None = None) -> None:
-    """Serve until `stop`; `tracing` is the process's (setup_tracing in its main), off when None."""
+async def serve_decode(cfg: DecodeWorkerConfig, stop: asyncio.Event, *, tracing: Tracing | None = None) -> int:
+    """Serve until `stop` (exit code 0) or the engine's death (1); `tracing` is the process's."""
+    opts = cfg.worker
 
     def build(engine: Engine, layout: KVLayout, metrics: WorkerMetrics, tracing: Tracing) -> Worker:
-        core = DecodeCore(engine, layout, cfg.kv_bind, cfg.kv_timeout_s, DecodeObserver(tracing, metrics),
-                          curve=cfg.kv_curve())
+        core = DecodeCore(engine, layout, cfg.kv_bind, opts.kv_timeout_s, DecodeObserver(tracing, metrics),
+                          curve=cfg.kv_curve(), watchdog_s=opts.watchdog_s or None, fault=parse_fault(opts.fault))
         service = DecodeService(core, "", "", cfg.max_streams)
         return Worker(core, service, lambda: {
             "decode_streams": service.streams, "decode_kv_pending": core.num_pending(),
             "kv_transfers_inflight": core.receiver.stats().get("live", 0)}, {"kv_address": core.receiver.address})
 
     kind = WorkerKind("decode", "tandem.v1.DecodeWorker", worker_pb2_grpc.add_DecodeWorkerServicer_to_server, build)
-    await serve_worker(kind, cfg.engine, cfg.server, stop, tracing=tracing)
+    return await serve_worker(kind, cfg.engine, cfg.server, stop, tracing=tracing)

@@ -1,6 +1,6 @@
 """What the decode worker reports about each request: spans of its stages, and worker metrics.
 
-    tandem.v1.DecodeWorker/Decode      SERVER, asyncio (service.py); its traceparent rides in seq.extra
+    tandem.v1.DecodeWorker/Decode      SERVER, asyncio (service.py); its traceparent is the record's
     ├── decode.admission_wait          Decode call -> KV adopted (or, local prefill: -> first forward)
     ├── decode.steps                   one per `steps_per_span` engine steps that gave this request tokens
     │                                  (tokens, steps, mean batch size, speculation counts when present)
@@ -17,10 +17,11 @@ num_draft_tokens / num_accepted_tokens counters), decode.finish the request's to
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
-from opentelemetry.context import Context
 
 from engine.model_runner import StepInput
 from engine.outputs import RequestOutput
@@ -28,14 +29,16 @@ from engine.sequence import Sequence
 from kvtransfer import CompletedTransfer, FailedTransfer
 from server.metrics import WorkerMetrics
 from server.tracing import (
-    PARENT_KEY,
+    RequestTrace,
     Tracing,
     context_from_traceparent,
     epoch_ns_from_monotonic,
     epoch_ns_from_perf,
     record_span,
-    sampled_parent,
 )
+
+if TYPE_CHECKING:
+    from decode_worker.worker import DecodeRequest
 
 STEPS_PER_SPAN = 16
 
@@ -49,6 +52,15 @@ class _Window:
         self.start_ns, self.first_token = start_ns, first_token  # perf_counter_ns, output index
         self.steps = self.tokens = self.batch = 0
         self.spec0 = spec0  # the sequence's speculation counters when the window opened
+
+
+@dataclass
+class DecodeTrace(RequestTrace):
+    """What the observer keeps per request (on its DecodeRequest record)."""
+
+    admitted: bool = False
+    window: _Window | None = None
+    spec: tuple[int, int, int] = (0, 0, 0)  # speculation counters at the last decode.steps span
 
 
 def _spec(seq: Sequence) -> tuple[int, int, int]:
@@ -65,10 +77,8 @@ def _spec_attrs(steps: int, draft: int, accepted: int) -> dict[str, Any]:
 
 
 class DecodeObserver:
-    """Called by DecodeCore at its hooks; request state lives in `seq.extra` (engine thread only).
-
-    Expects seq.extra["traceparent"] (the Decode SERVER span's) and seq.extra["t_call"] (monotonic,
-    when the Decode call arrived)."""
+    """Called by DecodeCore at its hooks (engine thread, unless noted); per-request state is the
+    record's `trace` (DecodeTrace), its arrival time the record's `arrived`."""
 
     def __init__(self, tracing: Tracing, metrics: WorkerMetrics, steps_per_span: int = STEPS_PER_SPAN) -> None:
         if steps_per_span < 1:
@@ -76,9 +86,6 @@ class DecodeObserver:
         self.tracing = tracing
         self.metrics = metrics
         self.steps_per_span = steps_per_span
-
-    def _parent(self, seq: Sequence) -> Context | None:
-        return sampled_parent(self.tracing, seq.extra)
 
     # ------------------------------------------------------------------ receiver I/O thread
     def kv_received(self, t: CompletedTransfer) -> None:
@@ -102,51 +109,54 @@ class DecodeObserver:
         self.metrics.transfer("receive", f.code.name, 0, 0.0)
 
     # ------------------------------------------------------------------ engine thread
-    def _admitted(self, seq: Sequence, end_ns: int, local: bool) -> None:
+    def _admitted(self, req: DecodeRequest, end_ns: int, local: bool) -> None:
         """Admission wait: the Decode call -> `end_ns` (epoch ns)."""
-        x = seq.extra
-        x["obs_admitted"] = True
-        start_ns = epoch_ns_from_monotonic(x.get("t_call", seq.arrival_time))
+        req.trace.admitted = True
+        seq = req.seq
+        start_ns = epoch_ns_from_monotonic(req.arrived)
         self.metrics.queue_wait.observe(max(end_ns - start_ns, 0) / 1e9)
-        parent = self._parent(seq)
+        parent = req.trace.parent(self.tracing)
         if parent is not None:
             record_span(self.tracing.tracer, "decode.admission_wait", parent, start_ns, end_ns, {
                 "tandem.request_id": seq.request_id, "tandem.local_prefill": local,
                 "tandem.prompt_tokens": seq.num_prompt_tokens, "tandem.prefix_hit_tokens": seq.num_cached_tokens})
 
-    def adopted(self, seq: Sequence, out: RequestOutput) -> None:
+    def adopted(self, req: DecodeRequest, out: RequestOutput) -> None:
         """The KV arrived and the sequence joined the batch with its first token (`out`)."""
         now_ns = time.time_ns()
-        self._admitted(seq, now_ns, local=False)
-        if out.finished and self._parent(seq) is not None:
-            self._finish(seq, out, now_ns)
+        self._admitted(req, now_ns, local=False)
+        if out.finished and req.trace.parent(self.tracing) is not None:
+            self._finish(req, out, now_ns)
 
-    def on_step(self, step: StepInput, outputs: list[RequestOutput], t_exec_ns: int, t_done_ns: int) -> None:
+    def on_step(self, requests: Mapping[str, DecodeRequest], step: StepInput, outputs: list[RequestOutput],
+                t_exec_ns: int, t_done_ns: int) -> None:
         """After each engine step: admission of local prefills, decode.steps windows, finishes."""
         self.metrics.step_seconds.observe((t_done_ns - t_exec_ns) / 1e9)
         for seq in step.seqs:
-            if "obs_admitted" not in seq.extra:  # a local prefill's first forward
-                self._admitted(seq, epoch_ns_from_perf(t_exec_ns), local=True)
+            req = requests.get(seq.request_id)
+            if req is not None and not req.trace.admitted:  # a local prefill's first forward
+                self._admitted(req, epoch_ns_from_perf(t_exec_ns), local=True)
         if not self.tracing.enabled:
             return
         for out in outputs:
-            if out.seq is None or self._parent(out.seq) is None:
+            req = requests.get(out.request_id)
+            if req is None or req.trace.parent(self.tracing) is None:
                 continue
-            seq = out.seq
-            win: _Window | None = seq.extra.get("obs_window")
+            seq, tr = req.seq, req.trace
+            win = tr.window
             if win is None:
-                win = seq.extra["obs_window"] = _Window(t_exec_ns, seq.num_output_tokens - len(out.new_token_ids),
-                                                        seq.extra.get("obs_spec", (0, 0, 0)))
+                win = tr.window = _Window(t_exec_ns, seq.num_output_tokens - len(out.new_token_ids), tr.spec)
             win.steps += 1
             win.tokens += len(out.new_token_ids)
             win.batch += len(step.seqs)
             if win.steps >= self.steps_per_span or out.finished:
-                self._flush(seq, win, t_done_ns)
+                self._flush(req, win, t_done_ns)
             if out.finished:
-                self._finish(seq, out, epoch_ns_from_perf(t_done_ns))
+                self._finish(req, out, epoch_ns_from_perf(t_done_ns))
 
-    def _flush(self, seq: Sequence, win: _Window, end_ns: int) -> None:
-        seq.extra.pop("obs_window", None)
+    def _flush(self, req: DecodeRequest, win: _Window, end_ns: int) -> None:
+        seq, tr = req.seq, req.trace
+        tr.window = None
         attrs: dict[str, Any] = {
             "tandem.request_id": seq.request_id,
             "tandem.decode.steps": win.steps,
@@ -154,12 +164,13 @@ class DecodeObserver:
             "tandem.decode.first_output_token": win.first_token,
             "tandem.decode.mean_batch_size": win.batch / win.steps,
         }
-        now = seq.extra["obs_spec"] = _spec(seq)
+        now = tr.spec = _spec(seq)
         attrs.update(_spec_attrs(*(a - b for a, b in zip(now, win.spec0, strict=True))))
-        record_span(self.tracing.tracer, "decode.steps", seq.extra[PARENT_KEY], epoch_ns_from_perf(win.start_ns),
+        record_span(self.tracing.tracer, "decode.steps", tr.parent(self.tracing), epoch_ns_from_perf(win.start_ns),
                     epoch_ns_from_perf(end_ns), attrs)
 
-    def _finish(self, seq: Sequence, out: RequestOutput, at_ns: int) -> None:
+    def _finish(self, req: DecodeRequest, out: RequestOutput, at_ns: int) -> None:
+        seq = req.seq
         reason = out.finish_reason.value if out.finish_reason is not None else "unknown"
         attrs: dict[str, Any] = {
             "tandem.request_id": seq.request_id,
@@ -172,4 +183,4 @@ class DecodeObserver:
         if seq.stop_reason is not None:
             attrs["tandem.finish.stop"] = str(seq.stop_reason)
         attrs.update(_spec_attrs(*_spec(seq)))
-        record_span(self.tracing.tracer, "decode.finish", seq.extra[PARENT_KEY], at_ns, at_ns, attrs)
+        record_span(self.tracing.tracer, "decode.finish", req.trace.parent(self.tracing), at_ns, at_ns, attrs)

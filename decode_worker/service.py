@@ -10,25 +10,17 @@ from contextlib import aclosing
 
 import grpc
 
-from decode_worker.worker import DecodeCore
+from decode_worker.worker import DecodeCore, DecodeRequest
 from engine.outputs import RequestOutput
-from server.errors import DeadlineExceeded, Mismatch, Overloaded, TandemError, Unavailable
+from server.errors import Overloaded, Unavailable
 from server.protoconv import finish_to_proto, logprob_to_proto, sampling_from_proto
 from server.tracing import finish_span, start_server_span, traceparent_of
+from server.worker import abort_and_tell
 from tandem.v1 import generation_pb2 as gen
 from tandem.v1 import worker_pb2 as pb
 from tandem.v1 import worker_pb2_grpc
 
 logger = logging.getLogger(__name__)
-
-_FAIL_CODES: dict[str, type[TandemError]] = {
-    "MISMATCH": Mismatch, "NO_SPACE": Overloaded, "TIMEOUT": DeadlineExceeded,
-}
-
-
-class _Failed:
-    def __init__(self, code: str, message: str) -> None:
-        self.code, self.message = code, message
 
 
 class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
@@ -46,7 +38,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                                                        "tandem.local_prefill": request.local_prefill})
         tokens = 0
         try:
-            async with aclosing(self._decode(request, context, traceparent_of(span) or request.traceparent)) as stream:
+            async with aclosing(self._decode(request, traceparent_of(span) or request.traceparent)) as stream:
                 async for resp in stream:
                     tokens += len(resp.token_ids)
                     yield resp
@@ -57,51 +49,36 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         span.set_attribute("gen_ai.usage.output_tokens", tokens)
         finish_span(span)
 
-    async def _decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext, traceparent: str
-                      ) -> AsyncGenerator[pb.DecodeResponse, None]:
+    async def _decode(self, request: pb.DecodeRequest, traceparent: str) -> AsyncGenerator[pb.DecodeResponse, None]:
         core = self.core
         if health := core.health_error():
-            raise Unavailable(f"decode worker {self.worker_id} {health}")
+            raise Unavailable(f"decode worker {self.worker_id} {health}", retry_after_s=1.0)
         if self.streams >= self.max_streams:
             raise Overloaded(f"decode worker {self.worker_id} has {self.streams} requests (limit "
                              f"{self.max_streams}); retry later", retry_after_s=1.0)
-        params = sampling_from_proto(request.sampling)
         rid = request.request_id
-        prompt = list(request.prompt_token_ids)
+        seq = core.engine.make_sequence(rid, list(request.prompt_token_ids), sampling_from_proto(request.sampling))
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[RequestOutput | _Failed] = asyncio.Queue()
-
-        def sink(out: RequestOutput) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, out)
-
-        def fail(code: str, message: str) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, _Failed(code, message))
-
-        kv_timeout = (request.kv_timeout_ms / 1000) if request.kv_timeout_ms else core.kv_timeout_s
+        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        req = DecodeRequest(seq, emit=lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
+                            fail=lambda exc: loop.call_soon_threadsafe(queue.put_nowait, exc),
+                            local=request.local_prefill)
+        req.trace.traceparent = traceparent
         t0 = time.monotonic()
-        if request.local_prefill:
-            core.local(rid, prompt, params, sink, traceparent=traceparent)
-        else:
-            core.expect_kv(rid, prompt, params, sink, fail, kv_timeout, traceparent=traceparent)
+        core.decode(req)
         self.streams += 1
         finished = False
         first = True
         try:
             while not finished:
-                timeout = kv_timeout + 1.0 if first and not request.local_prefill else None
-                try:
-                    item = await asyncio.wait_for(queue.get(), timeout)
-                except TimeoutError:
-                    raise DeadlineExceeded(f"the KV of request {rid} did not arrive within {kv_timeout:.1f} s") from None
-                if isinstance(item, _Failed):
-                    raise _FAIL_CODES.get(item.code, Unavailable)(
-                        f"KV transfer for request {rid} failed ({item.code}): {item.message}")
-                # coalesce what is already queued into one message
-                outs = [item]
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                outs = [item]  # coalesce what is already queued into one message
                 while not queue.empty() and not outs[-1].finished:
                     nxt = queue.get_nowait()
-                    if isinstance(nxt, _Failed):
-                        break
+                    if isinstance(nxt, BaseException):
+                        raise nxt
                     outs.append(nxt)
                 last = outs[-1]
                 finished = last.finished
@@ -118,29 +95,28 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                 if finished:
                     resp.num_prompt_tokens = last.num_prompt_tokens
                     resp.num_output_tokens = last.num_output_tokens
-                    seq = last.seq
-                    if seq is not None and isinstance(seq.stop_reason, str):
+                    if isinstance(seq.stop_reason, str):
                         resp.finish_message = seq.stop_reason
                 yield resp
         finally:
             self.streams -= 1
             if not finished:  # cancelled, deadline, failure: free everything this request holds
-                core.abort(rid)
+                core.abort(rid, "the Decode call ended before the request finished")
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
-        self.core.abort(request.request_id)
-        return pb.AbortResponse(found=True)
+        return pb.AbortResponse(found=await abort_and_tell(
+            lambda found: self.core.abort(request.request_id, request.reason or "aborted by the gateway", found),
+            self.core.loop.dead.is_set()))
 
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
         core = self.core
-        stats = core.loop.stats()
-        rstats = core.receiver.stats()
-        err = core.health_error()
+        stats = core.loop.snapshot.stats
         return pb.StatusResponse(
             worker_id=self.worker_id, role=gen.WORKER_ROLE_DECODE,
             kv_blocks_total=stats["kv_blocks_total"], kv_blocks_free=stats["kv_blocks_free"],
-            running=stats["running"], waiting=stats["waiting"] + core.num_pending(),
+            running=stats["running"], waiting=stats["waiting"] + stats.get("kv_wanted", 0),
             kv_address=core.receiver.address, kv_layout=core.layout.to_proto(),
-            cached_blocks=stats["kv_blocks_cached"], inflight_transfers=rstats.get("live", 0),
-            max_model_len=core.engine.max_model_len, address=self.address, error=err,
+            cached_blocks=stats["kv_blocks_cached"], inflight_transfers=core.receiver.stats().get("live", 0),
+            max_model_len=core.engine.max_model_len, address=self.address, error=core.health_error(),
         )
+

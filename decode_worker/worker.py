@@ -1,13 +1,26 @@
-"""The decode worker's core: an engine on its own thread plus the KV receiver that feeds it.
+"""The decode worker's core: an engine loop and the KV receiver that feeds it, one owner per request.
 
-Block ownership on this worker (see docs/ARCHITECTURE.md):
+Per request (engine thread unless noted):
 
-    free pool --reserve()--> held by the KVReceiver --on_complete--> adopted by a Sequence (running)
-         ^                        |  (transfer failed/aborted: release())        |
-         +------------------------+<-------------- finished / aborted: free -----+
+    Decode RPC -> DecodeCore.decode(req)            (the RPC's thread: the sequence is already validated)
+        local prefill: the request joins the scheduler (conditional disaggregation)
+        otherwise:     it is registered and waits for its KV, outside the scheduler
+    KVTransferBegin (receiver I/O thread) -> want(id, n) -> command
+        the scheduler's admission (Scheduler.reserve_kv) grants n blocks when it can -> receiver.grant;
+        a transfer whose request is not registered yet waits, keyed by id, for its registration
+        (or `kv_timeout_s`): registration before transfer holds by construction
+    last page written (I/O thread: the peer's meta is parsed and checked there) -> command: adopt
+        the sequence takes the granted blocks, appends its first token and joins the running batch
+    transfer failed (I/O thread) -> command: the request fails with the transfer's status
 
-`reserve`/`release` run on the receiver's I/O thread and take the engine loop's lock; adoption runs
-on the engine thread. A request aborted before its KV arrived frees the blocks when they land.
+Block ownership (docs/ARCHITECTURE.md):
+
+    free pool --reserve_kv--> granted: held by the KVReceiver --adopt--> the request's sequence
+         ^                        | (transfer failed / aborted: release, a command)    |
+         +------------------------+<-------------- finished / aborted: free -----------+
+
+The receiver's I/O thread never touches the scheduler or the block manager: everything it learns
+reaches the engine thread as a command.
 """
 
 from __future__ import annotations
@@ -17,49 +30,65 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from decode_worker.observe import DecodeObserver
+from decode_worker.observe import DecodeObserver, DecodeTrace
 from engine.engine import Engine
-from engine.engine_loop import EngineLoop
-from engine.outputs import RequestOutput
-from engine.sampling.params import SamplingParams
-from engine.sequence import Sequence
-from kvtransfer import CompletedTransfer, FailedTransfer, KVLayout, KVReceiver
+from engine.engine_loop import EngineLoop, Request
+from engine.outputs import RequestGone
+from kvtransfer import CompletedTransfer, FailedTransfer, KVLayout, KVReceiver, TransferCode
 from kvtransfer.curve import CurveServer
 from server.metrics import WorkerMetrics, new_registry
 from server.protoconv import logprob_from_proto
 from server.tracing import disabled
+from server.worker import transfer_error
 from tandem.v1 import kv_pb2
 
 logger = logging.getLogger(__name__)
 
-Sink = Callable[[RequestOutput], None]
-FailSink = Callable[[str, str], None]  # (code name, message)
+
+@dataclass(eq=False)
+class DecodeRequest(Request):
+    local: bool = False  # prefill here; else the KV comes from a prefill worker
+    kv_blocks: list[int] | None = None  # granted to its transfer, held by the receiver until adopted
+    trace: DecodeTrace = field(default_factory=DecodeTrace)
 
 
 @dataclass
-class Pending:
-    """A request whose KV is on its way."""
+class _Want:
+    """A transfer asking for blocks: waiting for admission, or for its request's registration."""
 
-    seq: Sequence
-    sink: Sink
-    fail: FailSink
+    num_blocks: int
     since: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class _Arrived:
+    """A completed transfer, its meta parsed and checked on the I/O thread."""
+
+    transfer: CompletedTransfer
+    meta: kv_pb2.KVRequestMeta | None
+    error: str = ""
 
 
 class DecodeCore:
     def __init__(self, engine: Engine, layout: KVLayout, kv_bind: str, kv_timeout_s: float,
-                 obs: DecodeObserver | None = None, *, curve: CurveServer | None = None) -> None:
+                 obs: DecodeObserver | None = None, *, curve: CurveServer | None = None,
+                 watchdog_s: float | None = None, fault: tuple[str, int] | None = None) -> None:
         self.engine = engine
         self.obs = obs or DecodeObserver(disabled(), WorkerMetrics(new_registry(), "decode"))
-        self.loop = EngineLoop(engine, name="decode-engine")
-        self.loop.on_step = self.obs.on_step
         self.layout = layout
         self.kv_timeout_s = kv_timeout_s
-        self._pending: dict[str, Pending] = {}  # engine thread only
+        self._wants: dict[str, _Want] = {}  # engine thread; insertion order is admission order
+        self.loop = EngineLoop(engine, name="decode-engine", watchdog_s=watchdog_s, fault=fault, on_death=self._died,
+                               observers=[lambda *a: self.obs.on_step(self.requests, *a)],
+                               gauges=lambda: {"kv_wanted": len(self._wants)}, tick=self._admit)
         self.receiver = KVReceiver(
-            engine.runner.kv, layout, kv_bind, reserve=self._reserve, release=self._release,
+            engine.runner.kv, layout, kv_bind, want=self._want, release=self._release,
             on_complete=self._on_complete, on_failed=self._on_failed, timeout_s=kv_timeout_s, curve=curve,
         )
+
+    @property
+    def requests(self) -> dict[str, DecodeRequest]:
+        return self.loop.requests  # type: ignore[return-value]
 
     def start(self) -> None:
         self.loop.start()
@@ -68,72 +97,116 @@ class DecodeCore:
         self.receiver.close()
         self.loop.stop()
 
-    # -------------------------------------------------------- request entry
-    def expect_kv(self, request_id: str, prompt: list[int], params: SamplingParams, sink: Sink,
-                  fail: FailSink, timeout_s: float, *, traceparent: str = "") -> None:
-        """Register a request whose KV a prefill worker will send (validates: raises ValueError).
-        `traceparent`: the Decode call's span, parent of this request's engine-side spans."""
-        seq = self.engine.make_sequence(request_id, prompt, params)
-        seq.extra.update(traceparent=traceparent, t_call=time.monotonic())
+    # -------------------------------------------------------- request entry (any thread)
+    def decode(self, req: DecodeRequest) -> None:
+        """Register `req`: a local prefill joins the scheduler, any other waits for its KV."""
+        self.loop.add(req, schedule=req.local, then=None if req.local else self._admit)
 
-        def register() -> None:
-            self._pending[request_id] = Pending(seq, sink, fail)
+    def abort(self, request_id: str, reason: str, found: Callable[[bool], None] | None = None) -> None:
+        """End `request_id` wherever it is (waiting for KV, transferring, running); its blocks and
+        any reservation go back. `found(bool)` is told, on the engine thread, whether it was live."""
+        self.receiver.abort(request_id, reason)
 
-        self.loop.submit(register)
-        self.receiver.expect(request_id, timeout_s)
+        def abort() -> None:
+            req = self.requests.pop(request_id, None)
+            self._wants.pop(request_id, None)
+            if req is not None:
+                self.engine.abort(request_id)  # frees its blocks if it runs; no-op while it waits for KV
+                req.fail(RequestGone(reason))
+            if found is not None:
+                found(req is not None)
 
-    def local(self, request_id: str, prompt: list[int], params: SamplingParams, sink: Sink, *,
-              traceparent: str = "") -> None:
-        """Conditional disaggregation: prefill here (the prefix cache may already hold it)."""
-        self.loop.add_request(request_id, prompt, params, sink,
-                              extra={"traceparent": traceparent, "t_call": time.monotonic()})
-
-    def abort(self, request_id: str) -> None:
-        self.receiver.abort(request_id)
-
-        def drop() -> None:
-            self._pending.pop(request_id, None)
-
-        self.loop.submit(drop)
-        self.loop.abort(request_id)
+        self.loop.submit(abort)
 
     # ------------------------------------------------ receiver callbacks (I/O thread)
-    def _reserve(self, request_id: str, num_blocks: int) -> list[int] | None:
-        with self.loop.lock:
-            return self.engine.block_manager.allocate_blocks(num_blocks)
+    def _want(self, request_id: str, num_blocks: int) -> None:
+        self.loop.submit(lambda: self._on_want(request_id, num_blocks))
 
     def _release(self, request_id: str, block_ids: list[int]) -> None:
-        with self.loop.lock:
-            self.engine.block_manager.free_blocks(block_ids)
+        self.loop.submit(lambda: self._on_release(request_id, block_ids))
 
     def _on_complete(self, t: CompletedTransfer) -> None:
         self.obs.kv_received(t)
-        self.loop.submit(lambda: self._adopt(t))
+        try:  # peer bytes are parsed here, never on the engine thread
+            meta = kv_pb2.KVRequestMeta.FromString(t.meta)
+        except Exception as exc:  # noqa: BLE001 - DecodeError and friends
+            arrived = _Arrived(t, None, f"unreadable KV meta from the prefill worker: {exc}")
+        else:
+            arrived = _Arrived(t, meta, self._check_meta(t, meta))
+        self.loop.submit(lambda: self._adopt(arrived))
 
     def _on_failed(self, f: FailedTransfer) -> None:
         self.obs.kv_failed(f)
+        error = transfer_error(f.code, f"KV transfer for request {f.request_id} failed ({f.code.name}): {f.message}")
 
         def fail() -> None:
-            pending = self._pending.pop(f.request_id, None)
-            if pending is not None:
-                pending.fail(f.code.name, f.message)
+            self._wants.pop(f.request_id, None)
+            req = self.requests.pop(f.request_id, None)
+            if req is not None:
+                req.fail(error)
 
         self.loop.submit(fail)
 
-    # ------------------------------------------------------ engine thread
-    def _adopt(self, t: CompletedTransfer) -> None:
+    def _check_meta(self, t: CompletedTransfer, meta: kv_pb2.KVRequestMeta) -> str:
+        bound = self.engine.vocab_size
+        if meta.first_token_id >= bound:
+            return f"the prefill worker sent first token id {meta.first_token_id}, outside [0, {bound})"
+        if meta.num_prompt_tokens and meta.num_prompt_tokens != t.num_tokens:
+            return f"KV meta says {meta.num_prompt_tokens} prompt tokens, the transfer carried {t.num_tokens}"
+        return ""
+
+    # ------------------------------------------------------------ engine thread
+    def _on_want(self, request_id: str, num_blocks: int) -> None:
+        self._wants[request_id] = _Want(num_blocks)
+        self._admit()
+
+    def _on_release(self, request_id: str, block_ids: list[int]) -> None:
+        self.engine.block_manager.free_blocks(block_ids)
+        req = self.requests.get(request_id)
+        if req is not None and req.kv_blocks == block_ids:
+            req.kv_blocks = None
+        self._admit()
+
+    def _admit(self) -> None:
+        """Grant blocks to the transfers that may have them, oldest first (the loop's tick)."""
+        now = time.monotonic()
+        blocked = False
+        for rid, want in list(self._wants.items()):
+            req = self.requests.get(rid)
+            if req is None or req.local or req.kv_blocks is not None:
+                if now - want.since > self.kv_timeout_s:  # its Decode call never came (or is gone)
+                    del self._wants[rid]
+                    self.receiver.refuse(rid, TransferCode.UNKNOWN_REQUEST,
+                                         f"no Decode call for request {rid} reached this worker within "
+                                         f"{self.kv_timeout_s:.1f} s")
+                continue
+            if blocked:
+                continue
+            ids = self.engine.scheduler.reserve_kv(want.num_blocks)
+            if ids is None:
+                blocked = True  # first come, first served: a later, smaller transfer waits too
+                continue
+            del self._wants[rid]
+            req.kv_blocks = ids
+            self.receiver.grant(rid, ids)
+
+    def _adopt(self, arrived: _Arrived) -> None:
         """The KV is in place: the sequence joins the running batch with its first token."""
+        t = arrived.transfer
         bm = self.engine.block_manager
-        pending = self._pending.pop(t.request_id, None)
-        if pending is None:  # aborted while the KV was in flight
+        req = self.requests.get(t.request_id)
+        if req is None or req.kv_blocks is None:  # aborted while the KV was in flight
             bm.free_blocks(t.block_ids)
             return
-        meta = kv_pb2.KVRequestMeta.FromString(t.meta)
-        seq = pending.seq
-        if t.num_tokens != seq.num_prompt_tokens:
+        seq = req.seq
+        if arrived.error or arrived.meta is None or t.num_tokens != seq.num_prompt_tokens:
+            del self.requests[t.request_id]
             bm.free_blocks(t.block_ids)
-            pending.fail("PROTOCOL", f"KV for {t.num_tokens} tokens arrived for a {seq.num_prompt_tokens}-token prompt")
+            why = arrived.error or f"KV for {t.num_tokens} tokens arrived for a {seq.num_prompt_tokens}-token prompt"
+            req.fail(transfer_error(TransferCode.PROTOCOL, why))
             return
+        meta = arrived.meta
+        req.kv_blocks = None
         seq.block_table = list(t.block_ids)
         seq.num_computed_tokens = seq.num_prompt_tokens
         seq.num_cached_tokens = meta.num_cached_tokens
@@ -141,18 +214,21 @@ class DecodeCore:
         lps = [logprob_from_proto(meta.first_token_logprob)] if meta.HasField("first_token_logprob") else []
         seq.logprobs.extend(lps)
         self.engine.scheduler.add_running(seq)
-        self.loop.register_sink(seq.request_id, pending.sink)
         out = self.engine.append_token(seq, meta.first_token_id, lps)
-        self.obs.adopted(seq, out)
+        self.loop.observe(self.obs.adopted, req, out, default=None)
         self.loop.deliver(out)
+
+    def _died(self, cause: BaseException) -> None:
+        """The engine is dead (engine or watchdog thread): refuse every transfer from now on."""
+        self.receiver.refuse_all(f"the decode worker's engine died: {cause}")
 
     # -------------------------------------------------------------- status
     def num_pending(self) -> int:
-        return len(self._pending)
+        return int(self.loop.snapshot.stats.get("kv_wanted", 0))
 
     def health_error(self) -> str:
         """Why this worker cannot serve ("" when it can): its engine thread or its KV receiver died."""
-        if self.loop.error is not None:
+        if self.loop.dead.is_set():
             return f"engine failed: {self.loop.error}"
         if self.receiver.error is not None:
             return f"KV receiver failed: {self.receiver.error!r}"

@@ -1,17 +1,23 @@
-"""Runs an `Engine` on its own thread so that a worker's asyncio loop never waits on the model.
+"""Runs an `Engine` on its own thread, fail-stop, so that a worker's asyncio loop never waits on the model.
 
-    asyncio thread                      engine thread                         other threads (kvtransfer)
-    --------------                      -------------                         --------------------------
-    submit(fn) ----- command queue ---> run commands (under lock)
-                                        schedule()            (under lock)
-                                        execute() -> forward  (no lock)  ---> hooks: layer_done, ...
-                                        process()             (under lock)
-    sink(out) <-- call_soon_threadsafe  outputs to each request's sink
-                                                                               reserve/release blocks
-                                                                               (take `lock`)
+    asyncio / KV I/O threads            engine thread (owns every Request and the scheduler)
+    ------------------------            -------------
+    add(req) ---------\\
+    abort(id) ---------+-- commands -->  run commands (each guarded: one that raises fails only its
+    submit(fn) -------/                 request, or is logged and counted)
+                                        schedule() -> hooks.before_execute(step)
+                                        execute()  -> hooks.on_layer_done(step, layer)   (the forward)
+                                        process()  -> hooks.after_process(step, outputs)
+                                        each output to its Request's `emit`; finished ones leave the table
+                                        observers (guarded: a metrics/tracing bug is logged and counted)
+    snapshot (any thread, no lock)  <-- published after every step and every batch of commands
 
-Every mutation of the scheduler happens on the engine thread; the block manager is also touched by
-KV-transfer callbacks, which hold `lock`. A sink is called on the engine thread and must be quick.
+Fail-stop: if schedule/execute/process or a hook raises, or a step makes no progress for `watchdog_s`,
+the loop is dead: every Request hears `EngineDied` at once (its `fail`), `dead` is set and `on_death`
+runs (the worker turns unhealthy and exits for its supervisor to restart it).
+
+Nothing but the engine thread touches the scheduler, the block manager or the Request table while
+the loop is alive; other threads ask through commands. After death the table is frozen and failed.
 """
 
 from __future__ import annotations
@@ -20,123 +26,314 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 from engine.engine import Engine
 from engine.model_runner import StepInput
-from engine.outputs import RequestOutput
-from engine.sampling.sampler import SamplerOutput
+from engine.outputs import DuplicateRequest, EngineDied, RequestGone, RequestOutput
+from engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
-Sink = Callable[[RequestOutput], None]
+_IDLE_WAIT_S = 0.05
+_WATCHDOG_TICK_S = 0.25
+
+
+@dataclass(eq=False)
+class Request:
+    """One request's record: created by a worker's RPC handler, owned by the engine thread once added.
+
+    seq: the engine's sequence (validated by `Engine.make_sequence` before add).
+    emit(output): called on the engine thread for every output; must be quick and thread-safe
+        (e.g. `loop.call_soon_threadsafe`). The output with finished=True is the last.
+    fail(exc): ends the request with an error instead; thread-safe and idempotent (it may be called
+        from the watchdog while the engine thread hangs). After emit(finished) or fail, nothing more.
+    Worker-specific state lives in subclasses (prefill_worker.worker, decode_worker.worker).
+    """
+
+    seq: Sequence
+    emit: Callable[[RequestOutput], object]
+    fail: Callable[[BaseException], object]
+    arrived: float = field(default_factory=time.monotonic)
+    streams: bool = True  # False: deliver() leaves its outputs to the worker's hooks (prefill)
+
+    @property
+    def id(self) -> str:
+        return self.seq.request_id
+
+
+class StepHooks(Protocol):
+    """A worker's part of each step, on the engine thread. A hook that raises kills the loop."""
+
+    def before_execute(self, step: StepInput) -> None: ...
+    def on_layer_done(self, step: StepInput, layer: int) -> None: ...
+    def after_process(self, step: StepInput, outputs: list[RequestOutput]) -> None: ...
+
+
+# (step, outputs, t_exec_ns, t_done_ns): perf_counter_ns around execute + process, before delivery
+Observer = Callable[[StepInput, list[RequestOutput], int, int], None]
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """What Status and /metrics read: engine counters and the loop's own, as of the last publish."""
+
+    stats: Mapping[str, int]
+    requests: int = 0  # records in the table (running, waiting, waiting for KV, transferring)
+    steps: int = 0
+    command_errors: int = 0
+    observer_errors: int = 0
+    published: float = 0.0  # monotonic
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, *, name: str = "engine") -> None:
+    """Interface (any thread unless noted):
+
+    add(req, schedule) the request joins the table and, with schedule=True, the scheduler (a decode
+                       worker keeps one waiting for its KV out of the scheduler); outputs go to req.emit
+    abort(id, reason)  end it: its sequence is aborted (blocks freed) and req.fail(RequestGone(reason))
+    submit(fn)         run fn() on the engine thread before the next step (guarded)
+    requests           engine thread only: id -> Request, every live request of this worker
+    deliver(out)       engine thread only: hand one output to its request
+    fail_all(exc)      fail every live request (the loop's death, or a worker shutting down)
+    snapshot / dead / error      published state; `dead` is set once, with `error` its cause
+    tick               engine thread: run after every batch of commands and every step (guarded)
+    """
+
+    def __init__(self, engine: Engine, *, name: str = "engine", hooks: StepHooks | None = None,
+                 observers: list[Observer] | None = None, watchdog_s: float | None = None,
+                 on_death: Callable[[BaseException], None] | None = None,
+                 gauges: Callable[[], Mapping[str, int]] | None = None,
+                 tick: Callable[[], None] | None = None, fault: tuple[str, int] | None = None) -> None:
+        """`fault` injects a failure for tests (docs/ARCHITECTURE.md): ("raise", N) makes step N raise,
+        ("hang", N) makes it hang (for the watchdog to find)."""
+        if watchdog_s is not None and watchdog_s <= 0:
+            raise ValueError(f"watchdog_s must be > 0 or None, got {watchdog_s}")
+        self._fault = fault
         self.engine = engine
-        self.lock = threading.RLock()
+        self.hooks = hooks
+        self.observers = list(observers or [])
+        self.watchdog_s = watchdog_s
+        self.on_death = on_death
+        self.gauges = gauges  # engine thread: worker counters published with each snapshot
+        self.tick = tick
+        self.requests: dict[str, Request] = {}
         self._commands: deque[Callable[[], None]] = deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._sinks: dict[str, Sink] = {}
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.dead = threading.Event()
         self.error: BaseException | None = None
-        # hooks for the workers; each runs on the engine thread
-        self.on_layer_done: Callable[[StepInput, int], None] | None = None
-        self.before_execute: Callable[[StepInput], None] | None = None
-        self.after_process: Callable[[StepInput, list[RequestOutput]], None] | None = None
-        # observability: (step, outputs, t_exec_ns, t_done_ns) perf_counter_ns around execute+process,
-        # called before the outputs are delivered
-        self.on_step: Callable[[StepInput, list[RequestOutput], int, int], None] | None = None
+        self._death_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._watchdog = threading.Thread(target=self._watch, name=f"{name}-watchdog", daemon=True)
+        self._busy_since: float | None = None  # monotonic start of the step in progress
+        self._steps = self._command_errors = self._observer_errors = 0
+        self.snapshot = EngineSnapshot(engine.stats())
 
     def start(self) -> None:
         self._thread.start()
+        if self.watchdog_s is not None:
+            self._watchdog.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     # --------------------------------------------------------------- commands
     def submit(self, fn: Callable[[], None]) -> None:
-        """Run `fn` on the engine thread, under the lock, before the next step."""
+        """Run `fn` on the engine thread before the next step. A command that raises is logged and
+        counted; it does not stop the loop. Ignored once the loop is dead."""
         self._commands.append(fn)
         self._wake.set()
 
-    def wake(self) -> None:
-        self._wake.set()
-
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params, sink: Sink, **seq_fields) -> None:
-        """Validate now (raises ValueError), queue for the engine thread."""
-        seq = self.engine.make_sequence(request_id, prompt_token_ids, params)
-        for key, value in seq_fields.items():
-            setattr(seq, key, value)
+    def add(self, req: Request, *, schedule: bool = True, then: Callable[[], None] | None = None) -> None:
+        """Register `req` (and queue its sequence for the scheduler unless `schedule` is False), then
+        run `then` on the engine thread. A dead loop fails it at once; a live duplicate id fails it
+        with DuplicateRequest, leaving the live one alone."""
+        if self.dead.is_set():
+            req.fail(EngineDied(f"engine is dead: {self.error}"))
+            return
 
         def add() -> None:
-            self._sinks[request_id] = sink
-            self.engine.scheduler.add(seq)
+            if req.id in self.requests:
+                req.fail(DuplicateRequest(f"request id {req.id!r} is already live on this worker"))
+                return
+            self.requests[req.id] = req
+            if schedule:
+                self.engine.scheduler.add(req.seq)
+            if then is not None:
+                then()
 
-        self.submit(add)
+        self._command(req, add)
 
-    def register_sink(self, request_id: str, sink: Sink) -> None:
-        """Engine thread only: route `request_id`'s outputs to `sink` (sequences added directly)."""
-        self._sinks[request_id] = sink
-
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, reason: str = "aborted") -> None:
         def abort() -> None:
-            self._sinks.pop(request_id, None)
+            req = self.requests.pop(request_id, None)
             self.engine.abort(request_id)
+            if req is not None:
+                req.fail(RequestGone(reason))
 
         self.submit(abort)
 
-    def stats(self) -> dict[str, int]:
-        with self.lock:
-            return self.engine.stats()
+    def _command(self, req: Request, fn: Callable[[], None]) -> None:
+        """`fn` as a command that fails `req` (not the loop) if it raises."""
+        def guarded() -> None:
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - a bug in one request's command fails that request
+                self._command_errors += 1
+                logger.exception("command for request %s failed", req.id)
+                if self.requests.get(req.id) is req:
+                    del self.requests[req.id]
+                    self.engine.abort(req.id)
+                req.fail(exc)
+
+        self.submit(guarded)
+
+    def deliver(self, out: RequestOutput) -> None:
+        """Engine thread only: hand `out` to its request (which leaves the table once finished)."""
+        req = self.requests.get(out.request_id)
+        if req is None or not req.streams:
+            return
+        if out.finished:
+            del self.requests[out.request_id]
+        req.emit(out)
+
+    def observe(self, fn: Callable[..., T], *args: object, default: T) -> T:
+        """`fn(*args)` for an observer (metrics, tracing): if it raises, log and count it and return
+        `default`; an observer's bug never stops serving."""
+        try:
+            return fn(*args)
+        except Exception:  # noqa: BLE001
+            self._observer_errors += 1
+            logger.exception("engine observer failed (serving goes on)")
+            return default
+
+    def fail_all(self, exc: BaseException) -> None:
+        """Fail every live request with `exc` (any thread; the table is not modified)."""
+        for req in list(self.requests.values()):
+            try:
+                req.fail(exc)
+            except Exception:  # noqa: BLE001 - one broken callback must not keep the others waiting
+                logger.exception("failing request %s raised", req.id)
 
     # ------------------------------------------------------------------- loop
     def _run(self) -> None:
         try:
-            while not self._stop.is_set():
-                self._drain_commands()
+            while not self._stop.is_set() and not self.dead.is_set():
+                ran = self._drain_commands()
+                self._tick()
                 if not self.engine.has_unfinished():
-                    self._wake.wait(0.05)
+                    if ran:
+                        self._publish()
+                    self._wake.wait(_IDLE_WAIT_S)
                     self._wake.clear()
                     continue
                 self._step()
-        except BaseException as exc:  # the worker reports this as unhealthy and fails its requests
-            logger.exception("engine thread died")
-            self.error = exc
+        except BaseException as exc:  # noqa: BLE001 - fail-stop: every request hears it
+            self._die(exc, f"engine thread died: {type(exc).__name__}: {exc}")
 
-    def _drain_commands(self) -> None:
-        while self._commands:
+    def _drain_commands(self) -> bool:
+        ran = False
+        while self._commands and not self.dead.is_set():
             fn = self._commands.popleft()
-            with self.lock:
+            ran = True
+            try:
                 fn()
+            except Exception:  # noqa: BLE001 - logged and counted; the loop goes on
+                self._command_errors += 1
+                logger.exception("engine command failed")
+        return ran
+
+    def _tick(self) -> None:
+        if self.tick is None:
+            return
+        try:
+            self.tick()
+        except Exception:  # noqa: BLE001 - logged and counted; the loop goes on
+            self._command_errors += 1
+            logger.exception("engine tick failed")
 
     def _step(self) -> None:
         eng = self.engine
-        with self.lock:
-            step = eng.schedule()
+        self._busy_since = time.monotonic()
+        step = eng.schedule()
         if step is None:
+            self._busy_since = None
             self._wake.wait(0.01)
             self._wake.clear()
             return
         t_exec = time.perf_counter_ns()
-        if self.before_execute is not None:
-            self.before_execute(step)
-        sampled: SamplerOutput | None = eng.execute(step, self.on_layer_done)
-        with self.lock:
-            outputs = eng.process(step, sampled)
-        if self.after_process is not None:
-            self.after_process(step, outputs)
-        if self.on_step is not None:
-            self.on_step(step, outputs, t_exec, time.perf_counter_ns())
+        if self._fault is not None and self._steps + 1 == self._fault[1]:
+            self._inject(self._fault[0])
+        if self.hooks is not None:
+            self.hooks.before_execute(step)
+        hook = self.hooks.on_layer_done if self.hooks is not None else None
+        sampled = eng.execute(step, hook)
+        outputs = eng.process(step, sampled)
+        if self.hooks is not None:
+            self.hooks.after_process(step, outputs)
+        self._busy_since = None
+        self._steps += 1
+        t_done = time.perf_counter_ns()
+        for observer in self.observers:
+            self.observe(observer, step, outputs, t_exec, t_done, default=None)
         for out in outputs:
             self.deliver(out)
+        self._publish()
 
-    def deliver(self, out: RequestOutput) -> None:
-        """Engine thread only: hand `out` to its request's sink (dropped once finished)."""
-        sink = self._sinks.pop(out.request_id, None) if out.finished else self._sinks.get(out.request_id)
-        if sink is not None:
-            sink(out)
+    def _inject(self, kind: str) -> None:
+        logger.warning("injecting fault %r at step %d", kind, self._steps + 1)
+        if kind == "raise":
+            raise RuntimeError(f"injected fault at step {self._steps + 1}")
+        while not self._stop.is_set():  # "hang": a step that never ends
+            time.sleep(0.1)
+
+    def _publish(self) -> None:
+        stats = dict(self.engine.stats())
+        if self.gauges is not None:
+            stats.update(self.gauges())
+        self.snapshot = EngineSnapshot(stats, len(self.requests), self._steps, self._command_errors,
+                                       self._observer_errors, time.monotonic())
+
+    # ------------------------------------------------------------------ death
+    def _die(self, cause: BaseException, message: str) -> None:
+        with self._death_lock:
+            if self.dead.is_set():
+                return
+            self.error = cause
+            self.dead.set()
+        logger.critical("%s", message, exc_info=cause if not isinstance(cause, EngineDied) else None)
+        self.fail_all(EngineDied(message))
+        if self.on_death is not None:
+            try:
+                self.on_death(cause)
+            except Exception:  # noqa: BLE001
+                logger.exception("on_death raised")
+
+    def _watch(self) -> None:
+        """Declare the loop dead when one step runs longer than `watchdog_s` of this thread's own
+        time: time while the whole process was stopped (SIGSTOP, a suspended VM) does not count, since
+        each tick adds at most two tick lengths however long it really slept."""
+        assert self.watchdog_s is not None
+        stalled, last, seen = 0.0, time.monotonic(), None
+        while not self._stop.is_set() and not self.dead.is_set():
+            time.sleep(_WATCHDOG_TICK_S)
+            now = time.monotonic()
+            tick = min(now - last, 2 * _WATCHDOG_TICK_S)
+            last = now
+            busy = self._busy_since
+            if busy is None or busy != seen:
+                stalled, seen = 0.0, busy
+                continue
+            stalled += tick
+            if stalled > self.watchdog_s:
+                self._die(EngineDied(f"a step made no progress for {stalled:.1f} s"),
+                          f"engine watchdog: a step made no progress for {stalled:.1f} s (limit {self.watchdog_s} s)")
+                return
+

@@ -42,3 +42,15 @@ class RequestOutput:
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
     seq: Sequence | None = None
     spec: SpecMetrics | None = None  # the request's speculation so far (engines that speculate)
+
+
+class EngineDied(RuntimeError):
+    """The engine thread of this worker is dead (it raised, or a step stopped making progress)."""
+
+
+class RequestGone(RuntimeError):
+    """A request was aborted or failed before it finished (its RPC is usually gone already)."""
+
+
+class DuplicateRequest(ValueError):
+    """A request id that is already live on this worker (ids are minted by the gateway, never reused)."""

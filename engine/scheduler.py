@@ -32,6 +32,17 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
+    def reserve_kv(self, num_blocks: int) -> list[int] | None:
+        """Blocks for a KV transfer on its way in (the decode side), or None: not now.
+
+        Same policy as admitting a local prompt: a transfer is admitted only while every running
+        sequence keeps a free block to grow into, so arriving KV never forces a preemption. The
+        blocks are the caller's until it frees them or a sequence adopts them (`add_running`).
+        """
+        if self.bm.num_free_blocks - num_blocks < len(self.running):
+            return None
+        return self.bm.allocate_blocks(num_blocks)
+
     def add_running(self, seq: Sequence) -> None:
         """Admit a sequence whose blocks and KV are already in place (the decode side of a transfer)."""
         seq.status = SequenceStatus.RUNNING

@@ -18,10 +18,12 @@ from server.tls import TLSConfig
 @dataclass(frozen=True)
 class GatewayLimits:
     max_inflight: int = option(256, "concurrent requests (gRPC and HTTP) before RESOURCE_EXHAUSTED / 429", min=1)
-    kv_timeout_s: float = option(30.0, "seconds a request's KV transfer may take", flag="kv-timeout", above=0)
     request_timeout_s: float = option(600.0, "seconds a request may run in all (queueing, prefill, decode)",
                                       flag="request-timeout", above=0)
     default_max_tokens: int = option(DEFAULT_MAX_TOKENS, "max_tokens of a request that leaves it unset", min=1)
+    client_read_timeout_s: float = option(
+        30.0, "seconds a streaming client may leave its stream unread (with the send buffer full) before its "
+        "request is aborted and its slot and KV blocks freed", flag="client-read-timeout", above=0)
 
     def __post_init__(self) -> None:
         check_options(self)

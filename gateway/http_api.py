@@ -3,7 +3,8 @@
     POST /v1/completions        -> parse_completion -> service.generate(GenerateRequest) -> JSON or SSE
     POST /v1/chat/completions   -> parse_chat -> chat template -> token ids -> the same path
     GET  /v1/models[/{model}]   -> the served model
-    GET  /health                -> 200 while a decode worker is healthy, else 503
+    GET  /health                -> 200 while the gateway serves (a decode worker is healthy), else 503:
+                                   the same truth as its gRPC health service (server.process.Health)
 
 It runs on the gateway's own event loop (uvloop) beside the gRPC server, so both APIs share the
 validation, the router and the `max_inflight` limit. Errors are OpenAI's shape,
@@ -146,9 +147,9 @@ class OpenAIApi:
         return web.json_response(self._model_card())
 
     async def health(self, request: web.Request) -> web.Response:
-        healthy = self.service.registry.by_role(gen.WORKER_ROLE_DECODE)
-        return web.json_response({"status": "ok" if healthy else "no healthy decode worker"},
-                                 status=200 if healthy else 503)
+        health = self.service.health
+        return web.json_response({"status": "ok" if health.serving else health.reason or "not serving"},
+                                 status=200 if health.serving else 503)
 
     # ------------------------------------------------------------------ helpers
     def _model_card(self) -> dict[str, Any]:

@@ -23,8 +23,8 @@ logger = logging.getLogger(__name__)
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
-async def serve_gateway(cfg: GatewayConfig, stop: asyncio.Event, *, tracing: Tracing | None = None) -> None:
-    """Serve until `stop`; `tracing` is the process's (setup_tracing in its main), off when None."""
+async def serve_gateway(cfg: GatewayConfig, stop: asyncio.Event, *, tracing: Tracing | None = None) -> int:
+    """Serve until `stop` (exit code 0); `tracing` is the process's (setup_tracing in its main), off when None."""
     tls = cfg.tls
     interceptors = [AuthInterceptor(TokenTable.from_file(cfg.auth_token_file))] if cfg.auth_token_file else []
     model_config = ModelConfig.from_hf(load_hf_config(cfg.model))
@@ -34,8 +34,9 @@ async def serve_gateway(cfg: GatewayConfig, stop: asyncio.Event, *, tracing: Tra
     await registry.start()
     metrics_registry = new_registry()
     observer = GatewayObserver(tracing, GatewayMetrics(metrics_registry))
+    health = process.Health(serving=False)
     service = GenerationService(registry, Router(registry, cfg.local_prefill_threshold), tokenizer,
-                                model_config, cfg.model_name, cfg.limits, observer)
+                                model_config, cfg.model_name, cfg.limits, observer, health)
     metrics_server = start_metrics_server(cfg.server.host, cfg.server.metrics_port, metrics_registry)
     if cfg.server.host not in _LOOPBACK and (tls is None or not interceptors):
         logger.warning("the gateway listens on %s without %s: see docs/security.md", cfg.server.host,
@@ -51,12 +52,12 @@ async def serve_gateway(cfg: GatewayConfig, stop: asyncio.Event, *, tracing: Tra
             ssl_context=http_ssl_context(tls.cert, tls.key, tls.client_ca) if tls else None)
         http_info = {"http_address": f"{process.advertised_host(cfg.server.host)}:{http.port}"}
     try:
-        await process.serve_component("gateway", service, generation_pb2_grpc.add_GenerationServicer_to_server,
-                                      "tandem.v1.Generation", cfg.server, stop,
-                                      {**({"metrics_address": metrics_server.address} if metrics_server else {}),
-                                       **http_info},
-                                      interceptors=interceptors,
-                                      credentials=tls.server_credentials() if tls else None)
+        return await process.serve_component("gateway", service, generation_pb2_grpc.add_GenerationServicer_to_server,
+                                             "tandem.v1.Generation", cfg.server, stop,
+                                             {**({"metrics_address": metrics_server.address} if metrics_server else {}),
+                                              **http_info},
+                                             health=health, interceptors=interceptors,
+                                             credentials=tls.server_credentials() if tls else None)
     finally:
         if http is not None:
             await http.close()

@@ -1,8 +1,12 @@
 """The gateway's view of its workers: channels, stubs, and a heartbeat that polls each one's Status.
 
-A worker is healthy after a successful Status and unhealthy after `misses_allowed` failed polls in a
-row, or at once when a request to it fails with UNAVAILABLE. A restarted worker on the same address
-becomes healthy again at its next successful poll.
+A worker is healthy after a successful Status that reports no error. It turns unhealthy after
+`misses_allowed` failed polls in a row (frozen, partitioned, killed: detected within about
+interval + misses x timeout), when its Status reports an error (its engine died), or at once when a
+call to it breaks at the transport (the process is gone). Every change is announced to the
+listeners (`on_change`): the service fails or re-routes the requests on a worker that was lost, and
+publishes the gateway's health (SERVING iff a decode worker is healthy). A restarted worker on the
+same address becomes healthy again at its next good poll.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +26,8 @@ from tandem.v1 import worker_pb2 as pb
 from tandem.v1 import worker_pb2_grpc
 
 logger = logging.getLogger(__name__)
+
+Listener = Callable[["WorkerHandle"], None]
 
 
 @dataclass(eq=False)
@@ -41,14 +48,15 @@ class WorkerHandle:
     def worker_id(self) -> str:
         return self.status.worker_id if self.status else self.address
 
-    def mark_failed(self, reason: str) -> None:
-        if self.healthy:
-            logger.warning("worker %s (%s) marked unhealthy: %s", self.worker_id, self.address, reason)
-        self.healthy = False
-        self.error = reason
+    @property
+    def name(self) -> str:
+        """How messages name it: "decode worker <id> (<address>)"."""
+        role = "prefill" if self.role == gen.WORKER_ROLE_PREFILL else "decode"
+        return f"{role} worker {self.worker_id} ({self.address})"
 
     def to_proto(self) -> gen.WorkerStatus:
-        s = self.status or pb.StatusResponse()
+        """Its entry in ClusterStatus: an unhealthy worker's numbers are not shown (they are stale)."""
+        s = self.status if (self.status is not None and self.healthy) else pb.StatusResponse()
         return gen.WorkerStatus(
             worker_id=self.worker_id, role=self.role, address=self.address, healthy=self.healthy,
             running=s.running, waiting=s.waiting, kv_address=s.kv_address,
@@ -71,6 +79,7 @@ class WorkerRegistry:
             self.workers.append(self._handle(addr, gen.WORKER_ROLE_PREFILL))
         for addr in decode:
             self.workers.append(self._handle(addr, gen.WORKER_ROLE_DECODE))
+        self._listeners: list[Listener] = []
         self._task: asyncio.Task[None] | None = None
 
     @staticmethod
@@ -81,6 +90,10 @@ class WorkerRegistry:
 
     def by_role(self, role: int, *, healthy: bool = True) -> list[WorkerHandle]:
         return [w for w in self.workers if w.role == role and (w.healthy or not healthy)]
+
+    def on_change(self, listener: Listener) -> None:
+        """Call `listener(worker)` on the event loop whenever a worker turns healthy or unhealthy."""
+        self._listeners.append(listener)
 
     async def start(self) -> None:
         await self.poll_all()
@@ -100,16 +113,32 @@ class WorkerRegistry:
     async def poll_all(self) -> None:
         await asyncio.gather(*(self._poll(w) for w in self.workers))
 
+    def lost(self, w: WorkerHandle, reason: str) -> None:
+        """A call to `w` broke at the transport: the worker is gone until a poll says otherwise."""
+        self._set(w, False, reason)
+
     async def _poll(self, w: WorkerHandle) -> None:
         try:
             status = await w.stub.Status(pb.StatusRequest(), timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             w.misses += 1
             if w.misses >= self.misses_allowed:
-                w.mark_failed(f"status poll failed {w.misses}x: {exc.code().name} {exc.details()}")
+                self._set(w, False, f"status poll failed {w.misses}x: {exc.code().name} {exc.details()}")
             return
-        if not w.healthy:
-            logger.info("worker %s (%s) is healthy", status.worker_id, w.address)
         w.status, w.status_time, w.misses, w.assigned = status, time.monotonic(), 0, 0
-        w.healthy = not status.error
-        w.error = status.error
+        self._set(w, not status.error, status.error)
+
+    def _set(self, w: WorkerHandle, healthy: bool, error: str) -> None:
+        changed = healthy != w.healthy
+        w.healthy, w.error = healthy, error
+        if not changed:
+            return
+        if healthy:
+            logger.info("%s is healthy", w.name)
+        else:
+            logger.warning("%s is unhealthy: %s", w.name, error)
+        for listener in self._listeners:
+            try:
+                listener(w)
+            except Exception:  # noqa: BLE001 - one listener's bug must not stop the heartbeat
+                logger.exception("worker change listener failed")

@@ -10,6 +10,7 @@ Conditional disaggregation: when the uncached part of the prompt is shorter than
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from engine.prefix_hash import hash_prefix
@@ -33,14 +34,15 @@ class Router:
         self.registry = registry
         self.local_prefill_threshold = local_prefill_threshold
 
-    def route(self, prompt: list[int]) -> Route:
-        decodes = self.registry.by_role(gen.WORKER_ROLE_DECODE)
+    def route(self, prompt: list[int], exclude: Collection[WorkerHandle] = ()) -> Route:
+        """The route for `prompt`, avoiding the workers in `exclude` (they just failed this request)."""
+        decodes = [w for w in self.registry.by_role(gen.WORKER_ROLE_DECODE) if w not in exclude]
         if not decodes:
             raise Unavailable("no healthy decode worker; check `ClusterStatus` for the workers' errors",
                               retry_after_s=1.0)
         decode = max(decodes, key=self._decode_score)
         decode.assigned += 1
-        prefills = self.registry.by_role(gen.WORKER_ROLE_PREFILL)
+        prefills = [w for w in self.registry.by_role(gen.WORKER_ROLE_PREFILL) if w not in exclude]
         best: WorkerHandle | None = None
         best_key = (-1, 0.0)
         hashes: list[int] = []

@@ -1,10 +1,15 @@
 """The public Generation service: validate, tokenize, route, then relay the decode worker's stream.
 
-    Generate(req) -> validate + tokenize -> Router.route
-        remote prefill:  Decode stream opened on D (it expects the KV)  +  Prefill(P, kv -> D) in parallel
-        local prefill:   Decode stream on D with local_prefill
+    Generate(req) -> admission (max_inflight) -> validate + tokenize -> one or two attempts:
+        route -> Decode stream opened on D (it registers the request)  +  Prefill(P, kv -> D) in parallel
+              (local prefill: Decode with local_prefill, no P)
         relay D's messages to the client; the last one carries usage and timing
+    a worker that fails or is lost (registry) before the first token: one more attempt, elsewhere
     on client cancel / deadline / any failure: cancel both calls and Abort on both workers
+
+Identity is the server's: every request gets an id minted here, the key on every worker; a client's
+`request_id` (or HTTP X-Request-Id) is only a label echoed back, so no client can reach another's
+request by naming it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -27,6 +33,8 @@ from gateway.registry import WorkerHandle, WorkerRegistry
 from gateway.router import Route, Router
 from gateway.validation import check_length, check_prompt_ids, check_request
 from server.errors import Overloaded, TandemError, Unavailable
+from server.grpc_server import answered
+from server.process import Health
 from server.protoconv import sampling_from_proto, sampling_to_proto
 from tandem.v1 import generation_pb2 as gen
 from tandem.v1 import generation_pb2_grpc
@@ -35,15 +43,29 @@ from tandem.v1 import worker_pb2 as pb
 logger = logging.getLogger(__name__)
 
 
-def _error_from_rpc(exc: grpc.aio.AioRpcError, worker: WorkerHandle) -> TandemError:
-    """A worker's failure, as the client should see it."""
-    code = exc.code()
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
-        worker.mark_failed(f"{code.name}: {exc.details()}")
-        return Unavailable(f"worker {worker.worker_id} ({worker.address}) failed: {exc.details()}", retry_after_s=1.0)
-    err = TandemError(exc.details() or code.name, retry_after_s=_retry_after_s(exc))
-    err.code = code
-    return err
+class WorkerFailure(Exception):
+    """A worker failed or was lost under a request: retried once elsewhere before the first token."""
+
+    def __init__(self, worker: WorkerHandle, error: TandemError) -> None:
+        super().__init__(error.message)
+        self.worker, self.error = worker, error
+
+
+@dataclass(eq=False)
+class _Attempt:
+    """One try at serving a request on one route; `lost` resolves when one of its workers is lost."""
+
+    rid: str  # the workers' key
+    route: Route
+    lost: asyncio.Future[WorkerHandle] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    prefill: asyncio.Task[pb.PrefillResponse] | None = None  # the Prefill call, while there is one
+
+    def depends_on(self, w: WorkerHandle) -> bool:
+        """The decode worker always; the prefill worker until its call has succeeded."""
+        if w is self.route.decode:
+            return True
+        return w is self.route.prefill and not (self.prefill is not None and self.prefill.done()
+                                                and not self.prefill.cancelled() and self.prefill.exception() is None)
 
 
 def _retry_after_s(exc: grpc.aio.AioRpcError) -> float | None:
@@ -59,7 +81,8 @@ def _retry_after_s(exc: grpc.aio.AioRpcError) -> float | None:
 
 class GenerationService(generation_pb2_grpc.GenerationServicer):
     def __init__(self, registry: WorkerRegistry, router: Router, tokenizer: Tokenizer, model_config: ModelConfig,
-                 model_name: str, limits: GatewayLimits, observer: GatewayObserver | None = None) -> None:
+                 model_name: str, limits: GatewayLimits, observer: GatewayObserver | None = None,
+                 health: Health | None = None) -> None:
         self.registry = registry
         self.observer = observer or GatewayObserver()
         self.router = router
@@ -67,8 +90,44 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         self.model_config = model_config
         self.model_name = model_name
         self.limits = limits
+        self.health = health or Health(serving=False)
         self.inflight = 0
+        self._attempts: set[_Attempt] = set()
         self._background: set[asyncio.Task[object]] = set()
+        registry.on_change(self._worker_changed)
+        self._worker_changed(None)
+
+    # ------------------------------------------------------------ workers coming and going
+    def _worker_changed(self, worker: WorkerHandle | None) -> None:
+        """A worker turned healthy or unhealthy: requests on a lost one move on; health follows."""
+        if worker is not None and not worker.healthy:
+            for a in list(self._attempts):
+                if a.depends_on(worker) and not a.lost.done():
+                    a.lost.set_result(worker)
+        decodes = self.registry.by_role(gen.WORKER_ROLE_DECODE)
+        reason = "" if decodes else "no healthy decode worker; see ClusterStatus for the workers' errors"
+        if bool(decodes) != self.health.serving or worker is None:
+            self._spawn(self.health.set(bool(decodes), reason))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+
+    def _worker_error(self, exc: grpc.aio.AioRpcError, worker: WorkerHandle) -> TandemError | WorkerFailure:
+        """A failed worker call as the client should see it. UNAVAILABLE (the worker is dying, or
+        the call broke because the worker is gone) is a WorkerFailure: retried elsewhere if nothing
+        was sent yet."""
+        code = exc.code()
+        if not answered(exc):  # the transport broke: the worker process is gone or unreachable
+            self.registry.lost(worker, f"{code.name}: {exc.details()}")
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) \
+                or not answered(exc):
+            return WorkerFailure(worker, Unavailable(f"{worker.name} failed: {exc.details()}", retry_after_s=1.0))
+        err = TandemError(exc.details() or code.name, retry_after_s=_retry_after_s(exc))
+        err.code = code
+        return err
 
     # ------------------------------------------------------------ validation
     async def _prompt_ids(self, req: gen.GenerateRequest) -> list[int]:
@@ -84,8 +143,9 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     async def Generate(self, request: gen.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[gen.GenerateResponse]:
         async with aclosing(self.generate(request, context.invocation_metadata())) as stream:
-            async for out in stream:
-                yield out
+            async with aclosing(bounded_by_reader(stream, self.limits.client_read_timeout_s)) as relayed:
+                async for out in relayed:
+                    yield out
 
     async def generate(self, request: gen.GenerateRequest, metadata: Sequence[tuple[str, Any]] | None = None
                        ) -> AsyncGenerator[gen.GenerateResponse, None]:
@@ -93,12 +153,14 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
 
         `metadata`: the caller's (key, value) pairs; a `traceparent` there parents the request's trace.
         A refused request (validation, limits, no worker) raises TandemError / ValueError before the
-        first message; closing the generator early aborts the request on every worker.
+        first message; closing the generator early aborts the request on every worker. Every message
+        carries the client's `request_id` label (or, without one, the id minted here).
         """
-        rid = request.request_id or secrets.token_hex(8)
-        obs = self.observer.start(rid, self.model_name, metadata)
+        rid = secrets.token_hex(12)
+        label = request.request_id or rid
+        obs = self.observer.start(label, self.model_name, metadata)
         try:
-            async with aclosing(self._generate(request, rid, obs)) as stream:
+            async with aclosing(self._generate(request, rid, label, obs)) as stream:
                 async for out in stream:
                     yield out
         except BaseException as exc:
@@ -106,7 +168,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             raise
         obs.end(None)
 
-    async def _generate(self, request: gen.GenerateRequest, rid: str, obs: RequestObservation
+    async def _generate(self, request: gen.GenerateRequest, rid: str, label: str, obs: RequestObservation
                         ) -> AsyncGenerator[gen.GenerateResponse, None]:
         t0 = time.monotonic()
         if self.inflight >= self.limits.max_inflight:
@@ -119,21 +181,41 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             with obs.span("gateway.tokenize") as span:
                 ids = await self._prompt_ids(request)
                 obs.tokenized(span, ids, bool(request.prompt))
-            with obs.span("gateway.route") as span:
-                route = self.router.route(ids)
-                obs.routed(span, route)
-            self._check_length(ids, params.max_tokens, route)
-            d_span, d_md, d_traceparent = obs.client_call("tandem.v1.DecodeWorker/Decode", route.decode.worker_id,
-                                                          route.decode.address)
-        except BaseException:
+            excluded: set[WorkerHandle] = set()
+            for attempt in range(2):
+                with obs.span("gateway.route") as span:
+                    route = self.router.route(ids, exclude=excluded)
+                    obs.routed(span, route)
+                self._check_length(ids, params.max_tokens, route)
+                sent = False
+                try:
+                    async with aclosing(self._attempt(f"{rid}-{attempt}" if attempt else rid, label, route, ids,
+                                                      params, obs, t0)) as stream:
+                        async for out in stream:
+                            sent = True
+                            yield out
+                    return
+                except WorkerFailure as failure:
+                    if sent or attempt:
+                        raise failure.error from None
+                    excluded.add(failure.worker)
+                    logger.warning("request %s (%s): %s; trying once more elsewhere", label, rid, failure.error.message)
+        finally:
             self.inflight -= 1
-            raise
+
+    async def _attempt(self, rid: str, label: str, route: Route, ids: list[int], params: Any,
+                       obs: RequestObservation, t0: float) -> AsyncGenerator[gen.GenerateResponse, None]:
+        attempt = _Attempt(rid, route)
+        self._attempts.add(attempt)
+        timeout = self.limits.request_timeout_s
+        d_span, d_md, d_traceparent = obs.client_call("tandem.v1.DecodeWorker/Decode", route.decode.worker_id,
+                                                      route.decode.address)
         finished = False
         p_task: asyncio.Task[pb.PrefillResponse] | None = None
         d_call = route.decode.stub.Decode(pb.DecodeRequest(
             request_id=rid, prompt_token_ids=ids, sampling=sampling_to_proto(params), traceparent=d_traceparent,
-            local_prefill=route.prefill is None, kv_timeout_ms=int(self.limits.kv_timeout_s * 1000),
-        ), timeout=self.limits.request_timeout_s, metadata=d_md)
+            local_prefill=route.prefill is None,
+        ), timeout=timeout, metadata=d_md)
         try:
             if route.prefill is not None:
                 p_span, p_md, p_traceparent = obs.client_call("tandem.v1.PrefillWorker/Prefill",
@@ -141,15 +223,16 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 p_task = asyncio.ensure_future(route.prefill.stub.Prefill(pb.PrefillRequest(
                     request_id=rid, prompt_token_ids=ids, sampling=sampling_to_proto(params),
                     decode_kv_address=route.decode.status.kv_address if route.decode.status else "",
-                    traceparent=p_traceparent, timeout_ms=int(self.limits.request_timeout_s * 1000),
-                ), timeout=self.limits.request_timeout_s, metadata=p_md))
+                    traceparent=p_traceparent, timeout_ms=int(timeout * 1000),
+                ), timeout=timeout, metadata=p_md))
+                attempt.prefill = p_task
                 obs.watch_call(p_span, p_task)
             completion = 0
             first_ns = 0
-            async for resp in self._relay(d_call, p_task, route):
+            async for resp in self._relay(d_call, p_task, attempt):
                 completion += len(resp.token_ids)
                 obs.relayed(len(resp.token_ids))
-                out = gen.GenerateResponse(request_id=rid, token_ids=resp.token_ids, text=resp.text,
+                out = gen.GenerateResponse(request_id=label, token_ids=resp.token_ids, text=resp.text,
                                            logprobs=resp.logprobs, finish_reason=resp.finish_reason,
                                            finish_message=resp.finish_message)
                 if not first_ns and resp.token_ids:
@@ -162,29 +245,36 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                     obs.finished(resp.finish_reason, out.usage, resp.finish_message)
                 yield out
             if not finished:
-                raise Unavailable(f"decode worker {route.decode.worker_id} ended the stream without finishing")
+                raise WorkerFailure(route.decode, Unavailable(f"{route.decode.name} ended the stream without "
+                                                              f"finishing"))
             obs.call_done(d_span, None)
         finally:
-            self.inflight -= 1
+            self._attempts.discard(attempt)
             if not finished:
                 self._abort(rid, route, d_call, p_task)
 
-    async def _relay(self, d_call, p_task: asyncio.Task[pb.PrefillResponse] | None, route: Route
+    async def _relay(self, d_call: Any, p_task: asyncio.Task[pb.PrefillResponse] | None, attempt: _Attempt
                      ) -> AsyncIterator[pb.DecodeResponse]:
-        """Yield D's messages; fail fast with the prefill's error if it fails first."""
+        """Yield D's messages; fail fast with the prefill's error if it fails first, and with a
+        WorkerFailure as soon as the registry loses either worker."""
+        route = attempt.route
         while True:
             read = asyncio.ensure_future(d_call.read())
-            waiting: set[asyncio.Future[Any]] = {read}
+            waiting: set[asyncio.Future[Any]] = {read, attempt.lost}
             if p_task is not None and not p_task.done():
                 waiting.add(p_task)
             try:
                 while not read.done():
                     await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                    if attempt.lost.done():
+                        w = attempt.lost.result()
+                        raise WorkerFailure(w, Unavailable(f"{w.name} stopped answering ({w.error})",
+                                                           retry_after_s=1.0))
                     if p_task is not None and p_task in waiting and p_task.done():
                         waiting.discard(p_task)
                         exc = p_task.exception()
                         if isinstance(exc, grpc.aio.AioRpcError):
-                            raise _error_from_rpc(exc, route.prefill)  # type: ignore[arg-type]
+                            raise self._worker_error(exc, route.prefill)  # type: ignore[arg-type]
                         if exc is not None:
                             raise exc
                 msg = read.result()
@@ -192,8 +282,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 if p_task is not None:  # a failed transfer explains a failed decode better
                     done, _ = await asyncio.wait({p_task}, timeout=1.0)
                     if done and isinstance(p_task.exception(), grpc.aio.AioRpcError):
-                        raise _error_from_rpc(p_task.exception(), route.prefill) from None  # type: ignore[arg-type]
-                raise _error_from_rpc(exc, route.decode) from None
+                        raise self._worker_error(p_task.exception(), route.prefill) from None  # type: ignore[arg-type]
+                raise self._worker_error(exc, route.decode) from None
             finally:
                 if not read.done():
                     read.cancel()
@@ -208,19 +298,68 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             timing.queue_ns, timing.prefill_ns, timing.kv_transfer_ns = p.queue_ns, p.prefill_ns, p.transfer.transfer_ns
         return timing
 
-    def _abort(self, rid: str, route: Route, d_call, p_task: asyncio.Task[pb.PrefillResponse] | None) -> None:
+    def _abort(self, rid: str, route: Route, d_call: Any, p_task: asyncio.Task[pb.PrefillResponse] | None) -> None:
         d_call.cancel()
         if p_task is not None and not p_task.done():
             p_task.cancel()
         for w in (route.decode, route.prefill):
             if w is not None and w.healthy:
-                task = asyncio.ensure_future(w.stub.Abort(pb.AbortRequest(request_id=rid, reason="request ended"),
-                                                          timeout=2.0))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
-                task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+                self._spawn(w.stub.Abort(pb.AbortRequest(request_id=rid, reason="request ended"), timeout=2.0))
 
     async def ClusterStatus(self, request: gen.ClusterStatusRequest, context: grpc.aio.ServicerContext
                             ) -> gen.ClusterStatusResponse:
         await self.registry.poll_all()
         return gen.ClusterStatusResponse(workers=[w.to_proto() for w in self.registry.workers])
+
+
+class ClientTooSlow(Unavailable):
+    """The client did not read its stream for too long; the request was aborted."""
+
+
+async def bounded_by_reader(stream: AsyncGenerator[Any, None], read_timeout_s: float, depth: int = 64
+                            ) -> AsyncGenerator[Any, None]:
+    """Relay `stream` through a queue of `depth` messages, produced by its own task: a client that
+    stops reading for `read_timeout_s` while the queue is full gets the request aborted (`stream`
+    closed: its slot and every worker's blocks freed at once), then ClientTooSlow if it ever reads on."""
+    queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=depth)
+    end = object()
+
+    async def produce() -> None:
+        try:
+            async for item in stream:
+                await asyncio.wait_for(queue.put(item), read_timeout_s)
+        except TimeoutError:
+            await stream.aclose()
+            logger.warning("a client read nothing for %.0f s with %d messages queued; request aborted",
+                           read_timeout_s, depth)
+            _put_last(queue, ClientTooSlow(f"the client did not read its stream for {read_timeout_s:.0f} s; "
+                                           f"the request was aborted"))
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - handed to the reader, which raises it
+            _put_last(queue, exc)
+            return
+        await queue.put(end)
+
+    task = asyncio.ensure_future(produce())
+    try:
+        while True:
+            item = await queue.get()
+            if item is end:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await stream.aclose()
+
+
+def _put_last(queue: asyncio.Queue[Any], item: Any) -> None:
+    """Put a failed stream's last item even into a full queue (the undelivered messages are dropped)."""
+    while queue.full():
+        queue.get_nowait()
+    queue.put_nowait(item)

@@ -17,10 +17,10 @@ KVLayer header; sender = DEALER per receiver, receiver = ROUTER):
          │──────────────────────────►│── KVTransferBegin ──────────────►│ layout equal?   │
          │                           │   {rid, layout, num_tokens,      │  no: KVReject   │
          │                           │    num_blocks, traceparent, meta}│      MISMATCH   │
-         │                           │                                  │── reserve(rid,n)►│
-         │                           │◄── KVHeartbeat (while no space) ─│◄── None ... ────│ retried
-         │                           │◄── KVReady {window, dst_runs} ───│◄── [ids] ───────│ (or NO_SPACE
-         │ layer_ready(0)            │                                  │                 │  at timeout_s)
+         │                           │                                  │── want(rid, n) ─►│ admission
+         │                           │◄── KVHeartbeat (while waiting) ──│                 │ (when blocks
+         │                           │◄── KVReady {window, dst_runs} ───│◄─ grant(rid,ids)│  allow; or
+         │ layer_ready(0)            │                                  │                 │  NO_SPACE)
          │──────────────────────────►│── KVLayer {l=0, pages, frames} ─►│ write kv[0,ids] │
          │ layer_ready(1)            │   [frame][frame]...              │                 │
          │──────────────────────────►│── KVLayer {l=1, ...} ───────────►│ write kv[1,ids] │
@@ -33,10 +33,11 @@ KVLayer header; sender = DEALER per receiver, receiver = ROUTER):
 API (the classes' docstrings have the details):
 
     layout = KVLayout.for_pool(kv, model_fingerprint)           # frozen; .page_bytes, .mismatches()
-    rx = KVReceiver(kv, layout, "tcp://0.0.0.0:0", reserve=fn(rid, n) -> ids | None,
-                    release=fn(rid, ids), on_complete=fn(CompletedTransfer),
-                    on_failed=fn(FailedTransfer) | None, timeout_s=30.0, max_inflight_bytes=256 MiB)
-    rx.address; rx.expect(rid, timeout_s=None); rx.abort(rid, reason); rx.stats(); rx.close()
+    rx = KVReceiver(kv, layout, "tcp://0.0.0.0:0", want=fn(rid, n), release=fn(rid, ids),
+                    on_complete=fn(CompletedTransfer), on_failed=fn(FailedTransfer) | None,
+                    timeout_s=30.0, max_inflight_bytes=256 MiB)
+    rx.grant(rid, ids) | rx.refuse(rid, code, message)        # the pool owner's answer to want()
+    rx.address; rx.abort(rid, reason); rx.refuse_all(reason); rx.stats(); rx.close()
     tx = KVSender(kv, layout, timeout_s=30.0, max_inflight_bytes=256 MiB)
     h = tx.begin(rid, rx.address, block_ids, num_tokens, traceparent="", meta=b"")  # -> TransferHandle
     h.layer_ready(l); h.all_ready(); h.abort(reason); h.done(); h.add_done_callback(fn)
@@ -49,10 +50,12 @@ Contract:
 - Handshake: every KVTransferBegin carries the sender's KVLayout (protocol version, model fingerprint,
   dtype, layers, block size, kv heads, head dim); a mismatch is refused with code MISMATCH and a
   message naming each field and both values, "block_size: sender 16, receiver 32".
-- Reservation: the receiver calls `reserve(rid, n)` before any KV byte is sent; None means "no space
-  now" and is retried every 10 ms until `timeout_s`, then the sender gets NO_SPACE. Reserved blocks
-  belong to the receiver until it calls exactly one of `release(rid, ids)` (failure, abort, close)
-  or `on_complete(CompletedTransfer)` (the decode engine owns them from then on).
+- Reservation: the receiver calls `want(rid, n)` before any KV byte is sent; the pool's owner (the
+  decode worker's scheduler, on its own thread) answers with `grant(rid, ids)` when its admission
+  policy allows, or `refuse(...)`; without an answer within `timeout_s` the sender gets NO_SPACE.
+  Granted blocks belong to the receiver until it calls exactly one of `release(rid, ids)` (failure,
+  abort, close, or a grant that came too late) or `on_complete(CompletedTransfer)` (the decode
+  engine owns them from then on). The receiver never takes a lock of the pool's owner.
 - Streaming: a layer is read only after the engine calls `layer_ready(l)` (or `all_ready()`), in the
   order layers become ready, so transfer overlaps the rest of the prefill. Each layer goes in chunks
   of <= 16 MiB (one KVLayer + one KVAck each); unacknowledged bytes stay within the window
@@ -69,7 +72,7 @@ Contract:
 - Measurement: the sender's bytes/seconds span first KV byte sent -> KVDone received, the receiver's
   first KV frame received -> last frame written: the same bytes over the same window, honest GB/s.
 - Threads: each KVSender/KVReceiver runs one I/O thread that owns its sockets (ioloop.py); public
-  methods are thread-safe and only queue work. Callbacks (reserve, release, on_complete, on_failed,
+  methods are thread-safe and only queue work. Callbacks (want, release, on_complete, on_failed,
   done callbacks) run on that thread: keep them short, never block or raise in them, never call
   close() from them. close() fails or releases whatever is live and closes the sockets (linger 0).
 - Endpoints: `tcp://host:port` (port 0 picks one; see KVReceiver.address) and `ipc:///path`.

@@ -1,8 +1,9 @@
 """KVReceiver: the decode side. One ROUTER socket, bound at a configured endpoint, on one I/O thread.
 
-Per transfer: KVTransferBegin -> check the layout -> reserve blocks (retrying while the pool is
-full) -> KVReady -> write each KVLayer's frames into the reserved pages, KVAck each -> KVDone and
-on_complete. See kvtransfer/__init__.py for the sequence diagram, ownership and timeouts.
+Per transfer: KVTransferBegin -> check the layout -> want(n blocks) -> the owner of the pool grants
+them (or refuses) whenever its admission policy allows -> KVReady -> write each KVLayer's frames into
+the granted pages, KVAck each -> KVDone and on_complete. See kvtransfer/__init__.py for the sequence
+diagram, ownership and timeouts.
 """
 
 from __future__ import annotations
@@ -27,9 +28,8 @@ from kvtransfer.results import CompletedTransfer, FailedTransfer, TransferCode
 
 log = logging.getLogger(__name__)
 
-ReserveFn = Callable[[str, int], list[int] | None]
+WantFn = Callable[[str, int], None]
 ReleaseFn = Callable[[str, list[int]], None]
-_RESERVE_RETRY_S = 0.01
 _MAX_TOMBSTONES = 1 << 16  # aborted request ids remembered (for max(60 s, 4 timeouts))
 _HEADER_ROOM = 1 << 20  # a KVMessage header (meta, traceparent) is far smaller
 
@@ -47,14 +47,17 @@ class KVReceiver(IOThread):
         `layout` (ValueError otherwise). The receiver writes only pages it reserved and still holds.
     bind: "tcp://host:port" (port 0 or * picks one), or "ipc:///path". `address` is the endpoint
         ZeroMQ resolved (with a wildcard host, advertise the host's own name instead).
-    reserve(request_id, n) -> n distinct block ids, or None when there is no space now (it is
-        retried every 10 ms until `timeout_s`, then the sender gets NO_SPACE). Called before any KV
-        byte is sent. The ids are owned by the receiver until one of:
-    release(request_id, block_ids): the transfer failed or was aborted; the ids go back to the pool.
+    want(request_id, n): a transfer needs n blocks. The pool's owner answers once, from any thread and
+        whenever its admission allows, with `grant(request_id, ids)` (n distinct block ids, owned by
+        the receiver from then on) or `refuse(request_id, code, message)`; no KV byte moves before.
+        Without an answer within `timeout_s` the sender gets NO_SPACE (a later grant is released).
+    release(request_id, block_ids): granted ids go back to the owner (the transfer failed or was
+        aborted, or the grant came for a transfer that had already ended).
     on_complete(CompletedTransfer): every page is written; the ids now belong to the caller.
-    on_failed(FailedTransfer): optional; a transfer (or an `expect`ed one) ended without
-        on_complete, after its release. Not called for the receiver's own abort() or close().
-    All callbacks run on the I/O thread: they must be short, must not raise, must not call close().
+    on_failed(FailedTransfer): optional; a transfer ended without on_complete, after its release.
+        Not called for the receiver's own abort() or close().
+    All callbacks run on the I/O thread: they must be short, must not raise, must not call close()
+    (post the work to the owner's thread: the receiver never takes the owner's locks).
     timeout_s: a transfer whose sender has been silent that long is dropped (and released).
     max_inflight_bytes: the credit window granted to each transfer.
     max_transfers: transfers live at once (reserving or receiving); a KVTransferBegin beyond it is
@@ -62,7 +65,7 @@ class KVReceiver(IOThread):
     curve: CurveZMQ keys and the allowed senders' public keys (kvtransfer.curve); None: plaintext.
     """
 
-    def __init__(self, kv: torch.Tensor, layout: KVLayout, bind: str, *, reserve: ReserveFn, release: ReleaseFn,
+    def __init__(self, kv: torch.Tensor, layout: KVLayout, bind: str, *, want: WantFn, release: ReleaseFn,
                  on_complete: Callable[[CompletedTransfer], None],
                  on_failed: Callable[[FailedTransfer], None] | None = None,
                  timeout_s: float = 30.0, max_inflight_bytes: int = 256 << 20, max_transfers: int = 4096,
@@ -79,24 +82,32 @@ class KVReceiver(IOThread):
         self._curve = curve
         self._zap: ThreadAuthenticator | None = None  # the ZAP handler thread, when curve is set
         self._bind = bind[:-2] + ":*" if bind.startswith("tcp://") and bind.endswith(":0") else bind
-        self._reserve, self._release = reserve, release
+        self._want, self._release = want, release
         self._on_complete, self._on_failed = on_complete, on_failed
         super().__init__("kv-receiver")
         self.address = ""
         self._sock: zmq.Socket | None = None
         self._transfers: dict[str, Inbound] = {}
-        self._expected: dict[str, float] = {}  # request id -> deadline for its KVTransferBegin
+        self._refusing = ""  # non-empty: every new transfer is refused with this reason (refuse_all)
         self._tombstones: collections.OrderedDict[str, float] = collections.OrderedDict()  # aborted here
         self._stats = dict.fromkeys(("reservations", "releases", "completed", "failed", "rejected",
                                      "bytes_received", "held_blocks"), 0)
         self.start()
 
     # -- public API (any thread) ----------------------------------------------------------------
-    def expect(self, request_id: str, timeout_s: float | None = None) -> None:
-        """The decode worker waits for `request_id`'s KV: if no KVTransferBegin for it arrives within
-        `timeout_s` (default: the receiver's), on_failed reports TIMEOUT and a late one is refused."""
-        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
-        self.call_soon(lambda: self._expect(request_id, deadline))
+    def grant(self, request_id: str, block_ids: list[int]) -> None:
+        """The answer to want(): these blocks are the transfer's. If it has ended meanwhile, they go
+        straight back through release()."""
+        ids = list(block_ids)
+        self.call_soon(lambda: self._on_grant(request_id, ids))
+
+    def refuse(self, request_id: str, code: TransferCode, message: str) -> None:
+        """The answer to want(): no blocks; the transfer fails with `code` (reported via on_failed)."""
+        self.call_soon(lambda: self._on_refuse(request_id, code, message))
+
+    def refuse_all(self, reason: str) -> None:
+        """Fail every live transfer and refuse every new one (the worker is dying)."""
+        self.call_soon(lambda: self._refuse_all(reason))
 
     def abort(self, request_id: str, reason: str = "aborted by the decode worker") -> None:
         """Stop `request_id`'s transfer: release its reservation, tell the sender, and refuse a
@@ -106,7 +117,7 @@ class KVReceiver(IOThread):
     def stats(self) -> dict[str, int]:
         """Counters (reservations, releases, completed, failed, rejected, bytes_received), blocks held
         by unfinished transfers, and live / expected transfers now."""
-        return {**self._stats, "live": len(self._transfers), "expected": len(self._expected)}
+        return {**self._stats, "live": len(self._transfers)}
 
     # -- I/O thread: setup, messages --------------------------------------------------------------
     def _setup(self) -> None:
@@ -172,33 +183,33 @@ class KVReceiver(IOThread):
         elif rid in self._tombstones:
             self._refuse(ident, rid, TransferCode.ABORTED, f"request {rid} was aborted by the decode worker",
                          report=False)
+        elif self._refusing:
+            self._refuse(ident, rid, TransferCode.CLOSED, self._refusing)
         elif (refusal := refuse_begin(b, self.layout, self.pool.num_blocks)) is not None:
             self._refuse(ident, rid, *refusal)
         elif len(self._transfers) >= self.max_transfers:
             self._refuse(ident, rid, TransferCode.NO_SPACE, f"the receiver has {len(self._transfers)} transfers in "
                          f"progress (limit {self.max_transfers}); retry later")
         else:
-            self._expected.pop(rid, None)
             window = min(self.max_inflight_bytes, b.max_inflight_bytes or self.max_inflight_bytes)
             t = Inbound(ident, rid, b.num_blocks, b.num_tokens, b.meta, b.traceparent, window, time.monotonic())
             self._transfers[rid] = t
-            self._try_reserve(t)
+            try:
+                self._want(rid, t.num_blocks)
+            except Exception:
+                log.exception("want(%s, %d) raised", rid, t.num_blocks)
+                self._fail(t, TransferCode.INTERNAL, "the receiver failed to ask for blocks")
 
     def _refuse(self, ident: bytes, rid: str, code: TransferCode, message: str, report: bool = True) -> None:
         self._stats["rejected"] += 1
         if report:  # locally first: when the sender hears of it, the decode side is already clean
-            self._expected.pop(rid, None)
             self._report(FailedTransfer(rid, code, message))
         self._reply(ident, wire.Reject(request_id=rid, code=code.wire, message=message))
 
-    def _try_reserve(self, t: Inbound) -> None:
-        try:
-            ids = self._reserve(t.request_id, t.num_blocks)
-        except Exception:
-            log.exception("reserve(%s, %d) raised", t.request_id, t.num_blocks)
-            self._fail(t, TransferCode.INTERNAL, "the receiver failed to reserve blocks")
-            return
-        if ids is None:
+    def _on_grant(self, rid: str, ids: list[int]) -> None:
+        t = self._transfers.get(rid)
+        if t is None or t.phase is not Phase.RESERVING:  # ended (or answered) meanwhile: give them back
+            self._give_back(rid, ids)
             return
         ok = len(ids) == t.num_blocks == len(set(ids)) and all(0 <= b < self.pool.num_blocks for b in ids)
         t.reserved(list(ids), self.layout.num_layers)
@@ -213,6 +224,22 @@ class KVReceiver(IOThread):
                            dst_runs=run_lengths(t.ids.tolist()))
         if not self._reply(t.ident, ready):
             self._fail(t, TransferCode.ABORTED, "the sender disconnected", notify=False)
+
+    def _on_refuse(self, rid: str, code: TransferCode, message: str) -> None:
+        t = self._transfers.get(rid)
+        if t is not None and t.phase is Phase.RESERVING:
+            self._fail(t, code, message)
+
+    def _refuse_all(self, reason: str) -> None:
+        self._refusing = reason
+        for t in list(self._transfers.values()):
+            self._fail(t, TransferCode.CLOSED, reason, report=False)
+
+    def _give_back(self, rid: str, ids: list[int]) -> None:
+        try:
+            self._release(rid, ids)
+        except Exception:
+            log.exception("release(%s) raised", rid)
 
     def _on_layer(self, sock: zmq.Socket, ident: bytes, t: Inbound | None, h: wire.Layer) -> None:
         if t is None:
@@ -262,10 +289,7 @@ class KVReceiver(IOThread):
         if t.ids is not None:
             self._stats["releases"] += 1
             self._stats["held_blocks"] -= len(t.ids)
-            try:
-                self._release(t.request_id, t.ids.tolist())
-            except Exception:
-                log.exception("release(%s) raised", t.request_id)
+            self._give_back(t.request_id, t.ids.tolist())
         if report:  # before notifying, as in _refuse
             self._report(FailedTransfer(t.request_id, code, message))
         if notify:
@@ -280,12 +304,7 @@ class KVReceiver(IOThread):
             except Exception:
                 log.exception("on_failed(%s) raised", failed.request_id)
 
-    def _expect(self, rid: str, deadline: float) -> None:
-        if rid not in self._transfers and rid not in self._tombstones:
-            self._expected[rid] = deadline
-
     def _local_abort(self, rid: str, reason: str) -> None:
-        self._expected.pop(rid, None)
         self._tombstones[rid] = time.monotonic() + max(60.0, 4 * self.timeout_s)
         self._tombstones.move_to_end(rid)  # keeps the dict in expiry order
         if len(self._tombstones) > _MAX_TOMBSTONES:
@@ -302,22 +321,13 @@ class KVReceiver(IOThread):
             elif now - t.last_heard > limit:
                 self._fail(t, TransferCode.TIMEOUT, f"no message from the sender for {limit:.1f} s "
                            f"({t.progress(self.layout.num_layers)} received)")
-            else:
-                if t.phase is Phase.RESERVING:
-                    self._try_reserve(t)
-                if t.request_id in self._transfers and now - t.last_sent > limit / 4:
-                    t.last_sent = now
-                    if not self._reply(t.ident, wire.Heartbeat(request_id=t.request_id)):
-                        self._fail(t, TransferCode.ABORTED, "the sender disconnected", notify=False)
-        for rid, deadline in list(self._expected.items()):
-            if now > deadline:
-                self._local_abort(rid, "no KV arrived in time")
-                self._report(FailedTransfer(rid, TransferCode.TIMEOUT, f"no KV transfer for {rid} began in time"))
+            elif now - t.last_sent > limit / 4:
+                t.last_sent = now
+                if not self._reply(t.ident, wire.Heartbeat(request_id=t.request_id)):
+                    self._fail(t, TransferCode.ABORTED, "the sender disconnected", notify=False)
         while self._tombstones and next(iter(self._tombstones.values())) < now:
             self._tombstones.popitem(last=False)
-        if any(t.phase is Phase.RESERVING for t in self._transfers.values()):
-            return _RESERVE_RETRY_S
-        return min(0.05, limit / 8) if self._transfers or self._expected else None
+        return min(0.05, limit / 8) if self._transfers else None
 
     def _teardown(self) -> None:
         for t in list(self._transfers.values()):

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from engine.config import EngineConfig
 from engine.options import check_options, option
-from server.config import ServerOptions
+from server.config import ServerOptions, WorkerOptions
 
 if TYPE_CHECKING:
     from kvtransfer.curve import CurveClient
@@ -16,13 +16,13 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class PrefillWorkerConfig:
     engine: EngineConfig
-    kv_timeout_s: float = option(30.0, "seconds a KV transfer may stay silent", flag="kv-timeout", above=0)
     request_timeout_s: float = option(300.0, "seconds a Prefill call may take (queueing, prefill, transfer) "
                                       "unless the request says less", flag="request-timeout", above=0)
     max_queued: int = option(1024, "Prefill calls queued here before RESOURCE_EXHAUSTED", min=1)
     kv_curve_secret_key_file: str | None = option(
         None, "this worker's CurveZMQ certificate with its secret key (`tandem keygen` writes NAME.key_secret)")
     kv_curve_server_public_key_file: str | None = option(None, "the decode workers' public certificate (NAME.key)")
+    worker: WorkerOptions = field(default_factory=WorkerOptions)
     server: ServerOptions = field(default_factory=ServerOptions)
 
     def __post_init__(self) -> None:

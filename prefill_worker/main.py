@@ -12,6 +12,7 @@ from prefill_worker.config import PrefillWorkerConfig
 from prefill_worker.observe import PrefillObserver
 from prefill_worker.service import PrefillService
 from prefill_worker.worker import PrefillCore
+from server.config import parse_fault
 from server.metrics import WorkerMetrics
 from server.tracing import Tracing
 from server.worker import Worker, WorkerKind, serve_worker
@@ -20,15 +21,18 @@ from tandem.v1 import worker_pb2_grpc
 logger = logging.getLogger(__name__)
 
 
-async def serve_prefill(cfg: PrefillWorkerConfig, stop: asyncio.Event, *, tracing: Tracing | None = None) -> None:
-    """Serve until `stop`; `tracing` is the process's (setup_tracing in its main), off when None."""
+async def serve_prefill(cfg: PrefillWorkerConfig, stop: asyncio.Event, *, tracing: Tracing | None = None) -> int:
+    """Serve until `stop` (exit code 0) or the engine's death (1); `tracing` is the process's."""
+    opts = cfg.worker
 
     def build(engine: Engine, layout: KVLayout, metrics: WorkerMetrics, tracing: Tracing) -> Worker:
-        core = PrefillCore(engine, layout, cfg.kv_timeout_s, PrefillObserver(tracing, metrics), curve=cfg.kv_curve())
+        core = PrefillCore(engine, layout, opts.kv_timeout_s, PrefillObserver(tracing, metrics), curve=cfg.kv_curve(),
+                           watchdog_s=opts.watchdog_s or None, fault=parse_fault(opts.fault))
         service = PrefillService(core, "", "", cfg.request_timeout_s, cfg.max_queued)
         return Worker(core, service, lambda: {
-            "prefill_requests_inflight": service.inflight, "prefill_outstanding_tokens": core.outstanding_tokens(),
-            "kv_transfers_inflight": core.num_transferring()}, {})
+            "prefill_requests_inflight": service.inflight,
+            "prefill_outstanding_tokens": core.loop.snapshot.stats.get("outstanding_prefill_tokens", 0),
+            "kv_transfers_inflight": core.loop.snapshot.stats.get("transferring", 0)}, {})
 
     engine_cfg = cfg.engine
     if engine_cfg.speculative:  # it samples one token per request: drafts would never be verified
@@ -37,4 +41,4 @@ async def serve_prefill(cfg: PrefillWorkerConfig, stop: asyncio.Event, *, tracin
                                          num_speculative_tokens=None)
     kind = WorkerKind("prefill", "tandem.v1.PrefillWorker", worker_pb2_grpc.add_PrefillWorkerServicer_to_server,
                       build)
-    await serve_worker(kind, engine_cfg, cfg.server, stop, tracing=tracing)
+    return await serve_worker(kind, engine_cfg, cfg.server, stop, tracing=tracing)

@@ -1,6 +1,6 @@
 """What the prefill worker reports about each request: spans of its stages, and worker metrics.
 
-    tandem.v1.PrefillWorker/Prefill   SERVER, asyncio (service.py); its traceparent rides in seq.extra
+    tandem.v1.PrefillWorker/Prefill   SERVER, asyncio (service.py); its traceparent is the record's
     ├── prefill.queue_wait            arrival -> first forward                     (engine thread, after the fact)
     ├── prefill.chunk                 one per forward that computed part of the prompt   (engine thread)
     └── kv.send                       transfer begun (final chunk scheduled) -> KVDone or failure;
@@ -15,58 +15,66 @@ trace is not sampled are skipped the same way (their parent context is cached as
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from opentelemetry.context import Context
 from opentelemetry.trace import Status, StatusCode
 
 from engine.model_runner import StepInput
 from engine.outputs import RequestOutput
-from engine.sequence import Sequence
 from kvtransfer import TransferResult
 from server.metrics import WorkerMetrics
 from server.tracing import (
+    RequestTrace,
     Tracing,
     epoch_ns_from_monotonic,
     epoch_ns_from_perf,
     record_span,
-    sampled_parent,
     traceparent_of,
 )
 
+if TYPE_CHECKING:
+    from prefill_worker.worker import PrefillRequest
+
+
+@dataclass
+class PrefillTrace(RequestTrace):
+    """What the observer keeps per request (on its PrefillRequest record)."""
+
+    queued: bool = False  # its queue wait was reported
+    kv_span: Any = None  # the open kv.send span
+
 
 class PrefillObserver:
-    """Called by PrefillCore at its hooks; owns no request state beyond keys in `seq.extra`.
-
-    Expects seq.extra["traceparent"] (the SERVER span's), ["t0"] (monotonic arrival) and
-    ["t_first_forward"] (monotonic, set by PrefillCore before the first forward)."""
+    """Called by PrefillCore at its hooks (engine thread); per-request state is the record's `trace`
+    (PrefillTrace), its times the record's `arrived` and `first_forward`."""
 
     def __init__(self, tracing: Tracing, metrics: WorkerMetrics) -> None:
         self.tracing = tracing
         self.metrics = metrics
 
-    def _parent(self, seq: Sequence) -> Context | None:
-        return sampled_parent(self.tracing, seq.extra)
-
     # ------------------------------------------------------------------ engine thread
-    def on_step(self, step: StepInput, outputs: list[RequestOutput], t_exec_ns: int, t_done_ns: int) -> None:
+    def on_step(self, requests: Mapping[str, PrefillRequest], step: StepInput, outputs: list[RequestOutput],
+                t_exec_ns: int, t_done_ns: int) -> None:
         """After each engine step: queue-wait (first forward of a request) and chunk spans."""
         self.metrics.step_seconds.observe((t_done_ns - t_exec_ns) / 1e9)
         batch_tokens = sum(step.num_new_tokens)
         for seq, n, sample in zip(step.seqs, step.num_new_tokens, step.sample, strict=True):
-            x = seq.extra
-            first = "obs_queued" not in x
+            req = requests.get(seq.request_id)
+            if req is None:
+                continue
+            first = not req.trace.queued
+            t_first = req.first_forward if req.first_forward is not None else time.monotonic()
             if first:
-                x["obs_queued"] = True
-                t_first = x.get("t_first_forward", time.monotonic())
-                self.metrics.queue_wait.observe(max(t_first - x.get("t0", t_first), 0.0))
-            parent = self._parent(seq)
+                req.trace.queued = True
+                self.metrics.queue_wait.observe(max(t_first - req.arrived, 0.0))
+            parent = req.trace.parent(self.tracing)
             if parent is None:
                 continue
             tracer = self.tracing.tracer
             if first:
-                t_first = x.get("t_first_forward", time.monotonic())
-                record_span(tracer, "prefill.queue_wait", parent, epoch_ns_from_monotonic(x.get("t0", t_first)),
+                record_span(tracer, "prefill.queue_wait", parent, epoch_ns_from_monotonic(req.arrived),
                             epoch_ns_from_monotonic(t_first),
                             {"tandem.request_id": seq.request_id, "tandem.prefix_hit_tokens": seq.num_cached_tokens})
             record_span(tracer, "prefill.chunk", parent, epoch_ns_from_perf(t_exec_ns), epoch_ns_from_perf(t_done_ns), {
@@ -79,32 +87,32 @@ class PrefillObserver:
                 "tandem.step.seqs": len(step.seqs),
             })
 
-    def transfer_begin(self, seq: Sequence, peer: str) -> str:
+    def transfer_begin(self, req: PrefillRequest) -> str:
         """The final chunk is scheduled: open kv.send; returns the traceparent for KVTransferBegin."""
-        parent = self._parent(seq)
+        parent = req.trace.parent(self.tracing)
         if parent is None:
-            return str(seq.extra.get("traceparent", ""))
+            return req.trace.traceparent
+        seq = req.seq
         span = self.tracing.tracer.start_span("kv.send", context=parent, attributes={
             "tandem.request_id": seq.request_id,
-            "tandem.kv.peer": peer,
+            "tandem.kv.peer": req.peer,
             "tandem.kv.num_blocks": len(seq.block_table),
             "tandem.kv.num_tokens": seq.num_prompt_tokens,
         })
-        seq.extra["obs_kv_span"] = span
+        req.trace.kv_span = span
         return traceparent_of(span)
 
-    def transfer_not_started(self, seq: Sequence, error: str) -> None:
-        span: Any = seq.extra.pop("obs_kv_span", None)
+    def transfer_not_started(self, req: PrefillRequest, error: str) -> None:
+        span, req.trace.kv_span = req.trace.kv_span, None
         self.metrics.transfers.labels(self.metrics.role, "send", "NOT_STARTED").inc()
         if span is not None:
             span.set_status(Status(StatusCode.ERROR, error))
             span.end()
 
-    # ------------------------------------------------------------------ sender I/O thread
-    def transfer_done(self, seq: Sequence, res: TransferResult, num_layers: int) -> None:
+    def transfer_done(self, req: PrefillRequest, res: TransferResult, num_layers: int) -> None:
         """The transfer ended (any outcome): metrics, and close kv.send with what it moved."""
         self.metrics.transfer("send", res.code.name, res.bytes, res.seconds)
-        span: Any = seq.extra.pop("obs_kv_span", None)
+        span, req.trace.kv_span = req.trace.kv_span, None
         if span is None:
             return
         span.set_attributes({

@@ -7,22 +7,16 @@ import logging
 
 import grpc
 
-from kvtransfer import TransferCode
-from prefill_worker.worker import PrefillCore
-from server.errors import DeadlineExceeded, Mismatch, Overloaded, TandemError, Unavailable
-from server.protoconv import logprob_to_proto, sampling_from_proto
+from prefill_worker.worker import PrefillCore, PrefillDone, PrefillRequest
+from server.errors import DeadlineExceeded, Overloaded, Unavailable
+from server.protoconv import sampling_from_proto
 from server.tracing import finish_span, start_server_span, traceparent_of
+from server.worker import abort_and_tell, transfer_error
 from tandem.v1 import generation_pb2 as gen
 from tandem.v1 import worker_pb2 as pb
 from tandem.v1 import worker_pb2_grpc
 
 logger = logging.getLogger(__name__)
-
-_ERRORS: dict[TransferCode, type[TandemError]] = {
-    TransferCode.MISMATCH: Mismatch,
-    TransferCode.NO_SPACE: Overloaded,
-    TransferCode.TIMEOUT: DeadlineExceeded,
-}
 
 
 class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
@@ -40,7 +34,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
                                  {"tandem.request_id": request.request_id,
                                   "tandem.prompt_tokens": len(request.prompt_token_ids)})
         try:
-            resp = await self._prefill(request, context, traceparent_of(span) or request.traceparent)
+            resp = await self._prefill(request, traceparent_of(span) or request.traceparent)
         except BaseException as exc:
             finish_span(span, exc)
             raise
@@ -49,21 +43,35 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         finish_span(span)
         return resp
 
-    async def _prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext,
-                       traceparent: str) -> pb.PrefillResponse:
+    async def _prefill(self, request: pb.PrefillRequest, traceparent: str) -> pb.PrefillResponse:
         core = self.core
         if health := core.health_error():
-            raise Unavailable(f"prefill worker {self.worker_id} {health}")
+            raise Unavailable(f"prefill worker {self.worker_id} {health}", retry_after_s=1.0)
         if self.inflight >= self.max_queued:
             raise Overloaded(f"prefill worker {self.worker_id} has {self.inflight} requests queued (limit "
                              f"{self.max_queued}); retry later", retry_after_s=1.0)
-        params = sampling_from_proto(request.sampling)
         rid = request.request_id
+        seq = core.engine.make_sequence(rid, list(request.prompt_token_ids), sampling_from_proto(request.sampling))
         timeout = request.timeout_ms / 1000 if request.timeout_ms else self.timeout_s
-        fut = core.prefill(rid, list(request.prompt_token_ids), params, request.decode_kv_address, traceparent)
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[PrefillDone] = loop.create_future()
+
+        def settle(value: PrefillDone | BaseException) -> None:
+            if answer.done():
+                return
+            if isinstance(value, BaseException):
+                answer.set_exception(value)
+            else:
+                answer.set_result(value)
+
+        req = PrefillRequest(seq, emit=lambda out: None, fail=lambda exc: loop.call_soon_threadsafe(settle, exc),
+                             peer=request.decode_kv_address,
+                             done=lambda d: loop.call_soon_threadsafe(settle, d))
+        req.trace.traceparent = traceparent
+        core.prefill(req)
         self.inflight += 1
         try:
-            done = await asyncio.wait_for(asyncio.shield(fut), timeout)
+            done = await asyncio.wait_for(asyncio.shield(answer), timeout)
         except TimeoutError:
             core.abort(rid, f"prefill of {rid} took longer than {timeout:.1f} s")
             raise DeadlineExceeded(f"prefill of request {rid} did not finish within {timeout:.1f} s") from None
@@ -74,31 +82,28 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             self.inflight -= 1
         res = done.result
         if not res.ok or done.output is None:
-            raise _ERRORS.get(res.code, Unavailable)(
-                f"KV transfer of request {rid} to {request.decode_kv_address} failed ({res.code.name}): {res.error}")
+            raise transfer_error(res.code, f"KV transfer of request {rid} to {request.decode_kv_address} failed "
+                                           f"({res.code.name}): {res.error}")
         out = done.output
-        resp = pb.PrefillResponse(
-            first_token_id=out.new_token_ids[0], num_cached_tokens=out.num_cached_tokens,
-            num_prompt_tokens=out.num_prompt_tokens, prefill_ns=done.prefill_ns, queue_ns=done.queue_ns,
+        return pb.PrefillResponse(
+            num_cached_tokens=out.num_cached_tokens, num_prompt_tokens=out.num_prompt_tokens,
+            prefill_ns=done.prefill_ns, queue_ns=done.queue_ns,
             transfer=pb.KVTransferStats(bytes=res.bytes, transfer_ns=int(res.seconds * 1e9), num_blocks=res.num_blocks),
         )
-        if out.new_logprobs:
-            resp.first_token_logprob.CopyFrom(logprob_to_proto(out.new_logprobs[0]))
-        return resp
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
-        self.core.abort(request.request_id, request.reason or "aborted by the gateway")
-        return pb.AbortResponse(found=True)
+        return pb.AbortResponse(found=await abort_and_tell(
+            lambda found: self.core.abort(request.request_id, request.reason or "aborted by the gateway", found),
+            self.core.loop.dead.is_set()))
 
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
         core = self.core
-        stats = core.loop.stats()
-        err = core.health_error()
+        stats = core.loop.snapshot.stats
         return pb.StatusResponse(
             worker_id=self.worker_id, role=gen.WORKER_ROLE_PREFILL,
             kv_blocks_total=stats["kv_blocks_total"], kv_blocks_free=stats["kv_blocks_free"],
             running=stats["running"], waiting=stats["waiting"],
-            outstanding_prefill_tokens=core.outstanding_tokens(), kv_layout=core.layout.to_proto(),
-            cached_blocks=stats["kv_blocks_cached"], inflight_transfers=core.num_transferring(),
-            max_model_len=core.engine.max_model_len, address=self.address, error=err,
+            outstanding_prefill_tokens=stats.get("outstanding_prefill_tokens", 0), kv_layout=core.layout.to_proto(),
+            cached_blocks=stats["kv_blocks_cached"], inflight_transfers=stats.get("transferring", 0),
+            max_model_len=core.engine.max_model_len, address=self.address, error=core.health_error(),
         )

@@ -28,3 +28,31 @@ class ServerOptions:
 
     def __post_init__(self) -> None:
         check_options(self)
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """What both kinds of workers are told about their KV channel and their engine's health."""
+
+    kv_timeout_s: float = option(30.0, "seconds a KV transfer may stay silent (or wait for free blocks)",
+                                 flag="kv-timeout", above=0)
+    watchdog_s: float = option(
+        300.0, "seconds one engine step may run before the worker counts its engine as dead, fails its "
+        "requests and exits for its supervisor to restart it (0: no watchdog)", flag="watchdog", min=0)
+    fault: str | None = option(
+        None, "fault injection, for tests of the failure paths: raise@N makes engine step N raise, hang@N "
+        "makes it hang (docs/ARCHITECTURE.md)", metavar="KIND@STEP")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        parse_fault(self.fault)
+
+
+def parse_fault(spec: str | None) -> tuple[str, int] | None:
+    """"raise@N" / "hang@N" -> (kind, N); None -> None. Raises ValueError for anything else."""
+    if not spec:
+        return None
+    kind, _, at = spec.partition("@")
+    if kind not in ("raise", "hang") or not at.isdigit() or int(at) < 1:
+        raise ValueError(f"fault must be raise@N or hang@N with N >= 1, got {spec!r}")
+    return kind, int(at)

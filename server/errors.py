@@ -55,3 +55,8 @@ class Unauthenticated(TandemError):
 
 class PermissionDenied(TandemError):
     code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class AlreadyExists(TandemError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+

@@ -5,6 +5,8 @@
 exceptions become status codes:
 
     TandemError subclasses -> their own code (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE, ...)
+    EngineDied             -> UNAVAILABLE (the worker's engine thread is dead; retry elsewhere)
+    DuplicateRequest       -> ALREADY_EXISTS;   RequestGone -> CANCELLED
     ValueError             -> INVALID_ARGUMENT      (bad input the engine rejected)
     TimeoutError           -> DEADLINE_EXCEEDED
     a request that does not parse -> INVALID_ARGUMENT naming the field (invalid UTF-8: server.wirecheck)
@@ -25,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from engine.outputs import DuplicateRequest, EngineDied, RequestGone
 from server.errors import InvalidRequest, TandemError
 from server.wirecheck import explain_decode_error
 
@@ -34,6 +37,12 @@ MAX_MESSAGE_BYTES = 16 << 20  # requests and responses; a prompt of 4M tokens fi
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, list[tuple[str, str]]]:
+    if isinstance(exc, EngineDied):
+        return grpc.StatusCode.UNAVAILABLE, str(exc), [("retry-after-ms", "1000")]
+    if isinstance(exc, DuplicateRequest):
+        return grpc.StatusCode.ALREADY_EXISTS, str(exc), []
+    if isinstance(exc, RequestGone):
+        return grpc.StatusCode.CANCELLED, str(exc), []
     if isinstance(exc, TandemError):
         trailers = []
         if exc.retry_after_s is not None:
@@ -46,12 +55,21 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, list[tuple[str
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}", []
 
 
+# Trailer on every status our handlers answer with: a caller tells "the server answered UNAVAILABLE"
+# (it is alive) from "the call broke" (it may be gone) by its presence (gateway.registry).
+ANSWERED = ("tandem-answered", "1")
+
+
+def answered(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether a failed call's status came from one of our handlers rather than the transport."""
+    return any(key == ANSWERED[0] for key, _ in (exc.trailing_metadata() or ()))
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     code, message, trailers = status_for(exc)
     if code is grpc.StatusCode.INTERNAL:
         logger.error("handler failed", exc_info=exc)
-    if trailers:
-        context.set_trailing_metadata(trailers)
+    context.set_trailing_metadata([*trailers, ANSWERED])
     await context.abort(code, message)
 
 

@@ -128,17 +128,22 @@ def context_from_traceparent(traceparent: str) -> Context | None:
     return context_from_carrier({"traceparent": traceparent}) if traceparent else None
 
 
-PARENT_KEY = "otel_parent"  # request-state key (`Sequence.extra`): the sampled parent Context, or None
+@dataclass
+class RequestTrace:
+    """A worker observer's per-request tracing state, kept on the request's record (engine thread)."""
 
+    traceparent: str = ""  # the worker RPC's SERVER span
+    _parent: Context | None = None
+    _resolved: bool = False
 
-def sampled_parent(tracing: Tracing, extra: dict[str, Any]) -> Context | None:
-    """The parent Context of a request whose state `extra` carries its "traceparent", or None when
-    tracing is off or the trace is not sampled; worked out once, then kept in extra[PARENT_KEY]."""
-    if PARENT_KEY not in extra:
-        ctx = context_from_traceparent(extra.get("traceparent", "")) if tracing.enabled else None
-        sampled = ctx is not None and trace.get_current_span(ctx).get_span_context().trace_flags.sampled
-        extra[PARENT_KEY] = ctx if sampled else None
-    return extra[PARENT_KEY]
+    def parent(self, tracing: Tracing) -> Context | None:
+        """The parent Context of this request's engine-side spans, or None when tracing is off or the
+        trace is not sampled; worked out once."""
+        if not self._resolved:
+            ctx = context_from_traceparent(self.traceparent) if tracing.enabled else None
+            sampled = ctx is not None and trace.get_current_span(ctx).get_span_context().trace_flags.sampled
+            self._parent, self._resolved = (ctx if sampled else None), True
+        return self._parent
 
 
 def context_of(span: Span) -> Context:

@@ -20,9 +20,10 @@ from engine.checkpoint import checkpoint_fingerprint
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.engine_loop import EngineLoop
-from kvtransfer import KVLayout
+from kvtransfer import KVLayout, TransferCode
 from server import process
 from server.config import ServerOptions
+from server.errors import DeadlineExceeded, Mismatch, Overloaded, TandemError, Unavailable
 from server.metrics import EngineCollector, WorkerMetrics, new_registry, start_metrics_server
 from server.tracing import Tracing, disabled
 
@@ -35,6 +36,8 @@ class WorkerCore(Protocol):
     def start(self) -> None: ...
 
     def close(self) -> None: ...
+
+    def health_error(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -54,22 +57,77 @@ class WorkerKind:
 
 
 async def serve_worker(kind: WorkerKind, engine_config: EngineConfig, opts: ServerOptions, stop: asyncio.Event,
-                       *, tracing: Tracing | None = None) -> None:
-    """Serve until `stop`; `tracing` is the process's (server.process.run_component), off when None."""
+                       *, tracing: Tracing | None = None) -> int:
+    """Serve until `stop` (exit code 0), or until the worker cannot serve (its engine died, its KV
+    I/O thread died): then health turns NOT_SERVING, and after a short drain the process exits with
+    code 1 for its supervisor to restart it. `tracing` is the process's, off when None."""
     engine = Engine(engine_config)
     layout = KVLayout.for_pool(engine.runner.kv, checkpoint_fingerprint(engine_config.model))
     registry = new_registry()
     worker = kind.build(engine, layout, WorkerMetrics(registry, kind.role), tracing or disabled())
-    registry.register(EngineCollector(kind.role, worker.core.loop.stats, worker.gauges))
+    loop = worker.core.loop
+    registry.register(EngineCollector(kind.role, lambda: loop.snapshot.stats, worker.gauges))
     metrics_server = start_metrics_server(opts.host, opts.metrics_port, registry)
     info = dict(worker.info)
     if metrics_server is not None:
         info["metrics_address"] = metrics_server.address
+    health = process.Health()
     worker.core.start()
+    watch = asyncio.create_task(_watch(worker.core, health), name="worker-health")
     try:
-        await process.serve_component(kind.role, worker.service, kind.add_to_server, kind.service_name, opts, stop,
-                                      info)
+        return await process.serve_component(kind.role, worker.service, kind.add_to_server, kind.service_name,
+                                             opts, stop, info, health=health)
     finally:
+        watch.cancel()
         worker.core.close()
         if metrics_server is not None:
             metrics_server.close()
+
+
+async def _watch(core: WorkerCore, health: process.Health, interval_s: float = 0.1) -> None:
+    """Fail-stop: the first time the core cannot serve (its engine died: every request has already
+    been failed), the process stops serving and exits."""
+    while not (error := core.health_error()):
+        await asyncio.sleep(interval_s)
+    health.die(error)
+
+
+ABORT_ANSWER_S = 2.0  # Abort waits this long for the engine thread to say whether it found the request
+
+
+async def abort_and_tell(abort: Callable[[Callable[[bool], None]], None], dead: bool) -> bool:
+    """Run `abort(found)` (which answers `found(bool)` from the engine thread) and wait for the answer;
+    False when the engine is dead or does not answer within ABORT_ANSWER_S."""
+    if dead:
+        return False
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[bool] = loop.create_future()
+
+    def settle(value: bool) -> None:
+        if not answer.done():
+            answer.set_result(value)
+
+    def found(value: bool) -> None:
+        loop.call_soon_threadsafe(settle, value)
+
+    abort(found)
+    try:
+        return await asyncio.wait_for(answer, ABORT_ANSWER_S)
+    except TimeoutError:
+        return False
+
+
+def transfer_error(code: TransferCode, message: str) -> TandemError:
+    """The one table from a KV transfer's outcome to the status its request ends with (prefill and
+    decode workers both use it): the layouts disagree -> FAILED_PRECONDITION, no space -> RESOURCE_EXHAUSTED,
+    a silent peer -> DEADLINE_EXCEEDED, anything else (an abort, a peer gone, a protocol error, a
+    closing receiver) -> UNAVAILABLE."""
+    kind = _TRANSFER_ERRORS.get(code, Unavailable)
+    return kind(message, retry_after_s=1.0) if kind is Overloaded else kind(message)
+
+
+_TRANSFER_ERRORS: dict[TransferCode, type[TandemError]] = {
+    TransferCode.MISMATCH: Mismatch,
+    TransferCode.NO_SPACE: Overloaded,
+    TransferCode.TIMEOUT: DeadlineExceeded,
+}

@@ -107,19 +107,23 @@ def test_mismatched_pair_is_refused_naming_the_field(make_stack, stack_model) ->
     wait_all_blocks_free(stack)
 
 
-def test_transfer_that_never_completes_fails_in_time_and_frees_blocks(make_stack, stack_model) -> None:
-    stack = make_stack(stack_model, gateway_args=["--local-prefill-threshold", "0", "--kv-timeout", "2"],
+def test_a_frozen_prefill_worker_loses_its_request_to_a_local_prefill(make_stack, stack_model) -> None:
+    """The prefill worker hangs (SIGSTOP) before it sends a byte: within a few seconds the gateway's
+    heartbeat loses it and the request is prefilled on the decode worker instead; once resumed, the
+    prefill worker frees what it held and rejoins."""
+    stack = make_stack(stack_model, gateway_args=["--local-prefill-threshold", "0"],
                        prefill_args=["--kv-timeout", "2"], decode_args=["--kv-timeout", "2"])
     prefill_pid = stack.prefill[0].proc.pid
-    os.kill(prefill_pid, signal.SIGSTOP)  # the prefill worker hangs before it sends a byte
+    prompt = random_prompts(512, [40])[0]
+    want, _ = generate(stack, prompt, temperature=0.0, max_tokens=4)
+    os.kill(prefill_pid, signal.SIGSTOP)
     try:
         t0 = time.monotonic()
-        with pytest.raises(grpc.RpcError) as err:
-            generate(stack, random_prompts(512, [40])[0], temperature=0.0, max_tokens=4)
+        got, msgs = generate(stack, prompt, temperature=0.0, max_tokens=4)
         elapsed = time.monotonic() - t0
     finally:
         os.kill(prefill_pid, signal.SIGCONT)
-    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err.value.details()
-    assert "KV" in err.value.details()
-    assert elapsed < 6.0
-    wait_all_blocks_free(stack, timeout_s=15)
+    assert got == want and msgs[-1].timing.kv_transfer_ns == 0  # no KV moved: prefilled locally
+    assert elapsed < 8.0, elapsed
+    workers = wait_all_blocks_free(stack, timeout_s=15)
+    assert all(w.healthy for w in workers)

@@ -49,7 +49,8 @@ def scattered_order(num_blocks: int, seed: int) -> list[int]:
 
 @dataclass
 class Allocator:
-    """The receiver's `reserve`/`release`/`on_complete`/`on_failed`, counting everything."""
+    """The receiver's `want`/`release`/`on_complete`/`on_failed`, counting everything. A want that
+    finds no space waits, in order, until blocks come back (release, or `add_free`)."""
 
     num_blocks: int
     free: list[int] = field(default_factory=list)
@@ -60,6 +61,8 @@ class Allocator:
     reservations: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     changed: threading.Condition = field(init=False)
+    waiting: list[tuple[str, int]] = field(default_factory=list)
+    rx: KVReceiver | None = None
 
     def __post_init__(self) -> None:
         self.free = self.free or list(range(self.num_blocks))
@@ -75,12 +78,33 @@ class Allocator:
             self.changed.notify_all()
             return ids
 
+    def want(self, rid: str, n: int) -> None:
+        with self.lock:
+            self.waiting.append((rid, n))
+        self._grant_waiting()
+
+    def _grant_waiting(self) -> None:
+        assert self.rx is not None
+        while self.waiting:
+            rid, n = self.waiting[0]
+            ids = self.reserve(rid, n)
+            if ids is None:
+                return
+            self.waiting.pop(0)
+            self.rx.grant(rid, ids)
+
+    def add_free(self, ids: list[int]) -> None:
+        with self.lock:
+            self.free.extend(ids)
+        self._grant_waiting()
+
     def release(self, rid: str, ids: list[int]) -> None:
         with self.lock:
             assert self.reserved.pop(rid) == ids
             self.free.extend(ids)
             self.released.append(rid)
             self.changed.notify_all()
+        self._grant_waiting()
 
     def on_complete(self, done: CompletedTransfer) -> None:
         with self.lock:
@@ -91,6 +115,7 @@ class Allocator:
     def on_failed(self, failed: FailedTransfer) -> None:
         with self.lock:
             self.failed.append(failed)
+            self.waiting = [w for w in self.waiting if w[0] != failed.request_id]
             self.changed.notify_all()
 
     def wait(self, predicate: Any, timeout: float = 10.0) -> None:
@@ -105,8 +130,9 @@ class Allocator:
                     and len(self.free) + held == self.num_blocks and len(set(self.free)) == len(self.free))
 
     def receiver(self, kv: torch.Tensor, bind: str, layout: KVLayout | None = None, **kw: Any) -> KVReceiver:
-        return KVReceiver(kv, layout or layout_of(kv), bind, reserve=self.reserve, release=self.release,
-                          on_complete=self.on_complete, on_failed=self.on_failed, **kw)
+        self.rx = KVReceiver(kv, layout or layout_of(kv), bind, want=self.want, release=self.release,
+                             on_complete=self.on_complete, on_failed=self.on_failed, **kw)
+        return self.rx
 
 
 # -- peer processes ---------------------------------------------------------------------------------

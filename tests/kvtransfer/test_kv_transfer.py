@@ -143,8 +143,7 @@ def test_waits_for_space_then_completes(pair: tuple) -> None:
     handle = sender.begin("patient", receiver.address, SRC_IDS, TOKENS)
     handle.all_ready()
     time.sleep(T / 2)  # past the sender's heartbeat interval: waiting is not silence
-    with alloc.lock:
-        alloc.free = hoard
+    alloc.add_free(hoard)
     assert handle.result(timeout=5).ok
 
 
@@ -173,12 +172,29 @@ def test_abort_from_receiver_fails_sender_and_refuses_a_late_begin(pair: tuple) 
     assert late.code is TransferCode.ABORTED and alloc.reservations == 1
 
 
-def test_expected_transfer_that_never_begins_is_reported(pair: tuple) -> None:
+def test_a_grant_after_the_transfer_ended_goes_straight_back(pair: tuple) -> None:
     sender, receiver, alloc, _ = pair
-    receiver.expect("ghost", timeout_s=0.2)
-    alloc.wait(lambda a: len(a.failed) == 1, timeout=3)
-    assert alloc.failed[0].code is TransferCode.TIMEOUT and alloc.failed[0].request_id == "ghost"
-    assert sender.begin("ghost", receiver.address, [1], 3).result(timeout=5).code is TransferCode.ABORTED
+    with alloc.lock:
+        hoard, alloc.free = alloc.free, []
+    result = sender.begin("late", receiver.address, SRC_IDS, TOKENS).result(timeout=T + 3)
+    assert result.code is TransferCode.NO_SPACE
+    alloc.add_free(hoard)  # the waiting want (dropped by on_failed) is not granted
+    ids = alloc.reserve("late", len(SRC_IDS))
+    assert ids is not None
+    receiver.grant("late", ids)  # a grant that raced the timeout comes straight back
+    alloc.wait(lambda a: a.released == ["late"])
+    assert alloc.balanced()
+
+
+def test_refuse_all_fails_live_transfers_and_new_ones(pair: tuple) -> None:
+    sender, receiver, alloc, _ = pair
+    handle = sender.begin("live", receiver.address, SRC_IDS, TOKENS)
+    alloc.wait(lambda a: a.reservations == 1)
+    receiver.refuse_all("the decode worker is shutting down")
+    assert handle.result(timeout=5).code is TransferCode.CLOSED
+    late = sender.begin("new", receiver.address, [1], 3).result(timeout=5)
+    assert late.code is TransferCode.CLOSED and "shutting down" in (late.error or "")
+    alloc.wait(lambda a: a.released == ["live"])
 
 
 def test_engine_that_never_makes_a_layer_ready_times_out(pair: tuple) -> None:

@@ -70,8 +70,8 @@ def test_worker_messages_round_trip() -> None:
     req = worker_pb2.PrefillRequest(request_id="r", prompt_token_ids=[1, 2], decode_kv_address="tcp://10.0.0.2:7000",
                                     traceparent="00-abc-def-01", timeout_ms=5000)
     assert worker_pb2.PrefillRequest.FromString(req.SerializeToString()) == req
-    resp = worker_pb2.PrefillResponse(first_token_id=9, transfer=worker_pb2.KVTransferStats(bytes=10, transfer_ns=5))
-    assert not resp.HasField("first_token_logprob")
+    resp = worker_pb2.PrefillResponse(num_cached_tokens=9, transfer=worker_pb2.KVTransferStats(bytes=10, transfer_ns=5))
+    assert resp.HasField("transfer")
     status = worker_pb2.StatusResponse(kv_layout=kv_pb2.KVLayout(block_size=16, dtype="bfloat16"))
     assert worker_pb2.StatusResponse.FromString(status.SerializeToString()).kv_layout.block_size == 16
     meta = kv_pb2.KVRequestMeta(first_token_id=42, first_token_logprob=generation_pb2.TokenLogprob(token_id=42))

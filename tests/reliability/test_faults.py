@@ -41,7 +41,7 @@ def stack(wide_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     s = Stack(wide_model, prefill_workers=1, decode_workers=2, engine_args=ENGINE_ARGS,
               workdir=tmp_path_factory.mktemp("faults"),
               prefill_args=[*kv, "--max-num-batched-tokens", "2048"], decode_args=kv,
-              gateway_args=["--local-prefill-threshold", "0", *kv])
+              gateway_args=["--local-prefill-threshold", "0"])
     s.start()
     yield s
     s.stop()
@@ -134,7 +134,7 @@ def test_prefill_worker_killed_mid_transfer_frees_the_reservation(stack: Stack) 
     sampling = gen.SamplingParams(temperature=0.0, max_tokens=4)
     d_channel, p_channel = grpc.insecure_channel(decode.info["address"]), grpc.insecure_channel(prefill.info["address"])
     d_call = worker_pb2_grpc.DecodeWorkerStub(d_channel).Decode(pb.DecodeRequest(
-        request_id="doomed", prompt_token_ids=prompt, sampling=sampling, kv_timeout_ms=30_000), timeout=60)
+        request_id="doomed", prompt_token_ids=prompt, sampling=sampling), timeout=60)
     p_future = worker_pb2_grpc.PrefillWorkerStub(p_channel).Prefill.future(pb.PrefillRequest(
         request_id="doomed", prompt_token_ids=prompt, sampling=sampling,
         decode_kv_address=decode.info["kv_address"]), timeout=60)
