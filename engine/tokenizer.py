@@ -233,6 +233,12 @@ class Tokenizer:
         decode(ids) == decode([i for i in ids if not is_skipped(i)]) for every kind of tokenizer."""
         return token_id >= self.vocab_size or (skip_special_tokens and token_id in self._skipped_specials)
 
+    def token_id_limit(self, model_vocab_size: int) -> int:
+        """One past the largest token id a prompt may hold: max(vocab_size, model_vocab_size), as vLLM
+        accepts. A model's vocabulary (its embedding rows) may exceed the tokenizer's (Qwen pads to a
+        multiple of 128), and a tokenizer's may exceed the model's (multimodal placeholder tokens)."""
+        return max(self.vocab_size, model_vocab_size)
+
     def id_to_token(self, token_id: int) -> str | None:
         """The vocabulary entry (not decoded text) of `token_id`, or None if out of range."""
         return self._backend.id_to_token(token_id)

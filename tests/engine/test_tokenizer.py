@@ -90,6 +90,12 @@ def test_ids_past_the_vocabulary_decode_to_nothing_as_in_transformers(tiny_model
     assert ours.is_skipped(384, skip_special_tokens=False) and not ours.is_skipped(100)
 
 
+def test_prompt_id_limit_is_the_larger_vocabulary(tiny_model) -> None:
+    tok = Tokenizer.from_dir(tiny_model("qwen2", vocab_size=384, model_vocab_size=512))
+    assert tok.token_id_limit(512) == 512  # the model's padded rows are valid prompt ids
+    assert tok.token_id_limit(300) == 384  # a tokenizer past the model (vLLM takes the larger too)
+
+
 def test_special_ids_and_vocab(pairs) -> None:
     llama, llama_ref = pairs["llama"]
     assert llama.bos_token_id == 1 and llama.eos_token_ids == frozenset({2})
