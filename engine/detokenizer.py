@@ -11,6 +11,11 @@ window of ids twice and emits the difference:
 Nothing is emitted while the window's text ends in U+FFFD (an incomplete UTF-8 character); then both
 offsets move forward. Emitted text then passes a stop-string filter: a tail that could still grow into
 a stop string is held back, and on a match the stop string and everything after it are dropped.
+
+Ids that decode() drops before its decoder (`Tokenizer.is_skipped`: ids past the tokenizer's
+vocabulary, which a model with padded embedding rows can sample, and special tokens when they are
+skipped) never enter `ids` above: they cannot change any text, and keeping them would grow the window
+by one id per token for as long as a run of them lasts (quadratic work over the run).
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ class IncrementalDetokenizer:
     stop strings, the returned text is that decode cut just before the stop string that completes
     first in the token stream (among several completing on the same token, the one starting
     earliest; then the first listed); `stop_reason` names it and `finished` becomes True.
+    Ids the tokenizer lacks (>= its vocab_size) yield no text and never raise. The ids decoded per
+    token are bounded by the text's shape (a character's tokens, the context), not by the length of a
+    run of skipped ids.
     """
 
     def __init__(
@@ -56,10 +64,11 @@ class IncrementalDetokenizer:
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
         self._stop = tuple(dict.fromkeys(stop))
-        self._ids: list[int] = list(prompt_token_ids)
+        # Only ids that take part in decoding (see the module docstring); the prompt's supply context.
+        self._ids: list[int] = [int(t) for t in prompt_token_ids if not self._skipped(int(t))]
         self._prefix_offset = max(len(self._ids) - _CONTEXT_TOKENS, 0)
         self._read_offset = len(self._ids)
-        self._num_prompt = len(self._ids)
+        self._num_output = 0
         self._pending = ""  # decoded text held back because it may begin a stop string
         self.text = ""
         self.stop_reason: str | None = None
@@ -68,7 +77,10 @@ class IncrementalDetokenizer:
     @property
     def num_output_tokens(self) -> int:
         """Output tokens consumed; after a stop match, the token that completed it is the last."""
-        return len(self._ids) - self._num_prompt
+        return self._num_output
+
+    def _skipped(self, token_id: int) -> bool:
+        return self._tokenizer.is_skipped(token_id, self._skip_special)
 
     def _decode(self, start: int, end: int | None = None) -> str:
         return self._tokenizer.decode(self._ids[start:end], skip_special_tokens=self._skip_special)
@@ -111,9 +123,13 @@ class IncrementalDetokenizer:
         if self.finished:
             raise RuntimeError("step() after the detokenizer finished (a stop string matched or flush() ran)")
         out: list[str] = []
-        for token_id in new_token_ids:
+        for new_id in new_token_ids:
             # One token at a time, so a stop completes at the same token however calls group tokens.
-            self._ids.append(int(token_id))
+            token_id = int(new_id)
+            self._num_output += 1
+            if self._skipped(token_id):
+                continue  # no text, so no stop string can complete here
+            self._ids.append(token_id)
             out.append(self._filter_stops(self._decode_new()))
             if self.finished:
                 break

@@ -40,16 +40,29 @@ class Engine:
 
     @property
     def vocab_size(self) -> int:
+        """The model's vocabulary: its embedding and lm_head rows (may exceed the tokenizer's)."""
         return self.runner.model_config.vocab_size
+
+    @property
+    def token_id_limit(self) -> int:
+        """One past the largest prompt token id accepted (`Tokenizer.token_id_limit`)."""
+        return self.tokenizer.token_id_limit(self.vocab_size)
 
     # --------------------------------------------------------------- requests
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError when a request can never run here."""
+        """Raise ValueError when a request can never run here: an empty prompt, an id outside
+        [0, token_id_limit) or without an embedding row, no room left to generate."""
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        limit = self.token_id_limit
+        bad = next((t for t in prompt_token_ids if not 0 <= t < limit), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {limit})")
+        if limit > self.vocab_size:  # a tokenizer larger than the model: its last ids have no embedding row
+            bad = next((t for t in prompt_token_ids if t >= self.vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"prompt token id {bad} has no embedding row: this model has {self.vocab_size} "
+                                 f"rows, its tokenizer {self.tokenizer.vocab_size} tokens")
         if len(prompt_token_ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens; this model's context holds "
                              f"{self.max_model_len}, leaving no room to generate")

@@ -127,6 +127,8 @@ class Tokenizer:
         named = {i for i in map(self._token_id, self._specials) if i is not None}
         added = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
         self.all_special_ids: frozenset[int] = frozenset(named | added)
+        # What the backend itself drops with skip_special_tokens (it checks its special added tokens).
+        self._skipped_specials = frozenset(added)
         self.chat_template = chat_template
 
     def _token_id(self, name: str) -> int | None:
@@ -217,13 +219,25 @@ class Tokenizer:
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        """Text of `ids`. Bytes of an incomplete UTF-8 character decode to U+FFFD.
-        Raises ValueError for an id outside [0, vocab_size)."""
-        ids = list(ids)
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")
-        return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        """Text of `ids`. Bytes of an incomplete UTF-8 character decode to U+FFFD. Ids >= vocab_size
+        (rows a model pads its vocabulary with, e.g. Qwen's 151,936 for 151,665 tokens) decode to no
+        text, as the `tokenizers` library skips ids it lacks. Raises ValueError for a negative id."""
+        known = [i for i in ids if i < self.vocab_size]
+        if known and min(known) < 0:
+            raise ValueError(f"token ids must be >= 0, got {min(known)}")
+        return self._backend.decode(known, skip_special_tokens=skip_special_tokens)
+
+    def is_skipped(self, token_id: int, skip_special_tokens: bool = True) -> bool:
+        """Whether `decode` drops `token_id` before its decoder runs: an id >= vocab_size, or a special
+        token when `skip_special_tokens`. Such an id has no effect on any text, in any position:
+        decode(ids) == decode([i for i in ids if not is_skipped(i)]) for every kind of tokenizer."""
+        return token_id >= self.vocab_size or (skip_special_tokens and token_id in self._skipped_specials)
+
+    def token_id_limit(self, model_vocab_size: int) -> int:
+        """One past the largest token id a prompt may hold: max(vocab_size, model_vocab_size), as vLLM
+        accepts. A model's vocabulary (its embedding rows) may exceed the tokenizer's (Qwen pads to a
+        multiple of 128), and a tokenizer's may exceed the model's (multimodal placeholder tokens)."""
+        return max(self.vocab_size, model_vocab_size)
 
     def id_to_token(self, token_id: int) -> str | None:
         """The vocabulary entry (not decoded text) of `token_id`, or None if out of range."""

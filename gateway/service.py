@@ -88,6 +88,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         self.router = router
         self.tokenizer = tokenizer
         self.model_config = model_config
+        self.token_id_limit = tokenizer.token_id_limit(model_config.vocab_size)
         self.model_name = model_name
         self.limits = limits
         self.health = health or Health(serving=False)
@@ -133,7 +134,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     async def _prompt_ids(self, req: gen.GenerateRequest) -> list[int]:
         check_request(req, self.model_name)
         ids = await asyncio.to_thread(self.tokenizer.encode, req.prompt) if req.prompt else req.prompt_token_ids
-        return check_prompt_ids(ids, self.model_config.vocab_size)
+        return check_prompt_ids(ids, self.token_id_limit)
 
     def _check_length(self, ids: list[int], max_tokens: int, route: Route) -> None:
         limit = route.decode.status.max_model_len if route.decode.status else self.model_config.max_position_embeddings

@@ -28,13 +28,14 @@ def check_request(req: gen.GenerateRequest, model_name: str) -> None:
         raise InvalidRequest(f"prompt has {len(req.prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
 
 
-def check_prompt_ids(ids: Sequence[int], vocab_size: int) -> list[int]:
-    """`ids` as a list. Raises InvalidRequest when empty or when an id is outside [0, vocab_size)."""
+def check_prompt_ids(ids: Sequence[int], token_id_limit: int) -> list[int]:
+    """`ids` as a list. Raises InvalidRequest when empty or when an id is outside [0, token_id_limit)
+    (`Tokenizer.token_id_limit`: the larger of the tokenizer's and the model's vocabularies)."""
     if not ids:
         raise InvalidRequest("the prompt is empty: set prompt or prompt_token_ids")
-    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    bad = next((t for t in ids if not 0 <= t < token_id_limit), None)
     if bad is not None:
-        raise InvalidRequest(f"prompt token id {bad} is outside the vocabulary [0, {vocab_size})")
+        raise InvalidRequest(f"prompt token id {bad} is outside the vocabulary [0, {token_id_limit})")
     return list(ids)
 
 

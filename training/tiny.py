@@ -305,7 +305,9 @@ def make_tiny_model(out_dir: str | Path, arch: str = "llama", **shape: Any) -> P
     """Write a random `arch` checkpoint with a trained tokenizer to `out_dir` (created if needed;
     existing checkpoint files there are replaced) and return its path.
 
-    `shape` takes TinyShape's fields (hidden_size, num_layers, ..., dtype, seed). `head_dim` defaults
+    `shape` takes TinyShape's fields (hidden_size, num_layers, ..., dtype, seed). `vocab_size` sizes the
+    tokenizer; `model_vocab_size` (default: the same) the embedding and lm_head, and config.json's
+    vocab_size, as Qwen checkpoints ship 151,936 rows for 151,665 tokens. `head_dim` defaults
     to hidden_size // num_heads (always written for qwen3, else only when given); `rope_scaling` is
     copied into config.json (see `llama3_rope_scaling`); `sliding_window` is Mistral's.
     Raises ValueError for an unknown arch or dtype, or sizes that do not fit together (TinyShape's
@@ -321,7 +323,7 @@ def write_tiny_model(out_dir: str | Path, t: TinyShape) -> Path:
     cfg: dict[str, Any] = {
         "hidden_size": hidden_size, "intermediate_size": t.intermediate_size, "num_hidden_layers": t.num_layers,
         "num_attention_heads": num_heads, "num_key_value_heads": t.num_kv_heads,
-        "max_position_embeddings": max_position_embeddings, "vocab_size": vocab_size,
+        "max_position_embeddings": max_position_embeddings, "vocab_size": t.model_vocab_size or vocab_size,
         "rope_theta": t.rope_theta, "rope_scaling": dict(rope_scaling) if rope_scaling else None,
         "tie_word_embeddings": t.tie_word_embeddings, "torch_dtype": t.dtype,
     }

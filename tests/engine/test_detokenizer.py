@@ -156,3 +156,99 @@ def test_random_stop_strings_cut_at_first_occurrence(toks, arch: str) -> None:
 def test_empty_stop_string_is_rejected(toks) -> None:
     with pytest.raises(ValueError, match="non-empty"):
         IncrementalDetokenizer(toks["llama"], [], stop=["ok", ""])
+
+
+# --- ids the tokenizer lacks (a model's padded vocabulary) and runs of skipped ids -----------------
+
+TOK_VOCAB, MODEL_VOCAB = 384, 512  # the model samples ids 384..511, which the tokenizer lacks
+
+
+@pytest.fixture(scope="module")
+def padded(tiny_model) -> dict[str, Tokenizer]:
+    toks = {a: Tokenizer.from_dir(tiny_model(a, vocab_size=TOK_VOCAB, model_vocab_size=MODEL_VOCAB))
+            for a in ("llama", "qwen2")}
+    assert all(t.vocab_size == TOK_VOCAB for t in toks.values())
+    return toks
+
+
+def _with_padded_ids(ids: Sequence[int], rng: random.Random) -> list[int]:
+    """`ids` with runs of 0..3 ids past the tokenizer's vocabulary before each one."""
+    out: list[int] = []
+    for i in ids:
+        out += [rng.randrange(TOK_VOCAB, MODEL_VOCAB) for _ in range(rng.randint(0, 3))] + [i]
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("skip_special", [True, False])
+def test_ids_past_the_vocabulary_stream_no_text_and_never_raise(padded, arch: str, skip_special: bool) -> None:
+    tok = padded[arch]
+    rng = random.Random(f"padded{arch}{skip_special}")
+    for _ in range(200):
+        prompt = _with_padded_ids(tok.encode("Once upon a time,"), rng)  # prompts may hold them too
+        ids = _with_padded_ids(_random_ids(tok, rng), rng)
+        ids += [rng.randrange(TOK_VOCAB, MODEL_VOCAB)] * rng.randint(0, 3)  # may end in a run of them
+        detok = IncrementalDetokenizer(tok, prompt, skip_special_tokens=skip_special)
+        pieces, tail = _stream(detok, ids, rng)
+        full = tok.decode(ids, skip_special_tokens=skip_special)
+        assert full == tok.decode([i for i in ids if i < TOK_VOCAB], skip_special_tokens=skip_special)
+        assert "".join(pieces) + tail == full == detok.text
+        if "\ufffd" not in full:
+            assert not any("\ufffd" in p for p in pieces + [tail])
+        assert detok.num_output_tokens == len(ids)
+
+
+def test_character_split_by_padded_ids_is_held_until_complete(padded) -> None:
+    tok = padded["llama"]
+    ids = tok.encode("🦊", add_special_tokens=False)
+    assert len(ids) > 1
+    detok = IncrementalDetokenizer(tok, [])
+    stream = [ids[0], 400, 511, *ids[1:-1], 384, ids[-1], 450]
+    assert "".join(detok.step([i]) for i in stream[:-2]) == ""
+    assert detok.step([ids[-1]]) == "🦊" and detok.step([450]) == "" and detok.flush() == ""
+    assert detok.num_output_tokens == len(stream)
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_stop_string_across_padded_ids_is_cut_exactly(padded, group: int) -> None:
+    tok = padded["qwen2"]
+    ids = _with_padded_ids(tok.encode(SAMPLE, add_special_tokens=False), random.Random(group))
+    detok = IncrementalDetokenizer(tok, tok.encode("prompt:"), stop=["k brown f"])
+    pieces = [detok.step(ids[i:i + group]) for i in range(0, len(ids), group) if not detok.finished]
+    assert "".join(pieces) == detok.text == "The quic" and detok.stop_reason == "k brown f"
+    # the token that completed the stop string is the last one consumed, padded ids counted
+    n = detok.num_output_tokens
+    assert "k brown f" in tok.decode(ids[:n]) and "k brown f" not in tok.decode(ids[:n - 1])
+
+
+class _CountingTokenizer(Tokenizer):
+    """The real tokenizer, recording how many ids each decode() call is asked to decode."""
+
+    calls: list[int]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        self.calls.append(len(ids))
+        return super().decode(ids, skip_special_tokens)
+
+
+@pytest.mark.parametrize("skip_special", [True, False])
+def test_runs_of_skipped_ids_keep_the_decode_window_bounded(tiny_model, skip_special: bool) -> None:
+    """Long runs of special tokens (when skipped) and of ids past the vocabulary cost O(1) ids per
+    token: the window decoded each step stays short, where it used to grow by one id per token."""
+    tok = _CountingTokenizer.from_dir(tiny_model("qwen2", vocab_size=TOK_VOCAB, model_vocab_size=MODEL_VOCAB))
+    tok.calls = []
+    special = tok.token_to_id("<|im_start|>")
+    assert special is not None and special in tok.all_special_ids
+    text = tok.encode(SAMPLE, add_special_tokens=False)
+    ids = text[:10] + [special] * 300 + list(range(TOK_VOCAB, MODEL_VOCAB)) * 2 + text[10:]
+    detok = IncrementalDetokenizer(tok, tok.encode("prompt:"), skip_special_tokens=skip_special)
+    per_token = []
+    for i in ids:
+        before = sum(tok.calls)
+        detok.step([i])
+        per_token.append(sum(tok.calls) - before)
+    detok.flush()
+    assert detok.text == tok.decode(ids, skip_special_tokens=skip_special)
+    assert max(per_token) <= 24, max(per_token)  # two decodes of a few context and unread ids
+    # skipped ids (specials too, when skip_special_tokens) cost no decoding at all
+    assert sum(per_token) <= 12 * sum(not tok.is_skipped(i, skip_special) for i in ids)

@@ -63,8 +63,37 @@ def test_decode_of_arbitrary_ids_matches_transformers(pairs, arch: str) -> None:
         ids = [rng.randrange(ours.vocab_size) for _ in range(rng.randint(1, 20))]
         for skip in (True, False):
             assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip)
-    with pytest.raises(ValueError, match="out of range"):
-        ours.decode([ours.vocab_size])
+    with pytest.raises(ValueError, match=">= 0"):
+        ours.decode([5, -1])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_ids_past_the_vocabulary_decode_to_nothing_as_in_transformers(tiny_model, arch: str) -> None:
+    """A model padded past its tokenizer (Qwen: 151,936 rows, 151,665 tokens) samples ids the tokenizer
+    lacks; they decode to no text, never an error, exactly as transformers decodes them."""
+    path = tiny_model(arch, vocab_size=384, model_vocab_size=512)
+    ours, ref = Tokenizer.from_dir(path), transformers.AutoTokenizer.from_pretrained(path)
+    assert ours.vocab_size == len(ref) == 384
+    text = ours.encode("def f(): 🦊", add_special_tokens=False)
+    assert ours.decode([400, *text, 511, 384, 2**40]) == ours.decode(text) == "def f(): 🦊"
+    assert ours.decode([384]) == ours.decode([10**9], skip_special_tokens=False) == ""
+    rng = random.Random(3)
+    for _ in range(200):
+        ids = [rng.randrange(512) for _ in range(rng.randint(1, 20))]
+        for skip in (True, False):
+            assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip)
+            # what is_skipped names really has no say in the text, wherever it stands
+            kept = [i for i in ids if not ours.is_skipped(i, skip)]
+            assert ours.decode(kept, skip_special_tokens=skip) == ours.decode(ids, skip_special_tokens=skip)
+    specials = sorted(ours.all_special_ids)
+    assert all(ours.is_skipped(i) and not ours.is_skipped(i, skip_special_tokens=False) for i in specials)
+    assert ours.is_skipped(384, skip_special_tokens=False) and not ours.is_skipped(100)
+
+
+def test_prompt_id_limit_is_the_larger_vocabulary(tiny_model) -> None:
+    tok = Tokenizer.from_dir(tiny_model("qwen2", vocab_size=384, model_vocab_size=512))
+    assert tok.token_id_limit(512) == 512  # the model's padded rows are valid prompt ids
+    assert tok.token_id_limit(300) == 384  # a tokenizer past the model (vLLM takes the larger too)
 
 
 def test_special_ids_and_vocab(pairs) -> None:

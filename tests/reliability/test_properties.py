@@ -72,7 +72,7 @@ def test_sampling_conversion_raises_only_value_error_and_round_trips(p: gen.Samp
 def test_request_checks_raise_only_their_errors(req: gen.GenerateRequest, max_tokens: int) -> None:
     try:
         check_request(req, "tiny")
-        ids = check_prompt_ids(list(req.prompt_token_ids) or [ord(c) for c in req.prompt], vocab_size=1024)
+        ids = check_prompt_ids(list(req.prompt_token_ids) or [ord(c) for c in req.prompt], token_id_limit=1024)
         check_length(len(ids), max_tokens, limit=128)
     except TandemError:
         return

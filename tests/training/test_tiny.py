@@ -40,6 +40,20 @@ def test_transformers_loads_every_arch_without_missing_or_unexpected_keys(tiny_m
     assert cfg["eos_token_id"] in tok.all_special_ids
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_padded_model_vocabulary_loads_in_transformers(tiny_model, arch: str) -> None:
+    """As Qwen ships them: config.json's vocab_size counts the model's rows, the tokenizer has fewer."""
+    path = tiny_model(arch, vocab_size=384, model_vocab_size=512)
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert model.model.embed_tokens.weight.shape == model.lm_head.weight.shape == (512, 64)
+    assert _config(path)["vocab_size"] == 512 == model.config.vocab_size
+    assert len(transformers.AutoTokenizer.from_pretrained(path)) == 384
+    plain = tiny_model(arch, vocab_size=384)
+    assert (path / "tokenizer.json").read_text() == (plain / "tokenizer.json").read_text()
+    assert _config(plain)["vocab_size"] == 384
+
+
 def test_family_specific_tensors(tiny_model) -> None:
     names = {arch: set(load_file(tiny_model(arch) / "model.safetensors")) for arch in ARCHS}
     assert "model.layers.1.self_attn.q_proj.bias" in names["qwen2"]
@@ -131,6 +145,8 @@ def test_bad_options_raise(tmp_path: Path) -> None:
         make_tiny_model(tmp_path, "llama", sliding_window=16)
     with pytest.raises(ValueError, match="num_shards"):
         make_tiny_model(tmp_path, "llama", num_shards=100)
+    with pytest.raises(ValueError, match=r"model_vocab_size \(400\) must be >= vocab_size \(512\)"):
+        make_tiny_model(tmp_path, "llama", vocab_size=512, model_vocab_size=400)
     assert not (tmp_path / "config.json").exists()
 
 
@@ -164,6 +180,10 @@ def test_cli_writes_a_checkpoint(tmp_path: Path) -> None:
     assert cfg["tie_word_embeddings"] is True and (out / "model.safetensors.index.json").is_file()
     assert cfg["rope_scaling"]["rope_type"] == "llama3"
     assert cfg["rope_scaling"]["original_max_position_embeddings"] == 64
+    padded = tmp_path / "padded"
+    assert tandem_main(["make-tiny-model", str(padded), "--layers", "1", "--vocab-size", "384",
+                        "--model-vocab-size", "400"]) == 0
+    assert _config(padded)["vocab_size"] == 400
     assert tandem_main(["make-tiny-model", str(tmp_path / "bad"), "--heads", "3"]) == 2
     with pytest.raises(SystemExit):
         tandem_main(["make-tiny-model", str(tmp_path / "bad"), "--arch", "gpt2"])
