@@ -1,6 +1,6 @@
 """The public Generation service: validate, tokenize, route, then relay the decode worker's stream.
 
-    Generate(req) -> validate + tokenize -> Router.route
+    Generate(req) -> validate + tokenize -> Router.plan -> length check -> Router.commit
         remote prefill:  Decode stream opened on D (it expects the KV)  +  Prefill(P, kv -> D) in parallel
         local prefill:   Decode stream on D with local_prefill
         relay D's messages to the client; the last one carries usage and timing
@@ -120,9 +120,10 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 ids = await self._prompt_ids(request)
                 obs.tokenized(span, ids, bool(request.prompt))
             with obs.span("gateway.route") as span:
-                route = self.router.route(ids)
+                route = self.router.plan(ids)
                 obs.routed(span, route)
             self._check_length(ids, params.max_tokens, route)
+            self.router.commit(route)  # admitted: only now does routing state change
             d_span, d_md, d_traceparent = obs.client_call("tandem.v1.DecodeWorker/Decode", route.decode.worker_id,
                                                           route.decode.address)
         except BaseException:
