@@ -13,6 +13,7 @@ from gateway.observe import GatewayObserver
 from gateway.registry import WorkerRegistry
 from gateway.router import Router
 from gateway.service import GenerationService
+from gateway.validation import PromptLimits, check_generate_wire
 from server import process
 from server.auth import AuthInterceptor, TokenTable
 from server.metrics import GatewayMetrics, new_registry, start_metrics_server
@@ -21,6 +22,7 @@ from tandem.v1 import generation_pb2_grpc
 
 logger = logging.getLogger(__name__)
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
+GENERATE = "/tandem.v1.Generation/Generate"
 
 
 async def serve_gateway(cfg: GatewayConfig, stop: asyncio.Event, *, tracing: Tracing | None = None) -> None:
@@ -28,6 +30,7 @@ async def serve_gateway(cfg: GatewayConfig, stop: asyncio.Event, *, tracing: Tra
     tls = cfg.tls
     interceptors = [AuthInterceptor(TokenTable.from_file(cfg.auth_token_file))] if cfg.auth_token_file else []
     model_config = ModelConfig.from_hf(load_hf_config(cfg.model))
+    prompt_limits = PromptLimits(model_config.max_position_embeddings)
     tokenizer = Tokenizer.from_dir(cfg.model)
     registry = WorkerRegistry(list(cfg.prefill_workers), list(cfg.decode_workers),
                               interval_s=cfg.heartbeat_interval_s)
@@ -56,7 +59,8 @@ async def serve_gateway(cfg: GatewayConfig, stop: asyncio.Event, *, tracing: Tra
                                       {**({"metrics_address": metrics_server.address} if metrics_server else {}),
                                        **http_info},
                                       interceptors=interceptors,
-                                      credentials=tls.server_credentials() if tls else None)
+                                      credentials=tls.server_credentials() if tls else None,
+                                      wire_checks={GENERATE: lambda data: check_generate_wire(data, prompt_limits)})
     finally:
         if http is not None:
             await http.close()

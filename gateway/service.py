@@ -25,7 +25,7 @@ from gateway.config import GatewayLimits
 from gateway.observe import GatewayObserver, RequestObservation
 from gateway.registry import WorkerHandle, WorkerRegistry
 from gateway.router import Route, Router
-from gateway.validation import check_length, check_prompt_ids, check_request
+from gateway.validation import PromptLimits, check_length, check_prompt_ids, check_request, encode_prompt
 from server.errors import Overloaded, TandemError, Unavailable
 from server.protoconv import sampling_from_proto, sampling_to_proto
 from tandem.v1 import generation_pb2 as gen
@@ -72,8 +72,9 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
 
     # ------------------------------------------------------------ validation
     async def _prompt_ids(self, req: gen.GenerateRequest) -> list[int]:
-        check_request(req, self.model_name)
-        ids = await asyncio.to_thread(self.tokenizer.encode, req.prompt) if req.prompt else req.prompt_token_ids
+        limits = PromptLimits(self.model_config.max_position_embeddings)  # sizes first: gateway/validation.py
+        prompt = check_request(req, self.model_name, limits)
+        ids = await asyncio.to_thread(encode_prompt, self.tokenizer, prompt, limits) if prompt else req.prompt_token_ids
         return check_prompt_ids(ids, self.model_config.vocab_size)
 
     def _check_length(self, ids: list[int], max_tokens: int, route: Route) -> None:

@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,15 +77,16 @@ async def serve_component(
     *,
     interceptors: Sequence[Any] = (),
     credentials: Any = None,
+    wire_checks: Mapping[str, Callable[[bytes], None]] | None = None,
 ) -> None:
     """Serve `service` (whose `address`/`worker_id` are filled in here) until `stop` is set.
     `interceptors` run inside the error mapper (server.auth's); `credentials` (grpc.ServerCredentials)
-    serve TLS instead of plaintext."""
+    serve TLS instead of plaintext; `wire_checks` see server.grpc_server.ErrorInterceptor."""
     from server.grpc_server import make_server
 
     server, bound, _ = await make_server(lambda s: add_to_server(service, s), [service_name],
                                          f"{opts.host}:{opts.port}", interceptors=interceptors,
-                                         credentials=credentials)
+                                         credentials=credentials, opts=opts, wire_checks=wire_checks)
     service.address = f"{advertised_host(opts.host)}:{bound}"
     service.worker_id = worker_id(role, bound)
     info = {"role": role, "address": service.address, "worker_id": service.worker_id, **(extra_info or {})}
