@@ -45,11 +45,11 @@ async def serve_gateway(cfg: GatewayConfig, stop: asyncio.Event, *, tracing: Tra
                        " or ".join(n for n, on in (("TLS", tls), ("bearer tokens", interceptors)) if not on))
     http, http_info = None, {}
     if cfg.http_port is not None:  # same service, limits, auth and TLS as gRPC
-        from gateway.http_api import http_ssl_context, start_http_api
+        from gateway.http_listener import http_ssl_context, start_http_api
 
         tokens = interceptors[0].tokens if interceptors else None
         http = await start_http_api(
-            service, cfg.server.host, cfg.http_port,
+            service, cfg.server.host, cfg.http_port, limits=cfg.http,
             authorize=(lambda header: tokens.check("/tandem.v1.Generation/Generate", header)) if tokens else None,
             ssl_context=http_ssl_context(tls.cert, tls.key, tls.client_ca) if tls else None)
         http_info = {"http_address": f"{process.advertised_host(cfg.server.host)}:{http.port}"}
