@@ -19,7 +19,7 @@ import logging
 import ssl
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from aiohttp import web
 
@@ -42,9 +42,9 @@ class _Refused(asyncio.Protocol):
         self.response = response
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(self.response)
-        transport.close()
+        stream = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        stream.write(self.response)
+        stream.close()
 
 
 def _refusal(max_connections: int) -> bytes:
