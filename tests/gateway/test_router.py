@@ -4,27 +4,40 @@ nothing, a commit changes exactly the counters and the LRU, and both stay cheap 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Callable
 
+import pytest
+
+from engine.checkpoint import load_hf_config
+from engine.config import ModelConfig
 from engine.prefix_hash import hash_prefix
+from engine.tokenizer import Tokenizer
+from gateway.config import GatewayLimits
 from gateway.registry import WorkerRegistry
 from gateway.router import PREFIX_LRU_BLOCKS, ROUTE_PREFIX_TOKENS, Router
+from gateway.service import GenerationService
+from server.errors import InvalidRequest
+from tandem.v1 import generation_pb2 as gen
 from tandem.v1 import kv_pb2
 from tandem.v1 import worker_pb2 as pb
 
 BLOCK = 8
 
 
-def _with_router(check: Callable[[Router, WorkerRegistry], None]) -> None:
+def _with_router(check: Callable[[Router, WorkerRegistry], object]) -> None:
+    """Runs `check` (a function or a coroutine function) on a registry of 2 prefill and 1 decode workers."""
     async def scenario() -> None:
         registry = WorkerRegistry(["127.0.0.1:9", "127.0.0.1:10"], ["127.0.0.1:11"], interval_s=60)
         for i, w in enumerate(registry.workers):
-            w.status = pb.StatusResponse(worker_id=f"w{i}", kv_blocks_free=100,
+            w.status = pb.StatusResponse(worker_id=f"w{i}", kv_blocks_free=100, max_model_len=128,
                                          kv_layout=kv_pb2.KVLayout(block_size=BLOCK))
             w.healthy = True
         try:
-            check(Router(registry, local_prefill_threshold=0), registry)
+            result = check(Router(registry, local_prefill_threshold=0), registry)
+            if inspect.isawaitable(result):
+                await result
         finally:
             await registry.close()
 
@@ -74,5 +87,22 @@ def test_the_lru_stays_bounded_in_linear_time() -> None:
         assert all(len(w.prefix_lru) <= PREFIX_LRU_BLOCKS for w in registry.workers)
         assert first.block_hashes[0] not in first.prefill.prefix_lru  # the oldest went first
         assert elapsed / prompts < 0.05, f"{elapsed / prompts * 1000:.1f} ms a request"
+
+    _with_router(check)
+
+
+def test_a_request_refused_after_planning_leaves_no_routing_state(tiny_model) -> None:
+    """prompt + max_tokens past the decode worker's context: refused after the plan, before the commit."""
+    model = tiny_model("llama", max_position_embeddings=1024)
+    cfg = ModelConfig.from_hf(load_hf_config(model))
+
+    async def check(router: Router, registry: WorkerRegistry) -> None:
+        service = GenerationService(registry, router, Tokenizer.from_dir(model), cfg, "tiny", GatewayLimits())
+        request = gen.GenerateRequest(prompt_token_ids=list(range(100, 200)), sampling=gen.SamplingParams(max_tokens=100))
+        with pytest.raises(InvalidRequest, match="exceeds the model's context of 128 tokens"):
+            async for _ in service.generate(request):
+                raise AssertionError("the request was served")
+        assert [w.assigned for w in registry.workers] == [0, 0, 0] and service.inflight == 0
+        assert all(not w.prefix_lru for w in registry.workers)
 
     _with_router(check)
