@@ -2,6 +2,9 @@
 
 Equal names mean equal prefixes, in any process: the block manager's prefix cache keys its blocks by
 them, and the gateway's router predicts a prefill worker's cache hits with the same function.
+
+    name(block i) = blake2b-128( name(block i-1) as 16 little-endian bytes  (0 for the first block)
+                                 + block i's token ids as int64 little-endian )
 """
 
 from __future__ import annotations
@@ -11,21 +14,34 @@ from collections.abc import Sequence as Seq
 
 import numpy as np
 
+_PARENT_BYTES = 16
 
-def hash_block(parent: int | None, token_ids: Seq[int]) -> int:
-    """A 128-bit name for a full block, chained over its parent's name (stable across processes)."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update((parent or 0).to_bytes(16, "little"))
-    h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
+
+def _chain(parent: int | None, block: bytes) -> int:
+    h = hashlib.blake2b((parent or 0).to_bytes(_PARENT_BYTES, "little"), digest_size=_PARENT_BYTES)
+    h.update(block)
     return int.from_bytes(h.digest(), "little")
 
 
+def hash_block(parent: int | None, token_ids: Seq[int]) -> int:
+    """A 128-bit name for a full block, chained over its parent's name (stable across processes)."""
+    return _chain(parent, np.asarray(token_ids, dtype=np.int64).tobytes())
+
+
 def hash_prefix(token_ids: Seq[int], block_size: int, max_tokens: int | None = None) -> list[int]:
-    """Names of the full blocks in `token_ids[:max_tokens]`, in order."""
+    """Names of the full blocks in `token_ids[:max_tokens]`, in order.
+
+    Linear in the tokens hashed: the ids are converted to bytes once, then each block is one digest
+    (the gateway's router bounds `max_tokens`, since it runs on the event loop)."""
     limit = len(token_ids) if max_tokens is None else min(max_tokens, len(token_ids))
+    num_blocks = max(limit, 0) // block_size
+    if num_blocks == 0:
+        return []
+    data = np.asarray(token_ids[: num_blocks * block_size], dtype=np.int64).tobytes()
+    step = block_size * 8  # bytes per block
     hashes: list[int] = []
     parent: int | None = None
-    for start in range(0, limit - block_size + 1, block_size):
-        parent = hash_block(parent, token_ids[start : start + block_size])
+    for start in range(0, len(data), step):
+        parent = _chain(parent, data[start : start + step])
         hashes.append(parent)
     return hashes

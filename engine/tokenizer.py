@@ -75,6 +75,15 @@ def _ids(value: Any) -> set[int]:
     return set()
 
 
+class TooManyTokens(ValueError):
+    """A text has more tokens than the caller allows (`Tokenizer.encode(..., max_tokens=)`)."""
+
+    def __init__(self, num_tokens: int, max_tokens: int) -> None:
+        super().__init__(f"the text has {num_tokens} tokens; at most {max_tokens} are allowed")
+        self.num_tokens = num_tokens
+        self.max_tokens = max_tokens
+
+
 def _raise_exception(message: str) -> NoReturn:
     raise ValueError(f"chat template error: {message}")
 
@@ -213,10 +222,19 @@ class Tokenizer:
             template = by_name.get("default")
         return template if isinstance(template, str) else None
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, *, max_tokens: int | None = None) -> list[int]:
         """Token ids of `text`; with `add_special_tokens`, the checkpoint's BOS/EOS framing is added.
-        Special tokens written in `text` (e.g. "<|im_end|>") become their single ids."""
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        Special tokens written in `text` (e.g. "<|im_end|>") become their single ids.
+
+        With `max_tokens` (for servers, which call this off their event loop): the library releases the
+        GIL while it tokenizes, and raises TooManyTokens before the ids become a Python list when there
+        are more than `max_tokens` of them."""
+        if max_tokens is None:
+            return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        [encoding] = self._backend.encode_batch([text], add_special_tokens=add_special_tokens)  # GIL released
+        if len(encoding) > max_tokens:
+            raise TooManyTokens(len(encoding), max_tokens)
+        return encoding.ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`. Bytes of an incomplete UTF-8 character decode to U+FFFD. Ids >= vocab_size

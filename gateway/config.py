@@ -30,6 +30,23 @@ class GatewayLimits:
 
 
 @dataclass(frozen=True)
+class HttpLimits:
+    """Connections to the HTTP API (gateway/http_listener.py)."""
+
+    idle_timeout_s: float = option(
+        30.0, "seconds an HTTP connection may go without a request in progress (idle keep-alive, or still "
+        "sending its headers) before it is closed", flag="http-idle-timeout", above=0)
+    read_timeout_s: float = option(30.0, "seconds a request's body may take to arrive (then 408)",
+                                   flag="http-read-timeout", above=0)
+    max_connections: int = option(512, "open HTTP connections; a new one past it is answered 503 and closed "
+                                  "(keep it under the open-file limit, ulimit -n)", flag="http-max-connections",
+                                  min=1)
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     model: str = option(REQUIRED, "checkpoint directory (tokenizer and config are read from it)")
     decode_workers: tuple[str, ...] = option(REQUIRED, "comma-separated host:port of decode workers")
@@ -49,6 +66,7 @@ class GatewayConfig:
         None, "file of allowed bearer tokens, one `token [role]` per line (roles: user, admin); calls "
         "without a listed token get UNAUTHENTICATED")
     limits: GatewayLimits = field(default_factory=GatewayLimits)
+    http: HttpLimits = field(default_factory=HttpLimits)
     server: ServerOptions = field(default_factory=ServerOptions)
 
     def __post_init__(self) -> None:

@@ -7,7 +7,9 @@
                                    the same truth as its gRPC health service (server.process.Health)
 
 It runs on the gateway's own event loop (uvloop) beside the gRPC server, so both APIs share the
-validation, the router and the `max_inflight` limit. Errors are OpenAI's shape,
+validation, the router and the `max_inflight` limit. Sizes are checked before work that grows with
+them (gateway/json_body.py: the body's bytes, then its shape, then JSON; gateway/validation.py: the
+prompt), and the listening socket bounds connections (gateway/http_listener.py). Errors are OpenAI's shape,
 `{"error": {"message", "type", "param", "code"}}`, with the gRPC status mapped to HTTP (400, 404,
 429 with Retry-After, 503, 504, ...). Streams are server-sent events, `data: {chunk}` lines and a final
 `data: [DONE]`; an error after the stream started is sent as one `data: {"error": ...}` event.
@@ -20,18 +22,19 @@ import asyncio
 import json
 import logging
 import math
-import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from aiohttp import web
 
+from gateway.json_body import loads_bounded, max_body_bytes, max_skeleton_chars
 from gateway.openai_response import Kind, ResponseBuilder
 from gateway.openai_schema import COMPLETION_FIELDS, ParsedRequest, RequestError, parse_chat, parse_completion
+from gateway.service import bounded_by_reader
+from gateway.validation import PromptLimits, check_request_id, encode_prompt
 from server.errors import NotFound
 from server.grpc_server import status_for
 from tandem.v1 import generation_pb2 as gen
@@ -41,7 +44,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 16 << 20
 _HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.OUT_OF_RANGE: 400,
     grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.PERMISSION_DENIED: 403,
@@ -90,7 +92,10 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        body = {"error": {"message": f"{exc.reason}: {request.method} {request.path}", "type": _ERROR_TYPE.get(exc.status, "server_error"),
+        message = f"{exc.reason}: {request.method} {request.path[:200]}"
+        if exc.text and not exc.text.startswith(f"{exc.status}:"):  # aiohttp's default text repeats the reason
+            message += f": {exc.text}"
+        body = {"error": {"message": message, "type": _ERROR_TYPE.get(exc.status, "server_error"),
                           "param": None, "code": exc.reason.lower().replace(" ", "_")}}
         return web.json_response(body, status=exc.status)
     except asyncio.CancelledError:
@@ -105,15 +110,20 @@ class OpenAIApi:
     `authorize(authorization_header)` (optional) runs before every /v1 handler and raises a TandemError
     (Unauthenticated, PermissionDenied) to refuse: the gateway passes its gRPC bearer-token check, so
     HTTP clients send the same `Authorization: Bearer <token>`. /health stays open, as gRPC health does.
+    A request's body must arrive within `read_timeout_s` (408 otherwise).
     """
 
-    def __init__(self, service: GenerationService, authorize: Authorize | None = None) -> None:
+    def __init__(self, service: GenerationService, authorize: Authorize | None = None, *,
+                 read_timeout_s: float = 30.0) -> None:
         self.service = service
         self.authorize = authorize
+        self.read_timeout_s = read_timeout_s
+        self.limits = PromptLimits(service.model_config.max_position_embeddings)
+        self.max_body_bytes = max_body_bytes(self.limits.context)
         self.created = int(time.time())
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[_errors, self._auth], client_max_size=MAX_BODY_BYTES)
+        app = web.Application(middlewares=[_errors, self._auth], client_max_size=self.max_body_bytes)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
@@ -129,13 +139,16 @@ class OpenAIApi:
 
     # ------------------------------------------------------------------ routes
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, "completion", parse_completion(await _json(request)))
+        rid = self._request_id(request)
+        return await self._generate(request, rid, "completion", parse_completion(await self._json(request)))
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        parsed = parse_chat(await _json(request))
+        rid = self._request_id(request)
+        parsed = parse_chat(await self._json(request))
+        self.limits.check_chars("messages", sum(len(m["content"]) for m in parsed.messages))
         ids = await asyncio.to_thread(self._render_chat, parsed)
         parsed.request.prompt_token_ids.extend(ids)
-        return await self._generate(request, "chat", parsed)
+        return await self._generate(request, rid, "chat", parsed)
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [self._model_card()]})
@@ -157,22 +170,43 @@ class OpenAIApi:
                 "max_model_len": self.service.model_config.max_position_embeddings}
 
     def _render_chat(self, parsed: ParsedRequest) -> list[int]:
-        """The conversation through the checkpoint's chat template, as token ids (no extra BOS)."""
+        """The conversation through the checkpoint's chat template, as token ids (no extra BOS).
+        Runs in a thread; refused past the context before the ids are built."""
         tok = self.service.tokenizer
         try:
             text = tok.apply_chat_template(parsed.messages, add_generation_prompt=parsed.add_generation_prompt)
         except ValueError as exc:
             raise RequestError(str(exc), "messages") from None
-        return tok.encode(text, add_special_tokens=False)
+        self.limits.check_chars("the rendered conversation", len(text))
+        return encode_prompt(tok, text, self.limits, add_special_tokens=False)
+
+    @staticmethod
+    def _request_id(http: web.Request) -> str:
+        rid = http.headers.get("X-Request-Id", "")
+        check_request_id(rid, "X-Request-Id")
+        return rid
+
+    async def _json(self, request: web.Request) -> Any:
+        """The body as JSON: its size (Content-Length first), its arrival within read_timeout_s, its shape."""
+        if request.content_length is not None and request.content_length > self.max_body_bytes:
+            raise web.HTTPRequestEntityTooLarge(max_size=self.max_body_bytes, actual_size=request.content_length)
+        try:
+            async with asyncio.timeout(self.read_timeout_s):
+                body = await request.read()
+        except TimeoutError:
+            raise web.HTTPRequestTimeout(text=f"the request body did not arrive within {self.read_timeout_s:g} s "
+                                              f"(--http-read-timeout)") from None
+        return loads_bounded(body, max_skeleton_chars(self.limits.context))
 
     def _token_text(self, token_id: int) -> str:
         return self.service.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    async def _generate(self, http: web.Request, kind: Kind, parsed: ParsedRequest) -> web.StreamResponse:
-        rid = http.headers.get("X-Request-Id", "")[:128]
+    async def _generate(self, http: web.Request, rid: str, kind: Kind, parsed: ParsedRequest
+                        ) -> web.StreamResponse:
         parsed.request.request_id = rid
         metadata = tuple((k.lower(), v) for k, v in http.headers.items() if k.lower() in ("traceparent", "tracestate"))
-        async with aclosing(self.service.generate(parsed.request, metadata)) as stream:
+        read_timeout_s = self.service.limits.client_read_timeout_s  # a client that stops reading loses it
+        async with aclosing(bounded_by_reader(self.service.generate(parsed.request, metadata), read_timeout_s)) as stream:
             first = await anext(stream)  # validation and routing errors surface here, as HTTP statuses
             builder = ResponseBuilder(kind, first.request_id, self.service.model_name, self._token_text,
                                       parsed.top_logprobs)
@@ -211,44 +245,3 @@ class OpenAIApi:
 
 async def _event(resp: web.StreamResponse, obj: dict[str, Any]) -> None:
     await resp.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
-
-
-async def _json(request: web.Request) -> Any:
-    try:
-        return await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RequestError(f"the request body is not valid JSON: {exc}") from None
-
-
-@dataclass
-class HttpServer:
-    """A running HTTP API; `port` is the bound one (the config may have asked for 0)."""
-
-    runner: web.AppRunner
-    port: int
-
-    async def close(self) -> None:
-        await self.runner.cleanup()
-
-
-def http_ssl_context(cert: str, key: str, client_ca: str | None = None) -> ssl.SSLContext:
-    """TLS for the HTTP API from the gateway's PEM files; with `client_ca`, clients must present a
-    certificate it signed (as gRPC's mTLS)."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=client_ca)
-    ctx.load_cert_chain(cert, key)
-    if client_ca is not None:
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
-
-
-async def start_http_api(service: GenerationService, host: str, port: int, *, authorize: Authorize | None = None,
-                         ssl_context: ssl.SSLContext | None = None) -> HttpServer:
-    """Serve the OpenAI API for `service` on host:port (0: any free port) on the running event loop."""
-    runner = web.AppRunner(OpenAIApi(service, authorize).app(), handler_cancellation=True, access_log=None,
-                           shutdown_timeout=2.0)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
-    await site.start()
-    bound = runner.addresses[0][1]
-    logger.info("OpenAI-compatible HTTP API on %s://%s:%d/v1", "https" if ssl_context else "http", host, bound)
-    return HttpServer(runner, int(bound))

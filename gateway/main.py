@@ -13,6 +13,7 @@ from gateway.observe import GatewayObserver
 from gateway.registry import WorkerRegistry
 from gateway.router import Router
 from gateway.service import GenerationService
+from gateway.validation import PromptLimits, check_generate_wire
 from server import process
 from server.auth import AuthInterceptor, TokenTable
 from server.metrics import GatewayMetrics, new_registry, start_metrics_server
@@ -21,6 +22,7 @@ from tandem.v1 import generation_pb2_grpc
 
 logger = logging.getLogger(__name__)
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
+GENERATE = "/tandem.v1.Generation/Generate"
 
 
 async def serve_gateway(cfg: GatewayConfig, stop: asyncio.Event, *, tracing: Tracing | None = None) -> int:
@@ -28,6 +30,7 @@ async def serve_gateway(cfg: GatewayConfig, stop: asyncio.Event, *, tracing: Tra
     tls = cfg.tls
     interceptors = [AuthInterceptor(TokenTable.from_file(cfg.auth_token_file))] if cfg.auth_token_file else []
     model_config = ModelConfig.from_hf(load_hf_config(cfg.model))
+    prompt_limits = PromptLimits(model_config.max_position_embeddings)
     tokenizer = Tokenizer.from_dir(cfg.model)
     registry = WorkerRegistry(list(cfg.prefill_workers), list(cfg.decode_workers),
                               interval_s=cfg.heartbeat_interval_s)
@@ -43,21 +46,20 @@ async def serve_gateway(cfg: GatewayConfig, stop: asyncio.Event, *, tracing: Tra
                        " or ".join(n for n, on in (("TLS", tls), ("bearer tokens", interceptors)) if not on))
     http, http_info = None, {}
     if cfg.http_port is not None:  # same service, limits, auth and TLS as gRPC
-        from gateway.http_api import http_ssl_context, start_http_api
+        from gateway.http_listener import http_ssl_context, start_http_api
 
         tokens = interceptors[0].tokens if interceptors else None
         http = await start_http_api(
-            service, cfg.server.host, cfg.http_port,
+            service, cfg.server.host, cfg.http_port, limits=cfg.http,
             authorize=(lambda header: tokens.check("/tandem.v1.Generation/Generate", header)) if tokens else None,
             ssl_context=http_ssl_context(tls.cert, tls.key, tls.client_ca) if tls else None)
         http_info = {"http_address": f"{process.advertised_host(cfg.server.host)}:{http.port}"}
     try:
-        return await process.serve_component("gateway", service, generation_pb2_grpc.add_GenerationServicer_to_server,
-                                             "tandem.v1.Generation", cfg.server, stop,
-                                             {**({"metrics_address": metrics_server.address} if metrics_server else {}),
-                                              **http_info},
-                                             health=health, interceptors=interceptors,
-                                             credentials=tls.server_credentials() if tls else None)
+        return await process.serve_component(
+            "gateway", service, generation_pb2_grpc.add_GenerationServicer_to_server, "tandem.v1.Generation",
+            cfg.server, stop, {**({"metrics_address": metrics_server.address} if metrics_server else {}), **http_info},
+            health=health, interceptors=interceptors, credentials=tls.server_credentials() if tls else None,
+            wire_checks={GENERATE: lambda data: check_generate_wire(data, prompt_limits)})
     finally:
         if http is not None:
             await http.close()

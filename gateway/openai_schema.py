@@ -20,7 +20,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.sampling.params import MAX_STOP_STRINGS
+from gateway.json_body import shown
 from server.errors import InvalidRequest
+from server.protoconv import MAX_TOP_K
 from tandem.v1 import generation_pb2 as gen
 
 MAX_N = 1  # one choice per request: send n requests for n samples
@@ -64,7 +67,7 @@ def _number(body: dict[str, Any], name: str) -> float | None:
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-        raise RequestError(f"{name} must be a finite number, got {v!r}", name)
+        raise RequestError(f"{name} must be a finite number, got {shown(v)}", name)
     return float(v)
 
 
@@ -73,7 +76,7 @@ def _integer(body: dict[str, Any], name: str, minimum: int = 0) -> int | None:
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, int):
-        raise RequestError(f"{name} must be an integer, got {v!r}", name)
+        raise RequestError(f"{name} must be an integer, got {shown(v)}", name)
     if v < minimum:
         raise RequestError(f"{name} must be at least {minimum}, got {v}", name)
     return v
@@ -83,7 +86,7 @@ def _flag(body: dict[str, Any], name: str) -> bool | None:
     v = body.get(name)
     if v is None or isinstance(v, bool):
         return v
-    raise RequestError(f"{name} must be true or false, got {v!r}", name)
+    raise RequestError(f"{name} must be true or false, got {shown(v)}", name)
 
 
 def _token_ids(v: Any, name: str) -> list[int]:
@@ -97,7 +100,8 @@ def _check_fields(body: Any, allowed: frozenset[str]) -> dict[str, Any]:
         raise RequestError("the request body must be a JSON object")
     unknown = sorted(set(body) - allowed - _IGNORED)
     if unknown:
-        raise RequestError(f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0])
+        names = ", ".join(n[:64] for n in unknown[:8]) + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
+        raise RequestError(f"unrecognized request argument(s): {names}", unknown[0][:64])
     return body
 
 
@@ -114,7 +118,10 @@ def _sampling(body: dict[str, Any], max_tokens_field: str) -> gen.SamplingParams
         s.max_tokens = min(max_tokens, 2**32 - 1)
     top_k = _integer({"top_k": 0 if body.get("top_k") == -1 else body.get("top_k")}, "top_k")  # -1: vLLM's "off"
     if top_k is not None:
-        s.top_k = min(top_k, 2**32 - 1)
+        if top_k > MAX_TOP_K:
+            raise RequestError(f"top_k {top_k} exceeds the limit of {MAX_TOP_K} (2**31 - 1); send -1 or 0 to turn "
+                               f"it off", "top_k")
+        s.top_k = top_k
     min_tokens = _integer(body, "min_tokens")
     if min_tokens:
         s.min_tokens = min(min_tokens, 2**32 - 1)
@@ -129,6 +136,8 @@ def _sampling(body: dict[str, Any], max_tokens_field: str) -> gen.SamplingParams
     if stop is not None:
         if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop):
             raise RequestError("stop must be a string or a list of strings", "stop")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise RequestError(f"stop has {len(stop)} strings; at most {MAX_STOP_STRINGS} are allowed", "stop")
         s.stop.extend(stop)
     if body.get("stop_token_ids") is not None:
         s.stop_token_ids.extend(_token_ids(body["stop_token_ids"], "stop_token_ids"))
@@ -148,7 +157,7 @@ def _common(body: dict[str, Any], max_tokens_field: str) -> ParsedRequest:
     model = body.get("model")
     if model is not None:
         if not isinstance(model, str):
-            raise RequestError(f"model must be a string, got {model!r}", "model")
+            raise RequestError(f"model must be a string, got {shown(model)}", "model")
         req.model = model
     stream = bool(_flag(body, "stream"))
     options = body.get("stream_options")

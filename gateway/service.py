@@ -1,7 +1,8 @@
 """The public Generation service: validate, tokenize, route, then relay the decode worker's stream.
 
     Generate(req) -> admission (max_inflight) -> validate + tokenize -> one or two attempts:
-        route -> Decode stream opened on D (it registers the request)  +  Prefill(P, kv -> D) in parallel
+        Router.plan -> length check -> Router.commit (a refused request changes no routing state)
+        -> Decode stream opened on D (it registers the request)  +  Prefill(P, kv -> D) in parallel
               (local prefill: Decode with local_prefill, no P)
         relay D's messages to the client; the last one carries usage and timing
     a worker that fails or is lost (registry) before the first token: one more attempt, elsewhere
@@ -31,7 +32,7 @@ from gateway.config import GatewayLimits
 from gateway.observe import GatewayObserver, RequestObservation
 from gateway.registry import WorkerHandle, WorkerRegistry
 from gateway.router import Route, Router
-from gateway.validation import check_length, check_prompt_ids, check_request
+from gateway.validation import PromptLimits, check_length, check_prompt_ids, check_request, encode_prompt
 from server.errors import Overloaded, TandemError, Unavailable
 from server.grpc_server import answered
 from server.process import Health
@@ -132,8 +133,9 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
 
     # ------------------------------------------------------------ validation
     async def _prompt_ids(self, req: gen.GenerateRequest) -> list[int]:
-        check_request(req, self.model_name)
-        ids = await asyncio.to_thread(self.tokenizer.encode, req.prompt) if req.prompt else req.prompt_token_ids
+        limits = PromptLimits(self.model_config.max_position_embeddings)  # sizes first: gateway/validation.py
+        prompt = check_request(req, self.model_name, limits)
+        ids = await asyncio.to_thread(encode_prompt, self.tokenizer, prompt, limits) if prompt else req.prompt_token_ids
         return check_prompt_ids(ids, self.token_id_limit)
 
     def _check_length(self, ids: list[int], max_tokens: int, route: Route) -> None:
@@ -185,9 +187,10 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             excluded: set[WorkerHandle] = set()
             for attempt in range(2):
                 with obs.span("gateway.route") as span:
-                    route = self.router.route(ids, exclude=excluded)
+                    route = self.router.plan(ids, exclude=excluded)
                     obs.routed(span, route)
                 self._check_length(ids, params.max_tokens, route)
+                self.router.commit(route)  # admitted: only now does routing state change
                 sent = False
                 try:
                     async with aclosing(self._attempt(f"{rid}-{attempt}" if attempt else rid, label, route, ids,

@@ -1,42 +1,138 @@
 """The gateway's checks of a GenerateRequest, as plain functions (the property tests drive them).
 
-Order in the service: `check_request` (model, exactly one prompt form, size) -> tokenize ->
-`check_prompt_ids` (non-empty, inside the vocabulary) -> route -> `check_length` (prompt + max_tokens
-inside the chosen decode worker's context). Sampling fields are checked by
-`server.protoconv.sampling_from_proto`. Each raises InvalidRequest / NotFound with a message naming
-the field, the value and the limit; none allocates more than the request already holds.
+Every size is checked before any work that grows with it, so a hostile request costs the event loop
+a bounded few milliseconds however large it is:
+
+    check_generate_wire   the serialized request, from field lengths alone (before protobuf parses it)
+    check_request         model, exactly one prompt form, request_id, prompt size (characters or ids)
+    encode_prompt         tokenize off the event loop; refused past the context before the ids are built
+    check_prompt_ids      non-empty, inside the vocabulary
+    (route)               then `check_length`: prompt + max_tokens inside the chosen decode worker's context
+
+Sampling fields are checked by `server.protoconv.sampling_from_proto`. Each raises InvalidRequest /
+NotFound with a message naming the field, the value and the limit; none allocates more than the
+request already holds, and none echoes more than a bounded part of it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+from engine.tokenizer import Tokenizer, TooManyTokens
 from server.errors import InvalidRequest, NotFound
+from server.wirecheck import top_level_fields
 from tandem.v1 import generation_pb2 as gen
 
-MAX_PROMPT_CHARS = 4 << 20
+MAX_PROMPT_CHARS = 4 << 20  # prompt text (or chat content) of any model, in characters
+# A prompt longer than this many characters per token of context cannot fit it (English text
+# averages ~4, code ~3): such a prompt is refused by its length before it is tokenized.
+MAX_CHARS_PER_TOKEN = 32
+MAX_REQUEST_ID_CHARS = 256  # request_id (HTTP: X-Request-Id) is echoed in every response message
+MAX_MODEL_NAME_CHARS = 256  # the model field is echoed when it names another model
+# The serialized SamplingParams: 16 stop strings of 256 characters (4 bytes each at most) and 1024
+# stop token ids (5 bytes each) take under 24 KiB.
+MAX_SAMPLING_BYTES = 64 << 10
+# A GenerateRequest has 5 fields; past this many (repeated prompt_token_ids sent unpacked, one field
+# per id), a request over UNPACKED_MAX_BYTES is refused: protobuf's default encoding packs them.
+MAX_WIRE_FIELDS = 64
+UNPACKED_MAX_BYTES = 64 << 10
+_UTF8_MAX = 4  # bytes per character
+_VARINT32_MAX = 5  # bytes per uint32 token id
 
 
-def check_request(req: gen.GenerateRequest, model_name: str) -> None:
-    """Raises NotFound for another model's name, InvalidRequest for both prompt forms or a prompt over
-    MAX_PROMPT_CHARS."""
-    if req.HasField("model") and req.model != model_name:
-        raise NotFound(f"model {req.model!r} is not served here; this gateway serves {model_name!r}")
-    if req.prompt and req.prompt_token_ids:
+@dataclass(frozen=True)
+class PromptLimits:
+    """The prompt sizes a model whose context holds `context` tokens can take (the gateway's model's
+    max_position_embeddings: no decode worker's context is longer)."""
+
+    context: int
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return self.context - 1  # one token must be left to generate
+
+    @property
+    def max_prompt_chars(self) -> int:
+        return min(MAX_PROMPT_CHARS, self.context * MAX_CHARS_PER_TOKEN)
+
+    def check_chars(self, what: str, num_chars: int) -> None:
+        """Raises InvalidRequest when `what` ("prompt", "messages") has more than max_prompt_chars."""
+        if num_chars > self.max_prompt_chars:
+            raise InvalidRequest(f"{what} has {num_chars} characters; the limit is {self.max_prompt_chars} "
+                                 f"({MAX_CHARS_PER_TOKEN} per token of the model's {self.context}-token context, "
+                                 f"at most {MAX_PROMPT_CHARS})")
+
+
+def check_request_id(request_id: str, name: str = "request_id") -> None:
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidRequest(f"{name} has {len(request_id)} characters; the limit is {MAX_REQUEST_ID_CHARS}")
+
+
+def check_generate_wire(data: bytes, limits: PromptLimits) -> None:
+    """Refuse a serialized GenerateRequest whose fields cannot fit, from their lengths alone, before
+    protobuf parses it (parsing 4M token ids takes longer than the event loop may be held)."""
+    fields, complete = top_level_fields(data, MAX_WIRE_FIELDS)
+    if not complete and len(data) > UNPACKED_MAX_BYTES:
+        raise InvalidRequest(f"the request has more than {MAX_WIRE_FIELDS} fields in its {len(data)} bytes; "
+                             f"send prompt_token_ids packed (protobuf's default encoding)")
+    sizes: dict[int, int] = {}
+    for f in fields:
+        if f.wire_type == 2:  # the longest of a string sent twice (the last wins); all of packed ids and sampling
+            merged = f.number in (3, 4)
+            sizes[f.number] = sizes.get(f.number, 0) + f.length if merged else max(sizes.get(f.number, 0), f.length)
+    for number, name, limit_chars in ((1, "request_id", MAX_REQUEST_ID_CHARS), (5, "model", MAX_MODEL_NAME_CHARS),
+                                      (2, "prompt", limits.max_prompt_chars)):
+        if sizes.get(number, 0) > limit_chars * _UTF8_MAX:
+            raise InvalidRequest(f"{name} is {sizes[number]} bytes long; the limit is {limit_chars} characters")
+    if sizes.get(4, 0) > MAX_SAMPLING_BYTES:
+        raise InvalidRequest(f"sampling is {sizes[4]} bytes long; the limit is {MAX_SAMPLING_BYTES} bytes "
+                             f"(16 stop strings of 256 characters and 1024 stop token ids take under 24 KiB)")
+    min_ids = -(-sizes.get(3, 0) // _VARINT32_MAX)
+    if min_ids > limits.max_prompt_tokens:
+        raise InvalidRequest(f"prompt_token_ids holds at least {min_ids} ids ({sizes[3]} bytes); the model's "
+                             f"context holds {limits.context} tokens, leaving no room to generate")
+
+
+def check_request(req: gen.GenerateRequest, model_name: str, limits: PromptLimits) -> str:
+    """The prompt text (read once: each read of a protobuf string decodes it). Raises NotFound for
+    another model's name, InvalidRequest for both prompt forms, an overlong request_id or model, or a
+    prompt over `limits` (characters, or token ids past the context)."""
+    check_request_id(req.request_id)
+    if req.HasField("model"):
+        if len(req.model) > MAX_MODEL_NAME_CHARS:
+            raise InvalidRequest(f"model has {len(req.model)} characters; the limit is {MAX_MODEL_NAME_CHARS}")
+        if req.model != model_name:
+            raise NotFound(f"model {req.model!r} is not served here; this gateway serves {model_name!r}")
+    prompt = req.prompt
+    if prompt and req.prompt_token_ids:
         raise InvalidRequest("set exactly one of prompt and prompt_token_ids, not both")
-    if len(req.prompt) > MAX_PROMPT_CHARS:
-        raise InvalidRequest(f"prompt has {len(req.prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+    limits.check_chars("prompt", len(prompt))
+    check_length(len(req.prompt_token_ids), 0, limits.context)
+    return prompt
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str, limits: PromptLimits, add_special_tokens: bool = True
+                  ) -> list[int]:
+    """`text`'s token ids (run it in a thread: the tokenizer releases the GIL). Raises InvalidRequest,
+    before the ids become a list, when they cannot fit the context."""
+    try:
+        return tokenizer.encode(text, add_special_tokens, max_tokens=limits.max_prompt_tokens)
+    except TooManyTokens as exc:
+        check_length(exc.num_tokens, 0, limits.context)
+        raise  # unreachable: more tokens than the limit fail check_length
 
 
 def check_prompt_ids(ids: Sequence[int], token_id_limit: int) -> list[int]:
     """`ids` as a list. Raises InvalidRequest when empty or when an id is outside [0, token_id_limit)
     (`Tokenizer.token_id_limit`: the larger of the tokenizer's and the model's vocabularies)."""
+    ids = list(ids)
     if not ids:
         raise InvalidRequest("the prompt is empty: set prompt or prompt_token_ids")
-    bad = next((t for t in ids if not 0 <= t < token_id_limit), None)
-    if bad is not None:
+    if min(ids) < 0 or max(ids) >= token_id_limit:  # C loops; the slow search only for the message
+        bad = next(t for t in ids if not 0 <= t < token_id_limit)
         raise InvalidRequest(f"prompt token id {bad} is outside the vocabulary [0, {token_id_limit})")
-    return list(ids)
+    return ids
 
 
 def check_length(num_prompt_tokens: int, max_tokens: int, limit: int) -> None:

@@ -25,6 +25,13 @@ class ServerOptions:
         "default: $OTEL_EXPORTER_OTLP_ENDPOINT, else tracing off")
     trace_sample_ratio: float = option(1.0, "fraction of requests traced, decided at the gateway "
                                        "(workers follow it)", min=0.0, max=1.0)
+    max_concurrent_rpcs: int = option(2048, "gRPC calls served at once (health checks included); more are "
+                                      "refused with RESOURCE_EXHAUSTED", min=1)
+    idle_connection_timeout_s: float = option(
+        300.0, "seconds a gRPC connection may go without a call before it is closed (clients reconnect on "
+        "their next call)", flag="grpc-idle-timeout", above=0)
+    handshake_timeout_s: float = option(10.0, "seconds a new gRPC connection has to finish its TLS and HTTP/2 "
+                                        "handshake before it is dropped", flag="grpc-handshake-timeout", above=0)
 
     def __post_init__(self) -> None:
         check_options(self)

@@ -10,6 +10,7 @@ exceptions become status codes:
     ValueError             -> INVALID_ARGUMENT      (bad input the engine rejected)
     TimeoutError           -> DEADLINE_EXCEEDED
     a request that does not parse -> INVALID_ARGUMENT naming the field (invalid UTF-8: server.wirecheck)
+    a request a wire check refuses -> INVALID_ARGUMENT with its message, before protobuf parses it
     anything else          -> INTERNAL, logged with its traceback
 
 It is the outermost interceptor, so it also maps what the interceptors inside it raise (the bearer-token
@@ -19,7 +20,7 @@ check in `server.auth` raises Unauthenticated / PermissionDenied).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -28,6 +29,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from engine.outputs import DuplicateRequest, EngineDied, RequestGone
+from server.config import ServerOptions
 from server.errors import InvalidRequest, TandemError
 from server.wirecheck import explain_decode_error
 
@@ -81,12 +83,23 @@ class _Undecodable:
         self.message = message
 
 
-def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+# A check of a request's bytes before they are parsed (by method, "/pkg.Service/Method"); it raises
+# InvalidRequest to refuse them (e.g. a field whose length alone says it cannot fit).
+WireCheck = Callable[[bytes], None]
+
+
+def _lenient(deserialize: Callable[[bytes], Any] | None, check: WireCheck | None = None
+             ) -> Callable[[bytes], Any] | None:
     if deserialize is None:
         return None
     descriptor = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
 
     def parse(data: bytes) -> Any:
+        if check is not None:
+            try:
+                check(data)
+            except InvalidRequest as exc:
+                return _Undecodable(exc.message)
         try:
             return deserialize(data)
         except Exception as exc:  # noqa: BLE001 - DecodeError and friends: the handler answers it
@@ -102,7 +115,11 @@ def _check_parsed(request: Any) -> None:
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps exceptions raised by unary and server-streaming handlers (and by the interceptors inside
-    this one) to gRPC statuses; a request that does not parse becomes INVALID_ARGUMENT."""
+    this one) to gRPC statuses; a request that does not parse, or that `wire_checks[method]` refuses,
+    becomes INVALID_ARGUMENT."""
+
+    def __init__(self, wire_checks: Mapping[str, WireCheck] | None = None) -> None:
+        self.wire_checks = dict(wire_checks or {})
 
     async def intercept_service(
         self,
@@ -112,6 +129,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
+        check = self.wire_checks.get(handler_call_details.method)
         if handler.request_streaming:
             return _wrap_request_streaming(handler)
         if handler.unary_unary:
@@ -127,7 +145,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     await _abort(context, exc)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary_unary, _lenient(handler.request_deserializer), handler.response_serializer)
+                unary_unary, _lenient(handler.request_deserializer, check), handler.response_serializer)
         if handler.unary_stream:
             inner_us = handler.unary_stream
 
@@ -142,7 +160,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     await _abort(context, exc)
 
             return grpc.unary_stream_rpc_method_handler(
-                unary_stream, _lenient(handler.request_deserializer), handler.response_serializer)
+                unary_stream, _lenient(handler.request_deserializer, check), handler.response_serializer)
         return handler
 
 
@@ -191,6 +209,18 @@ def channel_options() -> list[tuple[str, int]]:
     ]
 
 
+def server_options(opts: ServerOptions) -> list[tuple[str, int]]:
+    """The channel options plus the server's connection limits: a connection with no RPC for
+    `idle_connection_timeout_s` is closed (GOAWAY; clients reconnect on their next call), and one that
+    has not finished its TLS and HTTP/2 handshake within `handshake_timeout_s` is dropped."""
+    return [
+        *channel_options(),
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_connection_idle_ms", int(opts.idle_connection_timeout_s * 1000)),
+        ("grpc.server_handshake_timeout_ms", int(opts.handshake_timeout_s * 1000)),
+    ]
+
+
 async def make_server(
     register: Callable[[grpc.aio.Server], None],
     service_names: Sequence[str],
@@ -198,11 +228,18 @@ async def make_server(
     *,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     credentials: grpc.ServerCredentials | None = None,
+    opts: ServerOptions | None = None,
+    wire_checks: Mapping[str, WireCheck] | None = None,
 ) -> tuple[grpc.aio.Server, int, health_aio.HealthServicer]:
-    """A started server with health + reflection. `address` like "127.0.0.1:0" (0: any free port)."""
+    """A started server with health + reflection. `address` like "127.0.0.1:0" (0: any free port).
+
+    `opts` (default: ServerOptions()) bounds connections (`server_options`) and the RPCs served at once:
+    past `max_concurrent_rpcs`, gRPC answers RESOURCE_EXHAUSTED itself. `wire_checks` see ErrorInterceptor."""
+    opts = opts or ServerOptions()
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(), *interceptors],  # outermost: maps what the others raise
-        options=[*channel_options(), ("grpc.so_reuseport", 0)],
+        interceptors=[ErrorInterceptor(wire_checks), *interceptors],  # outermost: maps what the others raise
+        options=server_options(opts),
+        maximum_concurrent_rpcs=opts.max_concurrent_rpcs,
     )
     register(server)
     health = health_aio.HealthServicer()

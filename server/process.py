@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -118,17 +118,18 @@ async def serve_component(
     health: Health | None = None,
     interceptors: Sequence[Any] = (),
     credentials: Any = None,
+    wire_checks: Mapping[str, Callable[[bytes], None]] | None = None,
 ) -> int:
     """Serve `service` (whose `address`/`worker_id` are filled in here) until `stop` is set (exit
     code 0) or `health.fatal` (NOT_SERVING at once, a short drain, exit code 1).
     `interceptors` run inside the error mapper (server.auth's); `credentials` (grpc.ServerCredentials)
-    serve TLS instead of plaintext."""
+    serve TLS instead of plaintext; `wire_checks` see server.grpc_server.ErrorInterceptor."""
     from server.grpc_server import make_server
 
     health = health or Health()
     server, bound, servicer = await make_server(lambda s: add_to_server(service, s), [service_name],
                                                 f"{opts.host}:{opts.port}", interceptors=interceptors,
-                                                credentials=credentials)
+                                                credentials=credentials, opts=opts, wire_checks=wire_checks)
     health.attach(servicer, [service_name])
     await health.set(health.serving, health.reason)
     service.address = f"{advertised_host(opts.host)}:{bound}"

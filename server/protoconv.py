@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from engine.outputs import FinishReason, TokenLogprob
-from engine.sampling.params import SamplingParams
+from engine.sampling.params import MAX_STOP_STRINGS, SamplingParams
 from tandem.v1 import generation_pb2 as gen
 
 DEFAULT_MAX_TOKENS = 256
 MAX_STOP_TOKEN_IDS = 1024
+MAX_TOP_K = 2**31 - 1  # top_k beyond any vocabulary; above it a uint32 is more likely a wrapped negative
 _UINT32_WRAP = 1 << 32
 
 _FINISH: dict[FinishReason | None, gen.FinishReason] = {
@@ -21,15 +22,18 @@ _FINISH: dict[FinishReason | None, gen.FinishReason] = {
 
 
 def sampling_from_proto(p: gen.SamplingParams, *, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> SamplingParams:
-    """Raises ValueError (-> INVALID_ARGUMENT) with the field named, as SamplingParams does.
+    """Raises ValueError (-> INVALID_ARGUMENT) with the field named, as SamplingParams does; counts
+    are checked before the repeated fields are copied.
 
-    top_k is uint32 on the wire: a client that sends -1 ("off" in some APIs) through a language that
-    wraps it arrives as 4294967295. Values >= 2**31 are read as such wrapped negatives and refused
-    with a message saying so, rather than taken as "keep 4 billion tokens".
+    top_k is uint32 on the wire and at most MAX_TOP_K: a client that sends -1 ("off" in some APIs)
+    through a language that wraps it arrives as 4294967295, so the refusal of a value >= 2**31 also
+    says which negative it would be if it was wrapped.
     """
-    if p.HasField("top_k") and p.top_k >= _UINT32_WRAP >> 1:
-        raise ValueError(f"top_k must be 0 (off) or in [1, 2**31); got {p.top_k}, which is {p.top_k - _UINT32_WRAP} "
-                         f"wrapped to uint32 by the client: send 0 or leave top_k unset to turn it off")
+    if p.HasField("top_k") and p.top_k > MAX_TOP_K:
+        raise ValueError(f"top_k {p.top_k} exceeds the limit of {MAX_TOP_K} (2**31 - 1); if you meant "
+                         f"{p.top_k - _UINT32_WRAP} wrapped to uint32, send 0 or leave top_k unset to turn it off")
+    if len(p.stop) > MAX_STOP_STRINGS:
+        raise ValueError(f"stop has {len(p.stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
     if len(p.stop_token_ids) > MAX_STOP_TOKEN_IDS:
         raise ValueError(f"stop_token_ids has {len(p.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS} are allowed")
     kw: dict[str, Any] = {"max_tokens": p.max_tokens or default_max_tokens}

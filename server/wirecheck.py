@@ -9,7 +9,8 @@ format itself, guided by the message's descriptor, and names the first such fiel
     a length-delimited field is a string (check its UTF-8), a sub-message (walk it) or bytes (skip)
 
 Nothing here allocates more than the input: it only slices `data`. Malformed input is not an error:
-the walk stops and says what it found so far (usually nothing).
+the walk stops and says what it found so far (usually nothing). `top_level_fields` reads only tags and
+lengths, so a server can refuse an oversized field before protobuf parses the message.
 """
 
 from __future__ import annotations
@@ -84,6 +85,42 @@ def bad_utf8_field(data: bytes, descriptor: Descriptor, prefix: str = "", depth:
     except (IndexError, ValueError):
         return None
     return None
+
+
+class WireField(NamedTuple):
+    number: int
+    wire_type: int
+    length: int  # bytes of the value (a varint's own bytes for wire type 0)
+
+
+def top_level_fields(data: bytes, max_fields: int) -> tuple[list[WireField], bool]:
+    """The first `max_fields` fields of the serialized message `data`, read from their tags and lengths
+    alone (no value is copied), and whether that was all of them. Malformed bytes end the walk as if
+    complete: protobuf's own parse then refuses them."""
+    found: list[WireField] = []
+    pos = 0
+    try:
+        while pos < len(data):
+            if len(found) == max_fields:
+                return found, False
+            tag, pos = _varint(data, pos)
+            wire_type = tag & 7
+            start = pos
+            if wire_type == 0:
+                _, pos = _varint(data, pos)
+            elif wire_type in (1, 5):
+                pos += 8 if wire_type == 1 else 4
+            elif wire_type == 2:
+                length, start = _varint(data, pos)
+                pos = start + length
+            else:
+                break
+            if pos > len(data):  # truncated: claims more bytes than there are
+                break
+            found.append(WireField(tag >> 3, wire_type, pos - start))
+    except (IndexError, ValueError):
+        pass
+    return found, True
 
 
 def _is_repeated(field: FieldDescriptor) -> bool:

@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
-from engine.prefix_hash import hash_prefix
+from engine.prefix_hash import hash_block, hash_prefix
 
 
 @dataclass
@@ -111,3 +111,13 @@ def test_hash_is_chained() -> None:
     h2 = hash_prefix([9, 9, 3, 4], 2)
     assert h1[0] != h2[0] and h1[1] != h2[1]  # same second block, different parent
     assert hash_prefix([1, 2, 3, 4, 5], 2) == h1
+
+
+def test_hash_prefix_names_blocks_as_hash_block_chains_them() -> None:
+    ids = [(i * 7919) % 50_000 for i in range(100)]
+    chained, parent = [], None
+    for start in range(0, 96, 8):
+        parent = hash_block(parent, ids[start : start + 8])
+        chained.append(parent)
+    assert hash_prefix(ids, 8) == chained
+    assert hash_prefix(ids, 8, max_tokens=40) == chained[:5] and hash_prefix(ids, 8, max_tokens=7) == []

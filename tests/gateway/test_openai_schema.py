@@ -52,6 +52,8 @@ def test_chat_fields_and_message_parts() -> None:
     ({"prompt": "x", "seed": -1}, "seed"),
     ({"prompt": "x", "logit_bias": {"5": 1}}, "logit_bias"),
     ({"prompt": "x", "frobnicate": 1}, "frobnicate"),
+    ({"prompt": "x", "top_k": 2**40}, "top_k"),
+    ({"prompt": "x", "stop": ["s"] * 17}, "stop"),
     ({}, "prompt"),
 ])
 def test_bad_completion_bodies_name_the_field(body: dict[str, Any], param: str) -> None:

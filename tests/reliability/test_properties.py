@@ -21,7 +21,13 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.validation import check_length, check_prompt_ids, check_request
+from gateway.validation import (
+    PromptLimits,
+    check_generate_wire,
+    check_length,
+    check_prompt_ids,
+    check_request,
+)
 from kvtransfer import KVReceiver, wire
 from kvtransfer.inbound import Inbound, refuse_begin
 from server.errors import TandemError
@@ -71,7 +77,7 @@ def test_sampling_conversion_raises_only_value_error_and_round_trips(p: gen.Samp
        st.integers(1, 2**32))
 def test_request_checks_raise_only_their_errors(req: gen.GenerateRequest, max_tokens: int) -> None:
     try:
-        check_request(req, "tiny")
+        check_request(req, "tiny", PromptLimits(128))
         ids = check_prompt_ids(list(req.prompt_token_ids) or [ord(c) for c in req.prompt], token_id_limit=1024)
         check_length(len(ids), max_tokens, limit=128)
     except TandemError:
@@ -92,6 +98,24 @@ def test_grpc_request_parser_returns_a_message_or_an_explanation(data: bytes) ->
     found = bad_utf8_field(data, gen.GenerateRequest.DESCRIPTOR)
     if found is not None:
         assert not isinstance(parsed, gen.GenerateRequest), "flagged bytes that protobuf accepted"
+
+
+@FAST
+@given(st.one_of(st.binary(max_size=256),
+                 st.builds(lambda r: r.SerializeToString(),
+                           st.builds(gen.GenerateRequest, request_id=st.text(max_size=300), prompt=st.text(max_size=600),
+                                     prompt_token_ids=st.lists(U32, max_size=200),
+                                     sampling=st.builds(gen.SamplingParams, stop=st.lists(st.text(max_size=8)))))))
+def test_the_wire_check_refuses_only_what_the_parsed_checks_refuse(data: bytes) -> None:
+    """Lengths alone never refuse a request that the checks after parsing would admit."""
+    limits = PromptLimits(128)  # 4096 characters, 127 token ids
+    try:
+        check_generate_wire(data, limits)
+    except TandemError:
+        req = gen.GenerateRequest.FromString(data)  # the walk refuses only what parses
+        with pytest.raises(TandemError):
+            check_request(req, "tiny", limits)
+            check_prompt_ids(list(req.prompt_token_ids) or [1], vocab_size=2**32)
 
 
 @FAST
