@@ -120,9 +120,10 @@ def test_frozen_workers_lose_their_requests_within_seconds_and_rejoin(rel_model,
             for s in during:
                 s.join(60)
                 assert s.error is None and s.tokens == 8, s.error
-            unhealthy = {w.address for w in stub(stack).ClusterStatus(gen.ClusterStatusRequest(), timeout=5).workers
-                         if not w.healthy}
-            assert unhealthy == {d_frozen.info["address"], p_frozen.info["address"]}
+            unhealthy = [w for w in stub(stack).ClusterStatus(gen.ClusterStatusRequest(), timeout=5).workers
+                         if not w.healthy]
+            assert {w.address for w in unhealthy} == {d_frozen.info["address"], p_frozen.info["address"]}
+            assert all(w.error and w.kv_blocks_total == 0 and w.running == 0 for w in unhealthy)  # no stale numbers
             time.sleep(max(0.0, frozen_at + 20 - time.monotonic()))
         finally:
             for child in (d_frozen, p_frozen):
