@@ -39,3 +39,29 @@ def assert_same_or_near_tie(model, prompt: list[int], ours: list[int], ref: list
 def random_prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def assert_prompt_logits_match(engine, path: str | Path, prompts: list[list[int]], tol: float = 1e-4) -> torch.Tensor:
+    """One batched prefill forward of `prompts` through `engine` (every prompt position's logits)
+    against transformers on the same checkpoint, prompt by prompt; returns our logits."""
+    from engine.model_runner import StepInput
+    from engine.sampling.params import SamplingParams
+    from engine.sequence import Sequence
+
+    seqs = [Sequence(f"r{i}", p, SamplingParams()) for i, p in enumerate(prompts)]
+    for s in seqs:
+        assert engine.block_manager.allocate_slots(s, s.num_tokens)
+    step = StepInput(seqs, [s.num_tokens for s in seqs], [True] * len(seqs))
+    input_ids, positions, ctx, _ = engine.runner.prepare(step)
+    with torch.inference_mode():
+        logits = engine.runner.model.compute_logits(engine.runner.model(input_ids, positions, ctx))
+    ref_model = hf_model(path)
+    offset = 0
+    for p in prompts:
+        with torch.no_grad():
+            ref = ref_model(torch.tensor([p])).logits[0].float()
+        torch.testing.assert_close(logits[offset : offset + len(p)], ref, rtol=tol, atol=tol)
+        offset += len(p)
+    for s in seqs:
+        engine.block_manager.free(s)
+    return logits

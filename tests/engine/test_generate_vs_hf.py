@@ -6,9 +6,13 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.model_runner import StepInput
-from engine.sequence import Sequence
-from tests.hf_reference import assert_same_or_near_tie, hf_greedy, hf_model, random_prompts
+from tests.hf_reference import (
+    assert_prompt_logits_match,
+    assert_same_or_near_tie,
+    hf_greedy,
+    hf_model,
+    random_prompts,
+)
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
 PROMPT_LENGTHS = [1, 5, 9, 17, 23, 31, 40, 57]  # block size 6 divides none of them
@@ -37,20 +41,7 @@ def test_batched_forward_logits_match(tiny_model, arch: str) -> None:
     llm = LLM(path, dtype="float32", device="cpu", block_size=8, num_kv_blocks=64)
     eng = llm.engine
     prompts = prompts_for(eng.vocab_size, [3, 11, 20])
-    seqs = [Sequence(f"r{i}", p, SamplingParams()) for i, p in enumerate(prompts)]
-    for s in seqs:
-        assert eng.block_manager.allocate_slots(s, s.num_tokens)
-    step = StepInput(seqs, [s.num_tokens for s in seqs], [True] * len(seqs))
-    input_ids, positions, ctx, _ = eng.runner.prepare(step)
-    with torch.inference_mode():
-        logits = eng.runner.model.compute_logits(eng.runner.model(input_ids, positions, ctx))
-    ref_model = hf_model(path)
-    offset = 0
-    for p in prompts:
-        with torch.no_grad():
-            ref = ref_model(torch.tensor([p])).logits[0].float()
-        torch.testing.assert_close(logits[offset : offset + len(p)], ref, rtol=1e-4, atol=1e-4)
-        offset += len(p)
+    assert_prompt_logits_match(eng, path, prompts)
 
 
 def test_llama3_rope_scaling_and_tied_embeddings(tiny_model) -> None:

@@ -9,13 +9,16 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from engine import LLM, SamplingParams
-from engine.model_runner import StepInput
-from engine.sequence import Sequence
-from tests.hf_reference import assert_same_or_near_tie, hf_greedy, hf_model, random_prompts
+from tests.hf_reference import (
+    assert_prompt_logits_match,
+    assert_same_or_near_tie,
+    hf_greedy,
+    hf_model,
+    random_prompts,
+)
 
 TOK_VOCAB, MODEL_VOCAB = 384, 512  # ids 384..511 have embedding rows but no tokens
 MAX_NEW = 24
@@ -35,21 +38,8 @@ def test_logits_match_transformers_with_padded_ids_in_the_prompt(padded: Path) -
     assert (eng.vocab_size, eng.tokenizer.vocab_size, eng.token_id_limit) == (MODEL_VOCAB, TOK_VOCAB, MODEL_VOCAB)
     prompts = random_prompts(MODEL_VOCAB, [3, 11, 20], seed=1)
     assert any(t >= TOK_VOCAB for p in prompts for t in p)
-    seqs = [Sequence(f"r{i}", p, SamplingParams()) for i, p in enumerate(prompts)]
-    for s in seqs:
-        assert eng.block_manager.allocate_slots(s, s.num_tokens)
-    step = StepInput(seqs, [s.num_tokens for s in seqs], [True] * len(seqs))
-    input_ids, positions, ctx, _ = eng.runner.prepare(step)
-    with torch.inference_mode():
-        logits = eng.runner.model.compute_logits(eng.runner.model(input_ids, positions, ctx))
+    logits = assert_prompt_logits_match(eng, padded, prompts)
     assert logits.shape[-1] == MODEL_VOCAB
-    ref_model = hf_model(padded)
-    offset = 0
-    for p in prompts:
-        with torch.no_grad():
-            ref = ref_model(torch.tensor([p])).logits[0].float()
-        torch.testing.assert_close(logits[offset : offset + len(p)], ref, rtol=1e-4, atol=1e-4)
-        offset += len(p)
 
 
 def test_greedy_samples_padded_ids_with_text_and_matches_transformers(padded: Path) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -22,13 +21,7 @@ from tandem.v1 import worker_pb2 as pb
 from tandem.v1 import worker_pb2_grpc
 from tests.e2e.conftest import ENGINE_ARGS, generate, stub, wait_all_blocks_free
 from tests.hf_reference import random_prompts
-
-
-def _wait(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+from tests.reliability.streams import Stream, wait_until
 
 
 def _health(address: str) -> str:
@@ -38,27 +31,6 @@ def _health(address: str) -> str:
         except grpc.RpcError as exc:
             return exc.code().name
     return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
-
-
-class Stream(threading.Thread):
-    """Consumes one Generate stream; records its tokens, when it ended and how."""
-
-    def __init__(self, stack: Stack, prompt: list[int], max_tokens: int, **sampling) -> None:
-        super().__init__(daemon=True)
-        self.call = stub(stack).Generate(gen.GenerateRequest(prompt_token_ids=prompt, sampling=gen.SamplingParams(
-            temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **sampling)), timeout=120)
-        self.tokens = 0
-        self.error: grpc.RpcError | None = None
-        self.ended = 0.0
-        self.start()
-
-    def run(self) -> None:
-        try:
-            for m in self.call:
-                self.tokens += len(m.token_ids)
-        except grpc.RpcError as err:
-            self.error = err
-        self.ended = time.monotonic()
 
 
 def _make(model: Path, workdir: Path, *, prefill: int = 1, decode: int = 1, decode_args: tuple[str, ...] = (),
@@ -74,7 +46,7 @@ def test_a_dead_engine_fails_every_stream_at_once_and_the_worker_exits(rel_model
     stack = _make(rel_model, tmp_path, decode_args=("--fault", fault, "--watchdog", "2"))
     try:
         victim = stack.decode[0]
-        streams = [Stream(stack, p, 300) for p in random_prompts(512, [20, 30, 40], seed=21)]
+        streams = [Stream(stub(stack), p, 300) for p in random_prompts(512, [20, 30, 40], seed=21)]
         for s in streams:
             s.join(60)
         ends = sorted(s.ended for s in streams)
@@ -85,9 +57,9 @@ def test_a_dead_engine_fails_every_stream_at_once_and_the_worker_exits(rel_model
         assert victim.proc is not None
         assert victim.proc.wait(10) == 1, "the worker exits non-zero for its supervisor"
         assert "fatal" in victim.log_path.read_text()
-        _wait(lambda: _health(stack.address) == "NOT_SERVING", 5, "the gateway to stop serving (no decode worker)")
+        wait_until(lambda: _health(stack.address) == "NOT_SERVING", 5, "the gateway to stop serving (no decode worker)")
         stack.restart(victim)
-        _wait(lambda: _health(stack.address) == "SERVING", 10, "the gateway to serve again")
+        wait_until(lambda: _health(stack.address) == "SERVING", 10, "the gateway to serve again")
         tokens, _ = generate(stack, random_prompts(512, [25], seed=22)[0], temperature=0.0, max_tokens=8)
         assert len(tokens) == 8
         wait_all_blocks_free(stack)
@@ -102,8 +74,8 @@ def test_frozen_workers_lose_their_requests_within_seconds_and_rejoin(rel_model,
     stack = _make(rel_model, tmp_path, prefill=2, decode=2)
     try:
         d_frozen, p_frozen = stack.decode[0], stack.prefill[0]
-        streams = [Stream(stack, p, 400) for p in random_prompts(512, [30] * 4, seed=23)]
-        _wait(lambda: all(s.tokens >= 2 for s in streams), 60, "every stream to be under way")
+        streams = [Stream(stub(stack), p, 400) for p in random_prompts(512, [30] * 4, seed=23)]
+        wait_until(lambda: all(s.tokens >= 2 for s in streams), 60, "every stream to be under way")
         for child in (d_frozen, p_frozen):
             os.kill(child.proc.pid, signal.SIGSTOP)  # type: ignore[union-attr]
         frozen_at = time.monotonic()
@@ -116,7 +88,7 @@ def test_frozen_workers_lose_their_requests_within_seconds_and_rejoin(rel_model,
                 assert s.error.code() == grpc.StatusCode.UNAVAILABLE and d_frozen.info["address"] in s.error.details()
                 assert s.ended - frozen_at < 5.0, f"a stream waited {s.ended - frozen_at:.1f} s on a frozen worker"
             assert all(s.tokens == 400 for s in streams if s.error is None)
-            during = [Stream(stack, p, 8) for p in random_prompts(512, [40] * 4, seed=24)]
+            during = [Stream(stub(stack), p, 8) for p in random_prompts(512, [40] * 4, seed=24)]
             for s in during:
                 s.join(60)
                 assert s.error is None and s.tokens == 8, s.error
@@ -129,7 +101,7 @@ def test_frozen_workers_lose_their_requests_within_seconds_and_rejoin(rel_model,
             for child in (d_frozen, p_frozen):
                 os.kill(child.proc.pid, signal.SIGCONT)  # type: ignore[union-attr]
         workers = wait_all_blocks_free(stack, timeout_s=20)
-        _wait(lambda: all(w.healthy for w in stub(stack).ClusterStatus(gen.ClusterStatusRequest(), timeout=5).workers),
+        wait_until(lambda: all(w.healthy for w in stub(stack).ClusterStatus(gen.ClusterStatusRequest(), timeout=5).workers),
               10, "the resumed workers to rejoin")
         assert len(workers) == 4
     finally:
@@ -183,13 +155,13 @@ def test_clients_that_stop_reading_lose_their_slot(rel_model, tmp_path) -> None:
             gen.GenerateRequest(prompt_token_ids=prompt, sampling=gen.SamplingParams(
                 temperature=0.0, max_tokens=900, ignore_eos=True, logprobs=20)).SerializeToString(), timeout=120)
             for channel in channels]
-        _wait(lambda: stub(stack).ClusterStatus(gen.ClusterStatusRequest(), timeout=5).workers[-1].running > 0, 30,
+        wait_until(lambda: stub(stack).ClusterStatus(gen.ClusterStatusRequest(), timeout=5).workers[-1].running > 0, 30,
               "the stalled requests to run")
         with pytest.raises(grpc.RpcError) as err:
             generate(stack, prompt, temperature=0.0, max_tokens=4)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         t0 = time.monotonic()
-        _wait(lambda: _try(stack, prompt), 60, "a slot to be freed from the stalled clients")
+        wait_until(lambda: _try(stack, prompt), 60, "a slot to be freed from the stalled clients")
         assert time.monotonic() - t0 < 45
         wait_all_blocks_free(stack)
         for call in stalled:

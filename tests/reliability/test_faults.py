@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from tandem.v1 import worker_pb2 as pb
 from tandem.v1 import worker_pb2_grpc
 from tests.e2e.conftest import ENGINE_ARGS, stub, wait_all_blocks_free
 from tests.hf_reference import random_prompts
+from tests.reliability.streams import Stream, wait_until
 
 KV_TIMEOUT = 2.0
 LONG_PROMPT = 1500
@@ -60,38 +60,10 @@ def _cluster(stack: Stack) -> dict[str, gen.WorkerStatus]:
     return {w.address: w for w in stub(stack).ClusterStatus(gen.ClusterStatusRequest(), timeout=5).workers}
 
 
-def _wait(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-class _Stream(threading.Thread):
-    """Consumes one Generate stream; records when it ended and how."""
-
-    def __init__(self, stack: Stack, prompt: list[int], max_tokens: int) -> None:
-        super().__init__(daemon=True)
-        self.call = stub(stack).Generate(gen.GenerateRequest(prompt_token_ids=prompt, sampling=gen.SamplingParams(
-            temperature=0.0, max_tokens=max_tokens, ignore_eos=True)), timeout=120)
-        self.tokens = 0
-        self.error: grpc.RpcError | None = None
-        self.ended = 0.0
-        self.start()
-
-    def run(self) -> None:
-        try:
-            for m in self.call:
-                self.tokens += len(m.token_ids)
-        except grpc.RpcError as err:
-            self.error = err
-        self.ended = time.monotonic()
-
-
 def test_decode_worker_killed_mid_stream(stack: Stack) -> None:
     victim, survivor = stack.decode
-    streams = [_Stream(stack, p, 300) for p in random_prompts(1024, [40] * 4, seed=5)]
-    _wait(lambda: all(s.tokens >= 3 for s in streams), 60, "every stream to be under way")
+    streams = [Stream(stub(stack), p, 300) for p in random_prompts(1024, [40] * 4, seed=5)]
+    wait_until(lambda: all(s.tokens >= 3 for s in streams), 60, "every stream to be under way")
     victim.kill()
     killed = time.monotonic()
     for s in streams:
@@ -104,17 +76,17 @@ def test_decode_worker_killed_mid_stream(stack: Stack) -> None:
         assert s.ended - killed < 2.0, f"the client waited {s.ended - killed:.1f} s for its error"
     assert all(s.tokens == 300 for s in streams if s.error is None)
 
-    _wait(lambda: not _cluster(stack)[victim.info["address"]].healthy, 5, "the gateway to mark the worker down")
+    wait_until(lambda: not _cluster(stack)[victim.info["address"]].healthy, 5, "the gateway to mark the worker down")
     assert _cluster(stack)[victim.info["address"]].error
-    again = [_Stream(stack, p, 8) for p in random_prompts(1024, [30] * 3, seed=6)]
+    again = [Stream(stub(stack), p, 8) for p in random_prompts(1024, [30] * 3, seed=6)]
     for s in again:
         s.join(60)
         assert s.error is None and s.tokens == 8, "new requests must go to the healthy worker"
 
     stack.restart(victim)
-    _wait(lambda: _cluster(stack)[victim.info["address"]].healthy, 10, "the restarted worker to rejoin")
-    busy = [_Stream(stack, p, 200) for p in random_prompts(1024, [30] * 2, seed=7)]
-    _wait(lambda: _status(victim).running + _status(victim).waiting > 0 or all(not s.is_alive() for s in busy), 30,
+    wait_until(lambda: _cluster(stack)[victim.info["address"]].healthy, 10, "the restarted worker to rejoin")
+    busy = [Stream(stub(stack), p, 200) for p in random_prompts(1024, [30] * 2, seed=7)]
+    wait_until(lambda: _status(victim).running + _status(victim).waiting > 0 or all(not s.is_alive() for s in busy), 30,
           "the rejoined worker to be given work")
     assert _status(victim).running + _status(victim).waiting > 0 or any(s.tokens for s in busy)
     for s in busy:
@@ -138,12 +110,12 @@ def test_prefill_worker_killed_mid_transfer_frees_the_reservation(stack: Stack) 
     p_future = worker_pb2_grpc.PrefillWorkerStub(p_channel).Prefill.future(pb.PrefillRequest(
         request_id="doomed", prompt_token_ids=prompt, sampling=sampling,
         decode_kv_address=decode.info["kv_address"]), timeout=60)
-    _wait(lambda: _status(decode).kv_blocks_free < total, 60, "the decode worker to reserve blocks for the KV")
+    wait_until(lambda: _status(decode).kv_blocks_free < total, 60, "the decode worker to reserve blocks for the KV")
     os.kill(prefill.proc.pid, signal.SIGKILL)
     killed = time.monotonic()
     prefill.proc.wait()
     assert _status(decode).kv_blocks_free < total, "the transfer finished before the kill: the test proves nothing"
-    _wait(lambda: _status(decode).kv_blocks_free == total, KV_TIMEOUT + 2.0, "the reservation to be released")
+    wait_until(lambda: _status(decode).kv_blocks_free == total, KV_TIMEOUT + 2.0, "the reservation to be released")
     freed = time.monotonic() - killed
     with pytest.raises(grpc.RpcError) as err:
         list(d_call)
@@ -157,7 +129,7 @@ def test_prefill_worker_killed_mid_transfer_frees_the_reservation(stack: Stack) 
     assert freed <= KV_TIMEOUT + 1.0, f"freed {freed:.1f} s after the kill (KV timeout {KV_TIMEOUT} s)"
 
     stack.restart(prefill)
-    _wait(lambda: _cluster(stack)[prefill.info["address"]].healthy, 10, "the prefill worker to rejoin")
+    wait_until(lambda: _cluster(stack)[prefill.info["address"]].healthy, 10, "the prefill worker to rejoin")
     msgs = list(stub(stack).Generate(gen.GenerateRequest(prompt_token_ids=prompt[:200], sampling=sampling),
                                      timeout=60))
     assert msgs[-1].timing.kv_transfer_ns > 0, "the request should have been prefilled remotely"
@@ -166,17 +138,17 @@ def test_prefill_worker_killed_mid_transfer_frees_the_reservation(stack: Stack) 
 
 def test_gateway_killed_mid_stream_workers_clean_up_and_accept_a_new_one(stack: Stack) -> None:
     assert stack.gateway is not None
-    streams = [_Stream(stack, p, 400) for p in random_prompts(1024, [60] * 2, seed=9)]
-    _wait(lambda: all(s.tokens >= 3 for s in streams), 60, "the streams to be under way")
+    streams = [Stream(stub(stack), p, 400) for p in random_prompts(1024, [60] * 2, seed=9)]
+    wait_until(lambda: all(s.tokens >= 3 for s in streams), 60, "the streams to be under way")
     stack.gateway.kill()
     for s in streams:
         s.join(10)
         assert s.error is not None and s.error.code() == grpc.StatusCode.UNAVAILABLE
     workers = [*stack.prefill, *stack.decode]
-    _wait(lambda: all(_status(w).kv_blocks_free == _status(w).kv_blocks_total and not _status(w).running
+    wait_until(lambda: all(_status(w).kv_blocks_free == _status(w).kv_blocks_total and not _status(w).running
                       for w in workers), 10, "the workers to abort the orphaned requests")
     stack.start_gateway()
-    streams = [_Stream(stack, p, 16) for p in random_prompts(1024, [50] * 3, seed=10)]
+    streams = [Stream(stub(stack), p, 16) for p in random_prompts(1024, [50] * 3, seed=10)]
     for s in streams:
         s.join(60)
         assert s.error is None and s.tokens == 16

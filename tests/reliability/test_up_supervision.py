@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from tandem.v1 import generation_pb2 as gen
 from tandem.v1 import generation_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tests.e2e.conftest import ENGINE_ARGS
 from tests.hf_reference import random_prompts
+from tests.reliability.streams import Stream, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 STREAM_TOKENS = 400
@@ -120,37 +120,9 @@ def _kill(pid: int) -> None:
         pass
 
 
-def _wait(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
-        time.sleep(0.05)
-
-
 def _status(address: str) -> worker_pb2.StatusResponse:
     with grpc.insecure_channel(address) as channel:
         return worker_pb2_grpc.DecodeWorkerStub(channel).Status(worker_pb2.StatusRequest(), timeout=2)
-
-
-class _Stream(threading.Thread):
-    """Consumes one Generate stream; records how many tokens came, when it ended and how."""
-
-    def __init__(self, stub: generation_pb2_grpc.GenerationStub, prompt: list[int], max_tokens: int) -> None:
-        super().__init__(daemon=True)
-        self.call = stub.Generate(gen.GenerateRequest(prompt_token_ids=prompt, sampling=gen.SamplingParams(
-            temperature=0.0, max_tokens=max_tokens, ignore_eos=True)), timeout=120)
-        self.tokens = 0
-        self.error: grpc.RpcError | None = None
-        self.ended = 0.0
-        self.start()
-
-    def run(self) -> None:
-        try:
-            for m in self.call:
-                self.tokens += len(m.token_ids)
-        except grpc.RpcError as err:
-            self.error = err
-        self.ended = time.monotonic()
 
 
 def test_restart_backoff_doubles_up_to_its_cap() -> None:
@@ -172,8 +144,8 @@ def test_a_killed_decode_worker_comes_back_on_its_port_while_the_other_keeps_str
     victim_pid = up.pid("decode-0")
     stub = generation_pb2_grpc.GenerationStub(grpc.insecure_channel(address))
 
-    streams = [_Stream(stub, p, STREAM_TOKENS) for p in random_prompts(1024, [40] * 4, seed=11)]
-    _wait(lambda: _status(victim).running > 0 and _status(survivor).running > 0, 60,
+    streams = [Stream(stub, p, STREAM_TOKENS) for p in random_prompts(1024, [40] * 4, seed=11)]
+    wait_until(lambda: _status(victim).running > 0 and _status(survivor).running > 0, 60,
           "a stream on each decode worker")
     os.kill(victim_pid, signal.SIGKILL)
     killed = time.monotonic()
@@ -192,7 +164,7 @@ def test_a_killed_decode_worker_comes_back_on_its_port_while_the_other_keeps_str
     assert up.proc.poll() is None, f"tandem up stopped when one worker died:\n{up.output()}"
 
     # back on the same port, a new process, with the exit and the restart in tandem up's log
-    _wait(lambda: f"decode-0 is back on {victim}" in up.output(), 60, "decode-0 to be restarted")
+    wait_until(lambda: f"decode-0 is back on {victim}" in up.output(), 60, "decode-0 to be restarted")
     assert up.ready_info("decode-0")["address"] == victim and up.pid("decode-0") != victim_pid
     out = up.output()
     assert re.search(rf"decode-0 \(pid {victim_pid}\) exited with code -9; log: \S*decode-0\.log", out), out
@@ -201,15 +173,15 @@ def test_a_killed_decode_worker_comes_back_on_its_port_while_the_other_keeps_str
     def both_healthy() -> bool:
         workers = stub.ClusterStatus(gen.ClusterStatusRequest(), timeout=5).workers
         return all(w.healthy for w in workers) and {victim, survivor} <= {w.address for w in workers}
-    _wait(both_healthy, 10, "the gateway to list both decode workers healthy")
+    wait_until(both_healthy, 10, "the gateway to list both decode workers healthy")
 
     seen: set[str] = set()
-    again = [_Stream(stub, p, STREAM_TOKENS) for p in random_prompts(1024, [30] * 4, seed=12)]
+    again = [Stream(stub, p, STREAM_TOKENS) for p in random_prompts(1024, [30] * 4, seed=12)]
 
     def both_served() -> bool:
         seen.update(a for a in (victim, survivor) if _status(a).running > 0)
         return seen == {victim, survivor} or not any(s.is_alive() for s in again)
-    _wait(both_served, 60, "new streams on both decode workers")
+    wait_until(both_served, 60, "new streams on both decode workers")
     assert seen == {victim, survivor}, f"new streams only ran on {seen}"
     for s in again:
         s.join(120)
@@ -247,7 +219,7 @@ def test_a_worker_that_cannot_start_again_stops_the_stack_naming_it(
 
 def test_ctrl_c_while_starting_stops_every_child(tiny_model: Callable[..., Path], launch: Callable[..., Up]) -> None:
     up = launch(tiny_model("llama", max_position_embeddings=1024), "--prefill-workers", "1", "--decode-workers", "2")
-    _wait(lambda: len(up.descendants()) >= 3 or up.proc.poll() is not None, 30, "the workers to be launched")
+    wait_until(lambda: len(up.descendants()) >= 3 or up.proc.poll() is not None, 30, "the workers to be launched")
     children = up.descendants()
     up.proc.send_signal(signal.SIGINT)
     assert up.proc.wait(30) == 130, up.output()
