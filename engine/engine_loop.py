@@ -121,6 +121,7 @@ class EngineLoop:
         self.gauges = gauges  # engine thread: worker counters published with each snapshot
         self.tick = tick
         self.requests: dict[str, Request] = {}
+        self._adding: set[Request] = set()  # added, their command not run yet: death fails them too
         self._commands: deque[Callable[[], None]] = deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -155,11 +156,14 @@ class EngineLoop:
         """Register `req` (and queue its sequence for the scheduler unless `schedule` is False), then
         run `then` on the engine thread. A dead loop fails it at once; a live duplicate id fails it
         with DuplicateRequest, leaving the live one alone."""
+        self._adding.add(req)
         if self.dead.is_set():
+            self._adding.discard(req)
             req.fail(EngineDied(f"engine is dead: {self.error}"))
             return
 
         def add() -> None:
+            self._adding.discard(req)
             if req.id in self.requests:
                 req.fail(DuplicateRequest(f"request id {req.id!r} is already live on this worker"))
                 return
@@ -215,8 +219,9 @@ class EngineLoop:
             return default
 
     def fail_all(self, exc: BaseException) -> None:
-        """Fail every live request with `exc` (any thread; the table is not modified)."""
-        for req in list(self.requests.values()):
+        """Fail every live request with `exc`, and every one still being added (any thread; the
+        table is not modified)."""
+        for req in [*self.requests.values(), *list(self._adding)]:
             try:
                 req.fail(exc)
             except Exception:  # noqa: BLE001 - one broken callback must not keep the others waiting
