@@ -26,6 +26,7 @@ from engine.model_runner import StepInput
 from engine.outputs import RequestOutput
 from engine.sequence import Sequence
 from kvtransfer import CompletedTransfer, FailedTransfer
+from server.logs import ThroughputLog
 from server.metrics import WorkerMetrics
 from server.tracing import (
     PARENT_KEY,
@@ -76,6 +77,7 @@ class DecodeObserver:
         self.tracing = tracing
         self.metrics = metrics
         self.steps_per_span = steps_per_span
+        self.throughput = ThroughputLog("decode")
 
     def _parent(self, seq: Sequence) -> Context | None:
         return sampled_parent(self.tracing, seq.extra)
@@ -118,15 +120,34 @@ class DecodeObserver:
         """The KV arrived and the sequence joined the batch with its first token (`out`)."""
         now_ns = time.time_ns()
         self._admitted(seq, now_ns, local=False)
-        if out.finished and self._parent(seq) is not None:
-            self._finish(seq, out, now_ns)
+        seq.extra["obs_first_token_ns"] = time.perf_counter_ns()
+        if out.finished:
+            self.metrics.decode_time.observe(0.0)
+            if self._parent(seq) is not None:
+                self._finish(seq, out, now_ns)
 
     def on_step(self, step: StepInput, outputs: list[RequestOutput], t_exec_ns: int, t_done_ns: int) -> None:
-        """After each engine step: admission of local prefills, decode.steps windows, finishes."""
-        self.metrics.step_seconds.observe((t_done_ns - t_exec_ns) / 1e9)
+        """After each engine step: admission and prefill time of local prefills, decode time,
+        decode.steps windows and finishes, the throughput line."""
+        step_s = (t_done_ns - t_exec_ns) / 1e9
+        self.metrics.step_seconds.observe(step_s)
+        computed = sum(step.num_new_tokens) + sum(step.num_draft(i) for i in range(len(step.seqs)))
+        self.metrics.iteration_tokens.observe(computed)
         for seq in step.seqs:
             if "obs_admitted" not in seq.extra:  # a local prefill's first forward
                 self._admitted(seq, epoch_ns_from_perf(t_exec_ns), local=True)
+                seq.extra["obs_prefill_start_ns"] = t_exec_ns
+        generated = finished = 0
+        for out in outputs:
+            x = out.seq.extra if out.seq is not None else {}
+            generated += len(out.new_token_ids)
+            if out.new_token_ids and "obs_first_token_ns" not in x:  # a local prefill's first token
+                x["obs_first_token_ns"] = t_done_ns
+                self.metrics.prefill_time.observe((t_done_ns - x.get("obs_prefill_start_ns", t_exec_ns)) / 1e9)
+            if out.finished:
+                finished += 1
+                self.metrics.decode_time.observe((t_done_ns - x.get("obs_first_token_ns", t_done_ns)) / 1e9)
+        self.throughput.step(len(step.seqs), computed, generated, finished, step_s)
         if not self.tracing.enabled:
             return
         for out in outputs:

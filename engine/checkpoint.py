@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,19 @@ logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+
+
+# llama.cpp's quantization suffix of a GGUF file name: "SmolLM2-135M-Instruct.Q4_1.gguf", "-Q4_K_M.gguf"
+_QUANT_SUFFIX = re.compile(r"[.-](?:[IT]?Q\d[\w]*|F16|F32|BF16|f16|f32|bf16)$", re.IGNORECASE)
+
+
+def model_name(path: str | Path) -> str:
+    """The name a checkpoint goes by: its directory's name, or a GGUF file's stem without the
+    quantization suffix ("SmolLM2-135M-Instruct" for SmolLM2-135M-Instruct.Q4_1.gguf)."""
+    p = Path(path)
+    if p.suffix == ".gguf":
+        return _QUANT_SUFFIX.sub("", p.stem) or p.stem
+    return p.name
 
 
 class CheckpointError(ValueError):

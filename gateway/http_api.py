@@ -241,10 +241,14 @@ def http_ssl_context(cert: str, key: str, client_ca: str | None = None) -> ssl.S
 
 
 async def start_http_api(service: GenerationService, host: str, port: int, *, authorize: Authorize | None = None,
-                         ssl_context: ssl.SSLContext | None = None) -> HttpServer:
-    """Serve the OpenAI API for `service` on host:port (0: any free port) on the running event loop."""
-    runner = web.AppRunner(OpenAIApi(service, authorize).app(), handler_cancellation=True, access_log=None,
-                           shutdown_timeout=2.0)
+                         ssl_context: ssl.SSLContext | None = None,
+                         instrument: Callable[[web.Application], None] | None = None) -> HttpServer:
+    """Serve the OpenAI API for `service` on host:port (0: any free port) on the running event loop.
+    `instrument(app)` may add middleware and routes before it starts (gateway/http_observe.py)."""
+    app = OpenAIApi(service, authorize).app()
+    if instrument is not None:  # issue 17: spans, status counts, access lines, /metrics
+        instrument(app)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await site.start()

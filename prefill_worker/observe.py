@@ -24,6 +24,7 @@ from engine.model_runner import StepInput
 from engine.outputs import RequestOutput
 from engine.sequence import Sequence
 from kvtransfer import TransferResult
+from server.logs import ThroughputLog
 from server.metrics import WorkerMetrics
 from server.tracing import (
     Tracing,
@@ -44,22 +45,29 @@ class PrefillObserver:
     def __init__(self, tracing: Tracing, metrics: WorkerMetrics) -> None:
         self.tracing = tracing
         self.metrics = metrics
+        self.throughput = ThroughputLog("prefill")
 
     def _parent(self, seq: Sequence) -> Context | None:
         return sampled_parent(self.tracing, seq.extra)
 
     # ------------------------------------------------------------------ engine thread
     def on_step(self, step: StepInput, outputs: list[RequestOutput], t_exec_ns: int, t_done_ns: int) -> None:
-        """After each engine step: queue-wait (first forward of a request) and chunk spans."""
-        self.metrics.step_seconds.observe((t_done_ns - t_exec_ns) / 1e9)
+        """After each engine step: queue and prefill time, chunk spans, the throughput line."""
+        step_s = (t_done_ns - t_exec_ns) / 1e9
+        self.metrics.step_seconds.observe(step_s)
         batch_tokens = sum(step.num_new_tokens)
+        self.metrics.iteration_tokens.observe(batch_tokens)
+        self.throughput.step(len(step.seqs), batch_tokens, 0, sum(step.sample), step_s)
         for seq, n, sample in zip(step.seqs, step.num_new_tokens, step.sample, strict=True):
             x = seq.extra
             first = "obs_queued" not in x
             if first:
                 x["obs_queued"] = True
+                x["obs_first_forward_ns"] = t_exec_ns
                 t_first = x.get("t_first_forward", time.monotonic())
                 self.metrics.queue_wait.observe(max(t_first - x.get("t0", t_first), 0.0))
+            if sample:  # the final chunk: the prompt is computed
+                self.metrics.prefill_time.observe((t_done_ns - x.get("obs_first_forward_ns", t_exec_ns)) / 1e9)
             parent = self._parent(seq)
             if parent is None:
                 continue

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from engine.checkpoint import checkpoint_fingerprint
+from engine.checkpoint import checkpoint_fingerprint, model_name
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.engine_loop import EngineLoop
@@ -58,7 +58,7 @@ async def serve_worker(kind: WorkerKind, engine_config: EngineConfig, opts: Serv
     """Serve until `stop`; `tracing` is the process's (server.process.run_component), off when None."""
     engine = Engine(engine_config)
     layout = KVLayout.for_pool(engine.runner.kv, checkpoint_fingerprint(engine_config.model))
-    registry = new_registry()
+    registry = new_registry(model_name(engine_config.model), kind.role)
     worker = kind.build(engine, layout, WorkerMetrics(registry, kind.role), tracing or disabled())
     registry.register(EngineCollector(kind.role, worker.core.loop.stats, worker.gauges))
     metrics_server = start_metrics_server(opts.host, opts.metrics_port, registry)
