@@ -241,8 +241,9 @@ class RequestObservation:
                                   "completion_tokens": self.tokens,
                                   "ttft_ms": round(self.ttft_s * 1000, 1) if self.ttft_s is not None else None,
                                   "finish": self.finish_reason or None, "grpc_status": code.name}
-        if self.http is not None:
-            self.http.fields.update({k: v for k, v in fields.items() if k != "request_id"})
+        if self.http is not None:  # the HTTP status says it unless the call failed after the headers
+            self.http.fields.update({k: v for k, v in fields.items()
+                                     if k != "request_id" and (k != "grpc_status" or code is not grpc.StatusCode.OK)})
             return
         fields = {"protocol": "grpc", "route": "/tandem.v1.Generation/Generate", "status": code.name, **fields,
                   "duration_ms": round(1000 * (time.perf_counter() - self.t0), 1)}

@@ -73,19 +73,22 @@ class ThroughputLog:
         self._reset(time.monotonic())
 
     def _reset(self, now: float) -> None:
-        self.t0 = now
+        self.t0 = self.t_last = now
         self.steps = self.seqs = self.computed = self.generated = self.finished = 0
         self.step_s = 0.0
 
     def step(self, num_seqs: int, computed: int, generated: int, finished: int, step_s: float) -> None:
         """One engine step: `computed` tokens through the model, `generated` sampled, `finished` requests."""
+        now = time.monotonic()
+        if now - self.t_last > self.interval_s:  # idle since: a new window starts with this step
+            self._reset(now - step_s)
+        self.t_last = now
         self.steps += 1
         self.seqs += num_seqs
         self.computed += computed
         self.generated += generated
         self.finished += finished
         self.step_s += step_s
-        now = time.monotonic()
         if now - self.t0 < self.interval_s:
             return
         span = now - self.t0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -84,3 +85,25 @@ def test_setup_logging_refuses_unknown_levels_and_formats() -> None:
         setup_logging("LOUD", "text")
     with pytest.raises(ValueError, match="log format"):
         setup_logging("INFO", "xml")
+
+
+def test_the_throughput_line_comes_once_per_busy_interval() -> None:
+    from server.logs import ThroughputLog
+
+    records: list[logging.LogRecord] = []
+    logger = logging.getLogger("test.throughput")
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    log = ThroughputLog("decode", interval_s=0.05, logger=logger)
+    log.t_last -= 1.0  # long idle before the first step: no line for the idle time
+    log.step(2, 2, 2, 0, 0.01)
+    assert not records
+    deadline = time.monotonic() + 0.2
+    while not records and time.monotonic() < deadline:  # busy: a step every 10 ms
+        time.sleep(0.01)
+        log.step(2, 10, 2, 1, 0.01)
+    [record] = records
+    assert record.getMessage().startswith("decode: ") and "(mean batch 2.0" in record.getMessage()
+    assert record.fields["steps"] >= 5  # type: ignore[attr-defined]
