@@ -168,3 +168,20 @@ def test_http_refusals_and_cancellations_are_counted(metered_stack: tuple[Stack,
     assert delta("tandem_gateway_requests_total", code="CANCELLED") == 1
     assert delta("tandem_gateway_requests_finished_total", finish_reason="abort") == 1
     wait_all_blocks_free(stack)
+
+
+def test_the_dashboard_and_rules_query_series_that_exist(metered_stack: tuple[Stack, dict[str, int]]) -> None:
+    """Every tandem_* name in the Grafana dashboard and the Prometheus rules is served by some process."""
+    import re
+    from pathlib import Path
+
+    stack, ports = metered_stack
+    generate(stub(stack), [5, 6, 7, 8, 9], temperature=0.0, max_tokens=3)
+    _http(stack.gateway.info["http_address"], "/v1/completions", b"{")
+    served = {n for port in ports.values() for n, _ in scrape(port)}
+    root = Path(__file__).resolve().parents[2]
+    for path in (root / "deploy/grafana/dashboards/tandem.json", root / "deploy/prometheus/rules.yml"):
+        names = set(re.findall(r"\b(tandem_[a-z0-9_]+)", path.read_text()))
+        assert names, path
+        missing = sorted(n for n in names if not {n, f"{n}_bucket", f"{n}_total"} & served)  # a family's name too
+        assert not missing, f"{path.name} queries series no process serves: {missing}"
