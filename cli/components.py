@@ -2,6 +2,7 @@
 
 These are exactly the commands `tandem up` and docker-compose run. Every flag is generated from the
 component's config dataclass (engine.options), which holds its default, range and help text.
+`--model` may name a packaged model (cli/models.py), as in `tandem up`.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from cli.models import resolve_model
 from decode_worker.config import DecodeWorkerConfig
 from engine.options import add_options, from_args
 from gateway.config import GatewayConfig
@@ -20,6 +22,7 @@ def run_gateway(args: argparse.Namespace) -> int:
     from gateway.main import serve_gateway
     from server.process import run_component
 
+    args.model = resolve_model(args.model)
     cfg: GatewayConfig = from_args(GatewayConfig, args)
     return run_component("gateway", cfg.server, lambda stop, tracing: serve_gateway(cfg, stop, tracing=tracing))
 
@@ -28,6 +31,7 @@ def run_prefill(args: argparse.Namespace) -> int:
     from prefill_worker.main import serve_prefill
     from server.process import run_component
 
+    args.model = resolve_model(args.model)
     cfg: PrefillWorkerConfig = from_args(PrefillWorkerConfig, args)
     return run_component("prefill", cfg.server, lambda stop, tracing: serve_prefill(cfg, stop, tracing=tracing))
 
@@ -36,6 +40,7 @@ def run_decode(args: argparse.Namespace) -> int:
     from decode_worker.main import serve_decode
     from server.process import run_component
 
+    args.model = resolve_model(args.model)
     cfg: DecodeWorkerConfig = from_args(DecodeWorkerConfig, args)
     return run_component("decode", cfg.server, lambda stop, tracing: serve_decode(cfg, stop, tracing=tracing))
 

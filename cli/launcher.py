@@ -106,15 +106,17 @@ class Stack:
                  port: int = 0, engine_args: list[str] | None = None, prefill_args: list[str] | None = None,
                  decode_args: list[str] | None = None, gateway_args: list[str] | None = None,
                  workdir: str | Path | None = None, env: dict[str, str] | None = None,
-                 metrics_port: int = 0) -> None:
+                 metrics_port: int = 0, log_args: list[str] | None = None) -> None:
         """`metrics_port` > 0 gives every process a Prometheus port: the gateway `metrics_port`,
-        prefill worker i `metrics_port + 1 + i`, decode worker j `metrics_port + 1 + prefill_workers + j`."""
+        prefill worker i `metrics_port + 1 + i`, decode worker j `metrics_port + 1 + prefill_workers + j`.
+        `log_args` (--log-level, --log-format) go to every process's `tandem` command; each writes its
+        log to `<workdir>/<name>.log` (gateway, prefill-0, decode-0, ...)."""
         self.model = str(model)
         self.host = host
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="tandem-stack-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, **(env or {})}
-        base = [sys.executable, "-m", "cli.main"]
+        base = [sys.executable, "-m", "cli.main", *(log_args or [])]
         eng = ["--model", self.model, *(engine_args or [])]
         def metrics(index: int) -> list[str]:
             return ["--metrics-port", str(metrics_port + index)] if metrics_port > 0 else []
@@ -157,6 +159,11 @@ class Stack:
         self.gateway = self._child("gateway", argv)
         self.gateway.start(self.env)
         self.gateway.wait_ready(deadline or time.monotonic() + 60)
+
+    @property
+    def children(self) -> list[Child]:
+        """Every process, the gateway last (once started)."""
+        return [*self.prefill, *self.decode, *([self.gateway] if self.gateway is not None else [])]
 
     @property
     def workers(self) -> list[Child]:

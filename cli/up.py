@@ -1,5 +1,10 @@
 """`tandem up`: the whole stack as local processes; Ctrl-C or SIGTERM stops every one of them.
 
+With no flags it serves SmolLM2-135M-Instruct (cli/models.py) with gRPC on 127.0.0.1:50051 and the
+OpenAI-compatible HTTP API on http://127.0.0.1:8000/v1 (--no-http: off), and prints a curl, an
+`openai` snippet and a `tandem generate` line that work against it. Each process logs to its own file
+in --workdir (gateway.log, prefill-0.log, decode-0.log; --log-level / --log-format apply to all).
+
 A worker that exits is restarted on its port after a back-off while the rest keep serving
 (cli/supervisor.py); the gateway exiting, or a worker that fails to start --max-restarts times in a
 row, stops everything and exits 1.
@@ -16,8 +21,9 @@ import logging
 import signal
 import threading
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from cli.models import DEFAULT_MODEL
 from decode_worker.config import DecodeWorkerConfig
 from engine.config import EngineConfig
 from engine.options import add_options, forward_args
@@ -25,6 +31,10 @@ from gateway.config import GatewayConfig
 from prefill_worker.config import PrefillWorkerConfig
 from server.config import DEFAULT_PORTS, ServerOptions
 
+if TYPE_CHECKING:
+    from cli.launcher import Stack
+
+DEFAULT_HTTP_PORT = 8000
 # Decided by `tandem up` itself: the model and the workers' addresses, each process's bind address,
 # port, ready file and metrics port (see --metrics-port).
 _SET_BY_UP = ("model", "decode_workers", "prefill_workers", "host", "port", "ready_file", "metrics_port")
@@ -44,15 +54,29 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         logger.error("up: %s", exc)
         return 2
+    from cli.models import resolve_model
+
+    try:
+        model = resolve_model(getattr(args, "model", DEFAULT_MODEL))
+    except ValueError as exc:
+        logger.error("up: %s", exc)
+        return 2
+    if args.no_http:
+        if hasattr(args, "http_port"):
+            logger.error("up: --no-http and --http-port contradict each other")
+            return 2
+    elif not hasattr(args, "http_port"):
+        args.http_port = DEFAULT_HTTP_PORT
     tracing = forward_args(ServerOptions, args, exclude=_SET_BY_UP)
     engine = forward_args(EngineConfig, args, exclude=("model",))
-    stack = Stack(args.model, prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
+    stack = Stack(model, prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
                   host=getattr(args, "host", "127.0.0.1"), port=getattr(args, "port", DEFAULT_PORTS["gateway"]),
                   engine_args=[*engine, *tracing],
                   prefill_args=forward_args(PrefillWorkerConfig, args, exclude=(*_SET_BY_UP, *_TRACING, "engine")),
                   decode_args=forward_args(DecodeWorkerConfig, args, exclude=(*_SET_BY_UP, *_TRACING, "engine")),
                   gateway_args=forward_args(GatewayConfig, args, exclude=_SET_BY_UP),
-                  workdir=args.workdir, metrics_port=getattr(args, "metrics_port", 0))
+                  workdir=args.workdir, metrics_port=getattr(args, "metrics_port", 0),
+                  log_args=["--log-level", args.log_level, "--log-format", args.log_format])
     stop = threading.Event()
     starting = True
 
@@ -63,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
-    print(f"starting {args.prefill_workers} prefill + {args.decode_workers} decode workers on {args.model} ...",
-          flush=True)
+    print(f"starting {args.prefill_workers} prefill + {args.decode_workers} decode workers on {model} "
+          f"(logs: {stack.workdir}) ...", flush=True)
     try:
         stack.start(timeout_s=args.startup_timeout)
         starting = False
@@ -72,20 +96,12 @@ def run(args: argparse.Namespace) -> int:
         stack.stop()
         print("stopped", flush=True)
         return 130
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"failed to start: {exc}\nevery log is in {stack.workdir}", flush=True)
+        return 1
     supervisor = Supervisor(stack, policy)
     try:
-        for c in stack.prefill:
-            print(f"  prefill worker  {c.info['address']}{_metrics(c.info)}", flush=True)
-        for c in stack.decode:
-            print(f"  decode worker   {c.info['address']}  (KV {c.info.get('kv_address')}){_metrics(c.info)}",
-                  flush=True)
-        if stack.gateway is not None and "metrics_address" in stack.gateway.info:
-            print(f"  gateway metrics http://{stack.gateway.info['metrics_address']}/metrics", flush=True)
-        print(f"gateway ready on {stack.address}   logs: {stack.workdir}", flush=True)
-        if stack.gateway is not None and "http_address" in stack.gateway.info:
-            print(f"  OpenAI-compatible HTTP API http://{stack.gateway.info['http_address']}/v1", flush=True)
-        print(f"try: tandem generate --addr {stack.address} 'def fibonacci(n):'   (Ctrl-C stops everything)",
-              flush=True)
+        print(ready_text(stack), flush=True)
         while not stop.wait(0.25):
             reason = supervisor.poll()
             if reason is not None and not stop.is_set():  # Ctrl-C in a terminal signals the children too
@@ -101,12 +117,41 @@ def _metrics(info: dict[str, Any]) -> str:
     return f"  metrics http://{info['metrics_address']}/metrics" if "metrics_address" in info else ""
 
 
+def ready_text(stack: Stack) -> str:
+    """What `tandem up` prints once every process is ready: where each is, its log, and commands to try."""
+    assert stack.gateway is not None
+    gw = stack.gateway.info
+    name = gw.get("model_name", "")
+    lines = [f"  prefill worker  {c.info['address']}{_metrics(c.info)}   log {c.log_path}" for c in stack.prefill]
+    lines += [f"  decode worker   {c.info['address']}  (KV {c.info.get('kv_address')}){_metrics(c.info)}   "
+              f"log {c.log_path}" for c in stack.decode]
+    lines.append(f"  gateway         {stack.address}{_metrics(gw)}   log {stack.gateway.log_path}")
+    lines.append(f"gateway ready on {stack.address} (gRPC), serving model {name!r}")
+    if "http_address" in gw:
+        base = f"http://{gw['http_address']}"
+        lines += [f"  OpenAI-compatible HTTP API {base}/v1 (also {base}/metrics, {base}/health)", "try:",
+                  f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\",
+                  f"    -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": "
+                  f"\"What is the capital of France?\"}}], \"max_tokens\": 64}}'",
+                  "  python -c 'from openai import OpenAI; c = OpenAI(base_url=\"" + base + "/v1\", "
+                  "api_key=\"unused\"); print(c.chat.completions.create(model=\"" + name + "\", max_tokens=64, "
+                  "messages=[{\"role\": \"user\", \"content\": \"Tell me a joke.\"}]).choices[0].message.content)'"]
+    else:
+        lines.append("try:")
+    lines.append(f"  tandem generate --addr {stack.address} 'The capital of France is'")
+    lines.append(f"Ctrl-C stops every process; a worker that exits is restarted. Logs: {stack.workdir}/*.log")
+    return "\n".join(lines)
+
+
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("up", help="start gateway + prefill + decode workers as local processes")
     p.add_argument("--prefill-workers", type=int, default=1, help="prefill worker processes (0: decode workers "
                    "prefill every prompt themselves)")
     p.add_argument("--decode-workers", type=int, default=1, help="decode worker processes")
-    p.add_argument("--workdir", default=None, help="where ready files and logs go (default: a temp dir)")
+    p.add_argument("--workdir", default=None, help="where each process's log (gateway.log, prefill-0.log, "
+                   "decode-0.log, ...) and ready file go (default: a new temp dir, printed at start)")
+    p.add_argument("--no-http", action="store_true", help=f"do not serve the OpenAI-compatible HTTP API (by "
+                   f"default tandem up serves it on port {DEFAULT_HTTP_PORT}; --http-port picks another)")
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for every process (and "
                    "for a restarted worker)")
     sup = p.add_argument_group("supervision (a worker that exits is restarted on its port; the rest keep serving)")
@@ -119,11 +164,15 @@ def register(subparsers: Any) -> None:
     sup.add_argument("--max-restarts", type=int, default=5, metavar="N",
                      help="stop everything (exit 1) when a worker fails to start N times in a row "
                           "(0: any worker exiting stops everything)")
-    add_options(p.add_argument_group("engine (every worker)"), EngineConfig, passthrough=True)
+    add_options(p.add_argument_group("engine (every worker)"), EngineConfig, passthrough=True,
+                defaults={"model": DEFAULT_MODEL},
+                helps={"model": "Hugging Face checkpoint directory, .gguf file, or a packaged model's name"})
     add_options(p.add_argument_group("gateway"), GatewayConfig, passthrough=True,
                 exclude=("model", "decode_workers", "prefill_workers", "ready_file"),
                 defaults={"port": DEFAULT_PORTS["gateway"]},
                 helps={"host": "bind address of every process (the gateway's is the one clients dial)",
+                       "http_port": f"serve the OpenAI-compatible HTTP API on this port (tandem up's default: "
+                                    f"{DEFAULT_HTTP_PORT}; 0: any free port)",
                        "metrics_port": "Prometheus base port: the gateway here, prefill workers next, then decode "
                                        "workers (0: off)",
                        "otlp_endpoint": "every process sends traces here (http://host:4317 or 'console'); "

@@ -27,6 +27,7 @@ from engine.model_runner import StepInput
 from engine.outputs import RequestOutput
 from engine.sequence import Sequence
 from kvtransfer import CompletedTransfer, FailedTransfer
+from server.logs import ThroughputLog
 from server.metrics import WorkerMetrics
 from server.tracing import (
     RequestTrace,
@@ -59,6 +60,8 @@ class DecodeTrace(RequestTrace):
     """What the observer keeps per request (on its DecodeRequest record)."""
 
     admitted: bool = False
+    prefill_start_ns: int | None = None  # perf_counter_ns of a local prefill's first forward
+    first_token_ns: int | None = None  # perf_counter_ns of its first token
     window: _Window | None = None
     spec: tuple[int, int, int] = (0, 0, 0)  # speculation counters at the last decode.steps span
 
@@ -86,6 +89,7 @@ class DecodeObserver:
         self.tracing = tracing
         self.metrics = metrics
         self.steps_per_span = steps_per_span
+        self.throughput = ThroughputLog("decode")
 
     # ------------------------------------------------------------------ receiver I/O thread
     def kv_received(self, t: CompletedTransfer) -> None:
@@ -125,17 +129,36 @@ class DecodeObserver:
         """The KV arrived and the sequence joined the batch with its first token (`out`)."""
         now_ns = time.time_ns()
         self._admitted(req, now_ns, local=False)
-        if out.finished and req.trace.parent(self.tracing) is not None:
-            self._finish(req, out, now_ns)
+        req.trace.first_token_ns = time.perf_counter_ns()
+        if out.finished:
+            self.metrics.decode_time.observe(0.0)
+            if req.trace.parent(self.tracing) is not None:
+                self._finish(req, out, now_ns)
 
     def on_step(self, requests: Mapping[str, DecodeRequest], step: StepInput, outputs: list[RequestOutput],
                 t_exec_ns: int, t_done_ns: int) -> None:
-        """After each engine step: admission of local prefills, decode.steps windows, finishes."""
-        self.metrics.step_seconds.observe((t_done_ns - t_exec_ns) / 1e9)
+        """After each engine step: admission and prefill time of local prefills, decode time,
+        decode.steps windows and finishes, the throughput line."""
+        step_s = (t_done_ns - t_exec_ns) / 1e9
+        self.metrics.step_seconds.observe(step_s)
+        computed = sum(step.num_new_tokens) + sum(step.num_draft(i) for i in range(len(step.seqs)))
+        self.metrics.iteration_tokens.observe(computed)
         for seq in step.seqs:
             req = requests.get(seq.request_id)
             if req is not None and not req.trace.admitted:  # a local prefill's first forward
                 self._admitted(req, epoch_ns_from_perf(t_exec_ns), local=True)
+                req.trace.prefill_start_ns = t_exec_ns
+        generated = finished = 0
+        for out in outputs:
+            tr = requests[out.request_id].trace if out.request_id in requests else DecodeTrace()
+            generated += len(out.new_token_ids)
+            if out.new_token_ids and tr.first_token_ns is None:  # a local prefill's first token
+                tr.first_token_ns = t_done_ns
+                self.metrics.prefill_time.observe((t_done_ns - (tr.prefill_start_ns or t_exec_ns)) / 1e9)
+            if out.finished:
+                finished += 1
+                self.metrics.decode_time.observe((t_done_ns - (tr.first_token_ns or t_done_ns)) / 1e9)
+        self.throughput.step(len(step.seqs), computed, generated, finished, step_s)
         if not self.tracing.enabled:
             return
         for out in outputs:

@@ -6,6 +6,8 @@ A checkpoint directory holds `config.json` and its weights in one of three layou
     model.safetensors              a single file
     *.safetensors                  any other files, read in sorted name order
 
+or it is a single llama.cpp `.gguf` file (engine.gguf_file): config, tokenizer and weights in one.
+
 Torch-free (the gateway reads configs through it); `engine.weights` streams the tensors.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,19 @@ logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+
+
+# llama.cpp's quantization suffix of a GGUF file name: "SmolLM2-135M-Instruct.Q4_1.gguf", "-Q4_K_M.gguf"
+_QUANT_SUFFIX = re.compile(r"[.-](?:[IT]?Q\d[\w]*|F16|F32|BF16|f16|f32|bf16)$", re.IGNORECASE)
+
+
+def model_name(path: str | Path) -> str:
+    """The name a checkpoint goes by: its directory's name, or a GGUF file's stem without the
+    quantization suffix ("SmolLM2-135M-Instruct" for SmolLM2-135M-Instruct.Q4_1.gguf)."""
+    p = Path(path)
+    if p.suffix == ".gguf":
+        return _QUANT_SUFFIX.sub("", p.stem) or p.stem
+    return p.name
 
 
 class CheckpointError(ValueError):
@@ -41,7 +57,8 @@ def check_dir(model_dir: str | Path) -> Path:
     if not path.exists():
         raise CheckpointError(f"model directory {path} does not exist")
     if not path.is_dir():
-        raise CheckpointError(f"model path {path} is not a directory (expected a Hugging Face model folder)")
+        raise CheckpointError(f"model path {path} is not a directory (expected a Hugging Face model folder "
+                              "or a .gguf file)")
     return path
 
 
@@ -83,11 +100,16 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
 
 
 def load_hf_config(model_dir: str | Path) -> dict[str, Any]:
-    """Read `config.json` of a checkpoint directory.
+    """Read `config.json` of a checkpoint directory, or derive it from a `.gguf` file's metadata.
 
     Raises CheckpointError if the directory does not exist or is not a directory, has no config.json
-    (or it is not a JSON object), or has no safetensors weights.
+    (or it is not a JSON object), or has no safetensors weights; for a GGUF file, if it is malformed
+    or of an architecture Tandem does not serve.
     """
+    from engine import gguf_file
+
+    if gguf_file.is_gguf(model_dir):
+        return gguf_file.hf_config(gguf_file.read_gguf(model_dir))
     path = check_dir(model_dir)
     config_path = path / "config.json"
     if not config_path.is_file():
@@ -105,6 +127,10 @@ def checkpoint_fingerprint(model_dir: str | Path) -> str:
     sizes. Two workers serve the same model iff their fingerprints match (up to same-size edits of
     the weights, which are not read). Raises CheckpointError as `load_hf_config` does.
     """
+    from engine import gguf_file
+
+    if gguf_file.is_gguf(model_dir):
+        return gguf_file.fingerprint(gguf_file.read_gguf(model_dir))
     config = load_hf_config(model_dir)
     h = hashlib.sha256()
     h.update(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())

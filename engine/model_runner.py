@@ -25,7 +25,7 @@ from engine.model import CausalLM, ForwardContext
 from engine.sampling.batch import SamplingBatch
 from engine.sampling.sampler import Sampler, SamplerOutput
 from engine.sequence import Sequence
-from engine.weights import iter_safetensors
+from engine.weights import iter_weights
 from kernels.kv_store import FP8_KV_SCALE
 from kernels.ops import select_ops
 
@@ -68,7 +68,7 @@ def load_model(
     staging = device if quantization is None else torch.device("cpu")
     model = model.to_empty(device=staging).to(dtype)
     with torch.no_grad():
-        model.load_weights(iter_safetensors(path))
+        model.load_weights(iter_weights(path))
     if quantization is not None:
         from engine.quant import quantize_model
 

@@ -1,6 +1,7 @@
 """The tokenizer of a Hugging Face checkpoint, on the `tokenizers` library alone.
 
-`Tokenizer.from_dir(model_dir)` reads:
+`Tokenizer.from_dir(model_dir)` reads (a `.gguf` file instead: its tokenizer.ggml.* metadata and
+tokenizer.chat_template, engine.gguf_tokenizer):
 
     tokenizer.json           the pipeline (normalizer, pre-tokenizer, BPE/Unigram model, decoder)
     tokenizer_config.json    bos/eos/unk/pad tokens, add_bos_token/add_eos_token, added tokens,
@@ -150,6 +151,10 @@ class Tokenizer:
 
         Raises CheckpointError if tokenizer.json is missing or a file is malformed.
         """
+        from engine import gguf_file
+
+        if gguf_file.is_gguf(model_dir):
+            return cls.from_gguf(model_dir)
         path = Path(model_dir)
         tok_file = path / "tokenizer.json"
         if not tok_file.is_file():
@@ -188,6 +193,19 @@ class Tokenizer:
             eos_token_ids=frozenset(_ids(eos_source.get("eos_token_id"))),
             chat_template=cls._read_chat_template(path, tok_cfg),
         )
+
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> Tokenizer:
+        """The tokenizer and chat template of a llama.cpp GGUF file (engine.gguf_tokenizer).
+
+        Raises CheckpointError for a malformed file or a tokenizer kind that is not byte-level BPE.
+        """
+        from engine.gguf_file import read_gguf
+        from engine.gguf_tokenizer import build_tokenizer
+
+        t = build_tokenizer(read_gguf(path))
+        return cls(t.backend, special_tokens=t.special_tokens, eos_token_ids=t.eos_token_ids,
+                   chat_template=t.chat_template)
 
     @staticmethod
     def _check_bos_eos_flags(

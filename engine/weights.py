@@ -1,5 +1,6 @@
-"""Streaming a checkpoint's tensors: one at a time from memory-mapped safetensors files, so loading
-never holds a second full copy of the checkpoint in memory (layouts: engine.checkpoint)."""
+"""Streaming a checkpoint's tensors: one at a time from memory-mapped safetensors files (or a GGUF
+file, dequantized tensor by tensor), so loading never holds a second full copy of the checkpoint in
+memory (layouts: engine.checkpoint; GGUF: engine.gguf_file). `iter_weights` takes either."""
 
 from __future__ import annotations
 
@@ -61,3 +62,63 @@ def iter_safetensors(
             f"{path / INDEX_FILE} lists {len(missing)} tensors found in no shard, "
             f"e.g. {', '.join(missing[:3])}"
         )
+
+
+def iter_gguf(path: str | Path, *, progress: bool | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(Hugging Face name, float32 tensor)` for every tensor of a llama.cpp GGUF file.
+
+    Each tensor is read from the memory-mapped file and dequantized when it is yielded (`gguf.quants`
+    knows F32/F16/BF16, Q4_0..Q8_0 and the K-quants); llama.cpp's rotary row permutation of q_proj
+    and k_proj is undone (engine.gguf_file). The caller copies it into a parameter of its dtype.
+    Raises CheckpointError for a malformed file or a tensor type gguf cannot dequantize.
+    """
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from engine.gguf_file import hf_tensor_name, permuted_heads, read_gguf, unpermute_rows
+
+    f = read_gguf(path)
+    data = np.memmap(f.path, dtype=np.uint8, mode="r")
+    total = f.path.stat().st_size
+    show = progress if progress is not None else total > PROGRESS_MIN_BYTES
+    with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", file=sys.stderr,
+              disable=not show) as bar:
+        for info in f.tensors.values():
+            name = hf_tensor_name(info.name)
+            if name is None:
+                logger.debug("skipping GGUF tensor %s: no place in a Hugging Face checkpoint", info.name)
+                continue
+            try:
+                qtype = GGMLQuantizationType(info.type)
+                block, type_size = GGML_QUANT_SIZES[qtype]
+            except (ValueError, KeyError) as exc:
+                raise CheckpointError(f"{f.path}: tensor {info.name} has unknown type {info.type}") from exc
+            *outer, inner = info.shape
+            if inner % block:
+                raise CheckpointError(f"{f.path}: tensor {info.name} has {inner} columns, not a multiple of "
+                                      f"its {qtype.name} block of {block}")
+            row_bytes = inner // block * type_size
+            nbytes = row_bytes * int(np.prod(outer, dtype=np.int64))
+            if info.offset + nbytes > data.size:
+                raise CheckpointError(f"{f.path}: tensor {info.name} runs past the end of the file (truncated?)")
+            raw = data[info.offset : info.offset + nbytes].reshape(*outer, row_bytes)
+            try:
+                values = np.array(dequantize(raw, qtype), dtype=np.float32).reshape(info.shape)  # a copy
+            except NotImplementedError as exc:
+                raise CheckpointError(f"{f.path}: cannot dequantize {info.name} ({qtype.name}): {exc}") from exc
+            heads = permuted_heads(f, name)
+            if heads is not None:
+                values = np.ascontiguousarray(unpermute_rows(values, heads))
+            bar.update(nbytes)
+            yield name, torch.from_numpy(values)
+
+
+def iter_weights(path: str | Path, *, progress: bool | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a checkpoint under its Hugging Face name: a directory's safetensors, or a
+    `.gguf` file's tensors dequantized to float32 (see `iter_safetensors`, `iter_gguf`)."""
+    from engine.gguf_file import is_gguf
+
+    if is_gguf(path):
+        return iter_gguf(path, progress=progress)
+    return iter_safetensors(path, progress=progress)

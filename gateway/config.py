@@ -7,8 +7,8 @@ and `tandem up` generate their flags from them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from engine.checkpoint import model_name
 from engine.options import REQUIRED, check_options, option
 from server.config import ServerOptions
 from server.protoconv import DEFAULT_MAX_TOKENS
@@ -48,10 +48,11 @@ class HttpLimits:
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    model: str = option(REQUIRED, "checkpoint directory (tokenizer and config are read from it)")
+    model: str = option(REQUIRED, "checkpoint directory or .gguf file (tokenizer and config are read from it)")
     decode_workers: tuple[str, ...] = option(REQUIRED, "comma-separated host:port of decode workers")
     prefill_workers: tuple[str, ...] = option((), "comma-separated host:port of prefill workers")
-    served_model_name: str | None = option(None, "the name clients use (default: the model directory's)")
+    served_model_name: str | None = option(None, "the name clients use (default: the model directory's, or a "
+                                           ".gguf file's without its quantization suffix)")
     local_prefill_threshold: int = option(
         32, "uncached prompt tokens below which the decode worker prefills itself (0: never)", min=0)
     heartbeat_interval_s: float = option(0.5, "seconds between status polls of each worker",
@@ -65,6 +66,10 @@ class GatewayConfig:
     auth_token_file: str | None = option(
         None, "file of allowed bearer tokens, one `token [role]` per line (roles: user, admin); calls "
         "without a listed token get UNAUTHENTICATED")
+    trace_content: bool = option(
+        False, "record prompts and completions on the request's span (gen_ai.input.messages / "
+        "gen_ai.output.messages; also $OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true); off by default: "
+        "they may hold personal data")
     limits: GatewayLimits = field(default_factory=GatewayLimits)
     http: HttpLimits = field(default_factory=HttpLimits)
     server: ServerOptions = field(default_factory=ServerOptions)
@@ -82,4 +87,4 @@ class GatewayConfig:
 
     @property
     def model_name(self) -> str:
-        return self.served_model_name or Path(self.model).name
+        return self.served_model_name or model_name(self.model)

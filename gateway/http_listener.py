@@ -18,6 +18,7 @@ import json
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -104,12 +105,15 @@ def http_ssl_context(cert: str, key: str, client_ca: str | None = None) -> ssl.S
 
 
 async def start_http_api(service: GenerationService, host: str, port: int, *, limits: HttpLimits | None = None,
-                         authorize: Authorize | None = None, ssl_context: ssl.SSLContext | None = None
-                         ) -> HttpServer:
-    """Serve the OpenAI API for `service` on host:port (0: any free port) on the running event loop."""
+                         authorize: Authorize | None = None, ssl_context: ssl.SSLContext | None = None,
+                         instrument: Callable[[web.Application], None] | None = None) -> HttpServer:
+    """Serve the OpenAI API for `service` on host:port (0: any free port) on the running event loop.
+    `instrument(app)` may add middleware and routes before it starts (gateway/http_observe.py)."""
     limits = limits or HttpLimits()
-    api = OpenAIApi(service, authorize, read_timeout_s=limits.read_timeout_s)
-    runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None, shutdown_timeout=2.0,
+    app = OpenAIApi(service, authorize, read_timeout_s=limits.read_timeout_s).app()
+    if instrument is not None:
+        instrument(app)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0,
                            keepalive_timeout=limits.idle_timeout_s, lingering_time=LINGERING_S)
     await runner.setup()
     assert runner.server is not None

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from engine.checkpoint import load_hf_config
 from engine.config import ModelConfig
 from engine.tokenizer import Tokenizer
 from gateway.config import GatewayConfig
+from gateway.http_observe import HttpObserver
 from gateway.observe import GatewayObserver
 from gateway.registry import WorkerRegistry
 from gateway.router import Router
@@ -23,6 +25,12 @@ from tandem.v1 import generation_pb2_grpc
 logger = logging.getLogger(__name__)
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
 GENERATE = "/tandem.v1.Generation/Generate"
+CAPTURE_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+
+
+def capture_content(cfg: GatewayConfig) -> bool:
+    """Whether prompts and completions go on spans: --trace-content, or the GenAI convention's variable."""
+    return cfg.trace_content or os.environ.get(CAPTURE_ENV, "").strip().lower() == "true"
 
 
 async def serve_gateway(cfg: GatewayConfig, stop: asyncio.Event, *, tracing: Tracing | None = None) -> int:
@@ -35,8 +43,10 @@ async def serve_gateway(cfg: GatewayConfig, stop: asyncio.Event, *, tracing: Tra
     registry = WorkerRegistry(list(cfg.prefill_workers), list(cfg.decode_workers),
                               interval_s=cfg.heartbeat_interval_s)
     await registry.start()
-    metrics_registry = new_registry()
-    observer = GatewayObserver(tracing, GatewayMetrics(metrics_registry))
+    metrics_registry = new_registry(cfg.model_name, "gateway")
+    metrics = GatewayMetrics(metrics_registry)
+    decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=False)) if capture_content(cfg) else None
+    observer = GatewayObserver(tracing, metrics, decode)
     health = process.Health(serving=False)
     service = GenerationService(registry, Router(registry, cfg.local_prefill_threshold), tokenizer,
                                 model_config, cfg.model_name, cfg.limits, observer, health)
@@ -52,12 +62,14 @@ async def serve_gateway(cfg: GatewayConfig, stop: asyncio.Event, *, tracing: Tra
         http = await start_http_api(
             service, cfg.server.host, cfg.http_port, limits=cfg.http,
             authorize=(lambda header: tokens.check("/tandem.v1.Generation/Generate", header)) if tokens else None,
-            ssl_context=http_ssl_context(tls.cert, tls.key, tls.client_ca) if tls else None)
+            ssl_context=http_ssl_context(tls.cert, tls.key, tls.client_ca) if tls else None,
+            instrument=HttpObserver(observer.tracing, metrics, metrics_registry).install)
         http_info = {"http_address": f"{process.advertised_host(cfg.server.host)}:{http.port}"}
     try:
         return await process.serve_component(
             "gateway", service, generation_pb2_grpc.add_GenerationServicer_to_server, "tandem.v1.Generation",
-            cfg.server, stop, {**({"metrics_address": metrics_server.address} if metrics_server else {}), **http_info},
+            cfg.server, stop, {**({"metrics_address": metrics_server.address} if metrics_server else {}), **http_info,
+                               "model_name": cfg.model_name},
             health=health, interceptors=interceptors, credentials=tls.server_credentials() if tls else None,
             wire_checks={GENERATE: lambda data: check_generate_wire(data, prompt_limits)})
     finally:

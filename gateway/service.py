@@ -235,7 +235,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             first_ns = 0
             async for resp in self._relay(d_call, p_task, attempt):
                 completion += len(resp.token_ids)
-                obs.relayed(len(resp.token_ids))
+                obs.relayed(len(resp.token_ids), resp.text)
                 out = gen.GenerateResponse(request_id=label, token_ids=resp.token_ids, text=resp.text,
                                            logprobs=resp.logprobs, finish_reason=resp.finish_reason,
                                            finish_message=resp.finish_message)

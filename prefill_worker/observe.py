@@ -24,6 +24,7 @@ from opentelemetry.trace import Status, StatusCode
 from engine.model_runner import StepInput
 from engine.outputs import RequestOutput
 from kvtransfer import TransferResult
+from server.logs import ThroughputLog
 from server.metrics import WorkerMetrics
 from server.tracing import (
     RequestTrace,
@@ -43,6 +44,7 @@ class PrefillTrace(RequestTrace):
     """What the observer keeps per request (on its PrefillRequest record)."""
 
     queued: bool = False  # its queue wait was reported
+    first_forward_ns: int | None = None  # perf_counter_ns of its first forward
     kv_span: Any = None  # the open kv.send span
 
 
@@ -53,13 +55,17 @@ class PrefillObserver:
     def __init__(self, tracing: Tracing, metrics: WorkerMetrics) -> None:
         self.tracing = tracing
         self.metrics = metrics
+        self.throughput = ThroughputLog("prefill")
 
     # ------------------------------------------------------------------ engine thread
     def on_step(self, requests: Mapping[str, PrefillRequest], step: StepInput, outputs: list[RequestOutput],
                 t_exec_ns: int, t_done_ns: int) -> None:
-        """After each engine step: queue-wait (first forward of a request) and chunk spans."""
-        self.metrics.step_seconds.observe((t_done_ns - t_exec_ns) / 1e9)
+        """After each engine step: queue and prefill time, chunk spans, the throughput line."""
+        step_s = (t_done_ns - t_exec_ns) / 1e9
+        self.metrics.step_seconds.observe(step_s)
         batch_tokens = sum(step.num_new_tokens)
+        self.metrics.iteration_tokens.observe(batch_tokens)
+        self.throughput.step(len(step.seqs), batch_tokens, 0, sum(step.sample), step_s)
         for seq, n, sample in zip(step.seqs, step.num_new_tokens, step.sample, strict=True):
             req = requests.get(seq.request_id)
             if req is None:
@@ -68,7 +74,11 @@ class PrefillObserver:
             t_first = req.first_forward if req.first_forward is not None else time.monotonic()
             if first:
                 req.trace.queued = True
+                req.trace.first_forward_ns = t_exec_ns
                 self.metrics.queue_wait.observe(max(t_first - req.arrived, 0.0))
+            if sample:  # the final chunk: the prompt is computed
+                first_ns = req.trace.first_forward_ns if req.trace.first_forward_ns is not None else t_exec_ns
+                self.metrics.prefill_time.observe((t_done_ns - first_ns) / 1e9)
             parent = req.trace.parent(self.tracing)
             if parent is None:
                 continue

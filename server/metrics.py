@@ -1,29 +1,43 @@
-"""Prometheus metrics: one CollectorRegistry per process, served on `--metrics-port` at /metrics.
+"""Prometheus metrics: one CollectorRegistry per process, served on `--metrics-port` at /metrics
+(and, on the gateway, on the HTTP API's port: gateway/http_observe.py).
 
-Nothing touches prometheus_client's global default registry: each process main makes a registry,
-hands it to its component, and `start_metrics_server` serves it. Counters and histograms are updated
-where things happen (any thread: prometheus_client is thread-safe); gauges that mirror engine state
-are read lazily at scrape time by `EngineCollector`, so the engine thread pays nothing for them.
+Nothing touches prometheus_client's global default registry: each process main makes a registry with
+`new_registry(model_name, role)`, hands it to its component, and `start_metrics_server` serves it.
+Every series of that registry carries `model_name` (the checkpoint's name, engine.checkpoint.model_name;
+the gateway's is its served name); `tandem_info{version, role}` is 1. No `_created` series are
+exported (`disable_created_metrics`, process-wide, set by `new_registry`). Counters and histograms
+are updated where things happen (any thread: prometheus_client is thread-safe); gauges that mirror
+engine state are read lazily at scrape time by `EngineCollector`, so the engine thread pays nothing.
 
 Gateway (`GatewayMetrics`)
     tandem_gateway_time_to_first_token_seconds     histogram   request arrival -> first token relayed
     tandem_gateway_inter_token_latency_seconds     histogram   one per output token after the first
     tandem_gateway_e2e_request_latency_seconds     histogram   arrival -> last message
+    tandem_gateway_request_prompt_tokens           histogram   per finished request
+    tandem_gateway_request_generation_tokens       histogram   per finished request
     tandem_gateway_requests_inflight               gauge
     tandem_gateway_requests_finished_total         counter     {finish_reason: length|stop|abort|error}
+                                                               (a cancelled admitted request: abort)
     tandem_gateway_requests_total                  counter     {code: OK|INVALID_ARGUMENT|CANCELLED|...}
+    tandem_gateway_http_requests_total             counter     {method, route, status}: every HTTP answer,
+                                                               400s refused before Generate included
     tandem_gateway_prompt_tokens_total, tandem_gateway_generation_tokens_total   counters
     tandem_gateway_routes_total                    counter     {mode: remote|local}
     tandem_gateway_route_prefix_hit_tokens_total   counter
 Workers (`WorkerMetrics`, every series labelled {role: prefill|decode})
     tandem_kv_transfer_bytes, tandem_kv_transfer_seconds   histograms {role, direction: send|receive}
     tandem_kv_transfers_total                      counter     {role, direction, result: OK|TIMEOUT|...}
-    tandem_queue_wait_seconds                      histogram   prefill: arrival -> first forward;
+    tandem_request_queue_time_seconds              histogram   prefill: arrival -> first forward;
                                                                decode: Decode call -> KV adopted
+    tandem_request_prefill_time_seconds            histogram   first forward -> last prompt chunk computed
+                                                               (decode: local prefills)
+    tandem_request_decode_time_seconds             histogram   decode: first token -> finished
     tandem_engine_step_seconds                     histogram   one engine step (schedule excluded)
+    tandem_engine_iteration_tokens                 histogram   tokens one engine step ran through the model
     (EngineCollector, at scrape time)
     tandem_engine_running_sequences, tandem_engine_waiting_sequences     gauges
-    tandem_engine_kv_blocks_used / _free / _total / _cached               gauges
+    tandem_engine_kv_blocks_used / _free / _cached / _capacity           gauges
+    tandem_engine_kv_cache_usage_ratio             gauge       used / capacity (0..1)
     tandem_engine_prefix_cache_hit_rate            gauge       hit tokens / queried tokens (0 before any)
     tandem_engine_prefix_cache_queried_tokens_total, tandem_engine_prefix_cache_hit_tokens_total
     tandem_engine_preemptions_total, tandem_engine_computed_tokens_total
@@ -35,11 +49,21 @@ Workers (`WorkerMetrics`, every series labelled {role: prefill|decode})
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    Metric,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -49,12 +73,44 @@ logger = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
 TOKEN_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5, 5.0)
 BYTES_BUCKETS = tuple(float(4096 * 4**i) for i in range(12))
+TOKEN_COUNT_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0,
+                       16384.0, 32768.0, 131072.0)
+ROLES = ("gateway", "prefill", "decode")
 
 
-def new_registry() -> CollectorRegistry:
-    """A process's registry, with the standard process_* series (CPU, memory, fds)."""
-    registry = CollectorRegistry(auto_describe=True)
+def tandem_version() -> str:
+    try:
+        return version("tandem")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class LabelledRegistry(CollectorRegistry):
+    """A registry whose every sample also carries `const_labels` (model_name), added at collection."""
+
+    def __init__(self, const_labels: Mapping[str, str]) -> None:
+        super().__init__(auto_describe=True)
+        self.const_labels = dict(const_labels)
+
+    def collect(self) -> Iterable[Metric]:
+        for family in super().collect():
+            family.samples = [s._replace(labels={**self.const_labels, **s.labels}) for s in family.samples]
+            yield family
+
+
+def new_registry(model_name: str = "", role: str = "") -> CollectorRegistry:
+    """A process's registry: the standard process_* series (CPU, memory, fds), `tandem_info{version,
+    role}` = 1 and `model_name` on every series (when given). Turns `_created` series off for the
+    whole process (prometheus_client's one switch; no Tandem process exports them).
+    Raises ValueError for a role other than gateway, prefill or decode."""
+    if role and role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    disable_created_metrics()
+    registry = LabelledRegistry({"model_name": model_name} if model_name else {})
     ProcessCollector(registry=registry)
+    if role:
+        Info("tandem", "The Tandem build and this process's role", registry=registry).info(
+            {"version": tandem_version(), "role": role})
     return registry
 
 
@@ -99,7 +155,14 @@ class GatewayMetrics:
                              registry=r, buckets=TOKEN_LATENCY_BUCKETS)
         self.e2e = Histogram("tandem_gateway_e2e_request_latency_seconds", "Request arrival to its last message",
                              registry=r, buckets=LATENCY_BUCKETS)
+        self.prompt_tokens_hist = Histogram("tandem_gateway_request_prompt_tokens", "Prompt tokens of one finished "
+                                            "request", registry=r, buckets=TOKEN_COUNT_BUCKETS)
+        self.generation_tokens_hist = Histogram("tandem_gateway_request_generation_tokens",
+                                                "Tokens generated for one finished request", registry=r,
+                                                buckets=TOKEN_COUNT_BUCKETS)
         self.inflight = Gauge("tandem_gateway_requests_inflight", "Generate calls being served", registry=r)
+        self.http = Counter("tandem_gateway_http_requests", "HTTP API answers, by method, route and status "
+                            "(requests refused before Generate included)", ["method", "route", "status"], registry=r)
         self.finished = Counter("tandem_gateway_requests_finished", "Requests finished, by finish reason",
                                 ["finish_reason"], registry=r)
         self.status = Counter("tandem_gateway_requests", "Generate calls ended, by gRPC status code", ["code"],
@@ -132,11 +195,21 @@ class WorkerMetrics:
         self.transfers = Counter("tandem_kv_transfers", "KV transfers ended, by result", ["role", "direction", "result"],
                                  registry=r)
         self.queue_wait = Histogram(
-            "tandem_queue_wait_seconds",
+            "tandem_request_queue_time_seconds",
             "prefill: request arrival -> first forward; decode: Decode call -> KV adopted (admission)",
             ["role"], registry=r, buckets=LATENCY_BUCKETS).labels(role)
+        self.prefill_time = Histogram(
+            "tandem_request_prefill_time_seconds",
+            "First forward of a request -> its last prompt chunk computed (decode workers: local prefills)",
+            ["role"], registry=r, buckets=LATENCY_BUCKETS).labels(role)
+        self.decode_time = Histogram("tandem_request_decode_time_seconds",
+                                     "A request's first token on this worker -> finished", ["role"], registry=r,
+                                     buckets=LATENCY_BUCKETS).labels(role)
         self.step_seconds = Histogram("tandem_engine_step_seconds", "One engine step: forward, sampling, bookkeeping",
                                       ["role"], registry=r, buckets=TOKEN_LATENCY_BUCKETS).labels(role)
+        self.iteration_tokens = Histogram("tandem_engine_iteration_tokens",
+                                          "Tokens one engine step ran through the model (prompt chunks, decodes, "
+                                          "drafts)", ["role"], registry=r, buckets=TOKEN_COUNT_BUCKETS).labels(role)
 
     def transfer(self, direction: str, ok_code: str, nbytes: int, seconds: float) -> None:
         """One transfer ended; bytes and seconds are observed for successful ones only."""
@@ -181,10 +254,12 @@ class EngineCollector(Collector):
         total, free = s["kv_blocks_total"], s["kv_blocks_free"]
         yield gauge("engine_running_sequences", "Sequences in the running batch", s["running"])
         yield gauge("engine_waiting_sequences", "Sequences queued for admission", s["waiting"])
-        yield gauge("engine_kv_blocks_total", "KV blocks in the pool", total)
+        yield gauge("engine_kv_blocks_capacity", "KV blocks in the pool", total)
         yield gauge("engine_kv_blocks_free", "KV blocks free (cached-but-unreferenced count as free)", free)
         yield gauge("engine_kv_blocks_used", "KV blocks referenced by sequences or reservations", total - free)
         yield gauge("engine_kv_blocks_cached", "Free KV blocks still named in the prefix cache", s["kv_blocks_cached"])
+        yield gauge("engine_kv_cache_usage_ratio", "KV blocks used / capacity (0..1)", (total - free) / total if total
+                    else 0.0)
         queried, hit = s["prefix_query_tokens"], s["prefix_hit_tokens"]
         yield gauge("engine_prefix_cache_hit_rate", "Prefix-cache hit tokens / queried tokens since start",
                     hit / queried if queried else 0.0)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from engine.checkpoint import checkpoint_fingerprint
+from engine.checkpoint import checkpoint_fingerprint, model_name
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.engine_loop import EngineLoop
@@ -63,7 +63,7 @@ async def serve_worker(kind: WorkerKind, engine_config: EngineConfig, opts: Serv
     code 1 for its supervisor to restart it. `tracing` is the process's, off when None."""
     engine = Engine(engine_config)
     layout = KVLayout.for_pool(engine.runner.kv, checkpoint_fingerprint(engine_config.model))
-    registry = new_registry()
+    registry = new_registry(model_name(engine_config.model), kind.role)
     worker = kind.build(engine, layout, WorkerMetrics(registry, kind.role), tracing or disabled())
     loop = worker.core.loop
     registry.register(EngineCollector(kind.role, lambda: loop.snapshot.stats, worker.gauges))

@@ -70,8 +70,18 @@ def summarize(run: RunResult, slo: Slo) -> dict[str, Any]:
         "goodput": {"slo_ttft_ms": slo.ttft_ms, "slo_tpot_ms": slo.tpot_ms,
                     "requests_per_s": good / run.duration_s,
                     "fraction": good / len(run.results) if run.results else 0.0},
-        "errors": sorted({r.error for r in failed})[:5],
+        "errors": error_counts(failed),
     }
+
+
+def error_counts(failed: list[RequestResult], limit: int = 5) -> list[dict[str, Any]]:
+    """The failures' reasons, most frequent first: [{"error": "UNAVAILABLE: ...", "count": 3}, ...]."""
+    counts: dict[str, int] = {}
+    for r in failed:
+        reason = r.error or "failed without a reason (a bug: every failure should say one)"
+        counts[reason] = counts.get(reason, 0) + 1
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
+    return [{"error": e, "count": n} for e, n in ranked]
 
 
 def ratios(tandem: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float | None]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 Series = tuple[str, dict[str, list[float]]]  # (label, {"ttft"|"tpot"|"itl"|"e2e": seconds})
 _PANELS = (("ttft", "time to first token"), ("tpot", "time per output token"),
@@ -30,10 +30,10 @@ def latency_cdfs(series: list[Series], path: str | Path, title: str = "") -> Pat
             ms = ms[ms > 0]
             if ms.size:
                 ax.step(ms, np.arange(1, ms.size + 1) / ms.size, where="post", label=label)
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a log axis overlap
+        log = _time_axis(ax, [np.asarray(lat.get(key, []), dtype=np.float64) * 1e3 for _, lat in series])
         ax.set_title(name)
-        ax.set_xlabel("ms (log scale)")
+        ax.set_xlabel("ms (log scale)" if log else "ms")
+        ax.yaxis.set_major_locator(MaxNLocator(6))
         ax.set_ylabel("fraction of gaps" if key == "itl" else "fraction of requests")
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3, which="both")
@@ -42,6 +42,20 @@ def latency_cdfs(series: list[Series], path: str | Path, title: str = "") -> Pat
         fig.suptitle(title)
     fig.savefig(path, dpi=110)
     return Path(path)
+
+
+def _time_axis(ax: Any, samples: list[np.ndarray]) -> bool:
+    """Log scale with 1-2-5 labels when the times span more than a decade, else linear with ~6 labels
+    (a log axis over 30..45 ms shows no label at all). Returns whether the axis is logarithmic."""
+    values = np.concatenate([v[v > 0] for v in samples]) if samples else np.array([])
+    if values.size == 0 or values.max() / values.min() < 10:
+        ax.xaxis.set_major_locator(MaxNLocator(6))
+        return False
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a log axis overlap
+    return True
 
 
 def rate_sweep(summaries: list[dict[str, Any]], path: str | Path, baseline: dict[str, Any] | None = None,

@@ -75,8 +75,64 @@ def write(report: dict[str, Any], out: Path) -> Path:
     return path
 
 
+SMALL_SAMPLE = 30  # completed requests below which p99 is one of the few slowest, not a percentile
+_WIDTH = 50
+
+
+def _line(label: str, value: Any, fmt: str = "") -> str:
+    return f"{label:<40} {format(value, fmt) if value is not None else '-':>9}"
+
+
+def _section(title: str) -> str:
+    return f"{title:-^{_WIDTH}}"
+
+
+def summary(s: dict[str, Any]) -> str:
+    """One run's result, laid out as `vllm bench serve` prints it, plus the failures' reasons."""
+    load = f"concurrency {s['concurrency']}" if s["concurrency"] else f"request rate {s['request_rate']:g}/s"
+    rows = [f"{' ' + s['backend'] + ', ' + load + ' ':=^{_WIDTH}}",
+            _line("Successful requests:", s["completed"]),
+            _line("Failed requests:", s["failed"])]
+    rows += [f"  {e['count']} x {e['error']}" for e in s.get("errors", []) if isinstance(e, dict)]
+    if s.get("not_sent"):
+        rows.append(_line("Not sent (run ended first):", s["not_sent"]))
+    rows += [_line("Benchmark duration (s):", s["duration_s"], ".2f"),
+             _line("Total input tokens:", s["prompt_tokens"]),
+             _line("Total generated tokens:", s["output_tokens"]),
+             _line("Request throughput (req/s):", s["request_throughput"], ".2f"),
+             _line("Output token throughput (tok/s):", s["output_throughput"], ".2f"),
+             _line("Total Token throughput (tok/s):", s["total_token_throughput"], ".2f")]
+    g = s["goodput"]
+    if g["slo_ttft_ms"] is not None or g["slo_tpot_ms"] is not None:
+        rows.append(_line("Request goodput (req/s):", g["requests_per_s"], ".2f"))
+    for key, title, short in (("ttft_ms", "Time to First Token", "TTFT"),
+                              ("tpot_ms", "Time per Output Token (excl. 1st token)", "TPOT"),
+                              ("itl_ms", "Inter-token Latency", "ITL"), ("e2e_ms", "End-to-end Latency", "E2EL")):
+        d = s[key]
+        rows += [_section(title), _line(f"Mean {short} (ms):", d.get("mean"), ".2f"),
+                 _line(f"Median {short} (ms):", d["p50"], ".2f"), _line(f"P99 {short} (ms):", d["p99"], ".2f")]
+    rows.append("=" * _WIDTH)
+    return "\n".join(rows)
+
+
+def warnings(report: dict[str, Any]) -> list[str]:
+    """What makes a run's numbers weak: failures, and too few requests for a p99."""
+    out = []
+    for s in report["runs"] + ([report["baseline"]] if report["baseline"] else []):
+        name = f"{s['backend']} ({s['label'].split(', ', 1)[-1]})"
+        if s["failed"]:
+            reasons = "; ".join(f"{e['count']} x {e['error']}" for e in s.get("errors", []) if isinstance(e, dict))
+            out.append(f"warning: {name}: {s['failed']} of {s['completed'] + s['failed']} requests failed: {reasons}")
+        if s["completed"] < SMALL_SAMPLE:
+            out.append(f"warning: {name}: only {s['completed']} completed requests: p99 is about the slowest one, "
+                       f"and percentiles move a lot between runs (--num-requests {SMALL_SAMPLE * 4} or more "
+                       "for stable numbers)")
+    return out
+
+
 def table(report: dict[str, Any]) -> str:
-    """The summary table printed at the end of a run."""
+    """What a run prints at the end: each run's summary, the comparison table, the warnings."""
+    blocks = [summary(s) for s in report["runs"] + ([report["baseline"]] if report["baseline"] else [])]
     rows = [f"{'backend':<32} {'load':>8} {'ok/fail':>8} {'req/s':>7} {'tok/s':>8} {'TTFT p50/p99 ms':>17} "
             f"{'TPOT p50/p99 ms':>17} {'goodput/s':>9}"]
     for s in report["runs"] + ([report["baseline"]] if report["baseline"] else []):
@@ -87,7 +143,7 @@ def table(report: dict[str, Any]) -> str:
     for s, r in zip(report["runs"], report["ratios"] or [], strict=False):
         rows.append(f"tandem vs baseline ({s['label']}): " +
                     ", ".join(f"{k} {v:.2f}" for k, v in r.items() if v is not None))
-    return "\n".join(rows)
+    return "\n\n".join([*blocks, "\n".join(rows), *(["\n".join(warnings(report))] if warnings(report) else [])])
 
 
 def _pair(d: dict[str, float | None]) -> str:

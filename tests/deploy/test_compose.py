@@ -8,6 +8,7 @@ the compose file itself when the binary is installed (`.ci/run` installs it when
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -44,8 +45,9 @@ def host_port(address: str) -> tuple[str, int]:
 def compose_services() -> dict[str, Any]:
     """The resolved compose file: from `docker-compose config` if installed, else the YAML itself."""
     exe = shutil.which("docker-compose")
-    if exe is None:
-        return yaml.safe_load(COMPOSE.read_text())["services"]
+    if exe is None:  # interpolate ${VAR:-default} as compose does with those variables unset
+        text = re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: m.group(2), COMPOSE.read_text())
+        return yaml.safe_load(text)["services"]
     out = subprocess.run([exe, "-f", str(COMPOSE), "config"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return yaml.safe_load(out.stdout)["services"]
@@ -82,7 +84,9 @@ def test_compose_services_run_launcher_commands_on_consistent_ports() -> None:
         assert args.kv_bind == f"tcp://0.0.0.0:{KV_PORT}"
     [(gw_name, gw)] = by_role["gateway"]
     assert gw.http_port == HTTP_PORT
-    assert {f"{HTTP_PORT}:{HTTP_PORT}", f"{gw.port}:{gw.port}"} <= {str(p) for p in _ports(services[gw_name])}
+    # only the gateway is published, on loopback unless TANDEM_BIND says otherwise
+    assert set(_ports(services[gw_name])) == {f"127.0.0.1:{HTTP_PORT}:{HTTP_PORT}", f"127.0.0.1:{gw.port}:{gw.port}"}
+    assert [n for n, svc in services.items() if svc.get("ports") and n != gw_name] == []
     names = {name for name, svc in services.items() for name in [name, svc.get("hostname")] if name}
     for role, flag in (("prefill-worker", gw.prefill_workers), ("decode-worker", gw.decode_workers)):
         targets = [host_port(a) for a in flag]
@@ -91,17 +95,65 @@ def test_compose_services_run_launcher_commands_on_consistent_ports() -> None:
 
 
 def _ports(svc: dict[str, Any]) -> list[str]:
-    """Published ports as "host:container", whichever syntax `docker-compose config` wrote."""
+    """Published ports as "ip:host:container", whichever syntax `docker-compose config` wrote (the raw
+    file's ${TANDEM_BIND:-127.0.0.1} read as its default)."""
     out = []
     for p in svc.get("ports", []):
-        out.append(f"{p['published']}:{p['target']}" if isinstance(p, dict) else str(p))
+        if isinstance(p, dict):
+            out.append(f"{p.get('host_ip', '0.0.0.0')}:{p['published']}:{p['target']}")
+        else:
+            out.append(str(p).replace("${TANDEM_BIND:-127.0.0.1}", "127.0.0.1"))
     return out
 
 
-def test_prometheus_scrapes_every_component() -> None:
-    prom = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+def test_gpu_workers_take_their_devices_and_kv_budget_from_variables() -> None:
+    raw = COMPOSE.read_text()
+    services = yaml.safe_load(raw)["services"]
+    gpu = {n: s for n, s in services.items() if n.endswith("-gpu")}
+    assert len(gpu) == 4
+    for name, svc in gpu.items():
+        [dev] = svc["deploy"]["resources"]["reservations"]["devices"]
+        [device_id] = dev["device_ids"]
+        var = name.removesuffix("-gpu").replace("-", "_").upper() + "_GPU"
+        assert device_id == f"${{{var}:-0}}", name  # GPU 0 unless told: works on a one-GPU machine
+        assert "${TANDEM_GPU_KV_GIB:-4}" in svc["command"], name
+
+
+def test_the_ui_override_publishes_on_loopback_only() -> None:
+    ui = yaml.safe_load((ROOT / "deploy" / "compose.ui.yml").read_text())["services"]
+    assert set(ui) == {"grafana", "prometheus", "jaeger"}
+    for name, svc in ui.items():
+        assert all(str(p).startswith("127.0.0.1:") for p in svc["ports"]), name
+    grafana = yaml.safe_load(COMPOSE.read_text())["services"]["grafana"]
+    for volume in grafana["volumes"]:
+        assert (ROOT / volume.split(":")[0]).is_dir(), volume
+    assert grafana["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+
+
+PROMETHEUS = ROOT / "deploy" / "prometheus"
+
+
+def test_prometheus_scrapes_every_component_without_renaming_labels() -> None:
+    prom = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
     targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
     assert targets == {f"{h}:{METRICS_PORT}" for h in ("gateway", "prefill-0", "prefill-1", "decode-0", "decode-1")}
+    # a target label the series also carry (role) would come back as exported_role
+    assert all("labels" not in sc for job in prom["scrape_configs"] for sc in job["static_configs"])
+
+
+def _promtool(*args: str) -> str:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian package prometheus; .ci/run installs it)")
+    out = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=60, cwd=PROMETHEUS)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout + out.stderr
+
+
+def test_promtool_accepts_the_config_and_rules_and_the_alerts_fire() -> None:
+    assert "SUCCESS" in _promtool("check", "config", "prometheus.yml")
+    assert "SUCCESS: 16 rules found" in _promtool("check", "rules", "rules.yml")
+    assert "SUCCESS" in _promtool("test", "rules", "rules_test.yml")  # alerts fire on the series they watch
 
 
 def k8s_objects() -> list[dict[str, Any]]:

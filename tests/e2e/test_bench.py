@@ -56,3 +56,48 @@ def test_bench_writes_json_and_plots_for_grpc_http_and_the_hf_baseline(make_stac
     assert main(["bench", "--replot", str(out / "bench.json")]) == 0  # redrawn from the JSON alone
     assert all((out / name).read_bytes().startswith(PNG_MAGIC) for name in report["plots"])
     wait_all_blocks_free(stack)
+
+
+def _run_summary(completed: int, failed: int, errors: list[dict]) -> dict:
+    d = {"mean": 10.0, "p50": 9.0, "p90": 12.0, "p99": 15.0}
+    return {"backend": "tandem-grpc", "label": "tandem-grpc, rate inf", "request_rate": float("inf"),
+            "concurrency": None, "completed": completed, "failed": failed, "not_sent": 0, "duration_s": 2.0,
+            "prompt_tokens": 100, "output_tokens": 50, "request_throughput": 1.0, "output_throughput": 25.0,
+            "total_token_throughput": 75.0, "ttft_ms": d, "tpot_ms": d, "itl_ms": d, "e2e_ms": d,
+            "goodput": {"slo_ttft_ms": None, "slo_tpot_ms": None, "requests_per_s": 1.0, "fraction": 1.0},
+            "errors": errors}
+
+
+def test_the_summary_says_why_requests_failed_and_warns_on_small_samples() -> None:
+    from cli.serving_bench.report import table
+
+    errors = [{"error": "UNAVAILABLE: worker decode-0 failed: the sender disconnected", "count": 2}]
+    text = table({"runs": [_run_summary(0, 2, errors)], "baseline": None, "ratios": None})
+    assert "Successful requests:" in text and "Failed requests:" in text and "Median TTFT (ms):" in text
+    assert "2 x UNAVAILABLE: worker decode-0 failed: the sender disconnected" in text
+    assert "warning: tandem-grpc (rate inf): 2 of 2 requests failed" in text
+    assert "only 0 completed requests" in text
+    text = table({"runs": [_run_summary(200, 0, [])], "baseline": None, "ratios": None})
+    assert "warning" not in text
+
+
+def test_latency_cdfs_label_their_time_axes(tmp_path) -> None:
+    """Narrow ranges (30-45 ms) and wide ones (1-5000 ms) both get several labelled ticks."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from cli.serving_bench.plots import _time_axis, latency_cdfs
+
+    for lo, hi in ((30.0, 45.0), (1.0, 5000.0)):
+        fig = Figure()
+        ax = fig.subplots()
+        ms = np.linspace(lo, hi, 50)
+        _time_axis(ax, [ms])
+        ax.set_xlim(lo, hi)
+        fig.canvas.draw()
+        labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text() and lo <= t.get_position()[0] <= hi]
+        assert len(labels) >= 3, (lo, hi, labels)
+    s = [v / 1e3 for v in np.linspace(30, 45, 20)]
+    path = latency_cdfs([("tandem", {"ttft": s, "tpot": s, "itl": s, "e2e": [x * 100 for x in s]})],
+                        tmp_path / "cdf.png", "narrow")
+    assert path.read_bytes().startswith(PNG_MAGIC)

@@ -117,6 +117,7 @@ class Allocator:
             self.failed.append(failed)
             self.waiting = [w for w in self.waiting if w[0] != failed.request_id]
             self.changed.notify_all()
+        self._grant_waiting()  # the failed one may have been first in line
 
     def wait(self, predicate: Any, timeout: float = 10.0) -> None:
         with self.lock:

@@ -111,10 +111,11 @@ def start_sink(sink: SpanSink, port: int) -> grpc.Server:
 
 
 def start_stack(model: Path, workdir: Path, env: dict[str, str] | None = None) -> tuple[Stack, dict[str, int]]:
-    """A 1 prefill + 1 decode stack with /metrics on; returns it and {role: metrics port}."""
+    """A 1 prefill + 1 decode stack with /metrics and the HTTP API on; returns it and {role: metrics port}."""
     ports = {role: _free_port() for role in ("gateway", "prefill", "decode")}
     stack = Stack(model, engine_args=ENGINE_ARGS, env=env, workdir=workdir,
-                  gateway_args=["--local-prefill-threshold", "0", "--metrics-port", str(ports["gateway"])],
+                  gateway_args=["--local-prefill-threshold", "0", "--metrics-port", str(ports["gateway"]),
+                                "--http-port", "0"],
                   prefill_args=["--metrics-port", str(ports["prefill"])],
                   decode_args=["--metrics-port", str(ports["decode"])])
     return stack.start(), ports

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import secrets
+import urllib.error
+import urllib.request
 
 import grpc
 
@@ -122,3 +125,72 @@ def test_client_traceparent_is_honoured(traced_stack: Stack, otlp_sink: tuple[Sp
     msgs = _send(stack, rid, (("traceparent", f"00-{trace_id}-{span_id}-01"),))
     root = _check_trace(_trace_of(sink, rid), rid, msgs[-1].usage)  # every other span hangs under the root
     assert root.trace_id == trace_id and root.parent_id == span_id
+
+
+def _post(address: str, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(f"http://{address}{path}", data=body,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_http_chat_is_traced_as_chat_under_an_http_server_span(traced_stack: Stack,
+                                                               otlp_sink: tuple[SpanSink, int]) -> None:
+    stack = traced_stack
+    sink, _ = otlp_sink
+    http = stack.gateway.info["http_address"]
+    rid = "http-" + secrets.token_hex(4)
+    status, body = _post(http, "/v1/chat/completions", json.dumps({
+        "model": stack.gateway.info["model_name"], "max_tokens": 5,
+        "messages": [{"role": "user", "content": f"# {rid}\n{PROMPT}"}]}).encode(),
+        {"X-Request-Id": rid, "User-Agent": "tandem-test"})
+    assert status == 200, body
+    spans = sink.wait_for(lambda ss: any(s.attributes.get("gen_ai.response.id") == rid for s in ss)
+                          and any(s.name == "POST /v1/chat/completions" and s.attributes.get("http.response.status_code")
+                                  == 200 for s in ss))
+    [chat] = [s for s in spans if s.attributes.get("gen_ai.response.id") == rid]
+    assert chat.name == f"chat {stack.gateway.info['model_name']}" and chat.attributes["gen_ai.operation.name"] == "chat"
+    assert "rpc.system" not in chat.attributes and "gen_ai.input.messages" not in chat.attributes  # capture is opt-in
+    [server] = [s for s in spans if s.span_id == chat.parent_id]
+    assert server.kind == SERVER and server.name == "POST /v1/chat/completions"
+    attrs = server.attributes
+    assert attrs["http.request.method"] == "POST" and attrs["http.route"] == "/v1/chat/completions"
+    assert attrs["url.path"] == "/v1/chat/completions" and attrs["http.response.status_code"] == 200
+    assert attrs["user_agent.original"] == "tandem-test" and attrs["server.port"] == int(http.rsplit(":", 1)[1])
+    # the workers' spans are in the same trace, below the chat span
+    sink.wait_for(lambda ss: any(s.trace_id == chat.trace_id and s.name == "decode.finish" for s in ss))
+    # a body refused while parsing: an HTTP span with its 400, and no generation span
+    status, _ = _post(http, "/v1/completions", b"{", {"User-Agent": "bad-json"})
+    assert status == 400
+    bad = sink.wait_for(lambda ss: any(s.attributes.get("user_agent.original") == "bad-json" for s in ss))
+    [refused] = [s for s in bad if s.attributes.get("user_agent.original") == "bad-json"]
+    assert refused.attributes["http.response.status_code"] == 400
+    assert not [s for s in bad if s.parent_id == refused.span_id]
+    # one access line per request, with what happened
+    log = (stack.workdir / "gateway.log").read_text()
+    [line] = [ln for ln in log.splitlines() if f"id={rid}" in ln]
+    assert "tandem.access: POST /v1/chat/completions 200" in line
+    for key in ("prompt_tokens=", "completion_tokens=5", "ttft_ms=", "finish=length", "duration_ms="):
+        assert key in line, line
+    assert "tandem.access: POST /v1/completions 400" in log
+
+
+def test_reflection_is_served_as_v1_and_v1alpha(traced_stack: Stack) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2 as alpha
+
+    with grpc.insecure_channel(traced_stack.address) as ch:
+        for version in ("v1", "v1alpha"):
+            call = ch.stream_stream(f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+                                    request_serializer=alpha.ServerReflectionRequest.SerializeToString,
+                                    response_deserializer=alpha.ServerReflectionResponse.FromString)
+            listed, described = call(iter([
+                alpha.ServerReflectionRequest(list_services=""),
+                alpha.ServerReflectionRequest(file_containing_symbol="grpc.reflection.v1.ServerReflection"),
+            ]), timeout=10)
+            names = {s.name for s in listed.list_services_response.service}
+            assert {"tandem.v1.Generation", "grpc.reflection.v1.ServerReflection",
+                    "grpc.reflection.v1alpha.ServerReflection", "grpc.health.v1.Health"} <= names, version
+            assert described.file_descriptor_response.file_descriptor_proto, version

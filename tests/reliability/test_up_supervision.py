@@ -38,7 +38,7 @@ class Up:
         self.workdir = tmp / "stack"
         self.out = tmp / "up.out"
         tmp.mkdir(parents=True)
-        argv = [sys.executable, "-m", "cli.main", "up", "--model", str(model), "--port", "0",
+        argv = [sys.executable, "-m", "cli.main", "up", "--model", str(model), "--port", "0", "--http-port", "0",
                 "--workdir", str(self.workdir), *ENGINE_ARGS, "--local-prefill-threshold", "0", *flags]
         with open(self.out, "wb") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)

@@ -1,0 +1,123 @@
+"""GGUF files load as the Hugging Face checkpoint they were converted from: same config, same tokenizer
+and chat template, same weights (llama.cpp's q/k permutation undone), so the same logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from engine import LLM
+from engine.checkpoint import CheckpointError, checkpoint_fingerprint, load_hf_config
+from engine.config import ModelConfig
+from engine.gguf_file import read_gguf
+from engine.model_runner import StepInput
+from engine.sampling.params import SamplingParams
+from engine.sequence import Sequence
+from engine.tokenizer import Tokenizer
+from engine.weights import iter_gguf, iter_safetensors
+from tests.engine.gguf_export import export_gguf
+from tests.hf_reference import random_prompts
+
+TEXTS = ["def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1)", "  spaces\tand\ttabs\n\n",
+         "naïve café — ünïcödé 日本語 🙂", "x = [1, 22, 333, 4444]; print(x)  # done"]
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """arch -> (HF checkpoint, its F32 GGUF)."""
+    out = {}
+    for arch in ("llama", "qwen2", "qwen3"):
+        hf = tiny_model(arch)
+        out[arch] = (hf, export_gguf(hf, tmp_path_factory.mktemp("gguf") / f"tiny-{arch}.gguf"))
+    return out
+
+
+def forward_logits(llm: LLM, prompts: list[list[int]]) -> torch.Tensor:
+    """The engine's logits at every position of each prompt, concatenated: (sum of lengths, vocab)."""
+    eng = llm.engine
+    seqs = [Sequence(f"r{i}", p, SamplingParams()) for i, p in enumerate(prompts)]
+    for s in seqs:
+        assert eng.block_manager.allocate_slots(s, s.num_tokens)
+    step = StepInput(seqs, [s.num_tokens for s in seqs], [True] * len(seqs))
+    input_ids, positions, ctx, _ = eng.runner.prepare(step)
+    with torch.inference_mode():
+        return eng.runner.model.compute_logits(eng.runner.model(input_ids, positions, ctx))
+
+
+def test_the_header_reads_as_the_gguf_library_reads_it(exported) -> None:
+    _, path = exported["qwen3"]
+    ours, ref = read_gguf(path), gguf.GGUFReader(path)
+    assert set(ours.metadata) == {k for k in ref.fields if not k.startswith("GGUF.")}
+    for key, field in ref.fields.items():
+        if not key.startswith("GGUF."):
+            assert ours.metadata[key] == field.contents(), key
+    assert [t.name for t in ref.tensors] == list(ours.tensors)
+    for t in ref.tensors:
+        info = ours.tensors[t.name]
+        assert info.offset == t.data_offset and info.type == t.tensor_type
+        assert info.shape == tuple(int(d) for d in reversed(t.shape))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_f32_gguf_gives_the_logits_of_the_original(exported, arch: str) -> None:
+    hf, path = exported[arch]
+    a, b = load_hf_config(hf), load_hf_config(path)
+    assert ModelConfig.from_hf(a) == ModelConfig.from_hf(b)
+    hf_weights = dict(iter_safetensors(hf))
+    gguf_weights = dict(iter_gguf(path))
+    assert gguf_weights.keys() == hf_weights.keys()
+    for name, w in hf_weights.items():  # bit for bit: the permutation is undone exactly
+        assert torch.equal(gguf_weights[name], w.float()), name
+    kw = dict(dtype="float32", device="cpu", block_size=8, num_kv_blocks=64)
+    prompts = random_prompts(ModelConfig.from_hf(a).vocab_size, [5, 17], seed=4)
+    torch.testing.assert_close(forward_logits(LLM(path, **kw), prompts), forward_logits(LLM(hf, **kw), prompts),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_the_tokenizer_and_chat_template_come_from_the_file(exported, arch: str) -> None:
+    hf, path = exported[arch]
+    ours, ref = Tokenizer.from_dir(path), Tokenizer.from_dir(hf)
+    for text in TEXTS:
+        assert ours.encode(text) == ref.encode(text), text
+        ids = ref.encode(text)
+        assert ours.decode(ids) == ref.decode(ids)
+    assert ours.eos_token_ids == ref.eos_token_ids and ours.bos_token_id == ref.bos_token_id
+    assert ours.all_special_ids == ref.all_special_ids
+    chat = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"},
+            {"role": "user", "content": "more"}]
+    assert ours.apply_chat_template(chat) == ref.apply_chat_template(chat)
+
+
+def test_quantized_tensors_are_dequantized_by_gguf(tiny_model, tmp_path: Path) -> None:
+    hf = tiny_model("llama")
+    path = export_gguf(hf, tmp_path / "q8.gguf", qtype=gguf.GGMLQuantizationType.Q8_0)
+    assert load_hf_config(path)["torch_dtype"] == "float16"
+    weights = dict(iter_gguf(path))
+    q = gguf.GGMLQuantizationType.Q8_0
+    for name, w in iter_safetensors(hf):
+        w32 = w.float().numpy()
+        # rows are quantized independently, so quantizing the permuted rows and unpermuting commutes
+        want = gguf.quants.dequantize(gguf.quants.quantize(w32, q), q) if w32.ndim == 2 else w32
+        np.testing.assert_array_equal(weights[name].numpy(), want, err_msg=name)
+    outs = LLM(path, dtype="float32", device="cpu", num_kv_blocks=64).generate(
+        [[5, 6, 7, 8]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    assert len(outs[0].token_ids) == 4
+
+
+def test_fingerprint_and_errors(exported, tmp_path: Path) -> None:
+    _, path = exported["llama"]
+    assert checkpoint_fingerprint(path) == checkpoint_fingerprint(path)
+    assert checkpoint_fingerprint(path) != checkpoint_fingerprint(exported["qwen2"][1])
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"NOPE" + bytes(64))
+    with pytest.raises(CheckpointError, match="not a GGUF file"):
+        load_hf_config(bad)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_hf_config(cut)

