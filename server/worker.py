@@ -61,8 +61,8 @@ async def serve_worker(kind: WorkerKind, engine_config: EngineConfig, opts: Serv
     """Serve until `stop` (exit code 0), or until the worker cannot serve (its engine died, its KV
     I/O thread died): then health turns NOT_SERVING, and after a short drain the process exits with
     code 1 for its supervisor to restart it. `tracing` is the process's, off when None."""
-    engine = Engine(engine_config)
-    layout = KVLayout.for_pool(engine.runner.kv, checkpoint_fingerprint(engine_config.model))
+    engine = Engine(engine_config)  # a Hugging Face id resolves to a local directory here
+    layout = KVLayout.for_pool(engine.runner.kv, checkpoint_fingerprint(engine.config.model))
     registry = new_registry()
     worker = kind.build(engine, layout, WorkerMetrics(registry, kind.role), tracing or disabled())
     loop = worker.core.loop
