@@ -6,9 +6,12 @@ STAMP    := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/tandem/v1/*.proto)
 PROTO_OUT := tandem/v1/.generated
 # The committed demo pair (a small teacher trained on the stdlib and its distilled draft); override with
-# MODEL=/path/to/hf-checkpoint (then no draft is assumed).
+# MODEL=/path/to/hf-checkpoint or MODEL=<Hugging Face id> (then no draft is assumed). A random tiny
+# model is written only when MODEL names $(TINY) itself (or by `make tiny-model`).
 DEMO     := models/demo/teacher
+TINY     := models/tiny-llama
 MODEL    ?= $(DEMO)
+MODEL_DEP := $(if $(filter $(TINY),$(MODEL)),$(TINY)/config.json,)
 RUN_ARGS := $(if $(filter $(DEMO),$(MODEL)),--speculative-model models/demo/draft,)
 ARGS     ?=
 
@@ -30,16 +33,16 @@ $(PROTO_OUT): $(PROTO_SRC) $(STAMP) protos/generate.py
 	$(PY) -m protos.generate
 	touch $@
 
-$(MODEL)/config.json: | install
-	$(PY) -m cli.main make-tiny-model $(MODEL) --arch llama
+$(TINY)/config.json: | install
+	$(PY) -m cli.main make-tiny-model $(TINY) --arch llama
 
-tiny-model: $(MODEL)/config.json
+tiny-model: $(TINY)/config.json
 
 # Trains the committed demo pair (models/demo/{teacher,draft}) from the standard library; ~30 min on 2 cores.
 demo-model: install
 	$(PY) -m training.demo --out models/demo $(ARGS)
 
-run: install $(MODEL)/config.json
+run: install $(MODEL_DEP)
 	$(VENV)/bin/tandem up --model $(MODEL) $(RUN_ARGS) $(ARGS)
 
 test: install
@@ -55,7 +58,7 @@ bench: install
 	$(PY) -m bench.offline $(ARGS)
 
 # The serving benchmark (tandem bench): a local stack on $(MODEL), the same workload on transformers.
-bench-serving: install $(MODEL)/config.json
+bench-serving: install $(MODEL_DEP)
 	$(VENV)/bin/tandem bench --launch --model $(MODEL) --baseline hf $(ARGS)
 
 # Validates docker-compose.yml (installs Debian's docker-compose first when root and it is missing).

@@ -25,9 +25,11 @@ from gateway.config import GatewayConfig
 from prefill_worker.config import PrefillWorkerConfig
 from server.config import DEFAULT_PORTS, ServerOptions
 
-# Decided by `tandem up` itself: the model and the workers' addresses, each process's bind address,
+# Decided by `tandem up` itself: the model (resolved once, here: a Hugging Face id becomes its local
+# snapshot, which every child is given) and the workers' addresses, each process's bind address,
 # port, ready file and metrics port (see --metrics-port).
-_SET_BY_UP = ("model", "decode_workers", "prefill_workers", "host", "port", "ready_file", "metrics_port")
+_SET_BY_UP = ("model", "revision", "decode_workers", "prefill_workers", "host", "port", "ready_file",
+              "metrics_port")
 _TRACING = ("otlp_endpoint", "trace_sample_ratio")
 
 logger = logging.getLogger(__name__)
@@ -36,17 +38,19 @@ logger = logging.getLogger(__name__)
 def run(args: argparse.Namespace) -> int:
     from cli.launcher import Stack
     from cli.supervisor import RestartPolicy, Supervisor
+    from engine.hub import resolve_model
 
     try:
         policy = RestartPolicy(backoff_s=args.restart_backoff, max_backoff_s=args.max_restart_backoff,
                                reset_after_s=args.restart_reset_after, max_restarts=args.max_restarts,
                                ready_timeout_s=args.startup_timeout)
+        model = resolve_model(args.model, getattr(args, "revision", None))  # CheckpointError is a ValueError
     except ValueError as exc:
         logger.error("up: %s", exc)
         return 2
     tracing = forward_args(ServerOptions, args, exclude=_SET_BY_UP)
-    engine = forward_args(EngineConfig, args, exclude=("model",))
-    stack = Stack(args.model, prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
+    engine = forward_args(EngineConfig, args, exclude=("model", "revision"))
+    stack = Stack(model.path, prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
                   host=getattr(args, "host", "127.0.0.1"), port=getattr(args, "port", DEFAULT_PORTS["gateway"]),
                   engine_args=[*engine, *tracing],
                   prefill_args=forward_args(PrefillWorkerConfig, args, exclude=(*_SET_BY_UP, *_TRACING, "engine")),
@@ -63,8 +67,8 @@ def run(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
-    print(f"starting {args.prefill_workers} prefill + {args.decode_workers} decode workers on {args.model} ...",
-          flush=True)
+    print(f"starting {args.prefill_workers} prefill + {args.decode_workers} decode workers on {model.name} "
+          f"({model.path}) ...", flush=True)
     try:
         stack.start(timeout_s=args.startup_timeout)
         starting = False
