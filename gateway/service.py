@@ -261,7 +261,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                     prompt_logprobs = False
                     out.prompt_token_ids.extend(ids)
                     out.prompt_logprobs.extend(resp.prompt_logprobs if p_task is None else
-                                               (await self._prefilled(p_task, route)).prompt_logprobs)
+                                               (await self._prefilled(p_task, attempt)).prompt_logprobs)
                 if not first_ns and resp.token_ids:
                     first_ns = int((time.monotonic() - t0) * 1e9)
                 if resp.finish_reason != gen.FINISH_REASON_UNSPECIFIED:
@@ -320,12 +320,20 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 return
             yield msg
 
-    async def _prefilled(self, p_task: asyncio.Task[pb.PrefillResponse], route: Route) -> pb.PrefillResponse:
-        """The prefill worker's answer (its KV has arrived, so it is on its way): prompt logprobs."""
-        try:
-            return await asyncio.shield(p_task)
-        except grpc.aio.AioRpcError as exc:
-            raise self._worker_error(exc, route.prefill) from None  # type: ignore[arg-type]
+    async def _prefilled(self, p_task: asyncio.Task[pb.PrefillResponse], attempt: _Attempt) -> pb.PrefillResponse:
+        """The prefill worker's answer, with the prompt logprobs (its KV has arrived, so the answer is on
+        its way); a WorkerFailure if the registry loses a worker meanwhile."""
+        waiting: set[asyncio.Future[Any]] = {p_task, attempt.lost}
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if not p_task.done():
+            w = attempt.lost.result()
+            raise WorkerFailure(w, Unavailable(f"{w.name} stopped answering ({w.error})", retry_after_s=1.0))
+        exc = p_task.exception()
+        if isinstance(exc, grpc.aio.AioRpcError):
+            raise self._worker_error(exc, attempt.route.prefill)  # type: ignore[arg-type]
+        if exc is not None:
+            raise exc
+        return p_task.result()
 
     async def _timing(self, p_task: asyncio.Task[pb.PrefillResponse] | None, t0: float, first_ns: int) -> gen.Timing:
         timing = gen.Timing(time_to_first_token_ns=first_ns, total_ns=int((time.monotonic() - t0) * 1e9))
