@@ -39,6 +39,7 @@ from gateway.openai_response import Kind, ResponseBuilder
 from gateway.openai_schema import COMPLETION_FIELDS, ParsedRequest, RequestError, parse_chat, parse_completion
 from gateway.responses_api import ResponsesBuilder, parse_responses
 from gateway.service import bounded_by_reader
+from gateway.tokenization import detokenize_request, tokenize_request
 from gateway.validation import PromptLimits, check_model, check_request_id
 from server.errors import InvalidRequest
 from server.grpc_server import status_for
@@ -190,33 +191,13 @@ class OpenAIApi:
             return resp
 
     async def tokenize(self, request: web.Request) -> web.Response:
-        body = _fields(await self._json(request), {"model", "prompt", "messages", "add_special_tokens",
-                                                   "add_generation_prompt", "continue_final_message"})
-        req = gen.TokenizeRequest()
-        for name in ("model", "prompt"):
-            if body.get(name) is not None:
-                setattr(req, name, _typed(body, name, str))
-        for name in ("add_special_tokens", "add_generation_prompt", "continue_final_message"):
-            if body.get(name) is not None:
-                setattr(req, name, _typed(body, name, bool))
-        if body.get("messages") is not None:
-            chat = parse_chat({"messages": body["messages"]})
-            req.messages.extend(gen.ChatMessage(role=m["role"], content=m["content"]) for m in chat.messages)
-        resp = await self.service.texts.tokenize(req)
+        resp = await self.service.texts.tokenize(tokenize_request(await self._json(request)))
         return web.json_response({"count": len(resp.token_ids), "max_model_len": resp.max_model_len,
                                   "tokens": list(resp.token_ids), "token_strs": list(resp.tokens)})
 
     async def detokenize(self, request: web.Request) -> web.Response:
-        body = _fields(await self._json(request), {"model", "tokens"})
-        req = gen.DetokenizeRequest()
-        if body.get("model") is not None:
-            req.model = _typed(body, "model", str)
-        tokens = body.get("tokens")
-        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32
-                                                   for t in tokens):
-            raise RequestError("tokens must be a list of token ids", "tokens")
-        req.token_ids.extend(tokens)
-        return web.json_response({"prompt": (await self.service.texts.detokenize(req)).text})
+        resp = await self.service.texts.detokenize(detokenize_request(await self._json(request)))
+        return web.json_response({"prompt": resp.text})
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [self._model_card(n) for n in self.service.model_names]})
@@ -317,20 +298,3 @@ class OpenAIApi:
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
             return resp
-
-
-def _fields(body: Any, allowed: set[str]) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object")
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise RequestError(f"unrecognized request argument(s): {', '.join(n[:64] for n in unknown[:8])}",
-                           unknown[0][:64])
-    return body
-
-
-def _typed(body: dict[str, Any], name: str, kind: type) -> Any:
-    value = body[name]
-    if not isinstance(value, kind):
-        raise RequestError(f"{name} must be a {'boolean' if kind is bool else 'string'}", name)
-    return value

@@ -4,6 +4,7 @@ the chat rendering every chat-shaped endpoint shares (chat completions, response
     render_chat(messages, add_generation_prompt, continue_final_message)   the chat template -> ids
     tokenize(TokenizeRequest) -> TokenizeResponse     a prompt as Generate tokenizes it, or a chat
     detokenize(DetokenizeRequest) -> DetokenizeResponse
+    tokenize_request(json) / detokenize_request(json)  vLLM's /tokenize and /detokenize bodies -> the RPCs'
 
 Sizes are checked before the work that grows with them (gateway/validation.py): text by its length
 before it is tokenized (refused past the context before the ids are built), ids by their count.
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from engine.tokenizer import Tokenizer
+from gateway.openai_schema import RequestError, parse_chat
 from gateway.validation import PromptLimits, check_model, check_prompt_ids, encode_prompt
 from server.errors import InvalidRequest
 from tandem.v1 import generation_pb2 as gen
@@ -77,3 +79,52 @@ class Texts:
         skip = req.skip_special_tokens if req.HasField("skip_special_tokens") else True
         text = await asyncio.to_thread(self.tokenizer.decode, ids, skip)
         return gen.DetokenizeResponse(text=text)
+
+
+def _fields(body: Any, allowed: set[str]) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise RequestError(f"unrecognized request argument(s): {', '.join(n[:64] for n in unknown[:8])}",
+                           unknown[0][:64])
+    return body
+
+
+def _typed(body: dict[str, Any], name: str, kind: type) -> Any:
+    value = body[name]
+    if not isinstance(value, kind):
+        raise RequestError(f"{name} must be a {'boolean' if kind is bool else 'string'}", name)
+    return value
+
+
+def tokenize_request(body: Any) -> gen.TokenizeRequest:
+    """{"model", "prompt" | "messages", "add_special_tokens", "add_generation_prompt",
+    "continue_final_message"} -> TokenizeRequest. Raises RequestError naming the field."""
+    body = _fields(body, {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
+                          "continue_final_message"})
+    req = gen.TokenizeRequest()
+    for name in ("model", "prompt"):
+        if body.get(name) is not None:
+            setattr(req, name, _typed(body, name, str))
+    for name in ("add_special_tokens", "add_generation_prompt", "continue_final_message"):
+        if body.get(name) is not None:
+            setattr(req, name, _typed(body, name, bool))
+    if body.get("messages") is not None:
+        chat = parse_chat({"messages": body["messages"]})
+        req.messages.extend(gen.ChatMessage(role=m["role"], content=m["content"]) for m in chat.messages)
+    return req
+
+
+def detokenize_request(body: Any) -> gen.DetokenizeRequest:
+    """{"model", "tokens": [ids]} -> DetokenizeRequest. Raises RequestError naming the field."""
+    body = _fields(body, {"model", "tokens"})
+    req = gen.DetokenizeRequest()
+    if body.get("model") is not None:
+        req.model = _typed(body, "model", str)
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32
+                                               for t in tokens):
+        raise RequestError("tokens must be a list of token ids", "tokens")
+    req.token_ids.extend(tokens)
+    return req
