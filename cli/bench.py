@@ -88,10 +88,10 @@ def _run(args: argparse.Namespace) -> int:
         rep.write(data, path.parent)
         print(f"plots: {', '.join(data['plots'])}")
         return 0
-    if args.model:  # a packaged model's name (cli/models.py) or a path
-        from cli.models import resolve_model
+    if args.model:  # a Hugging Face id or cache folder: its local snapshot (engine.hub)
+        from engine.hub import resolve_model
 
-        args.model = resolve_model(args.model)
+        args.model = str(resolve_model(args.model).path)
     requests = _workload(args)
     out = Path(args.out_dir or f"bench/results/serving-{datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
@@ -153,7 +153,8 @@ def register(subparsers: Any) -> None:
     t.add_argument("--decode-workers", type=int, default=1, help="with --launch")
     t.add_argument("--engine-args", default="--device auto", help="with --launch: the workers' engine flags")
     w = p.add_argument_group("workload")
-    w.add_argument("--model", default=None, help="checkpoint dir: vocabulary for synthetic prompts; the baseline")
+    w.add_argument("--model", default=None, help="checkpoint dir or Hugging Face id: vocabulary for synthetic "
+                   "prompts; the baseline")
     w.add_argument("--dataset", default="synthetic", help="'synthetic' or a JSONL file of prompts")
     w.add_argument("--num-requests", type=int, default=64, help="requests per run (default: 64)")
     w.add_argument("--input-len", type=int, default=128, help="mean prompt tokens (lognormal)")

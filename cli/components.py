@@ -2,47 +2,60 @@
 
 These are exactly the commands `tandem up` and docker-compose run. Every flag is generated from the
 component's config dataclass (engine.options), which holds its default, range and help text.
-`--model` may name a packaged model (cli/models.py), as in `tandem up`.
+`--model` may name a packaged model or a Hugging Face id (engine.hub), as in `tandem up`.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+from collections.abc import Callable
 from typing import Any
 
-from cli.models import resolve_model
 from decode_worker.config import DecodeWorkerConfig
+from engine.checkpoint import CheckpointError
 from engine.options import add_options, from_args
 from gateway.config import GatewayConfig
 from prefill_worker.config import PrefillWorkerConfig
 from server.config import DEFAULT_PORTS
+
+logger = logging.getLogger(__name__)
+
+
+def _model_errors(role: str, run: Callable[[], int]) -> int:
+    """`run()`, or exit code 2 with one line when the model cannot be found or read (engine.hub)."""
+    try:
+        return run()
+    except CheckpointError as exc:
+        logger.error("%s: %s", role, exc)
+        return 2
 
 
 def run_gateway(args: argparse.Namespace) -> int:
     from gateway.main import serve_gateway
     from server.process import run_component
 
-    args.model = resolve_model(args.model)
     cfg: GatewayConfig = from_args(GatewayConfig, args)
-    return run_component("gateway", cfg.server, lambda stop, tracing: serve_gateway(cfg, stop, tracing=tracing))
+    return _model_errors("gateway", lambda: run_component(
+        "gateway", cfg.server, lambda stop, tracing: serve_gateway(cfg, stop, tracing=tracing)))
 
 
 def run_prefill(args: argparse.Namespace) -> int:
     from prefill_worker.main import serve_prefill
     from server.process import run_component
 
-    args.model = resolve_model(args.model)
     cfg: PrefillWorkerConfig = from_args(PrefillWorkerConfig, args)
-    return run_component("prefill", cfg.server, lambda stop, tracing: serve_prefill(cfg, stop, tracing=tracing))
+    return _model_errors("prefill worker", lambda: run_component(
+        "prefill", cfg.server, lambda stop, tracing: serve_prefill(cfg, stop, tracing=tracing)))
 
 
 def run_decode(args: argparse.Namespace) -> int:
     from decode_worker.main import serve_decode
     from server.process import run_component
 
-    args.model = resolve_model(args.model)
     cfg: DecodeWorkerConfig = from_args(DecodeWorkerConfig, args)
-    return run_component("decode", cfg.server, lambda stop, tracing: serve_decode(cfg, stop, tracing=tracing))
+    return _model_errors("decode worker", lambda: run_component(
+        "decode", cfg.server, lambda stop, tracing: serve_decode(cfg, stop, tracing=tracing)))
 
 
 def register(subparsers: Any) -> None:

@@ -19,7 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         description="Write a random checkpoint in Hugging Face format (config.json, safetensors, "
         "tokenizer.json trained on this machine's Python sources) that transformers can load.",
     )
-    p.add_argument("out_dir", metavar="OUT_DIR", help="directory to write (created if missing)")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="directory to write (created if missing; one that already "
+                   "holds a config.json is refused unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoint files already in OUT_DIR")
     add_options(p, TinyShape)
     p.add_argument(
         "--llama3-rope-scaling", action="store_true",
@@ -30,8 +32,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 def run(args: argparse.Namespace) -> int:
     """Write the checkpoint; return 0, or 2 after logging the error for bad options."""
+    from pathlib import Path
+
     from training.tiny import llama3_rope_scaling, write_tiny_model
 
+    if (Path(args.out_dir) / "config.json").exists() and not args.overwrite:
+        logger.error("make-tiny-model: %s already holds a checkpoint (config.json); pass --overwrite to replace it "
+                     "with a random one", args.out_dir)
+        return 2
     rope_scaling = None
     if args.llama3_rope_scaling:
         if args.arch != "llama":

@@ -1,6 +1,6 @@
 """`tandem up`: the whole stack as local processes; Ctrl-C or SIGTERM stops every one of them.
 
-With no flags it serves SmolLM2-135M-Instruct (cli/models.py) with gRPC on 127.0.0.1:50051 and the
+With no flags it serves SmolLM2-135M-Instruct (engine/hub.py) with gRPC on 127.0.0.1:50051 and the
 OpenAI-compatible HTTP API on http://127.0.0.1:8000/v1 (--no-http: off), and prints a curl, an
 `openai` snippet and a `tandem generate` line that work against it. Each process logs to its own file
 in --workdir (gateway.log, prefill-0.log, decode-0.log; --log-level / --log-format apply to all).
@@ -23,9 +23,9 @@ import threading
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from cli.models import DEFAULT_MODEL
 from decode_worker.config import DecodeWorkerConfig
 from engine.config import EngineConfig
+from engine.hub import DEFAULT_MODEL
 from engine.options import add_options, forward_args
 from gateway.config import GatewayConfig
 from prefill_worker.config import PrefillWorkerConfig
@@ -35,9 +35,12 @@ if TYPE_CHECKING:
     from cli.launcher import Stack
 
 DEFAULT_HTTP_PORT = 8000
-# Decided by `tandem up` itself: the model and the workers' addresses, each process's bind address,
+# Decided by `tandem up` itself: the model (resolved once, here: a packaged name or a Hugging Face id
+# becomes its local file or snapshot, which every child is given) and the workers' addresses, each
+# process's bind address,
 # port, ready file and metrics port (see --metrics-port).
-_SET_BY_UP = ("model", "decode_workers", "prefill_workers", "host", "port", "ready_file", "metrics_port")
+_SET_BY_UP = ("model", "revision", "decode_workers", "prefill_workers", "host", "port", "ready_file",
+              "metrics_port")
 _TRACING = ("otlp_endpoint", "trace_sample_ratio")
 
 logger = logging.getLogger(__name__)
@@ -46,19 +49,14 @@ logger = logging.getLogger(__name__)
 def run(args: argparse.Namespace) -> int:
     from cli.launcher import Stack
     from cli.supervisor import RestartPolicy, Supervisor
+    from engine.hub import resolve_model
 
     try:
         policy = RestartPolicy(backoff_s=args.restart_backoff, max_backoff_s=args.max_restart_backoff,
                                reset_after_s=args.restart_reset_after, max_restarts=args.max_restarts,
                                ready_timeout_s=args.startup_timeout)
-    except ValueError as exc:
-        logger.error("up: %s", exc)
-        return 2
-    from cli.models import resolve_model
-
-    try:
-        model = resolve_model(getattr(args, "model", DEFAULT_MODEL))
-    except ValueError as exc:
+        model = resolve_model(getattr(args, "model", DEFAULT_MODEL), getattr(args, "revision", None))
+    except ValueError as exc:  # CheckpointError is a ValueError
         logger.error("up: %s", exc)
         return 2
     if args.no_http:
@@ -68,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
     elif not hasattr(args, "http_port"):
         args.http_port = DEFAULT_HTTP_PORT
     tracing = forward_args(ServerOptions, args, exclude=_SET_BY_UP)
-    engine = forward_args(EngineConfig, args, exclude=("model",))
-    stack = Stack(model, prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
+    engine = forward_args(EngineConfig, args, exclude=("model", "revision"))
+    stack = Stack(model.path, prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
                   host=getattr(args, "host", "127.0.0.1"), port=getattr(args, "port", DEFAULT_PORTS["gateway"]),
                   engine_args=[*engine, *tracing],
                   prefill_args=forward_args(PrefillWorkerConfig, args, exclude=(*_SET_BY_UP, *_TRACING, "engine")),
@@ -87,8 +85,8 @@ def run(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
-    print(f"starting {args.prefill_workers} prefill + {args.decode_workers} decode workers on {model} "
-          f"(logs: {stack.workdir}) ...", flush=True)
+    print(f"starting {args.prefill_workers} prefill + {args.decode_workers} decode workers on {model.name} "
+          f"({model.path}; logs: {stack.workdir}) ...", flush=True)
     try:
         stack.start(timeout_s=args.startup_timeout)
         starting = False

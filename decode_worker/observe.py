@@ -163,7 +163,7 @@ class DecodeObserver:
             return
         for out in outputs:
             req = requests.get(out.request_id)
-            if req is None or req.trace.parent(self.tracing) is None:
+            if req is None or out.index or req.trace.parent(self.tracing) is None:  # spans follow choice 0
                 continue
             seq, tr = req.seq, req.trace
             win = tr.window

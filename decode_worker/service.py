@@ -57,7 +57,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             raise Overloaded(f"decode worker {self.worker_id} has {self.streams} requests (limit "
                              f"{self.max_streams}); retry later", retry_after_s=1.0)
         rid = request.request_id
-        seq = core.engine.make_sequence(rid, list(request.prompt_token_ids), sampling_from_proto(request.sampling))
+        seq = core.engine.make_sequence(rid, list(request.prompt_token_ids), sampling_from_proto(request.sampling),
+                                        request.priority)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         req = DecodeRequest(seq, emit=lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
@@ -67,40 +68,30 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         t0 = time.monotonic()
         core.decode(req)
         self.streams += 1
-        finished = False
+        unfinished = seq.params.n  # choices still running
         first = True
         try:
-            while not finished:
+            while unfinished:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                outs = [item]  # coalesce what is already queued into one message
-                while not queue.empty() and not outs[-1].finished:
+                outs = [item]  # coalesce what is already queued: one message per choice
+                while not queue.empty():
                     nxt = queue.get_nowait()
                     if isinstance(nxt, BaseException):
                         raise nxt
                     outs.append(nxt)
-                last = outs[-1]
-                finished = last.finished
-                resp = pb.DecodeResponse(
-                    token_ids=[t for o in outs for t in o.new_token_ids],
-                    text="".join(o.new_text for o in outs),
-                    logprobs=[logprob_to_proto(lp) for o in outs for lp in o.new_logprobs],
-                    finish_reason=finish_to_proto(last.finish_reason) if finished else gen.FINISH_REASON_UNSPECIFIED,
-                    num_cached_tokens=last.num_cached_tokens,
-                )
-                if first:
-                    resp.kv_wait_ns = 0 if request.local_prefill else int((time.monotonic() - t0) * 1e9)
-                    first = False
-                if finished:
-                    resp.num_prompt_tokens = last.num_prompt_tokens
-                    resp.num_output_tokens = last.num_output_tokens
-                    if isinstance(seq.stop_reason, str):
-                        resp.finish_message = seq.stop_reason
-                yield resp
+                for index, group in _by_choice(outs).items():
+                    resp = _message(index, group)
+                    if resp.finish_reason != gen.FINISH_REASON_UNSPECIFIED:
+                        unfinished -= 1
+                    if first:
+                        resp.kv_wait_ns = 0 if request.local_prefill else int((time.monotonic() - t0) * 1e9)
+                        first = False
+                    yield resp
         finally:
             self.streams -= 1
-            if not finished:  # cancelled, deadline, failure: free everything this request holds
+            if unfinished:  # cancelled, deadline, failure: free everything this request holds
                 core.abort(rid, "the Decode call ended before the request finished")
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
@@ -120,3 +111,32 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             max_model_len=core.engine.max_model_len, address=self.address, error=core.health_error(),
         )
 
+
+
+def _by_choice(outs: list[RequestOutput]) -> dict[int, list[RequestOutput]]:
+    """Outputs grouped by choice, choices in order of their first output (choice 0 comes first)."""
+    groups: dict[int, list[RequestOutput]] = {}
+    for out in outs:
+        groups.setdefault(out.index, []).append(out)
+    return groups
+
+
+def _message(index: int, outs: list[RequestOutput]) -> pb.DecodeResponse:
+    """One choice's consecutive outputs as one message; the last one's state."""
+    last = outs[-1]
+    resp = pb.DecodeResponse(
+        token_ids=[t for o in outs for t in o.new_token_ids],
+        text="".join(o.new_text for o in outs),
+        logprobs=[logprob_to_proto(lp) for o in outs for lp in o.new_logprobs],
+        finish_reason=finish_to_proto(last.finish_reason) if last.finished else gen.FINISH_REASON_UNSPECIFIED,
+        num_cached_tokens=last.num_cached_tokens, index=index,
+    )
+    prompt = next((o.prompt_logprobs for o in outs if o.prompt_logprobs is not None), None)
+    if prompt is not None:
+        resp.prompt_logprobs.extend(logprob_to_proto(lp) for lp in prompt)
+    if last.finished:
+        resp.num_prompt_tokens = last.num_prompt_tokens
+        resp.num_output_tokens = last.num_output_tokens
+        if last.seq is not None and isinstance(last.seq.stop_reason, str):
+            resp.finish_message = last.seq.stop_reason
+    return resp

@@ -10,7 +10,10 @@ Per request (engine thread unless noted):
         a transfer whose request is not registered yet waits, keyed by id, for its registration
         (or `kv_timeout_s`): registration before transfer holds by construction
     last page written (I/O thread: the peer's meta is parsed and checked there) -> command: adopt
-        the sequence takes the granted blocks, appends its first token and joins the running batch
+        the sequence takes the granted blocks, appends its first token and joins the running batch;
+        with n > 1 choices it forks the other n - 1 from those blocks (Engine.fork: shared by
+        reference count, a partial last block copied on first write), each with the first token the
+        prefill worker sampled for it: one KV transfer for all n
     transfer failed (I/O thread) -> command: the request fails with the transfer's status
 
 Block ownership (docs/ARCHITECTURE.md):
@@ -153,6 +156,12 @@ class DecodeCore:
             return f"the prefill worker sent first token id {meta.first_token_id}, outside [0, {bound})"
         if meta.num_prompt_tokens and meta.num_prompt_tokens != t.num_tokens:
             return f"KV meta says {meta.num_prompt_tokens} prompt tokens, the transfer carried {t.num_tokens}"
+        bad = next((tok for tok in meta.sibling_token_ids if tok >= bound), None)
+        if bad is not None:
+            return f"the prefill worker sent a first token id {bad}, outside [0, {bound})"
+        if meta.sibling_token_logprobs and len(meta.sibling_token_logprobs) != len(meta.sibling_token_ids):
+            return (f"the prefill worker sent {len(meta.sibling_token_logprobs)} logprobs for "
+                    f"{len(meta.sibling_token_ids)} first tokens of other choices")
         return ""
 
     # ------------------------------------------------------------ engine thread
@@ -182,7 +191,7 @@ class DecodeCore:
                 continue
             if blocked:
                 continue
-            ids = self.engine.scheduler.reserve_kv(want.num_blocks)
+            ids = self.engine.scheduler.reserve_kv(want.num_blocks, req.seq.params.n)
             if ids is None:
                 blocked = True  # first come, first served: a later, smaller transfer waits too
                 continue
@@ -199,10 +208,14 @@ class DecodeCore:
             bm.free_blocks(t.block_ids)
             return
         seq = req.seq
-        if arrived.error or arrived.meta is None or t.num_tokens != seq.num_prompt_tokens:
+        error = arrived.error
+        if not error and arrived.meta is not None and len(arrived.meta.sibling_token_ids) != seq.pending_forks:
+            error = (f"the prefill worker sampled {1 + len(arrived.meta.sibling_token_ids)} first tokens for a "
+                     f"request of {seq.params.n} choices")
+        if error or arrived.meta is None or t.num_tokens != seq.num_prompt_tokens:
             del self.requests[t.request_id]
             bm.free_blocks(t.block_ids)
-            why = arrived.error or f"KV for {t.num_tokens} tokens arrived for a {seq.num_prompt_tokens}-token prompt"
+            why = error or f"KV for {t.num_tokens} tokens arrived for a {seq.num_prompt_tokens}-token prompt"
             req.fail(transfer_error(TransferCode.PROTOCOL, why))
             return
         meta = arrived.meta
@@ -212,11 +225,14 @@ class DecodeCore:
         seq.num_cached_tokens = meta.num_cached_tokens
         bm.cache_full_blocks(seq)
         lps = [logprob_from_proto(meta.first_token_logprob)] if meta.HasField("first_token_logprob") else []
-        seq.logprobs.extend(lps)
+        sibling_lps = [[logprob_from_proto(p)] for p in meta.sibling_token_logprobs]
+        firsts = [(meta.first_token_id, lps)] + [
+            (tok, sibling_lps[j] if sibling_lps else []) for j, tok in enumerate(meta.sibling_token_ids)]
         self.engine.scheduler.add_running(seq)
-        out = self.engine.append_token(seq, meta.first_token_id, lps)
-        self.loop.observe(self.obs.adopted, req, out, default=None)
-        self.loop.deliver(out)
+        outs = self.engine.fork(seq, firsts)  # choices 1.. share the transferred blocks
+        self.loop.observe(self.obs.adopted, req, outs[0], default=None)
+        for out in outs:
+            self.loop.deliver(out)
 
     def _died(self, cause: BaseException) -> None:
         """The engine is dead (engine or watchdog thread): refuse every transfer from now on."""

@@ -18,6 +18,17 @@ findable until the pool hands them out again. Free blocks form one LRU queue: al
 least recently freed block first and erases its name (eviction). A request's cached prefix costs no
 compute: the scheduler sets `num_computed_tokens` past it.
 
+Forks (parallel sampling): `fork` gives a sibling the same block table, one more reference each.
+A shared *full* block is only ever read. A shared *partial* block is copied on write: when a sequence
+is given new tokens to compute and the block they start in is partial and referenced by another
+sequence, `allocate_slots` gives it a fresh block in that place and queues (source, destination) for
+the model runner to copy the page before the forward (`take_copies`):
+
+    parent  [7, 2, 9*]   tokens 0..37, block 9 holds 6 of 16      * ref_count 2 (parent + sibling)
+    sibling [7, 2, 9*]
+    sibling computes token 38:  sibling [7, 2, 4], copy 9 -> 4 first; block 9's ref_count back to 1,
+    so the parent writes into 9 in place.
+
 Ownership: a block with ref_count > 0 belongs to the sequences that reference it and is never
 handed out; a block with ref_count 0 is in the free queue (named or not). Running out of blocks is
 an answer (`allocate_slots` returns False), not an exception.
@@ -63,6 +74,7 @@ class BlockManager:
         self._cached: dict[int, int] = {}  # block hash -> block id
         self.prefix_queries = 0  # tokens looked up in the prefix cache
         self.prefix_hits = 0  # of those, tokens found
+        self._copies: list[tuple[int, int]] = []  # copy-on-write (source, destination) pages not yet copied
 
     # ----------------------------------------------------------------- queries
     @property
@@ -116,8 +128,15 @@ class BlockManager:
         total = seq.num_computed_tokens + len(cached) * self.block_size + num_new_tokens
         needed = -(-total // self.block_size) - len(seq.block_table) - len(cached)
         revived = sum(1 for b in cached if self._blocks[b].ref_count == 0)
-        if max(needed, 0) + revived > len(self._free):
+        shared = self._shared_partial(seq) if num_new_tokens > 0 else None
+        if max(needed, 0) + revived + (shared is not None) > len(self._free):
             return False
+        if shared is not None:  # copy on write: this sequence gets its own copy of the partial block
+            old = seq.block_table[shared]
+            new = self._take_free()
+            self._blocks[old].ref_count -= 1
+            seq.block_table[shared] = new
+            self._copies.append((old, new))
         for block_id in cached:
             block = self._blocks[block_id]
             if block.ref_count == 0:
@@ -128,6 +147,29 @@ class BlockManager:
         for _ in range(needed):
             seq.block_table.append(self._take_free())
         return True
+
+    def _shared_partial(self, seq: HasBlocks) -> int | None:
+        """The index in seq's table of the partial block its next token goes into, if another
+        sequence references it too (a fork); else None."""
+        i, offset = divmod(seq.num_computed_tokens, self.block_size)
+        if offset == 0 or i >= len(seq.block_table):
+            return None
+        return i if self._blocks[seq.block_table[i]].ref_count > 1 else None
+
+    def fork(self, parent: HasBlocks, child: HasBlocks) -> None:
+        """Give `child` (with an empty table) `parent`'s blocks, one more reference each."""
+        if child.block_table:
+            raise ValueError("a fork starts from an empty block table")
+        for block_id in parent.block_table:
+            self._blocks[block_id].ref_count += 1
+        child.block_table = list(parent.block_table)
+        child.block_hashes = list(parent.block_hashes)
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        """The (source, destination) pages copy-on-write queued since the last call; the caller must
+        copy them before any forward writes to the destinations."""
+        copies, self._copies = self._copies, []
+        return copies
 
     def _take_free(self) -> int:
         block_id, _ = self._free.popitem(last=False)

@@ -133,7 +133,9 @@ class EngineConfig:
     `tandem` command's flags are generated from them.
     """
 
-    model: str = option(REQUIRED, "Hugging Face checkpoint directory")
+    model: str = option(REQUIRED, "checkpoint directory, Hugging Face cache folder or Hugging Face id "
+                        "(resolved through the Hugging Face cache, HF_HOME and HF_HUB_OFFLINE: engine.hub)")
+    revision: str | None = option(None, "branch, tag or commit of a Hugging Face id or cache folder (default: main)")
     dtype: str = option("auto", "auto|float32|float16|bfloat16 (auto: the checkpoint's on GPU, float32 on CPU)")
     device: str = option("auto", "auto|cpu|cuda|cuda:N")
     block_size: int = option(16, "tokens per KV block (a power of two)", min=1)

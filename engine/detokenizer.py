@@ -39,8 +39,8 @@ class IncrementalDetokenizer:
     `tokenizer.decode(output_ids, skip_special_tokens)` for byte-level BPE tokenizers when the prompt
     ends on a character boundary (as encoded text always does); decoders that strip a sequence's
     leading space (SentencePiece-style) keep it here, as the prompt context implies. No returned piece
-    carries U+FFFD for a character that later tokens complete. With
-    stop strings, the returned text is that decode cut just before the stop string that completes
+    carries U+FFFD for a character that later tokens complete. With stop strings, the returned text
+    is that decode cut just before (with include_stop: just after) the stop string that completes
     first in the token stream (among several completing on the same token, the one starting
     earliest; then the first listed); `stop_reason` names it and `finished` becomes True.
     Ids the tokenizer lacks (>= its vocab_size) yield no text and never raise. The ids decoded per
@@ -55,8 +55,10 @@ class IncrementalDetokenizer:
         *,
         skip_special_tokens: bool = True,
         stop: Sequence[str] = (),
+        include_stop: bool = False,
     ) -> None:
-        """Raises ValueError if `stop` contains an empty string."""
+        """Raises ValueError if `stop` contains an empty string. `include_stop`: the text ends with the
+        stop string that matched instead of just before it."""
         if isinstance(stop, str):
             stop = (stop,)
         if any(not s for s in stop):
@@ -64,6 +66,7 @@ class IncrementalDetokenizer:
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
         self._stop = tuple(dict.fromkeys(stop))
+        self._include_stop = include_stop
         # Only ids that take part in decoding (see the module docstring); the prompt's supply context.
         self._ids: list[int] = [int(t) for t in prompt_token_ids if not self._skipped(int(t))]
         self._prefix_offset = max(len(self._ids) - _CONTEXT_TOKENS, 0)
@@ -106,7 +109,7 @@ class IncrementalDetokenizer:
                 best = (i, s)
         if best is not None:
             self.stop_reason, self.finished, self._pending = best[1], True, ""
-            return pending[: best[0]]
+            return pending[: best[0] + (len(best[1]) if self._include_stop else 0)]
         # Hold back the longest tail that is a proper prefix of some stop string.
         hold = 0
         for s in self._stop:

@@ -3,18 +3,24 @@
 `add_request` queues a sequence; each `step()` schedules one batch, runs one forward, samples, applies
 stop conditions and returns what every touched request gained. Text (incremental detokenization and
 stop strings) is applied here so that every caller (offline API, decode worker) stops the same way.
+A request with n > 1 choices is forked here (`fork`) in the step that samples its first tokens, or
+by a decode worker when its prompt's KV arrives; on a prefill worker its n first tokens are sampled
+and travel with the KV instead (`RequestOutput.sibling_tokens`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
+from engine.hub import resolve_model
 from engine.model_runner import ModelRunner, StepInput
 from engine.outputs import FinishReason, RequestOutput, TokenLogprob
+from engine.sampling.bad_words import bad_word_ids
 from engine.sampling.params import SamplingParams
 from engine.sampling.sampler import SamplerOutput
 from engine.scheduler import Scheduler
@@ -25,9 +31,22 @@ from engine.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 
+def local_config(config: EngineConfig) -> tuple[EngineConfig, str]:
+    """`config` with its model (and draft model) resolved to local paths (engine.hub: a packaged name
+    is its file, a Hugging Face id is found in, or downloaded into, the cache), and the model's name.
+    Raises CheckpointError."""
+    model = resolve_model(config.model, config.revision)
+    draft = resolve_model(config.speculative_model).path if config.speculative_model else None
+    return dataclasses.replace(config, model=str(model.path), revision=None,
+                               speculative_model=str(draft) if draft else None), model.name
+
+
 class Engine:
     def __init__(self, config: EngineConfig, *, tokenizer: Tokenizer | None = None) -> None:
-        self.config = config
+        """`config.model` may name a packaged model or a Hugging Face id; `self.config` holds the local
+        path it resolved to, `self.model_name` the name it goes by."""
+        self.config, self.model_name = local_config(config)
+        config = self.config
         self.runner = ModelRunner(config)
         self.tokenizer = tokenizer or Tokenizer.from_dir(config.model)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
@@ -51,9 +70,13 @@ class Engine:
     # --------------------------------------------------------------- requests
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError when a request can never run here: an empty prompt, an id outside
-        [0, token_id_limit) or without an embedding row, no room left to generate."""
+        [0, token_id_limit) or without an embedding row, no room left to generate, more choices than
+        sequence slots, logit_bias or allowed_token_ids outside the model's vocabulary."""
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
+        params.check_vocab(self.vocab_size)
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"n is {params.n}; this engine runs at most {self.config.max_num_seqs} sequences at once")
         limit = self.token_id_limit
         bad = next((t for t in prompt_token_ids if not 0 <= t < limit), None)
         if bad is not None:
@@ -67,24 +90,56 @@ class Engine:
             raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens; this model's context holds "
                              f"{self.max_model_len}, leaving no room to generate")
 
-    def make_sequence(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
+    def make_sequence(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                      priority: int = 0) -> Sequence:
+        """Choice 0 of a new request (it forks the others once its first tokens are sampled)."""
         self.validate_prompt(prompt_token_ids, params)
         seq = Sequence(request_id, list(prompt_token_ids), params,
-                       eos_token_ids=self.tokenizer.eos_token_ids, max_model_len=self.max_model_len)
-        seq.detokenizer = IncrementalDetokenizer(
-            self.tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens, stop=params.stop)
+                       eos_token_ids=self.tokenizer.eos_token_ids, max_model_len=self.max_model_len,
+                       pending_forks=params.n - 1, priority=priority,
+                       bad_words_ids=bad_word_ids(self.tokenizer, params.bad_words))
+        seq.detokenizer = self._detokenizer(seq)
         return seq
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
-        seq = self.make_sequence(request_id, prompt_token_ids, params)
+    def _detokenizer(self, seq: Sequence) -> IncrementalDetokenizer:
+        p = seq.params
+        return IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, skip_special_tokens=p.skip_special_tokens,
+                                      stop=p.stop, include_stop=p.include_stop_str_in_output)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    priority: int = 0) -> Sequence:
+        seq = self.make_sequence(request_id, prompt_token_ids, params, priority)
         self.scheduler.add(seq)
         return seq
 
-    def abort(self, request_id: str) -> Sequence | None:
-        seq = self.scheduler.abort(request_id)
-        if seq is not None and self.spec is not None:
-            self.spec.release(seq)
-        return seq
+    def abort(self, request_id: str, index: int | None = None) -> list[Sequence]:
+        """End every choice of the request (or only choice `index`); their blocks go back."""
+        seqs = self.scheduler.abort(request_id, index)
+        if self.spec is not None:
+            for seq in seqs:
+                self.spec.release(seq)
+        return seqs
+
+    def fork(self, parent: Sequence, firsts: list[tuple[int, list[TokenLogprob]]]) -> list[RequestOutput]:
+        """`parent` (running, its prompt computed, nothing output yet) becomes choice 0 of len(firsts):
+        choices 1.. are forked from it, sharing its blocks (copy on write), and join the running batch;
+        then each choice appends its first token, firsts[j] = (token id, its logprobs). Returns each
+        choice's output, choice 0 first."""
+        parent.pending_forks = 0
+        children: list[Sequence] = []
+        for j in range(1, len(firsts)):
+            child = Sequence(parent.request_id, parent.prompt_token_ids, parent.params.for_choice(j),
+                             eos_token_ids=parent.eos_token_ids, max_model_len=parent.max_model_len,
+                             num_computed_tokens=parent.num_computed_tokens, num_cached_tokens=parent.num_cached_tokens,
+                             index=j, priority=parent.priority, arrival_time=parent.arrival_time,
+                             bad_words_ids=parent.bad_words_ids)
+            child.detokenizer = self._detokenizer(child)
+            self.block_manager.fork(parent, child)
+            self.scheduler.add_running(child)
+            children.append(child)
+        outs = [self.append_token(parent, *firsts[0])]
+        outs += [self.append_token(c, *first) for c, first in zip(children, firsts[1:], strict=True)]
+        return outs
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -101,6 +156,7 @@ class Engine:
         step = self.scheduler.schedule()
         if step is not None and self.spec is not None:
             self.spec.plan(step)  # drafts per sequence; reserves their KV slots
+            step.copies += self.block_manager.take_copies()
         return step
 
     def execute(
@@ -117,6 +173,8 @@ class Engine:
         """Advance counters, append sampled tokens, apply stop conditions, free finished sequences."""
         self.scheduler.finish_step(step)
         self.num_computed_tokens_total += sum(step.num_new_tokens)
+        for i, lps in step.prompt_logprobs.items():
+            step.seqs[i].prompt_logprobs.extend(lps)
         return self._process(step, sampled)
 
     def _process(self, step: StepInput, out: SamplerOutput | None) -> list[RequestOutput]:
@@ -126,16 +184,27 @@ class Engine:
             if not sample:
                 continue
             assert out is not None
-            rows = 1 + step.num_draft(i)  # a speculating sequence owns 1 + k rows
+            rows = step.num_rows(i)  # a speculating sequence owns 1 + k rows, a forking one n
             if seq.is_finished:  # aborted while its step ran
                 row += rows
+                continue
+            if seq.pending_forks:
+                tokens = [int(t) for t in out.token_ids[row : row + rows].tolist()]
+                firsts = [(t, _logprobs(seq.params, out, row + j, t)) for j, t in enumerate(tokens)]
+                row += rows
+                if seq.prefill_only:  # the decode worker forks them: their first tokens go with the KV
+                    seq.pending_forks = 0
+                    outputs.append(self.append_token(seq, *firsts[0]))
+                    outputs[-1].sibling_tokens = firsts[1:]
+                else:
+                    outputs.extend(self.fork(seq, firsts))
                 continue
             # accepted drafts + the target's own token; stop conditions apply to each in turn
             emit = self.spec.accept(step, i) if self.spec is not None else 1
             deltas: list[RequestOutput] = []
             for r in range(row, row + emit):
                 token = int(out.token_ids[r])
-                deltas.append(self.append_token(seq, token, self._logprobs(seq, out, r, token)))
+                deltas.append(self.append_token(seq, token, _logprobs(seq.params, out, r, token)))
                 if seq.is_finished:
                     break
             row += rows
@@ -146,21 +215,10 @@ class Engine:
                 outputs[-1].spec = SpecMetrics.of(seq)
         return outputs
 
-    @staticmethod
-    def _logprobs(seq: Sequence, out: SamplerOutput, row: int, token: int) -> list[TokenLogprob]:
-        lp: list[TokenLogprob] = []
-        if seq.params.logprobs is not None:
-            top: list[tuple[int, float]] = []
-            if out.top_ids is not None and seq.params.logprobs > 0:
-                k = seq.params.logprobs
-                top = list(zip(out.top_ids[row, :k].tolist(), out.top_logprobs[row, :k].tolist(), strict=True))  # type: ignore[index]
-            lp.append(TokenLogprob(token, float(out.logprobs[row]), top))
-            seq.logprobs.extend(lp)
-        return lp
-
     def append_token(self, seq: Sequence, token: int, lp: list[TokenLogprob] | None = None) -> RequestOutput:
-        """Append a sampled token, apply stop conditions, finish the sequence if it is done."""
+        """Append a sampled token (and its logprobs), apply stop conditions, finish the sequence if it is done."""
         seq.append_token(token)
+        seq.logprobs.extend(lp or [])
         reason = seq.check_stop(token)
         text = ""
         detok: IncrementalDetokenizer | None = seq.detokenizer
@@ -178,10 +236,13 @@ class Engine:
             self.scheduler.finish(seq, reason)
         elif reason is not None:
             seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
-        return RequestOutput(
+        out = RequestOutput(
             seq.request_id, [token], text, reason is not None, reason, seq.num_prompt_tokens,
-            seq.num_output_tokens, seq.num_cached_tokens, lp or [], seq,
+            seq.num_output_tokens, seq.num_cached_tokens, lp or [], seq, index=seq.index,
         )
+        if seq.index == 0 and seq.num_output_tokens == 1 and seq.params.prompt_logprobs is not None:
+            out.prompt_logprobs = list(seq.prompt_logprobs)
+        return out
 
     def release(self, seq: Sequence) -> None:
         """Free the blocks of a finished sequence that kept them (prefill_only, after its transfer)."""
@@ -203,11 +264,23 @@ class Engine:
         } | (self.spec.stats() if self.spec is not None else {})
 
 
+def _logprobs(params: SamplingParams, out: SamplerOutput, row: int, token: int) -> list[TokenLogprob]:
+    """The logprobs of `token`, drawn from sampler row `row`, when the request asks for them."""
+    if params.logprobs is None:
+        return []
+    top: list[tuple[int, float]] = []
+    if out.top_ids is not None and params.logprobs > 0:
+        k = params.logprobs
+        top = list(zip(out.top_ids[row, :k].tolist(), out.top_logprobs[row, :k].tolist(), strict=True))  # type: ignore[index]
+    return [TokenLogprob(token, float(out.logprobs[row]), top)]
+
+
 def _merge(deltas: list[RequestOutput]) -> RequestOutput:
-    """One output for several tokens a request gained in one step (speculation); the last one's state."""
+    """One output for several tokens a choice gained in one step (speculation); the last one's state."""
     last = deltas[-1]
     return RequestOutput(
         last.request_id, [t for d in deltas for t in d.new_token_ids], "".join(d.new_text for d in deltas),
         last.finished, last.finish_reason, last.num_prompt_tokens, last.num_output_tokens,
-        last.num_cached_tokens, [lp for d in deltas for lp in d.new_logprobs], last.seq,
+        last.num_cached_tokens, [lp for d in deltas for lp in d.new_logprobs], last.seq, index=last.index,
+        prompt_logprobs=next((d.prompt_logprobs for d in deltas if d.prompt_logprobs is not None), None),
     )

@@ -46,9 +46,11 @@ _WATCHDOG_TICK_S = 0.25
 class Request:
     """One request's record: created by a worker's RPC handler, owned by the engine thread once added.
 
-    seq: the engine's sequence (validated by `Engine.make_sequence` before add).
+    seq: the engine's sequence (validated by `Engine.make_sequence` before add): choice 0 of the
+        request's `seq.params.n`, which forks the others (they share its request id).
     emit(output): called on the engine thread for every output; must be quick and thread-safe
-        (e.g. `loop.call_soon_threadsafe`). The output with finished=True is the last.
+        (e.g. `loop.call_soon_threadsafe`). Each choice's output with finished=True is its last; the
+        last choice to finish is the request's last output.
     fail(exc): ends the request with an error instead; thread-safe and idempotent (it may be called
         from the watchdog while the engine thread hangs). After emit(finished) or fail, nothing more.
     Worker-specific state lives in subclasses (prefill_worker.worker, decode_worker.worker).
@@ -59,6 +61,11 @@ class Request:
     fail: Callable[[BaseException], object]
     arrived: float = field(default_factory=time.monotonic)
     streams: bool = True  # False: deliver() leaves its outputs to the worker's hooks (prefill)
+    unfinished: int = -1  # choices still running (set from seq.params.n)
+
+    def __post_init__(self) -> None:
+        if self.unfinished < 0:
+            self.unfinished = self.seq.params.n
 
     @property
     def id(self) -> str:
@@ -200,12 +207,14 @@ class EngineLoop:
         self.submit(guarded)
 
     def deliver(self, out: RequestOutput) -> None:
-        """Engine thread only: hand `out` to its request (which leaves the table once finished)."""
+        """Engine thread only: hand `out` to its request (which leaves the table once every choice finished)."""
         req = self.requests.get(out.request_id)
         if req is None or not req.streams:
             return
         if out.finished:
-            del self.requests[out.request_id]
+            req.unfinished -= 1
+            if req.unfinished <= 0:
+                del self.requests[out.request_id]
         req.emit(out)
 
     def observe(self, fn: Callable[..., T], *args: object, default: T) -> T:

@@ -11,6 +11,7 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.outputs import TokenLogprob
 from engine.sampling.params import SamplingParams
+from engine.sequence import Sequence
 from engine.spec import SpecMetrics
 
 
@@ -24,6 +25,8 @@ class CompletionOutput:
     num_cached_tokens: int
     logprobs: list[TokenLogprob] = field(default_factory=list)
     spec: SpecMetrics | None = None  # acceptance of this request's drafts (engines that speculate)
+    index: int = 0  # which of the prompt's n choices (SamplingParams.n)
+    prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.. (SamplingParams.prompt_logprobs)
 
 
 class LLM:
@@ -40,7 +43,8 @@ class LLM:
         prompts: Seq[str | Seq[int]] | str,
         params: SamplingParams | Seq[SamplingParams] | None = None,
     ) -> list[CompletionOutput]:
-        """Generate for every prompt (text or token ids); outputs come back in prompt order."""
+        """Generate for every prompt (text or token ids); outputs come back in prompt order, a prompt
+        with n > 1 choices giving n consecutive outputs (index 0..n-1)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         params = params or SamplingParams()
@@ -51,15 +55,19 @@ class LLM:
         for prompt, p in zip(prompts, plist, strict=True):
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
             seqs.append(self.engine.add_request(f"offline-{next(self._ids)}", ids, p))
-        texts: dict[str, list[str]] = {s.request_id: [] for s in seqs}
+        choices: dict[tuple[str, int], Sequence] = {(s.request_id, 0): s for s in seqs}
+        texts: dict[tuple[str, int], list[str]] = {}
         while self.engine.has_unfinished():
             for out in self.engine.step():
-                if out.new_text:
-                    texts[out.request_id].append(out.new_text)
+                assert out.seq is not None
+                choices[(out.request_id, out.index)] = out.seq
+                texts.setdefault((out.request_id, out.index), []).append(out.new_text)
         return [
-            CompletionOutput(s.request_id, s.prompt_token_ids, s.output_token_ids,
-                             "".join(texts[s.request_id]), s.finish_reason.value if s.finish_reason else "",
-                             s.num_cached_tokens, s.logprobs,
-                             SpecMetrics.of(s) if self.engine.spec is not None else None)
-            for s in seqs
+            CompletionOutput(c.request_id, c.prompt_token_ids, c.output_token_ids,
+                             "".join(texts.get((c.request_id, c.index), [])),
+                             c.finish_reason.value if c.finish_reason else "", c.num_cached_tokens, c.logprobs,
+                             SpecMetrics.of(c) if self.engine.spec is not None else None, c.index,
+                             list(c.prompt_logprobs) if c.params.prompt_logprobs is not None and c.index == 0
+                             else None)
+            for s in seqs for c in (choices[(s.request_id, j)] for j in range(s.params.n))
         ]

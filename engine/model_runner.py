@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from engine.checkpoint import load_hf_config
 from engine.config import EngineConfig, ModelConfig
 from engine.device import resolve_device, resolve_dtype
 from engine.model import CausalLM, ForwardContext
+from engine.outputs import TokenLogprob
 from engine.sampling.batch import SamplingBatch
 from engine.sampling.sampler import Sampler, SamplerOutput
 from engine.sequence import Sequence
@@ -47,9 +48,17 @@ class StepInput:
     # Sequence i then gets 1 + len(spec_tokens[i]) logit rows. None: no sequence speculates.
     spec_tokens: list[list[int]] | None = None
     num_accepted: list[int] | None = None
+    # Copy-on-write pages (source, destination) to copy before the forward (BlockManager.take_copies).
+    copies: list[tuple[int, int]] = field(default_factory=list)
+    # Filled by the forward: sequence i's prompt logprobs computed in this step, in prompt order.
+    prompt_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
 
     def num_draft(self, i: int) -> int:
         return len(self.spec_tokens[i]) if self.spec_tokens is not None else 0
+
+    def num_rows(self, i: int) -> int:
+        """Logit rows of sequence i (if it samples): 1 + its drafts, or one per choice it forks."""
+        return self.num_draft(i) + self.seqs[i].num_sample_rows
 
 
 def load_model(
@@ -123,7 +132,10 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ steps
     def prepare(self, step: StepInput) -> tuple[Tensor, Tensor, ForwardContext, Tensor]:
-        """Flatten the step into (input_ids, positions, context, logits_indices)."""
+        """Flatten the step into (input_ids, positions, context, logits_indices).
+
+        A sequence that forks choices gets its last row once per choice (`Sequence.num_sample_rows`).
+        """
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -143,7 +155,8 @@ class ModelRunner:
             qsl.append(qsl[-1] + n)
             seq_lens.append(start + n)
             if sample:
-                logits_idx.extend(range(qsl[-1] - 1 - len(draft), qsl[-1]))
+                logits_idx.extend(range(qsl[-1] - 1 - len(draft), qsl[-1] - 1))
+                logits_idx.extend([qsl[-1] - 1] * seq.num_sample_rows if not draft else [qsl[-1] - 1])
         max_blocks = max(len(s.block_table) for s in step.seqs)
         tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in step.seqs]
         dev = self.device
@@ -171,8 +184,47 @@ class ModelRunner:
         """Run the model; logits (R, V) float32: per sampling sequence i, 1 + step.num_draft(i) rows."""
         input_ids, positions, ctx, logits_idx = self.prepare(step)
         ctx.on_layer_done = on_layer_done
+        if step.copies:  # copy-on-write pages of forked sequences, before anything writes to them
+            src, dst = (torch.tensor(c, dtype=torch.int64, device=self.device) for c in zip(*step.copies, strict=True))
+            self.kv[:, dst] = self.kv[:, src]
         hidden = self.model(input_ids, positions, ctx)  # (T, H)
+        if any(s.wants_prompt_logprobs for s in step.seqs):
+            self._prompt_logprobs(step, hidden)
         return self.model.compute_logits(hidden[logits_idx])
+
+    def _prompt_logprobs(self, step: StepInput, hidden: Tensor) -> None:
+        """Fill step.prompt_logprobs: the raw model logprob, rank and top alternatives of each prompt
+        token whose preceding position this step computed (and that was not collected before: a
+        recomputed prefill after preemption adds nothing twice). Only the rows asked for are projected."""
+        rows: list[int] = []  # rows of `hidden`
+        targets: list[int] = []  # the prompt token each row predicts
+        owners: list[int] = []  # step sequence index of each row
+        start_row = 0
+        for i, (seq, new) in enumerate(zip(step.seqs, step.num_new_tokens, strict=True)):
+            start = seq.num_computed_tokens
+            if seq.wants_prompt_logprobs:
+                first = max(start, len(seq.prompt_logprobs))  # position p predicts prompt token p + 1
+                for p in range(first, min(start + new, seq.num_prompt_tokens - 1)):
+                    rows.append(start_row + p - start)
+                    targets.append(seq.prompt_token_ids[p + 1])
+                    owners.append(i)
+            start_row += new + step.num_draft(i)
+        if not rows:
+            return
+        dev = self.device
+        logp = self.model.compute_logits(hidden[torch.tensor(rows, device=dev)]).float().log_softmax(dim=-1)  # (P, V)
+        tgt = torch.tensor(targets, device=dev)[:, None]  # (P, 1)
+        chosen = logp.gather(1, tgt)  # (P, 1)
+        ranks = (logp > chosen).sum(dim=-1) + 1  # (P,)
+        k = max(step.seqs[i].params.prompt_logprobs or 0 for i in set(owners))
+        top = logp.topk(min(k, logp.shape[1]), dim=-1) if k else None
+        chosen_l, ranks_l = chosen[:, 0].tolist(), ranks.tolist()
+        top_ids = top.indices.tolist() if top is not None else None
+        top_vals = top.values.tolist() if top is not None else None
+        for r, (i, t) in enumerate(zip(owners, targets, strict=True)):
+            want = step.seqs[i].params.prompt_logprobs or 0
+            alts = list(zip(top_ids[r][:want], top_vals[r][:want], strict=True)) if top_ids and top_vals else []
+            step.prompt_logprobs.setdefault(i, []).append(TokenLogprob(t, chosen_l[r], alts, ranks_l[r]))
 
     @torch.inference_mode()
     def execute(
@@ -186,11 +238,14 @@ class ModelRunner:
         return self.sampler(logits, batch)
 
     def sampling_batch(self, seqs: Seq[Sequence]) -> SamplingBatch:
+        """One row per choice each sequence samples (`num_sample_rows`): choice j with its own seed."""
+        rows = [(s, j) for s in seqs for j in range(s.num_sample_rows)]
         return SamplingBatch.build(
-            [s.params for s in seqs],
-            [s.prompt_token_ids for s in seqs],
-            [s.output_token_ids for s in seqs],
-            [s.eos_token_ids for s in seqs],
+            [s.params.for_choice(j) if s.pending_forks else s.params for s, j in rows],
+            [s.prompt_token_ids for s, _ in rows],
+            [s.output_token_ids for s, _ in rows],
+            [s.eos_token_ids for s, _ in rows],
             device=self.device,
             vocab_size=self.model_config.vocab_size,
+            bad_words=[s.bad_words_ids for s, _ in rows] if any(s.bad_words_ids for s in seqs) else None,
         )

@@ -25,6 +25,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
+    rank: int | None = None  # 1 = the most likely token; set for prompt logprobs
 
 
 @dataclass
@@ -42,6 +43,12 @@ class RequestOutput:
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
     seq: Sequence | None = None
     spec: SpecMetrics | None = None  # the request's speculation so far (engines that speculate)
+    index: int = 0  # which of the request's n choices (parallel sampling)
+    # The first output of choice 0 only, when asked for: prompt tokens 1.. under the model.
+    prompt_logprobs: list[TokenLogprob] | None = None
+    # A prefill-only sequence of n > 1 choices: the first tokens of choices 1..n-1 (token, logprobs),
+    # sampled in the same step as its own; the decode side forks those choices.
+    sibling_tokens: list[tuple[int, list[TokenLogprob]]] = field(default_factory=list)
 
 
 class EngineDied(RuntimeError):

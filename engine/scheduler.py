@@ -6,6 +6,13 @@ a decode is n = 1, a prefill chunk is n > 1, and both share a step. Running sequ
 running sequence cannot get a block, the newest running sequence is preempted: its blocks are freed
 and it goes back to the front of the queue with num_computed_tokens = 0, to be recomputed (its
 prefix-cache entries usually make that cheap).
+
+Priority (lower first, 0 by default): the waiting queue is kept in priority order (first come, first
+served within a priority; a preempted sequence goes first among its equals), the running batch is
+ordered by priority before each step, so the preempted one is the newest of the lowest priority.
+A sequence that forks n - 1 siblings when its prompt is done is admitted only while n sequence slots
+are free; KV for a transfer only while each of its n choices and every running sequence keeps a free
+block to grow into.
 """
 
 from __future__ import annotations
@@ -30,16 +37,30 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         """Queue a sequence. One arriving with computed KV (prefilled elsewhere) must own its blocks."""
         seq.status = SequenceStatus.WAITING
+        self._enqueue(seq, first=False)
+
+    def _enqueue(self, seq: Sequence, first: bool) -> None:
+        """Into the waiting queue after every sequence of a higher priority and, unless `first`,
+        after those of its own."""
+        if not self.waiting or (self.waiting[-1].priority <= seq.priority and not first):
+            self.waiting.append(seq)
+            return
+        for i, other in enumerate(self.waiting):
+            if other.priority > seq.priority or (first and other.priority == seq.priority):
+                self.waiting.insert(i, seq)
+                return
         self.waiting.append(seq)
 
-    def reserve_kv(self, num_blocks: int) -> list[int] | None:
+    def reserve_kv(self, num_blocks: int, num_seqs: int = 1) -> list[int] | None:
         """Blocks for a KV transfer on its way in (the decode side), or None: not now.
 
         Same policy as admitting a local prompt: a transfer is admitted only while every running
-        sequence keeps a free block to grow into, so arriving KV never forces a preemption. The
-        blocks are the caller's until it frees them or a sequence adopts them (`add_running`).
+        sequence, and each of the `num_seqs` choices the transfer will start, keeps a free block to
+        grow into (or to copy a shared partial block into), so arriving KV never forces a
+        preemption. The blocks are the caller's until it frees them or a sequence adopts them
+        (`add_running`).
         """
-        if self.bm.num_free_blocks - num_blocks < len(self.running):
+        if self.bm.num_free_blocks - num_blocks < len(self.running) + num_seqs - 1:
             return None
         return self.bm.allocate_blocks(num_blocks)
 
@@ -51,18 +72,18 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def abort(self, request_id: str) -> Sequence | None:
-        for seq in self.running:
-            if seq.request_id == request_id:
-                self.running.remove(seq)
-                self._finish(seq, FinishReason.ABORT)
-                return seq
-        for seq in self.waiting:
-            if seq.request_id == request_id:
-                self.waiting.remove(seq)
-                self._finish(seq, FinishReason.ABORT)
-                return seq
-        return None
+    def abort(self, request_id: str, index: int | None = None) -> list[Sequence]:
+        """End the request's sequences (every choice, or only choice `index`), freeing their blocks."""
+        def hit(seq: Sequence) -> bool:
+            return seq.request_id == request_id and (index is None or seq.index == index)
+
+        found = [s for s in self.running if hit(s)] + [s for s in self.waiting if hit(s)]
+        if found:
+            self.running = [s for s in self.running if not hit(s)]
+            self.waiting = deque(s for s in self.waiting if not hit(s))
+        for seq in found:
+            self._finish(seq, FinishReason.ABORT)
+        return found
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.status = SequenceStatus.FINISHED
@@ -83,13 +104,15 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self._enqueue(seq, first=True)
 
     def schedule(self) -> StepInput | None:
         budget = self.max_num_batched_tokens
         seqs: list[Sequence] = []
         counts: list[int] = []
         preempted = False
+        if any(s.priority != self.running[0].priority for s in self.running):
+            self.running.sort(key=lambda s: s.priority)  # stable: admission order within a priority
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -105,10 +128,12 @@ class Scheduler:
                 counts.append(n)
                 budget -= n
                 i += 1
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+        while self.waiting and budget > 0 and not preempted:
             seq = self.waiting[0]
+            if len(self.running) + seq.num_sample_rows > self.max_num_seqs:
+                break
             cached: list[int] = []
-            if seq.num_computed_tokens == 0 and not seq.block_table:
+            if seq.num_computed_tokens == 0 and not seq.block_table and not seq.wants_prompt_logprobs:
                 # leave at least one token to compute: its logits give the next token
                 cached = self.bm.lookup(seq.token_ids, seq.num_tokens - 1)
             n = min(seq.num_uncomputed_tokens - len(cached) * self.bm.block_size, budget)
@@ -127,7 +152,7 @@ class Scheduler:
         if not seqs:
             return None
         sample = [s.num_computed_tokens + n == s.num_tokens for s, n in zip(seqs, counts, strict=True)]
-        return StepInput(seqs, counts, sample)
+        return StepInput(seqs, counts, sample, copies=self.bm.take_copies())
 
     def finish_step(self, step: StepInput) -> None:
         """Advance counters after the forward and name newly full blocks for the prefix cache."""

@@ -9,6 +9,12 @@
 Chunked prefill, prefix-cache hits (num_computed_tokens jumps), preemption (num_computed_tokens back
 to 0) and the prefill -> decode hand-off (arrives with num_computed_tokens = prompt length) are all
 arithmetic on these two numbers.
+
+Parallel sampling (n > 1): one request's choices are sibling sequences with the same request_id and
+their own `index`. Choice 0 is created with the request and carries `pending_forks` = n - 1 until
+its prompt is computed: the step that samples its first token samples n rows (choice j with
+`params.for_choice(j)`), and the engine forks choices 1..n-1 from it, sharing its prompt blocks
+(`BlockManager.fork`; a shared partial block is copied when a sibling first writes into it).
 """
 
 from __future__ import annotations
@@ -45,6 +51,11 @@ class Sequence:
     stop_reason: str | int | None = None
     num_preemptions: int = 0
     prefill_only: bool = False  # finish after the first sampled token, keeping the blocks
+    index: int = 0  # which of the request's n choices this is
+    pending_forks: int = 0  # choices still to fork from this one when its first token is sampled
+    priority: int = 0  # lower runs first (the scheduler's waiting order and preemption)
+    prompt_logprobs: list[Any] = field(default_factory=list)  # TokenLogprob of prompt tokens 1.. so far
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()  # params.bad_words as token ids (sampling.bad_words)
     # speculative decoding (engine.spec): verification steps, draft tokens proposed, of those accepted
     num_spec_steps: int = 0
     num_draft_tokens: int = 0
@@ -78,6 +89,16 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def num_sample_rows(self) -> int:
+        """Logit rows this sequence samples when it samples without drafts: one per choice it forks."""
+        return 1 + self.pending_forks
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Its prefill must compute prompt logprobs (asked for, and no token was sampled yet)."""
+        return self.params.prompt_logprobs is not None and self.num_output_tokens == 0
 
     @property
     def is_finished(self) -> bool:

@@ -301,14 +301,19 @@ class Tokenizer:
         return _compile_template(self.chat_template)
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **template_vars: Any
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, continue_final_message: bool = False,
+        **template_vars: Any,
     ) -> str:
         """Render a conversation with the checkpoint's chat template (as transformers renders it).
 
         `messages` are dicts with at least "role"; `template_vars` (e.g. tools) are passed through.
-        Raises ValueError if the checkpoint has no chat template, `messages` is malformed, or the
-        template fails (e.g. its own `raise_exception` for an unsupported role order).
+        `continue_final_message`: the text ends right after the last message's content (no end-of-turn
+        tokens), so the model continues that message (a prefilled assistant reply); it excludes
+        `add_generation_prompt`. Raises ValueError if the checkpoint has no chat template, `messages` is
+        malformed, or the template fails (e.g. its own `raise_exception` for an unsupported role order).
         """
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
         if self.chat_template is None:
             raise ValueError(
                 "this checkpoint has no chat template (no 'chat_template' in tokenizer_config.json and no "
@@ -320,6 +325,14 @@ class Tokenizer:
         variables.update(template_vars, messages=messages, add_generation_prompt=add_generation_prompt)
         try:
             template = self._chat_template_compiled
-            return template.render(**variables)
+            text = template.render(**variables)
         except jinja2.TemplateError as exc:
             raise ValueError(f"chat template failed: {exc}") from exc
+        if continue_final_message:
+            final = str(messages[-1].get("content") or "") if messages else ""
+            for piece in (final, final.strip()):
+                if piece and piece in text:
+                    return text[: text.rindex(piece) + len(piece)]
+            raise ValueError("continue_final_message is set but the last message's content does not appear in the "
+                             "rendered conversation")
+        return text

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.checkpoint import model_name
 from engine.options import REQUIRED, check_options, option
+from gateway.validation import MAX_MODEL_NAME_CHARS
 from server.config import ServerOptions
 from server.protoconv import DEFAULT_MAX_TOKENS
 from server.tls import TLSConfig
@@ -48,11 +48,14 @@ class HttpLimits:
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    model: str = option(REQUIRED, "checkpoint directory or .gguf file (tokenizer and config are read from it)")
+    model: str = option(REQUIRED, "checkpoint directory, .gguf file, packaged model name, Hugging Face cache "
+                        "folder or Hugging Face id (tokenizer and config are read from it; engine.hub)")
     decode_workers: tuple[str, ...] = option(REQUIRED, "comma-separated host:port of decode workers")
+    revision: str | None = option(None, "branch, tag or commit of a Hugging Face id or cache folder (default: main)")
     prefill_workers: tuple[str, ...] = option((), "comma-separated host:port of prefill workers")
-    served_model_name: str | None = option(None, "the name clients use (default: the model directory's, or a "
-                                           ".gguf file's without its quantization suffix)")
+    served_model_name: tuple[str, ...] = option(
+        (), "comma-separated names clients may use for the model, the first one in responses (default: the "
+        "Hugging Face id of a hub model, else the model directory's name)")
     local_prefill_threshold: int = option(
         32, "uncached prompt tokens below which the decode worker prefills itself (0: never)", min=0)
     heartbeat_interval_s: float = option(0.5, "seconds between status polls of each worker",
@@ -78,13 +81,13 @@ class GatewayConfig:
         check_options(self)
         if not self.decode_workers:
             raise ValueError("the gateway needs at least one decode worker (--decode-workers)")
+        bad = next((n for n in self.served_model_name if len(n) > MAX_MODEL_NAME_CHARS), None)
+        if bad is not None:
+            raise ValueError(f"served_model_name {bad[:40]!r}... has {len(bad)} characters; the limit is "
+                             f"{MAX_MODEL_NAME_CHARS}")
         self.tls  # noqa: B018 - validates the TLS flags (half a configuration, missing files)
 
     @property
     def tls(self) -> TLSConfig | None:
         """The TLS files, or None for plaintext. Raises ValueError for half a configuration."""
         return TLSConfig.from_flags(self.tls_cert, self.tls_key, self.tls_client_ca)
-
-    @property
-    def model_name(self) -> str:
-        return self.served_model_name or model_name(self.model)

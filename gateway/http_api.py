@@ -1,8 +1,12 @@
 """The OpenAI-compatible HTTP API: a thin aiohttp adapter over `GenerationService.generate`, in-process.
 
-    POST /v1/completions        -> parse_completion -> service.generate(GenerateRequest) -> JSON or SSE
+    POST /v1/completions        -> parse_completion -> service.generate(GenerateRequest), one per prompt
+                                   of a batch, run concurrently -> JSON or SSE (choices i*n .. i*n+n-1)
     POST /v1/chat/completions   -> parse_chat -> chat template -> token ids -> the same path
-    GET  /v1/models[/{model}]   -> the served model
+    POST /v1/responses          -> parse_responses -> chat template -> the same path -> a Response or
+                                   its events (gateway/responses_api.py)
+    POST /tokenize, /detokenize -> the Tokenize / Detokenize RPCs' code (gateway/tokenization.py)
+    GET  /v1/models[/{model}]   -> the served model, once per served name
     GET  /health                -> 200 while the gateway serves (a decode worker is healthy), else 503:
                                    the same truth as its gRPC health service (server.process.Health)
 
@@ -19,23 +23,25 @@ A client that disconnects cancels its handler, which aborts the request on every
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncGenerator, Callable
+from contextlib import AsyncExitStack, aclosing
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 from aiohttp import web
 
+from gateway.http_streams import Stream, merged, open_stream, send_event
 from gateway.json_body import loads_bounded, max_body_bytes, max_skeleton_chars
 from gateway.openai_response import Kind, ResponseBuilder
 from gateway.openai_schema import COMPLETION_FIELDS, ParsedRequest, RequestError, parse_chat, parse_completion
+from gateway.responses_api import ResponsesBuilder, parse_responses
 from gateway.service import bounded_by_reader
-from gateway.validation import PromptLimits, check_request_id, encode_prompt
-from server.errors import NotFound
+from gateway.tokenization import detokenize_request, tokenize_request
+from gateway.validation import PromptLimits, check_model, check_request_id
+from server.errors import InvalidRequest
 from server.grpc_server import status_for
 from tandem.v1 import generation_pb2 as gen
 
@@ -53,7 +59,8 @@ _HTTP_STATUS = {
 _ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "invalid_request_error", 429: "rate_limit_error"}
 Authorize = Callable[[str | None], object]
-_KNOWN_PARAMS = COMPLETION_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
+_KNOWN_PARAMS = COMPLETION_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "input",
+                                     "max_output_tokens", "instructions"}
 
 
 def error_body(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
@@ -126,6 +133,9 @@ class OpenAIApi:
         app = web.Application(middlewares=[_errors, self._auth], client_max_size=self.max_body_bytes)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/responses", self.responses)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{model:.+}", self.model)
         app.router.add_get("/health", self.health)
@@ -133,7 +143,7 @@ class OpenAIApi:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        if self.authorize is not None and request.path.startswith("/v1/"):
+        if self.authorize is not None and request.path != "/health":
             self.authorize(request.headers.get("Authorization"))
         return await handler(request)
 
@@ -145,19 +155,57 @@ class OpenAIApi:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         rid = self._request_id(request)
         parsed = parse_chat(await self._json(request))
-        self.limits.check_chars("messages", sum(len(m["content"]) for m in parsed.messages))
-        ids = await asyncio.to_thread(self._render_chat, parsed)
-        parsed.request.prompt_token_ids.extend(ids)
+        await self._render(parsed)
         return await self._generate(request, rid, "chat", parsed)
 
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        rid = self._request_id(request)
+        parsed, echoed = parse_responses(await self._json(request))
+        await self._render(parsed)
+        parsed.request.request_id = rid
+        async with aclosing(self._stream_of(request, parsed.request)) as stream:
+            first = await anext(stream)  # validation and routing errors surface here, as HTTP statuses
+            builder = ResponsesBuilder(first.request_id, self._model_of(parsed), echoed)
+            if not parsed.stream:
+                builder.add(first)
+                async for later in stream:
+                    builder.add(later)
+                return web.json_response(builder.response(), headers={"X-Request-Id": first.request_id})
+            resp = await open_stream(request, first.request_id)
+            try:
+                for event in builder.opening():
+                    await send_event(resp, event, named=True)
+                msg: gen.GenerateResponse | None = first
+                while msg is not None:
+                    if text := builder.add(msg):
+                        await send_event(resp, builder.delta(text), named=True)
+                    msg = await anext(cast(Stream, stream), None)
+                for event in builder.closing():
+                    await send_event(resp, event, named=True)
+            except (asyncio.CancelledError, ConnectionResetError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band
+                await send_event(resp, {"type": "error", "sequence_number": builder.sequence, **error_body(exc)[1]},
+                                 named=True)
+            await resp.write_eof()
+            return resp
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        resp = await self.service.texts.tokenize(tokenize_request(await self._json(request)))
+        return web.json_response({"count": len(resp.token_ids), "max_model_len": resp.max_model_len,
+                                  "tokens": list(resp.token_ids), "token_strs": list(resp.tokens)})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        resp = await self.service.texts.detokenize(detokenize_request(await self._json(request)))
+        return web.json_response({"prompt": resp.text})
+
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [self._model_card()]})
+        return web.json_response({"object": "list", "data": [self._model_card(n) for n in self.service.model_names]})
 
     async def model(self, request: web.Request) -> web.Response:
         name = request.match_info["model"]
-        if name != self.service.model_name:
-            raise NotFound(f"model {name!r} is not served here; this gateway serves {self.service.model_name!r}")
-        return web.json_response(self._model_card())
+        check_model(name, self.service.model_names)
+        return web.json_response(self._model_card(name))
 
     async def health(self, request: web.Request) -> web.Response:
         health = self.service.health
@@ -165,20 +213,24 @@ class OpenAIApi:
                                  status=200 if health.serving else 503)
 
     # ------------------------------------------------------------------ helpers
-    def _model_card(self) -> dict[str, Any]:
-        return {"id": self.service.model_name, "object": "model", "created": self.created, "owned_by": "tandem",
-                "max_model_len": self.service.model_config.max_position_embeddings}
+    def _model_card(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "tandem",
+                "root": self.service.model_name, "max_model_len": self.service.model_config.max_position_embeddings}
 
-    def _render_chat(self, parsed: ParsedRequest) -> list[int]:
-        """The conversation through the checkpoint's chat template, as token ids (no extra BOS).
-        Runs in a thread; refused past the context before the ids are built."""
-        tok = self.service.tokenizer
+    def _model_of(self, parsed: ParsedRequest) -> str:
+        """The name responses carry: the one the client used (once validated), else the first served name."""
+        return parsed.request.model if parsed.request.HasField("model") else self.service.model_name
+
+    async def _render(self, parsed: ParsedRequest) -> None:
+        """The conversation through the chat template, as the request's prompt token ids."""
         try:
-            text = tok.apply_chat_template(parsed.messages, add_generation_prompt=parsed.add_generation_prompt)
-        except ValueError as exc:
-            raise RequestError(str(exc), "messages") from None
-        self.limits.check_chars("the rendered conversation", len(text))
-        return encode_prompt(tok, text, self.limits, add_special_tokens=False)
+            ids = await asyncio.to_thread(self.service.texts.render_chat, parsed.messages,
+                                          parsed.add_generation_prompt, parsed.continue_final_message)
+        except RequestError:
+            raise
+        except InvalidRequest as exc:
+            raise RequestError(exc.message, "messages") from None
+        parsed.request.prompt_token_ids.extend(ids)
 
     @staticmethod
     def _request_id(http: web.Request) -> str:
@@ -201,47 +253,48 @@ class OpenAIApi:
     def _token_text(self, token_id: int) -> str:
         return self.service.tokenizer.decode([token_id], skip_special_tokens=False)
 
+    def _stream_of(self, http: web.Request, request: gen.GenerateRequest) -> AsyncGenerator[gen.GenerateResponse, None]:
+        metadata = tuple((k.lower(), v) for k, v in http.headers.items() if k.lower() in ("traceparent", "tracestate"))
+        read_timeout_s = self.service.limits.client_read_timeout_s  # a client that stops reading loses it
+        return bounded_by_reader(self.service.generate(request, metadata), read_timeout_s)
+
     async def _generate(self, http: web.Request, rid: str, kind: Kind, parsed: ParsedRequest
                         ) -> web.StreamResponse:
         parsed.request.request_id = rid
-        metadata = tuple((k.lower(), v) for k, v in http.headers.items() if k.lower() in ("traceparent", "tracestate"))
-        read_timeout_s = self.service.limits.client_read_timeout_s  # a client that stops reading loses it
-        async with aclosing(bounded_by_reader(self.service.generate(parsed.request, metadata), read_timeout_s)) as stream:
-            first = await anext(stream)  # validation and routing errors surface here, as HTTP statuses
-            builder = ResponseBuilder(kind, first.request_id, self.service.model_name, self._token_text,
-                                      parsed.top_logprobs)
+        requests = parsed.requests()
+        async with AsyncExitStack() as closing:
+            streams = [await closing.enter_async_context(aclosing(self._stream_of(http, r))) for r in requests]
+            # every prompt's validation and routing errors surface here, as HTTP statuses
+            firsts = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
+            failed = next((f for f in firsts if isinstance(f, BaseException)), None)
+            if failed is not None:
+                raise failed
+            first = firsts[0]
+            assert isinstance(first, gen.GenerateResponse)
+            echo = [p if isinstance(p, str) else self.service.tokenizer.decode(p) for p in parsed.prompts] \
+                if parsed.echo else None
+            builder = ResponseBuilder(kind, first.request_id, self._model_of(parsed), self._token_text,
+                                      parsed.top_logprobs, n=parsed.n, echo_texts=echo, echo_only=parsed.echo_only,
+                                      prompt_logprobs=parsed.prompt_logprobs is not None)
+            messages = merged(cast(list[gen.GenerateResponse], firsts), streams)
             if not parsed.stream:
-                builder.add(first)
-                async for msg in stream:
-                    builder.add(msg)
+                async for i, msg in messages:
+                    builder.add(msg, i)
                 return web.json_response(builder.response(), headers={"X-Request-Id": first.request_id})
-            return await self._stream(http, stream, first, builder, parsed)
-
-    async def _stream(self, http: web.Request, stream: AsyncIterator[gen.GenerateResponse],
-                      first: gen.GenerateResponse, builder: ResponseBuilder, parsed: ParsedRequest
-                      ) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                           "X-Request-Id": first.request_id})
-        await resp.prepare(http)
-        try:
-            if builder.kind == "chat":
-                await _event(resp, builder.role_chunk())
-            msg: gen.GenerateResponse | None = first
-            while msg is not None:
-                chunk = builder.chunk(msg, parsed.include_usage)
-                if chunk is not None:
-                    await _event(resp, chunk)
-                msg = await anext(stream, None)
-            if parsed.include_usage:
-                await _event(resp, builder.usage_chunk())
-        except (asyncio.CancelledError, ConnectionResetError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band
-            await _event(resp, error_body(exc)[1])
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-        return resp
-
-
-async def _event(resp: web.StreamResponse, obj: dict[str, Any]) -> None:
-    await resp.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
+            resp = await open_stream(http, first.request_id)
+            try:
+                if builder.kind == "chat":
+                    for role in builder.role_chunks(len(requests)):
+                        await send_event(resp, role)
+                async for i, msg in messages:
+                    if (chunk := builder.chunk(msg, parsed.include_usage, i)) is not None:
+                        await send_event(resp, chunk)
+                if parsed.include_usage:
+                    await send_event(resp, builder.usage_chunk())
+            except (asyncio.CancelledError, ConnectionResetError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band
+                await send_event(resp, error_body(exc)[1])
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            return resp

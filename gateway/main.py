@@ -8,6 +8,7 @@ import os
 
 from engine.checkpoint import load_hf_config
 from engine.config import ModelConfig
+from engine.hub import resolve_model
 from engine.tokenizer import Tokenizer
 from gateway.config import GatewayConfig
 from gateway.http_observe import HttpObserver
@@ -37,19 +38,22 @@ async def serve_gateway(cfg: GatewayConfig, stop: asyncio.Event, *, tracing: Tra
     """Serve until `stop` (exit code 0); `tracing` is the process's (setup_tracing in its main), off when None."""
     tls = cfg.tls
     interceptors = [AuthInterceptor(TokenTable.from_file(cfg.auth_token_file))] if cfg.auth_token_file else []
-    model_config = ModelConfig.from_hf(load_hf_config(cfg.model))
+    model = resolve_model(cfg.model, cfg.revision)  # a Hugging Face id: its snapshot in the cache
+    names = cfg.served_model_name or (model.name,)
+    model_config = ModelConfig.from_hf(load_hf_config(model.path))
     prompt_limits = PromptLimits(model_config.max_position_embeddings)
-    tokenizer = Tokenizer.from_dir(cfg.model)
+    tokenizer = Tokenizer.from_dir(model.path)
     registry = WorkerRegistry(list(cfg.prefill_workers), list(cfg.decode_workers),
                               interval_s=cfg.heartbeat_interval_s)
     await registry.start()
-    metrics_registry = new_registry(cfg.model_name, "gateway")
+    metrics_registry = new_registry(names[0], "gateway")
     metrics = GatewayMetrics(metrics_registry)
     decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=False)) if capture_content(cfg) else None
     observer = GatewayObserver(tracing, metrics, decode)
     health = process.Health(serving=False)
     service = GenerationService(registry, Router(registry, cfg.local_prefill_threshold), tokenizer,
-                                model_config, cfg.model_name, cfg.limits, observer, health)
+                                model_config, names, cfg.limits, observer, health)
+    logger.info("serving %s as %s", model.path, ", ".join(names))
     metrics_server = start_metrics_server(cfg.server.host, cfg.server.metrics_port, metrics_registry)
     if cfg.server.host not in _LOOPBACK and (tls is None or not interceptors):
         logger.warning("the gateway listens on %s without %s: see docs/security.md", cfg.server.host,
@@ -69,7 +73,7 @@ async def serve_gateway(cfg: GatewayConfig, stop: asyncio.Event, *, tracing: Tra
         return await process.serve_component(
             "gateway", service, generation_pb2_grpc.add_GenerationServicer_to_server, "tandem.v1.Generation",
             cfg.server, stop, {**({"metrics_address": metrics_server.address} if metrics_server else {}), **http_info,
-                               "model_name": cfg.model_name},
+                               "model_name": names[0]},
             health=health, interceptors=interceptors, credentials=tls.server_credentials() if tls else None,
             wire_checks={GENERATE: lambda data: check_generate_wire(data, prompt_limits)})
     finally:

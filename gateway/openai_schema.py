@@ -1,17 +1,22 @@
-"""OpenAI request bodies -> a `tandem.v1.GenerateRequest`; no I/O and no policy beyond shape and type.
+"""OpenAI request bodies -> `tandem.v1.GenerateRequest`s; no I/O and no policy beyond shape and type.
 
 The gateway's own validation (sampling ranges, vocabulary, context length, the model name) runs later,
 on the gRPC code path; this module only checks what the JSON must look like, and names the field:
 
-    /v1/completions       {"model", "prompt": str | [int] | [str] (one) | [[int]] (one), "max_tokens",
+    /v1/completions       {"model", "prompt": str | [int] | [str, ...] | [[int], ...], "max_tokens",
                            "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty",
-                           "logprobs": int, "n": 1, "stream", "stream_options": {"include_usage"}, ...}
+                           "logprobs": int, "echo", "n", "stream", "stream_options": {"include_usage"}, ...}
     /v1/chat/completions  {"model", "messages": [{"role", "content": str | [{"type": "text", "text"}]}],
-                           "max_tokens" | "max_completion_tokens", "logprobs": bool, "top_logprobs": int, ...}
+                           "max_tokens" | "max_completion_tokens", "logprobs": bool, "top_logprobs": int,
+                           "n", "add_generation_prompt", "continue_final_message", ...}
 
-Extensions both accept (vLLM's names): top_k, min_p, repetition_penalty, min_tokens, ignore_eos,
-stop_token_ids, skip_special_tokens. Unknown fields are rejected rather than silently ignored, except
-the bookkeeping ones OpenAI clients send (user, metadata, store, service_tier, parallel_tool_calls).
+A list of prompts is a batch: one GenerateRequest per prompt (`ParsedRequest.requests`), prompt i's
+n choices numbered i*n .. i*n + n - 1. `echo` with `max_tokens` 0 returns the prompt alone (it is
+computed with one token, which is dropped). Extensions both endpoints accept (vLLM's names): top_k,
+min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids, skip_special_tokens, logit_bias,
+allowed_token_ids, bad_words, include_stop_str_in_output, prompt_logprobs, priority. Unknown fields
+are rejected rather than silently ignored, except the bookkeeping ones OpenAI clients send (user,
+metadata, store, service_tier, parallel_tool_calls).
 """
 
 from __future__ import annotations
@@ -26,14 +31,18 @@ from server.errors import InvalidRequest
 from server.protoconv import MAX_TOP_K
 from tandem.v1 import generation_pb2 as gen
 
-MAX_N = 1  # one choice per request: send n requests for n samples
+MAX_PROMPTS = 64  # prompts in one /v1/completions batch (each holds a --max-inflight slot)
+_INT32 = 2**31
 _IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
 _SAMPLING = frozenset({"model", "max_tokens", "temperature", "top_p", "stop", "seed", "presence_penalty",
                        "frequency_penalty", "n", "stream", "stream_options", "logit_bias", "top_k", "min_p",
-                       "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens"})
+                       "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens",
+                       "allowed_token_ids", "bad_words", "include_stop_str_in_output", "prompt_logprobs",
+                       "priority"})
 COMPLETION_FIELDS = _SAMPLING | {"prompt", "logprobs", "echo", "suffix", "best_of"}
 CHAT_FIELDS = _SAMPLING | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format",
-                           "tools", "tool_choice", "functions", "function_call", "add_generation_prompt"}
+                           "tools", "tool_choice", "functions", "function_call", "add_generation_prompt",
+                           "continue_final_message"}
 
 
 class RequestError(InvalidRequest):
@@ -46,19 +55,44 @@ class RequestError(InvalidRequest):
 
 @dataclass
 class ParsedRequest:
-    """What the HTTP adapter needs beyond the GenerateRequest itself.
+    """What the HTTP adapter needs beyond the GenerateRequests themselves.
 
-    `request` has sampling and model set; a completion also has its prompt, a chat request has neither
-    prompt nor ids until the adapter renders `messages` with the chat template.
-    `top_logprobs` is None when no logprobs were asked for, else how many alternatives per token.
+    `request` has sampling, model and priority set; a completion's prompts are in `prompts` (one
+    request each: `requests()`), a chat request has neither prompt nor ids until the adapter renders
+    `messages` with the chat template. `top_logprobs` is None when no logprobs were asked for, else
+    how many alternatives per token; `prompt_logprobs` likewise for vLLM's prompt_logprobs.
     """
 
     request: gen.GenerateRequest
     stream: bool = False
     include_usage: bool = False
     top_logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    prompts: list[str | list[int]] = field(default_factory=list)
+    echo: bool = False
+    echo_only: bool = False  # echo with max_tokens 0: the generated token is dropped
     messages: list[dict[str, Any]] = field(default_factory=list)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+    @property
+    def n(self) -> int:
+        return self.request.sampling.n or 1
+
+    def requests(self) -> list[gen.GenerateRequest]:
+        """One GenerateRequest per prompt (the chat's single one when there are no prompts)."""
+        if not self.prompts:
+            return [self.request]
+        out = []
+        for prompt in self.prompts:
+            req = gen.GenerateRequest()
+            req.CopyFrom(self.request)
+            if isinstance(prompt, str):
+                req.prompt = prompt
+            else:
+                req.prompt_token_ids.extend(prompt)
+            out.append(req)
+        return out
 
 
 # ------------------------------------------------------------------ typed field readers
@@ -90,8 +124,17 @@ def _flag(body: dict[str, Any], name: str) -> bool | None:
 
 
 def _token_ids(v: Any, name: str) -> list[int]:
-    if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v):
+    if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32
+                                          for t in v):
         raise RequestError(f"{name} must be a list of non-negative integer token ids", name)
+    return v
+
+
+def _strings(v: Any, name: str) -> list[str]:
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise RequestError(f"{name} must be a string or a list of strings", name)
     return v
 
 
@@ -106,59 +149,81 @@ def _check_fields(body: Any, allowed: frozenset[str]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ shared sampling fields
-def _sampling(body: dict[str, Any], max_tokens_field: str) -> gen.SamplingParams:
+def _logit_bias(v: Any) -> dict[int, float]:
+    """{"token id": bias} (JSON keys are strings); ranges are SamplingParams'."""
+    if not isinstance(v, dict):
+        raise RequestError(f"logit_bias must map token ids to numbers, got {shown(v)}", "logit_bias")
+    out: dict[int, float] = {}
+    for key, bias in v.items():
+        if not (isinstance(key, str) and key.isdigit() and len(key) <= 10 and int(key) < 2**32):
+            raise RequestError(f"logit_bias keys must be token ids, got {shown(key)}", "logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not math.isfinite(bias):
+            raise RequestError(f"logit_bias values must be numbers, got {shown(bias)}", "logit_bias")
+        out[int(key)] = float(bias)
+    return out
+
+
+def _sampling(body: dict[str, Any], max_tokens_field: str, min_max_tokens: int = 1) -> gen.SamplingParams:
     """The sampling fields common to both endpoints; ranges are left to the engine's validation."""
     s = gen.SamplingParams()
     for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
         value = _number(body, name)
         if value is not None:
             setattr(s, name, value)
-    max_tokens = _integer(body, max_tokens_field, minimum=1)
+    max_tokens = _integer(body, max_tokens_field, minimum=min_max_tokens)
     if max_tokens is not None:
-        s.max_tokens = min(max_tokens, 2**32 - 1)
+        s.max_tokens = max(1, min(max_tokens, 2**32 - 1))
     top_k = _integer({"top_k": 0 if body.get("top_k") == -1 else body.get("top_k")}, "top_k")  # -1: vLLM's "off"
     if top_k is not None:
         if top_k > MAX_TOP_K:
             raise RequestError(f"top_k {top_k} exceeds the limit of {MAX_TOP_K} (2**31 - 1); send -1 or 0 to turn "
                                f"it off", "top_k")
         s.top_k = top_k
-    min_tokens = _integer(body, "min_tokens")
-    if min_tokens:
-        s.min_tokens = min(min_tokens, 2**32 - 1)
+    for name in ("min_tokens", "n", "prompt_logprobs"):
+        value = _integer(body, name, minimum=1 if name == "n" else 0)
+        if value is not None:
+            setattr(s, name, min(value, 2**32 - 1))
     seed = _integer(body, "seed")
     if seed is not None:
         if seed >= 2**63:
             raise RequestError(f"seed must be below 2**63, got {seed}", "seed")
         s.seed = seed
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None:
-        if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop):
-            raise RequestError("stop must be a string or a list of strings", "stop")
+    if body.get("stop") is not None:
+        stop = _strings(body["stop"], "stop")
         if len(stop) > MAX_STOP_STRINGS:
             raise RequestError(f"stop has {len(stop)} strings; at most {MAX_STOP_STRINGS} are allowed", "stop")
         s.stop.extend(stop)
-    if body.get("stop_token_ids") is not None:
-        s.stop_token_ids.extend(_token_ids(body["stop_token_ids"], "stop_token_ids"))
+    if body.get("bad_words") is not None:
+        s.bad_words.extend(_strings(body["bad_words"], "bad_words"))
+    for name in ("stop_token_ids", "allowed_token_ids"):
+        if body.get(name) is not None:
+            getattr(s, name).extend(_token_ids(body[name], name))
+    if body.get("allowed_token_ids") == []:
+        raise RequestError("allowed_token_ids must not be empty (leave it out to allow every token)",
+                           "allowed_token_ids")
+    if body.get("logit_bias"):
+        for token, bias in _logit_bias(body["logit_bias"]).items():
+            s.logit_bias[token] = bias
     s.ignore_eos = bool(_flag(body, "ignore_eos"))
+    s.include_stop_str_in_output = bool(_flag(body, "include_stop_str_in_output"))
     skip = _flag(body, "skip_special_tokens")
     if skip is not None:
         s.skip_special_tokens = skip
-    if _integer(body, "n", minimum=1) not in (None, 1):
-        raise RequestError(f"n must be {MAX_N}: send one request per sample", "n")
-    if body.get("logit_bias"):
-        raise RequestError("logit_bias is not supported", "logit_bias")
     return s
 
 
-def _common(body: dict[str, Any], max_tokens_field: str) -> ParsedRequest:
-    req = gen.GenerateRequest(sampling=_sampling(body, max_tokens_field))
+def _common(body: dict[str, Any], max_tokens_field: str, min_max_tokens: int = 1) -> ParsedRequest:
+    req = gen.GenerateRequest(sampling=_sampling(body, max_tokens_field, min_max_tokens))
     model = body.get("model")
     if model is not None:
         if not isinstance(model, str):
             raise RequestError(f"model must be a string, got {shown(model)}", "model")
         req.model = model
+    priority = _integer(body, "priority", minimum=-_INT32)
+    if priority is not None:
+        if priority >= _INT32:
+            raise RequestError(f"priority must be a 32-bit integer, got {priority}", "priority")
+        req.priority = priority
     stream = bool(_flag(body, "stream"))
     options = body.get("stream_options")
     if options is not None:
@@ -167,7 +232,16 @@ def _common(body: dict[str, Any], max_tokens_field: str) -> ParsedRequest:
         if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"}:
             raise RequestError("stream_options must be {\"include_usage\": bool}", "stream_options")
     include_usage = bool(_flag(options or {}, "include_usage"))
-    return ParsedRequest(request=req, stream=stream, include_usage=include_usage)
+    parsed = ParsedRequest(request=req, stream=stream, include_usage=include_usage)
+    if req.sampling.HasField("prompt_logprobs"):
+        parsed.prompt_logprobs = req.sampling.prompt_logprobs
+    return parsed
+
+
+def common_request(body: Any, allowed: frozenset[str], max_tokens_field: str) -> ParsedRequest:
+    """The fields every endpoint shares (sampling, model, priority, stream) of a body whose other
+    fields are all in `allowed`."""
+    return _common(_check_fields(body, allowed), max_tokens_field)
 
 
 def _set_logprobs(parsed: ParsedRequest, top: int | None) -> None:
@@ -177,28 +251,45 @@ def _set_logprobs(parsed: ParsedRequest, top: int | None) -> None:
 
 
 # ------------------------------------------------------------------ the two endpoints
+def _prompts(prompt: Any) -> list[str | list[int]]:
+    """One prompt (text or ids) or a batch of them (texts, or lists of ids)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return [_token_ids(prompt, "prompt")]
+    if isinstance(prompt, list) and prompt:
+        if len(prompt) > MAX_PROMPTS:
+            raise RequestError(f"prompt holds {len(prompt)} prompts; at most {MAX_PROMPTS} are allowed in one "
+                               f"request", "prompt")
+        out: list[str | list[int]] = []
+        for p in prompt:
+            if isinstance(p, str):
+                out.append(p)
+            elif isinstance(p, list) and p:
+                out.append(_token_ids(p, "prompt"))
+            else:
+                raise RequestError("a batch of prompts must hold strings or non-empty lists of token ids", "prompt")
+        return out
+    raise RequestError("prompt is required: a string, a list of token ids, or a list of either", "prompt")
+
+
 def parse_completion(body: Any) -> ParsedRequest:
     """A /v1/completions body. Raises RequestError naming the field when its shape or type is wrong."""
     body = _check_fields(body, COMPLETION_FIELDS)
-    parsed = _common(body, "max_tokens")
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
-        parsed.request.prompt = prompt
-    elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-        parsed.request.prompt_token_ids.extend(_token_ids(prompt, "prompt"))
-    elif isinstance(prompt, list):
-        raise RequestError("batched prompts are not supported: send one request per prompt", "prompt")
-    else:
-        raise RequestError("prompt is required: a string or a list of token ids", "prompt")
-    if _flag(body, "echo"):
-        raise RequestError("echo is not supported", "echo")
+    echo = bool(_flag(body, "echo"))
+    parsed = _common(body, "max_tokens", min_max_tokens=0 if echo else 1)
+    parsed.prompts = _prompts(body.get("prompt"))
+    parsed.echo = echo
+    parsed.echo_only = echo and body.get("max_tokens") == 0
     if body.get("suffix"):
         raise RequestError("suffix is not supported", "suffix")
     if _integer(body, "best_of", minimum=1) not in (None, 1):
-        raise RequestError("best_of must be 1", "best_of")
-    _set_logprobs(parsed, _integer(body, "logprobs"))
+        raise RequestError("best_of must be 1 (use n for several choices)", "best_of")
+    top = _integer(body, "logprobs")
+    _set_logprobs(parsed, top)
+    if echo and top is not None:  # the prompt's tokens are reported with their logprobs too
+        sampling = parsed.request.sampling
+        sampling.prompt_logprobs = max(top, sampling.prompt_logprobs) if sampling.HasField("prompt_logprobs") else top
     return parsed
 
 
@@ -235,8 +326,9 @@ def parse_chat(body: Any) -> ParsedRequest:
     fmt = body.get("response_format")
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
         raise RequestError("response_format: only {\"type\": \"text\"} is supported", "response_format")
+    parsed.continue_final_message = bool(_flag(body, "continue_final_message"))
     add = _flag(body, "add_generation_prompt")
-    parsed.add_generation_prompt = True if add is None else add
+    parsed.add_generation_prompt = not parsed.continue_final_message if add is None else add
     top = _integer(body, "top_logprobs")
     if _flag(body, "logprobs"):
         _set_logprobs(parsed, top or 0)

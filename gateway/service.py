@@ -4,7 +4,9 @@
         Router.plan -> length check -> Router.commit (a refused request changes no routing state)
         -> Decode stream opened on D (it registers the request)  +  Prefill(P, kv -> D) in parallel
               (local prefill: Decode with local_prefill, no P)
-        relay D's messages to the client; the last one carries usage and timing
+        relay D's messages to the client, each tagged with its choice's index (n > 1: one prefill,
+        one KV transfer, n choices forked on D); the last one carries usage and timing; prompt
+        logprobs (P's answer, or D's first message on a local prefill) go in choice 0's first message
     a worker that fails or is lost (registry) before the first token: one more attempt, elsewhere
     on client cancel / deadline / any failure: cancel both calls and Abort on both workers
 
@@ -27,11 +29,13 @@ from typing import Any
 import grpc
 
 from engine.config import ModelConfig
+from engine.sampling.params import SamplingParams
 from engine.tokenizer import Tokenizer
 from gateway.config import GatewayLimits
 from gateway.observe import GatewayObserver, RequestObservation
 from gateway.registry import WorkerHandle, WorkerRegistry
 from gateway.router import Route, Router
+from gateway.tokenization import Texts
 from gateway.validation import PromptLimits, check_length, check_prompt_ids, check_request, encode_prompt
 from server.errors import Overloaded, TandemError, Unavailable
 from server.grpc_server import answered
@@ -82,15 +86,21 @@ def _retry_after_s(exc: grpc.aio.AioRpcError) -> float | None:
 
 class GenerationService(generation_pb2_grpc.GenerationServicer):
     def __init__(self, registry: WorkerRegistry, router: Router, tokenizer: Tokenizer, model_config: ModelConfig,
-                 model_name: str, limits: GatewayLimits, observer: GatewayObserver | None = None,
+                 model_names: Sequence[str], limits: GatewayLimits, observer: GatewayObserver | None = None,
                  health: Health | None = None) -> None:
+        """`model_names`: every name the model is served under (`model` may be any); the first is
+        the one responses carry."""
+        if not model_names:
+            raise ValueError("the gateway needs at least one model name")
         self.registry = registry
         self.observer = observer or GatewayObserver()
         self.router = router
         self.tokenizer = tokenizer
         self.model_config = model_config
         self.token_id_limit = tokenizer.token_id_limit(model_config.vocab_size)
-        self.model_name = model_name
+        self.model_names = tuple(model_names)
+        self.texts = Texts(tokenizer, self.model_names, PromptLimits(model_config.max_position_embeddings),
+                           self.token_id_limit)
         self.limits = limits
         self.health = health or Health(serving=False)
         self.inflight = 0
@@ -131,10 +141,14 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         err.code = code
         return err
 
+    @property
+    def model_name(self) -> str:
+        return self.model_names[0]
+
     # ------------------------------------------------------------ validation
     async def _prompt_ids(self, req: gen.GenerateRequest) -> list[int]:
         limits = PromptLimits(self.model_config.max_position_embeddings)  # sizes first: gateway/validation.py
-        prompt = check_request(req, self.model_name, limits)
+        prompt = check_request(req, self.model_names, limits)
         ids = await asyncio.to_thread(encode_prompt, self.tokenizer, prompt, limits) if prompt else req.prompt_token_ids
         return check_prompt_ids(ids, self.token_id_limit)
 
@@ -180,6 +194,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         self.inflight += 1  # the slot is held from admission (tokenizing counts) to the end of the call
         try:
             params = sampling_from_proto(request.sampling, default_max_tokens=self.limits.default_max_tokens)
+            params.check_vocab(self.model_config.vocab_size)
             obs.request(params)
             with obs.span("gateway.tokenize") as span:
                 ids = await self._prompt_ids(request)
@@ -194,7 +209,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 sent = False
                 try:
                     async with aclosing(self._attempt(f"{rid}-{attempt}" if attempt else rid, label, route, ids,
-                                                      params, obs, t0)) as stream:
+                                                      params, request.priority, obs, t0)) as stream:
                         async for out in stream:
                             sent = True
                             yield out
@@ -207,8 +222,9 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         finally:
             self.inflight -= 1
 
-    async def _attempt(self, rid: str, label: str, route: Route, ids: list[int], params: Any,
-                       obs: RequestObservation, t0: float) -> AsyncGenerator[gen.GenerateResponse, None]:
+    async def _attempt(self, rid: str, label: str, route: Route, ids: list[int], params: SamplingParams,
+                       priority: int, obs: RequestObservation, t0: float
+                       ) -> AsyncGenerator[gen.GenerateResponse, None]:
         attempt = _Attempt(rid, route)
         self._attempts.add(attempt)
         timeout = self.limits.request_timeout_s
@@ -218,7 +234,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         p_task: asyncio.Task[pb.PrefillResponse] | None = None
         d_call = route.decode.stub.Decode(pb.DecodeRequest(
             request_id=rid, prompt_token_ids=ids, sampling=sampling_to_proto(params), traceparent=d_traceparent,
-            local_prefill=route.prefill is None,
+            local_prefill=route.prefill is None, priority=priority,
         ), timeout=timeout, metadata=d_md)
         try:
             if route.prefill is not None:
@@ -227,21 +243,30 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 p_task = asyncio.ensure_future(route.prefill.stub.Prefill(pb.PrefillRequest(
                     request_id=rid, prompt_token_ids=ids, sampling=sampling_to_proto(params),
                     decode_kv_address=route.decode.status.kv_address if route.decode.status else "",
-                    traceparent=p_traceparent, timeout_ms=int(timeout * 1000),
+                    traceparent=p_traceparent, timeout_ms=int(timeout * 1000), priority=priority,
                 ), timeout=timeout, metadata=p_md))
                 attempt.prefill = p_task
                 obs.watch_call(p_span, p_task)
             completion = 0
             first_ns = 0
+            unfinished = params.n  # choices still running
+            prompt_logprobs = params.prompt_logprobs is not None  # still to send, with choice 0's first message
             async for resp in self._relay(d_call, p_task, attempt):
                 completion += len(resp.token_ids)
                 obs.relayed(len(resp.token_ids), resp.text)
                 out = gen.GenerateResponse(request_id=label, token_ids=resp.token_ids, text=resp.text,
                                            logprobs=resp.logprobs, finish_reason=resp.finish_reason,
-                                           finish_message=resp.finish_message)
+                                           finish_message=resp.finish_message, index=resp.index)
+                if prompt_logprobs and resp.index == 0:
+                    prompt_logprobs = False
+                    out.prompt_token_ids.extend(ids)
+                    out.prompt_logprobs.extend(resp.prompt_logprobs if p_task is None else
+                                               (await self._prefilled(p_task, attempt)).prompt_logprobs)
                 if not first_ns and resp.token_ids:
                     first_ns = int((time.monotonic() - t0) * 1e9)
                 if resp.finish_reason != gen.FINISH_REASON_UNSPECIFIED:
+                    unfinished -= 1
+                if not unfinished and not finished:
                     finished = True
                     out.usage.CopyFrom(gen.Usage(prompt_tokens=len(ids), completion_tokens=completion,
                                                  cached_tokens=resp.num_cached_tokens))
@@ -295,6 +320,21 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 return
             yield msg
 
+    async def _prefilled(self, p_task: asyncio.Task[pb.PrefillResponse], attempt: _Attempt) -> pb.PrefillResponse:
+        """The prefill worker's answer, with the prompt logprobs (its KV has arrived, so the answer is on
+        its way); a WorkerFailure if the registry loses a worker meanwhile."""
+        waiting: set[asyncio.Future[Any]] = {p_task, attempt.lost}
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if not p_task.done():
+            w = attempt.lost.result()
+            raise WorkerFailure(w, Unavailable(f"{w.name} stopped answering ({w.error})", retry_after_s=1.0))
+        exc = p_task.exception()
+        if isinstance(exc, grpc.aio.AioRpcError):
+            raise self._worker_error(exc, attempt.route.prefill)  # type: ignore[arg-type]
+        if exc is not None:
+            raise exc
+        return p_task.result()
+
     async def _timing(self, p_task: asyncio.Task[pb.PrefillResponse] | None, t0: float, first_ns: int) -> gen.Timing:
         timing = gen.Timing(time_to_first_token_ns=first_ns, total_ns=int((time.monotonic() - t0) * 1e9))
         if p_task is not None and p_task.done() and not p_task.exception():
@@ -314,6 +354,17 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                             ) -> gen.ClusterStatusResponse:
         await self.registry.poll_all()
         return gen.ClusterStatusResponse(workers=[w.to_proto() for w in self.registry.workers])
+
+    async def Models(self, request: gen.ModelsRequest, context: grpc.aio.ServicerContext) -> gen.ModelsResponse:
+        return gen.ModelsResponse(names=self.model_names, max_model_len=self.model_config.max_position_embeddings)
+
+    async def Tokenize(self, request: gen.TokenizeRequest, context: grpc.aio.ServicerContext
+                       ) -> gen.TokenizeResponse:
+        return await self.texts.tokenize(request)
+
+    async def Detokenize(self, request: gen.DetokenizeRequest, context: grpc.aio.ServicerContext
+                         ) -> gen.DetokenizeResponse:
+        return await self.texts.detokenize(request)
 
 
 class ClientTooSlow(Unavailable):

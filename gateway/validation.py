@@ -4,12 +4,13 @@ Every size is checked before any work that grows with it, so a hostile request c
 a bounded few milliseconds however large it is:
 
     check_generate_wire   the serialized request, from field lengths alone (before protobuf parses it)
-    check_request         model, exactly one prompt form, request_id, prompt size (characters or ids)
+    check_request         model (any served name), exactly one prompt form, request_id, prompt size
     encode_prompt         tokenize off the event loop; refused past the context before the ids are built
     check_prompt_ids      non-empty, inside the vocabulary
     (route)               then `check_length`: prompt + max_tokens inside the chosen decode worker's context
 
-Sampling fields are checked by `server.protoconv.sampling_from_proto`. Each raises InvalidRequest /
+Sampling fields are checked by `server.protoconv.sampling_from_proto` (and token ids in them by
+`SamplingParams.check_vocab`). Each raises InvalidRequest /
 NotFound with a message naming the field, the value and the limit; none allocates more than the
 request already holds, and none echoes more than a bounded part of it.
 """
@@ -30,10 +31,11 @@ MAX_PROMPT_CHARS = 4 << 20  # prompt text (or chat content) of any model, in cha
 MAX_CHARS_PER_TOKEN = 32
 MAX_REQUEST_ID_CHARS = 256  # request_id (HTTP: X-Request-Id) is echoed in every response message
 MAX_MODEL_NAME_CHARS = 256  # the model field is echoed when it names another model
-# The serialized SamplingParams: 16 stop strings of 256 characters (4 bytes each at most) and 1024
-# stop token ids (5 bytes each) take under 24 KiB.
-MAX_SAMPLING_BYTES = 64 << 10
-# A GenerateRequest has 5 fields; past this many (repeated prompt_token_ids sent unpacked, one field
+# The serialized SamplingParams at its limits: 16 stop strings and 64 bad words of 256 characters
+# (4 bytes each at most: 80 KiB), 1024 stop token ids and 16384 allowed token ids (5 bytes each:
+# 85 KiB) and 1024 logit_bias entries (13 bytes each: 13 KiB) take under 192 KiB.
+MAX_SAMPLING_BYTES = 192 << 10
+# A GenerateRequest has 6 fields; past this many (repeated prompt_token_ids sent unpacked, one field
 # per id), a request over UNPACKED_MAX_BYTES is refused: protobuf's default encoding packs them.
 MAX_WIRE_FIELDS = 64
 UNPACKED_MAX_BYTES = 64 << 10
@@ -87,23 +89,29 @@ def check_generate_wire(data: bytes, limits: PromptLimits) -> None:
             raise InvalidRequest(f"{name} is {sizes[number]} bytes long; the limit is {limit_chars} characters")
     if sizes.get(4, 0) > MAX_SAMPLING_BYTES:
         raise InvalidRequest(f"sampling is {sizes[4]} bytes long; the limit is {MAX_SAMPLING_BYTES} bytes "
-                             f"(16 stop strings of 256 characters and 1024 stop token ids take under 24 KiB)")
+                             f"(every list in it at its own limit takes under 192 KiB)")
     min_ids = -(-sizes.get(3, 0) // _VARINT32_MAX)
     if min_ids > limits.max_prompt_tokens:
         raise InvalidRequest(f"prompt_token_ids holds at least {min_ids} ids ({sizes[3]} bytes); the model's "
                              f"context holds {limits.context} tokens, leaving no room to generate")
 
 
-def check_request(req: gen.GenerateRequest, model_name: str, limits: PromptLimits) -> str:
+def check_model(model: str, names: Sequence[str]) -> None:
+    """Raises InvalidRequest for an overlong name, NotFound for one that is not among `names`."""
+    if len(model) > MAX_MODEL_NAME_CHARS:
+        raise InvalidRequest(f"model has {len(model)} characters; the limit is {MAX_MODEL_NAME_CHARS}")
+    if model not in names:
+        served = ", ".join(repr(n) for n in names)
+        raise NotFound(f"model {model!r} is not served here; this gateway serves {served}")
+
+
+def check_request(req: gen.GenerateRequest, model_names: Sequence[str], limits: PromptLimits) -> str:
     """The prompt text (read once: each read of a protobuf string decodes it). Raises NotFound for
-    another model's name, InvalidRequest for both prompt forms, an overlong request_id or model, or a
-    prompt over `limits` (characters, or token ids past the context)."""
+    a model name not among `model_names`, InvalidRequest for both prompt forms, an overlong
+    request_id or model, or a prompt over `limits` (characters, or token ids past the context)."""
     check_request_id(req.request_id)
     if req.HasField("model"):
-        if len(req.model) > MAX_MODEL_NAME_CHARS:
-            raise InvalidRequest(f"model has {len(req.model)} characters; the limit is {MAX_MODEL_NAME_CHARS}")
-        if req.model != model_name:
-            raise NotFound(f"model {req.model!r} is not served here; this gateway serves {model_name!r}")
+        check_model(req.model, model_names)
     prompt = req.prompt
     if prompt and req.prompt_token_ids:
         raise InvalidRequest("set exactly one of prompt and prompt_token_ids, not both")

@@ -9,7 +9,7 @@ import grpc
 
 from prefill_worker.worker import PrefillCore, PrefillDone, PrefillRequest
 from server.errors import DeadlineExceeded, Overloaded, Unavailable
-from server.protoconv import sampling_from_proto
+from server.protoconv import logprob_to_proto, sampling_from_proto
 from server.tracing import finish_span, start_server_span, traceparent_of
 from server.worker import abort_and_tell, transfer_error
 from tandem.v1 import generation_pb2 as gen
@@ -51,7 +51,8 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             raise Overloaded(f"prefill worker {self.worker_id} has {self.inflight} requests queued (limit "
                              f"{self.max_queued}); retry later", retry_after_s=1.0)
         rid = request.request_id
-        seq = core.engine.make_sequence(rid, list(request.prompt_token_ids), sampling_from_proto(request.sampling))
+        seq = core.engine.make_sequence(rid, list(request.prompt_token_ids), sampling_from_proto(request.sampling),
+                                        request.priority)
         timeout = request.timeout_ms / 1000 if request.timeout_ms else self.timeout_s
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[PrefillDone] = loop.create_future()
@@ -89,6 +90,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             num_cached_tokens=out.num_cached_tokens, num_prompt_tokens=out.num_prompt_tokens,
             prefill_ns=done.prefill_ns, queue_ns=done.queue_ns,
             transfer=pb.KVTransferStats(bytes=res.bytes, transfer_ns=int(res.seconds * 1e9), num_blocks=res.num_blocks),
+            prompt_logprobs=[logprob_to_proto(lp) for lp in out.prompt_logprobs or ()],
         )
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:

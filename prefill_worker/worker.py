@@ -6,6 +6,7 @@ Per request (all on the engine thread unless noted; the record is a PrefillReque
     final chunk scheduled  -> before_execute: KVSender.begin(peer, block_table)   (handshake, reserve)
     forward, layer l done  -> on_layer_done: handle.layer_ready(l) for l < L-1    (transfer overlaps)
     first token sampled    -> after_process: handle.finish(meta with the token)   (last layer + meta)
+                              (n > 1 choices: their n first tokens, sampled from the one prefill)
     transfer ends (sender I/O thread) -> command: blocks released, the record leaves, req.done(...)
 
 Block ownership: the sequence's blocks are the engine's until the transfer ends (success or not);
@@ -154,6 +155,9 @@ class PrefillCore:
                                         num_cached_tokens=seq.num_cached_tokens, prefill_ns=prefill_ns)
             if out.new_logprobs:
                 meta.first_token_logprob.CopyFrom(logprob_to_proto(out.new_logprobs[0]))
+            for token, lps in out.sibling_tokens:
+                meta.sibling_token_ids.append(token)
+                meta.sibling_token_logprobs.extend(logprob_to_proto(lp) for lp in lps)
             handle.finish(meta.SerializeToString())  # the last layer goes with the first token
             handle.add_done_callback(self._on_transfer_end(req, out, prefill_ns, queue_ns))
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from engine.outputs import FinishReason, TokenLogprob
-from engine.sampling.params import MAX_STOP_STRINGS, SamplingParams
+from engine.sampling.params import (
+    MAX_ALLOWED_TOKEN_IDS,
+    MAX_BAD_WORDS,
+    MAX_LOGIT_BIAS,
+    MAX_N,
+    MAX_STOP_STRINGS,
+    SamplingParams,
+)
 from tandem.v1 import generation_pb2 as gen
 
 DEFAULT_MAX_TOKENS = 256
@@ -36,15 +43,28 @@ def sampling_from_proto(p: gen.SamplingParams, *, default_max_tokens: int = DEFA
         raise ValueError(f"stop has {len(p.stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
     if len(p.stop_token_ids) > MAX_STOP_TOKEN_IDS:
         raise ValueError(f"stop_token_ids has {len(p.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS} are allowed")
-    kw: dict[str, Any] = {"max_tokens": p.max_tokens or default_max_tokens}
+    for name, limit in (("logit_bias", MAX_LOGIT_BIAS), ("allowed_token_ids", MAX_ALLOWED_TOKEN_IDS),
+                        ("bad_words", MAX_BAD_WORDS)):
+        if len(getattr(p, name)) > limit:
+            raise ValueError(f"{name} has {len(getattr(p, name))} entries; at most {limit} are allowed")
+    if p.n > MAX_N:
+        raise ValueError(f"n must be in [1, {MAX_N}], got {p.n}")
+    kw: dict[str, Any] = {"max_tokens": p.max_tokens or default_max_tokens, "n": p.n or 1}
     for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                 "frequency_penalty", "seed", "logprobs", "skip_special_tokens", "top_k"):
+                 "frequency_penalty", "seed", "logprobs", "prompt_logprobs", "skip_special_tokens", "top_k"):
         if p.HasField(name):
             kw[name] = getattr(p, name)
     if p.stop:
         kw["stop"] = tuple(p.stop)
     if p.stop_token_ids:
         kw["stop_token_ids"] = tuple(p.stop_token_ids)
+    if p.logit_bias:
+        kw["logit_bias"] = dict(p.logit_bias)
+    if p.allowed_token_ids:
+        kw["allowed_token_ids"] = tuple(p.allowed_token_ids)
+    if p.bad_words:
+        kw["bad_words"] = tuple(p.bad_words)
+    kw["include_stop_str_in_output"] = p.include_stop_str_in_output
     kw["ignore_eos"] = p.ignore_eos
     kw["min_tokens"] = p.min_tokens
     if kw["min_tokens"] > kw["max_tokens"]:
@@ -58,12 +78,16 @@ def sampling_to_proto(s: SamplingParams) -> gen.SamplingParams:
         stop=list(s.stop), stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
         repetition_penalty=s.repetition_penalty, presence_penalty=s.presence_penalty,
         frequency_penalty=s.frequency_penalty, min_tokens=s.min_tokens,
-        skip_special_tokens=s.skip_special_tokens,
+        skip_special_tokens=s.skip_special_tokens, n=s.n, logit_bias=dict(s.logit_bias),
+        allowed_token_ids=list(s.allowed_token_ids or ()), bad_words=list(s.bad_words),
+        include_stop_str_in_output=s.include_stop_str_in_output,
     )
     if s.seed is not None:
         p.seed = s.seed
     if s.logprobs is not None:
         p.logprobs = s.logprobs
+    if s.prompt_logprobs is not None:
+        p.prompt_logprobs = s.prompt_logprobs
     return p
 
 
@@ -72,9 +96,13 @@ def finish_to_proto(reason: FinishReason | None) -> gen.FinishReason:
 
 
 def logprob_to_proto(lp: TokenLogprob) -> gen.TokenLogprob:
-    return gen.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
-                            top=[gen.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
+    p = gen.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+                         top=[gen.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
+    if lp.rank is not None:
+        p.rank = lp.rank
+    return p
 
 
 def logprob_from_proto(p: gen.TokenLogprob) -> TokenLogprob:
-    return TokenLogprob(p.token_id, p.logprob, [(t.token_id, t.logprob) for t in p.top])
+    return TokenLogprob(p.token_id, p.logprob, [(t.token_id, t.logprob) for t in p.top],
+                        p.rank if p.HasField("rank") else None)

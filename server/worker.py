@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from engine.checkpoint import checkpoint_fingerprint, model_name
+from engine.checkpoint import checkpoint_fingerprint
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.engine_loop import EngineLoop
@@ -61,9 +61,9 @@ async def serve_worker(kind: WorkerKind, engine_config: EngineConfig, opts: Serv
     """Serve until `stop` (exit code 0), or until the worker cannot serve (its engine died, its KV
     I/O thread died): then health turns NOT_SERVING, and after a short drain the process exits with
     code 1 for its supervisor to restart it. `tracing` is the process's, off when None."""
-    engine = Engine(engine_config)
-    layout = KVLayout.for_pool(engine.runner.kv, checkpoint_fingerprint(engine_config.model))
-    registry = new_registry(model_name(engine_config.model), kind.role)
+    engine = Engine(engine_config)  # a packaged name or Hugging Face id resolves to a local path here
+    layout = KVLayout.for_pool(engine.runner.kv, checkpoint_fingerprint(engine.config.model))
+    registry = new_registry(engine.model_name, kind.role)
     worker = kind.build(engine, layout, WorkerMetrics(registry, kind.role), tracing or disabled())
     loop = worker.core.loop
     registry.register(EngineCollector(kind.role, lambda: loop.snapshot.stats, worker.gauges))

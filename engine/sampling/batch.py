@@ -4,8 +4,9 @@
 and token history once and uploads a handful of tensors, so that `Sampler` does no per-row Python
 work on its common paths. Rows are the batch's sequences in the order of the logits' rows.
 
-Penalty state is built only for the P rows that have an active penalty, and min_tokens bans are
-a flat list of (row, token) pairs, so a batch without those features carries no (B, V) tensors.
+Penalty state is built only for the P rows that have an active penalty, allowed-token masks only for
+the rows that restrict them, and logit biases and bans (min_tokens, bad_words) are flat lists of
+(row, token) pairs, so a batch without those features carries no (B, V) tensors.
 """
 
 from __future__ import annotations
@@ -17,26 +18,9 @@ from itertools import chain
 import torch
 from torch import Tensor
 
+from engine.sampling.bad_words import banned_now
 from engine.sampling.params import SamplingParams
-
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    """A bijective 64-bit mixer (Steele et al., SplitMix64 finaliser)."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def step_seed(seed: int, num_output_tokens: int) -> int:
-    """The generator seed for a seeded request's draw after `num_output_tokens` outputs.
-
-    Stateless: it depends only on the request's seed and its position, so the draw is the same
-    in any batch, after preemption and recompute, and in another process.
-    """
-    return _splitmix64((_splitmix64(seed) + num_output_tokens) & _MASK64)
+from engine.sampling.seeds import step_seed
 
 
 @dataclass(frozen=True)
@@ -76,8 +60,13 @@ class SamplingBatch:
     use_top_p: bool
     use_min_p: bool
     penalties: PenaltyTensors | None
-    ban_rows: Tensor | None  # (N,) int64: with ban_cols, the (row, token) pairs min_tokens bans
+    ban_rows: Tensor | None  # (N,) int64: with ban_cols, the (row, token) pairs min_tokens and bad_words ban
     ban_cols: Tensor | None  # (N,) int64
+    bias_rows: Tensor | None  # (M,) int64: with bias_cols and bias_values, logit_bias as (row, token, bias)
+    bias_cols: Tensor | None  # (M,) int64
+    bias_values: Tensor | None  # (M,) float32
+    allowed_rows: Tensor | None  # (A,) int64: rows with allowed_token_ids
+    allowed: Tensor | None  # (A, V) bool: the tokens each of them may sample
     seeded_rows: tuple[tuple[int, int], ...]  # (row, step_seed) for each seeded non-greedy row
     any_unseeded: bool  # some non-greedy row draws from the sampler's own generator
     max_logprobs: int  # K: the most top alternatives any row asked for (0 = none)
@@ -91,14 +80,17 @@ class SamplingBatch:
         eos_ids: Sequence[frozenset[int]] | frozenset[int],
         device: torch.device | str,
         vocab_size: int,
+        bad_words: Sequence[Sequence[Sequence[int]]] | None = None,
     ) -> SamplingBatch:
         """Build the batch for one step.
 
         params, prompt_ids, output_ids: one entry per row. prompt_ids is read only for rows whose
         params `needs_history`; output_ids' length counts the tokens generated so far (seeded
-        draws, min_tokens) and its contents feed presence/frequency penalties. eos_ids: one set
-        shared by every row, or one set per row. Ids >= vocab_size are ignored (they cannot be
-        sampled). Nothing passed in is kept; the tensors are new and live on `device`.
+        draws, min_tokens) and its contents feed presence/frequency penalties and bad_words. eos_ids:
+        one set shared by every row, or one set per row. bad_words: per row, the token sequences of
+        its bad words (`engine.sampling.bad_words.bad_word_ids`), or None for none. Ids >= vocab_size
+        are ignored (they cannot be sampled). Nothing passed in is kept; the tensors are new and live
+        on `device`.
 
         Raises ValueError when the row counts disagree, the batch is empty or vocab_size < 1.
         """
@@ -120,15 +112,22 @@ class SamplingBatch:
         n_out = [len(o) for o in output_ids]
         greedy = [p.greedy for p in params]
 
+        if bad_words is not None and len(bad_words) != b:
+            raise ValueError(f"bad_words has {len(bad_words)} rows for a batch of {b}")
         ban_rows: list[int] = []
         ban_cols: list[int] = []
         for i, p in enumerate(params):
+            banned: set[int] = set()
             if n_out[i] < p.min_tokens:
                 banned = set(p.stop_token_ids) if p.ignore_eos else set(p.stop_token_ids) | eos_rows[i]
-                cols = sorted(t for t in banned if 0 <= t < v)
-                ban_rows += [i] * len(cols)
-                ban_cols += cols
+            if bad_words is not None and bad_words[i]:
+                banned |= banned_now(output_ids[i], bad_words[i])
+            cols = sorted(t for t in banned if 0 <= t < v)
+            ban_rows += [i] * len(cols)
+            ban_cols += cols
         has_bans = len(ban_rows) > 0
+        bias = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias if t < v]
+        allowed_rows = [i for i, p in enumerate(params) if p.allowed_token_ids is not None]
 
         return cls(
             size=b,
@@ -160,6 +159,12 @@ class SamplingBatch:
             penalties=_build_penalties(params, prompt_ids, output_ids, dev, v),
             ban_rows=torch.tensor(ban_rows, dtype=torch.int64, device=dev) if has_bans else None,
             ban_cols=torch.tensor(ban_cols, dtype=torch.int64, device=dev) if has_bans else None,
+            bias_rows=torch.tensor([r for r, _, _ in bias], dtype=torch.int64, device=dev) if bias else None,
+            bias_cols=torch.tensor([t for _, t, _ in bias], dtype=torch.int64, device=dev) if bias else None,
+            bias_values=torch.tensor([x for _, _, x in bias], dtype=torch.float32, device=dev) if bias else None,
+            allowed_rows=torch.tensor(allowed_rows, dtype=torch.int64, device=dev) if allowed_rows else None,
+            allowed=_allowed_mask([params[i].allowed_token_ids or () for i in allowed_rows], dev, v)
+            if allowed_rows else None,
             seeded_rows=tuple(
                 (i, step_seed(p.seed, n_out[i]))
                 for i, p in enumerate(params)
@@ -168,6 +173,14 @@ class SamplingBatch:
             any_unseeded=any(p.seed is None and not p.greedy for p in params),
             max_logprobs=max(p.logprobs or 0 for p in params),
         )
+
+
+def _allowed_mask(rows: Sequence[Sequence[int]], device: torch.device, vocab_size: int) -> Tensor:
+    """(A, V) bool: True at each row's allowed ids (ids >= V are dropped)."""
+    mask = torch.zeros(len(rows), vocab_size + 1, dtype=torch.bool, device=device)  # (A, V + 1)
+    row_index, ids = _flat_pairs(rows, device, vocab_size)
+    mask[row_index, ids] = True
+    return mask[:, :vocab_size]
 
 
 def _flat_pairs(

@@ -4,70 +4,33 @@
 whose message names the field, the value and the allowed range; the gateway forwards that text as
 the details of a gRPC INVALID_ARGUMENT, so it is written for a person. The limits are module
 constants so the gateway can validate (and document) the same bounds without building the object.
+Checks that need the model's vocabulary (token ids in logit_bias and allowed_token_ids) are
+`check_vocab`, which the gateway and the engine both call with their bound.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from engine.sampling.checks import flag, integer, logit_bias, number, strings, token_ids
+from engine.sampling.seeds import sibling_seed
+
 MAX_STOP_STRINGS = 16
-MAX_STOP_LEN = 256  # characters per stop string
-MAX_LOGPROBS = 20  # top alternatives returned per token
+MAX_STOP_LEN = 256  # characters per stop string (and per bad word)
+MAX_LOGPROBS = 20  # top alternatives returned per token (sampled or prompt)
 MAX_SEED = 2**63  # exclusive: seeds are non-negative signed 64-bit integers
 MIN_PENALTY, MAX_PENALTY = -2.0, 2.0  # presence and frequency penalties (OpenAI range)
+MAX_N = 128  # choices per request (parallel sampling)
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias
+MAX_ABS_LOGIT_BIAS = 100.0  # OpenAI's range: -100 bans a token, 100 all but forces it
+MAX_ALLOWED_TOKEN_IDS = 16384
+MAX_BAD_WORDS = 64
 # Below this a temperature is treated as greedy: the scaled logits would overflow float32, and the
 # distribution is already one-hot up to exact ties.
 GREEDY_TEMPERATURE_EPS = 1e-5
-
-
-def _number(name: str, value: object) -> float:
-    """`value` as a finite float; bools, strings, NaN and infinities are rejected."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _integer(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    return value
-
-
-def _flag(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false, got {value!r}")
-    return value
-
-
-def _stop_strings(value: object) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = (value,)
-    if not isinstance(value, Sequence) or isinstance(value, bytes):
-        raise ValueError(f"stop must be a string or a list of strings, got {value!r}")
-    if len(value) > MAX_STOP_STRINGS:
-        raise ValueError(f"stop has {len(value)} strings; at most {MAX_STOP_STRINGS} are allowed")
-    for s in value:
-        if not isinstance(s, str):
-            raise ValueError(f"stop strings must be strings, got {s!r}")
-        if not 1 <= len(s) <= MAX_STOP_LEN:
-            raise ValueError(
-                f"each stop string must be 1 to {MAX_STOP_LEN} characters long, got {len(s)}: {s[:40]!r}"
-            )
-    return tuple(value)
-
-
-def _token_ids(name: str, value: object) -> tuple[int, ...]:
-    if not isinstance(value, Sequence) or isinstance(value, str | bytes):
-        raise ValueError(f"{name} must be a list of token ids, got {value!r}")
-    for t in value:
-        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
-            raise ValueError(f"{name} must hold non-negative integer token ids, got {t!r}")
-    return tuple(value)
 
 
 @dataclass(frozen=True)
@@ -79,15 +42,26 @@ class SamplingParams:
     min_p: [0, 1], keeps tokens with prob >= min_p * the top prob; 0 = off.
     repetition_penalty: > 0 (Hugging Face semantics, over prompt and output tokens); 1 = off.
     presence_penalty, frequency_penalty: [-2, 2] (OpenAI semantics, output tokens only); 0 = off.
-    seed: [0, 2**63) or None. A seeded request draws the same tokens whatever shares its batch.
+    seed: [0, 2**63) or None. A seeded request draws the same tokens whatever shares its batch;
+        choice i of n draws with `sibling_seed(seed, i)` (engine.sampling.seeds).
     max_tokens: >= 1 output tokens.  min_tokens: [0, max_tokens]; EOS and stop token ids are
         banned until this many tokens exist (EOS is not banned when ignore_eos is set).
     stop: up to MAX_STOP_STRINGS strings of 1..MAX_STOP_LEN characters; a str or a list is
         normalised to a tuple. stop_token_ids: token ids that end the request (kept in the output).
+    include_stop_str_in_output: keep the stop string that matched at the end of the text.
     ignore_eos: keep generating past EOS (the engine's stop check honours it; the sampler does not
         ban EOS).
     logprobs: None = off; 0..MAX_LOGPROBS = return the chosen token's logprob and that many top
         alternatives.
+    prompt_logprobs: None = off; 0..MAX_LOGPROBS = every prompt token after the first gets its
+        logprob (and rank) under the model, with that many top alternatives, computed in the prefill
+        (a request that asks for them skips the prefix cache).
+    n: 1..MAX_N choices: sibling sequences that share the prompt's KV (one prefill).
+    logit_bias: {token id: bias in [-100, 100]} added to the logits (a dict, or (id, bias) pairs;
+        normalised to sorted pairs); at most MAX_LOGIT_BIAS entries.
+    allowed_token_ids: None = all; else only these ids may be sampled (non-empty).
+    bad_words: strings never to generate: a word's last token is banned when the output ends with
+        its other tokens (each word is tokenized with and without a leading space).
     skip_special_tokens: drop special tokens from the detokenized text.
 
     Raises ValueError naming the field, the value and the allowed range.
@@ -105,13 +79,20 @@ class SamplingParams:
     min_tokens: int = 0
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    n: int = 1
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    allowed_token_ids: tuple[int, ...] | None = None
+    bad_words: tuple[str, ...] = ()
     skip_special_tokens: bool = True
 
     if TYPE_CHECKING:
-        # What type checkers see: construction takes a str or any sequence for stop and
-        # stop_token_ids (the generated __init__ does at run time); the fields are tuples after.
+        # What type checkers see: construction takes a str or any sequence for stop, stop_token_ids,
+        # allowed_token_ids and bad_words, and a mapping for logit_bias (the generated __init__ does at
+        # run time); the fields are tuples after.
         def __init__(
             self,
             *,
@@ -127,8 +108,14 @@ class SamplingParams:
             min_tokens: int = 0,
             stop: str | Sequence[str] = (),
             stop_token_ids: Sequence[int] = (),
+            include_stop_str_in_output: bool = False,
             ignore_eos: bool = False,
             logprobs: int | None = None,
+            prompt_logprobs: int | None = None,
+            n: int = 1,
+            logit_bias: Mapping[int, float] | Mapping[str, float] | Sequence[tuple[int, float]] = (),
+            allowed_token_ids: Sequence[int] | None = None,
+            bad_words: str | Sequence[str] = (),
             skip_special_tokens: bool = True,
         ) -> None: ...
 
@@ -137,58 +124,84 @@ class SamplingParams:
         def put(name: str, value: object) -> None:
             object.__setattr__(self, name, value)
 
-        t = _number("temperature", self.temperature)
+        t = number("temperature", self.temperature)
         if t < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {t!r}")
         put("temperature", t)
 
-        p = _number("top_p", self.top_p)
+        p = number("top_p", self.top_p)
         if not 0.0 < p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1] (1 = off), got {p!r}")
         put("top_p", p)
 
-        k = _integer("top_k", self.top_k)
+        k = integer("top_k", self.top_k)
         if k < -1:
             raise ValueError(f"top_k must be 0 or -1 (off) or >= 1, got {k!r}")
         put("top_k", 0 if k == -1 else k)
 
-        m = _number("min_p", self.min_p)
+        m = number("min_p", self.min_p)
         if not 0.0 <= m <= 1.0:
             raise ValueError(f"min_p must be in [0, 1] (0 = off), got {m!r}")
         put("min_p", m)
 
-        r = _number("repetition_penalty", self.repetition_penalty)
+        r = number("repetition_penalty", self.repetition_penalty)
         if r <= 0:
             raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {r!r}")
         put("repetition_penalty", r)
 
         for name in ("presence_penalty", "frequency_penalty"):
-            v = _number(name, getattr(self, name))
+            v = number(name, getattr(self, name))
             if not MIN_PENALTY <= v <= MAX_PENALTY:
                 raise ValueError(f"{name} must be in [{MIN_PENALTY:g}, {MAX_PENALTY:g}] (0 = off), got {v!r}")
             put(name, v)
 
         if self.seed is not None:
-            s = _integer("seed", self.seed)
+            s = integer("seed", self.seed)
             if not 0 <= s < MAX_SEED:
                 raise ValueError(f"seed must be in [0, 2**63), got {s!r}")
 
-        n = _integer("max_tokens", self.max_tokens)
+        n = integer("max_tokens", self.max_tokens)
         if n < 1:
             raise ValueError(f"max_tokens must be >= 1, got {n!r}")
-        mn = _integer("min_tokens", self.min_tokens)
+        mn = integer("min_tokens", self.min_tokens)
         if not 0 <= mn <= n:
             raise ValueError(f"min_tokens must be in [0, max_tokens={n}], got {mn!r}")
 
-        put("stop", _stop_strings(self.stop))
-        put("stop_token_ids", _token_ids("stop_token_ids", self.stop_token_ids))
-        _flag("ignore_eos", self.ignore_eos)
-        _flag("skip_special_tokens", self.skip_special_tokens)
+        put("stop", strings("stop", self.stop, MAX_STOP_STRINGS, MAX_STOP_LEN))
+        put("stop_token_ids", token_ids("stop_token_ids", self.stop_token_ids))
+        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
+            flag(name, getattr(self, name))
 
-        if self.logprobs is not None:
-            lp = _integer("logprobs", self.logprobs)
-            if not 0 <= lp <= MAX_LOGPROBS:
-                raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}] or unset, got {lp!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= integer(name, value) <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}] or unset, got {value!r}")
+
+        choices = integer("n", self.n)
+        if not 1 <= choices <= MAX_N:
+            raise ValueError(f"n must be in [1, {MAX_N}], got {choices!r}")
+        put("logit_bias", logit_bias(self.logit_bias, MAX_LOGIT_BIAS, MAX_ABS_LOGIT_BIAS))
+        if self.allowed_token_ids is not None:
+            allowed = token_ids("allowed_token_ids", self.allowed_token_ids, MAX_ALLOWED_TOKEN_IDS)
+            if not allowed:
+                raise ValueError("allowed_token_ids must not be empty (leave it unset to allow every token)")
+            put("allowed_token_ids", allowed)
+        put("bad_words", strings("bad_words", self.bad_words, MAX_BAD_WORDS, MAX_STOP_LEN))
+
+    def check_vocab(self, limit: int) -> None:
+        """Raise ValueError when logit_bias or allowed_token_ids name an id outside [0, limit)."""
+        for name, ids in (("logit_bias", [t for t, _ in self.logit_bias]),
+                          ("allowed_token_ids", self.allowed_token_ids or ())):
+            bad = next((t for t in ids if t >= limit), None)
+            if bad is not None:
+                raise ValueError(f"{name} names token id {bad}, outside the vocabulary [0, {limit})")
+
+    def for_choice(self, index: int) -> SamplingParams:
+        """The options of choice `index` of n: one choice, drawing with `sibling_seed(seed, index)`."""
+        if index == 0 and self.n == 1:
+            return self
+        seed = None if self.seed is None else sibling_seed(self.seed, index)
+        return dataclasses.replace(self, n=1, seed=seed)
 
     @property
     def greedy(self) -> bool:

@@ -2,7 +2,8 @@
 
 The pipeline, per row, in this order:
 
-    logits (B, V) --repetition penalty--> --presence/frequency--> --min_tokens bans-->  penalised
+    logits (B, V) --repetition penalty--> --presence/frequency--> --logit_bias--> --allowed_token_ids-->
+                  --min_tokens and bad_words bans-->  penalised
     penalised --log_softmax--> logprobs reported to the user
     penalised --/temperature--> --top-k--> --top-p--> --min-p--> probabilities --draw--> token
 
@@ -27,9 +28,10 @@ from engine.sampling.batch import SamplingBatch
 class SamplerOutput(NamedTuple):
     """One step's choice for each of the B rows.
 
-    logprobs and top_logprobs are log-probabilities of the model's distribution after penalties
-    and min_tokens bans, before temperature and truncation. K is the batch's `max_logprobs`; a row
-    that asked for fewer alternatives ignores the extra columns. top_* are None when K is 0.
+    logprobs and top_logprobs are log-probabilities of the model's distribution after penalties,
+    logit_bias, allowed_token_ids and bans, before temperature and truncation. K is the batch's
+    `max_logprobs`; a row that asked for fewer alternatives ignores the extra columns. top_* are None
+    when K is 0.
     """
 
     token_ids: Tensor  # (B,) int64
@@ -49,12 +51,15 @@ def _check(logits: Tensor, batch: SamplingBatch) -> None:
 
 
 def penalized_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
-    """A float32 copy of `logits` (B, V) with penalties and min_tokens bans applied.
+    """A float32 copy of `logits` (B, V) with penalties, logit_bias, allowed_token_ids and bans applied.
 
     Repetition penalty (Hugging Face): a token seen in the prompt or output has a positive logit
     divided by the penalty and a negative one multiplied by it. Presence/frequency (OpenAI):
-    logit -= frequency * count + presence * (count > 0), over output tokens only. Banned tokens
-    get -inf. `logits` itself is never modified. Raises ValueError on a shape or device mismatch.
+    logit -= frequency * count + presence * (count > 0), over output tokens only. Then logit_bias is
+    added, tokens outside a row's allowed_token_ids and banned tokens (min_tokens, bad_words) get -inf.
+    Speculative verification samples through here too, so every one of these shapes the target's
+    distribution exactly. `logits` itself is never modified. Raises ValueError on a shape or device
+    mismatch.
     """
     _check(logits, batch)
     x = logits.to(torch.float32, copy=True)  # (B, V)
@@ -66,6 +71,11 @@ def penalized_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
         counts = pen.output_counts  # (P, V)
         sub = sub - counts * pen.frequency[:, None] - (counts > 0).float() * pen.presence[:, None]
         x.index_copy_(0, pen.rows, sub)
+    if batch.bias_rows is not None and batch.bias_cols is not None and batch.bias_values is not None:
+        x.index_put_((batch.bias_rows, batch.bias_cols), batch.bias_values, accumulate=True)
+    if batch.allowed_rows is not None and batch.allowed is not None:
+        sub = x.index_select(0, batch.allowed_rows).masked_fill(~batch.allowed, float("-inf"))  # (A, V)
+        x.index_copy_(0, batch.allowed_rows, sub)
     if batch.ban_rows is not None and batch.ban_cols is not None:
         x[batch.ban_rows, batch.ban_cols] = float("-inf")
     return x

@@ -82,7 +82,7 @@ class SpecDecoder:
         if self.draft is not None:
             self.draft.release_stale()
         cand = [i for i, (s, n, smp) in enumerate(zip(step.seqs, step.num_new_tokens, step.sample, strict=True))
-                if smp and n == 1 and not s.prefill_only]
+                if smp and n == 1 and not s.prefill_only and not s.pending_forks]
         self._planned, self._probed = [], -1
         if self.policy.skip(len(cand)):  # speculation is off, as the last few steps found
             return

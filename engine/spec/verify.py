@@ -18,7 +18,8 @@ Two exact ways to decide, per sequence:
   k are accepted, emit the bonus y_k ~ p_k. The output follows p exactly (Leviathan et al. 2023).
 
 Rows of a step: sequence i owns rows [start_i, start_i + 1 + k_i); sequences that do not speculate
-own one row and are sampled exactly as the plain engine samples them.
+own one row (one per choice for a sequence forking its n choices) and are sampled exactly as the
+plain engine samples them.
 """
 
 from __future__ import annotations
@@ -41,18 +42,25 @@ class Verdict(NamedTuple):
     num_accepted: list[int]  # per sampling sequence, in step order
 
 
+def _num_rows(seq: Sequence, draft: Seq[int]) -> int:
+    return 1 + len(draft) if draft else seq.num_sample_rows
+
+
 def verify_batch(seqs: Seq[Sequence], drafts: Seq[Seq[int]], device: torch.device,
                  vocab_size: int) -> SamplingBatch:
-    """One sampling row per verified position: sequence i's row r sees drafts[i][:r] as output."""
-    params, prompts, outputs, eos = [], [], [], []
+    """One sampling row per verified position: sequence i's row r sees drafts[i][:r] as output (a
+    sequence forking its choices: one row per choice)."""
+    params, prompts, outputs, eos, bad = [], [], [], [], []
     for seq, draft in zip(seqs, drafts, strict=True):
         out = seq.output_token_ids
-        for r in range(len(draft) + 1):
-            params.append(seq.params)
+        for r in range(_num_rows(seq, draft)):
+            params.append(seq.params.for_choice(r) if seq.pending_forks else seq.params)
             prompts.append(seq.prompt_token_ids)
             outputs.append(out + list(draft[:r]))
             eos.append(seq.eos_token_ids)
-    return SamplingBatch.build(params, prompts, outputs, eos, device=device, vocab_size=vocab_size)
+            bad.append(seq.bad_words_ids)
+    return SamplingBatch.build(params, prompts, outputs, eos, device=device, vocab_size=vocab_size,
+                               bad_words=bad if any(bad) else None)
 
 
 def verify(
@@ -78,9 +86,9 @@ def verify(
     accepted: list[int] = []
     starts: list[int] = []
     row = 0
-    for draft in drafts:
+    for seq, draft in zip(seqs, drafts, strict=True):
         starts.append(row)
-        row += len(draft) + 1
+        row += _num_rows(seq, draft)
     rejecting = {i for i, q in enumerate(draft_probs) if q is not None and drafts[i]}
     chosen = out.logprobs
     if rejecting:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.models import DEFAULT_MODEL, resolve_model
+from engine.hub import DEFAULT_MODEL, resolve_model
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"

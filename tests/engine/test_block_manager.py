@@ -121,3 +121,43 @@ def test_hash_prefix_names_blocks_as_hash_block_chains_them() -> None:
         chained.append(parent)
     assert hash_prefix(ids, 8) == chained
     assert hash_prefix(ids, 8, max_tokens=40) == chained[:5] and hash_prefix(ids, 8, max_tokens=7) == []
+
+
+def test_a_fork_shares_every_block_and_copies_the_partial_one_on_first_write() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4)
+    parent = Seq(list(range(10)))  # blocks 0, 1 full; block 2 holds 2 of 4
+    compute(bm, parent, 10)
+    child = Seq(list(range(10)), num_computed_tokens=10)
+    bm.fork(parent, child)
+    assert child.block_table == parent.block_table == [0, 1, 2]
+    assert [bm.ref_count(b) for b in (0, 1, 2)] == [2, 2, 2] and bm.num_free_blocks == 5
+    parent.token_ids.append(50)
+    child.token_ids.append(60)
+    assert bm.allocate_slots(child, 1)  # writes position 10, inside the shared partial block: copy it
+    assert child.block_table == [0, 1, 3] and bm.take_copies() == [(2, 3)]
+    assert [bm.ref_count(b) for b in (2, 3)] == [1, 1]
+    assert bm.allocate_slots(parent, 1)  # the parent holds block 2 alone now: it writes in place
+    assert parent.block_table == [0, 1, 2] and bm.take_copies() == []
+    bm.free(child)
+    bm.free(parent)
+    assert bm.num_free_blocks == 8
+
+
+def test_forks_of_a_full_last_block_copy_nothing() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4)
+    parent = Seq(list(range(8)))
+    compute(bm, parent, 8)
+    child = Seq(list(range(8)), num_computed_tokens=8)
+    bm.fork(parent, child)
+    assert bm.allocate_slots(child, 1) and bm.allocate_slots(parent, 1)
+    assert child.block_table == [0, 1, 2] and parent.block_table == [0, 1, 3] and bm.take_copies() == []
+
+
+def test_copy_on_write_without_a_free_block_is_an_answer() -> None:
+    bm = BlockManager(num_blocks=3, block_size=4)
+    parent = Seq(list(range(10)))
+    compute(bm, parent, 10)  # all 3 blocks
+    child = Seq(list(range(10)), num_computed_tokens=10)
+    bm.fork(parent, child)
+    assert not bm.allocate_slots(child, 1)
+    assert child.block_table == [0, 1, 2] and bm.take_copies() == [] and bm.ref_count(2) == 2

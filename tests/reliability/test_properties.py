@@ -77,7 +77,7 @@ def test_sampling_conversion_raises_only_value_error_and_round_trips(p: gen.Samp
        st.integers(1, 2**32))
 def test_request_checks_raise_only_their_errors(req: gen.GenerateRequest, max_tokens: int) -> None:
     try:
-        check_request(req, "tiny", PromptLimits(128))
+        check_request(req, ("tiny",), PromptLimits(128))
         ids = check_prompt_ids(list(req.prompt_token_ids) or [ord(c) for c in req.prompt], token_id_limit=1024)
         check_length(len(ids), max_tokens, limit=128)
     except TandemError:
@@ -114,7 +114,7 @@ def test_the_wire_check_refuses_only_what_the_parsed_checks_refuse(data: bytes) 
     except TandemError:
         req = gen.GenerateRequest.FromString(data)  # the walk refuses only what parses
         with pytest.raises(TandemError):
-            check_request(req, "tiny", limits)
+            check_request(req, ("tiny",), limits)
             check_prompt_ids(list(req.prompt_token_ids) or [1], vocab_size=2**32)
 
 
