@@ -95,7 +95,7 @@ def test_compose_services_run_launcher_commands_on_consistent_ports() -> None:
 
 
 def _ports(svc: dict[str, Any]) -> list[str]:
-    """Published ports as "ip:host:container", whichever syntax `docker-compose config` wrote (the raw
+    """Published TCP ports as "ip:host:container", whichever syntax `docker-compose config` wrote (the raw
     file's ${TANDEM_BIND:-127.0.0.1} read as its default)."""
     out = []
     for p in svc.get("ports", []):
@@ -103,7 +103,8 @@ def _ports(svc: dict[str, Any]) -> list[str]:
             out.append(f"{p.get('host_ip', '0.0.0.0')}:{p['published']}:{p['target']}")
         else:
             out.append(str(p).replace("${TANDEM_BIND:-127.0.0.1}", "127.0.0.1"))
-    return out
+    # docker-compose 1.29 on some builds spells the default protocol out ("8000:8000/tcp")
+    return [p.removesuffix("/tcp") for p in out]
 
 
 def test_gpu_workers_take_their_devices_and_kv_budget_from_variables() -> None:
