@@ -1,0 +1,119 @@
+"""AWQ (Lin et al., 2023): activation-aware scaling before rounding, then clipping.
+
+A few input channels carry large activations; their weights matter most. AWQ multiplies input channel
+c of a linear by s_c and divides whatever produces that channel by s_c (the RMSNorm weight before
+qkv_proj and gate_up_proj, the up_proj rows before down_proj), which leaves the model's function
+unchanged in exact arithmetic but gives the salient channels a finer grid after rounding:
+
+    s = mean|x|^a / mean|w~|^(1-a), normalised so sqrt(max s * min s) = 1, for a on a grid in [0, 1)
+        (w~: |w| over its group's max), keeping the a whose rounded layer output is closest (MSE) to
+        the unrounded one on calibration inputs;
+    then, per (row, group), clip the weights to t * max|w|, t in 1, 0.975, ..., 0.525, keeping the t
+    with the least output error (not for qkv_proj, whose errors go through the softmax, as AWQ does).
+
+Rounding is then to nearest, asymmetric (training/quant_grid.py). Only the linear's own output is
+compared during the search (AutoAWQ compares whole attention / MLP blocks); v_proj -> o_proj scaling is
+skipped, as AutoAWQ skips it whenever K/V heads are grouped.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from training.quant_grid import QuantResult, dequantize, find_params, quantize, rtn
+
+N_GRID = 20
+MAX_SHRINK = 0.5
+SEARCH_TOKENS = 4096  # calibration rows used for the searches
+CLIP_TOKENS = 512
+
+
+class AwqScales(NamedTuple):
+    qkv: Tensor  # (H,) divides input_layernorm, multiplies qkv_proj's columns
+    gate_up: Tensor  # (H,) divides post_attention_layernorm, multiplies gate_up_proj's columns
+    down: Tensor  # (I,) divides up_proj's rows, multiplies down_proj's columns
+
+
+def fake_quant(w: Tensor, bits: int, group: int, scale_dtype: torch.dtype) -> Tensor:
+    return rtn(w, bits, group, False, scale_dtype).dequantized()
+
+
+@torch.no_grad()
+def search_scale(w: Tensor, x: Tensor, bits: int, group: int, scale_dtype: torch.dtype) -> Tensor:
+    """The per-input-channel scale s (K,) for ``w (N, K)`` given inputs ``x (T, K)``."""
+    x = x[:SEARCH_TOKENS].float()
+    w = w.float()
+    n, k = w.shape
+    x_mean = x.abs().mean(0)
+    wg = w.abs().reshape(n, -1, group) if k % group == 0 else w.abs()[:, None, :]
+    w_mean = (wg / wg.amax(dim=-1, keepdim=True).clamp_min(1e-8)).reshape(n, k).mean(0)
+    ref = x @ w.t()
+    best, best_s = float("inf"), torch.ones(k)
+    for i in range(N_GRID):
+        a = i / N_GRID
+        s = (x_mean.pow(a) / (w_mean.pow(1 - a) + 1e-4)).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        err = float((x @ (fake_quant(w * s, bits, group, scale_dtype) / s).t() - ref).pow(2).mean())
+        if err < best:
+            best, best_s = err, s
+    return best_s
+
+
+@torch.no_grad()
+def search_clip(w: Tensor, x: Tensor, bits: int, group: int, scale_dtype: torch.dtype) -> Tensor:
+    """``w (N, K)`` with each (row, group) clipped to the fraction of its max|w| that best keeps the
+    output on inputs ``x (T, K)``."""
+    n, k = w.shape
+    if k % group:
+        return w
+    x = x[:CLIP_TOKENS].float().reshape(-1, k // group, group)  # (T, groups, G)
+    wg = w.float().reshape(n, k // group, group)
+    ref = torch.einsum("tgc,ngc->tng", x, wg)
+    org_max = wg.abs().amax(dim=-1, keepdim=True)  # (N, groups, 1)
+    best_err = torch.full((n, k // group), float("inf"))
+    best_max = org_max.clone()
+    for i in range(int(MAX_SHRINK * N_GRID)):
+        mx = org_max * (1 - i / N_GRID)
+        cur = wg.clamp(-mx, mx).reshape(n * (k // group), group)
+        p = find_params(cur, bits, False, scale_dtype)
+        q = dequantize(quantize(cur, p, bits), p).reshape(n, k // group, group)
+        err = (torch.einsum("tgc,ngc->tng", x, q) - ref).pow(2).mean(0)  # (N, groups)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_max = torch.where(better[..., None], mx, best_max)
+    return wg.clamp(-best_max, best_max).reshape(n, k)
+
+
+@torch.no_grad()
+def awq_layer(
+    weights: dict[str, Tensor], inputs: dict[str, Tensor], inter: int, bits: int, group: int,
+    scale_dtype: torch.dtype,
+) -> tuple[AwqScales, dict[str, QuantResult]]:  # fmt: skip
+    """AWQ of one decoder layer.
+
+    weights: "qkv_proj", "o_proj", "gate_up_proj", "down_proj" (N, K) float; inputs: each projection's
+    calibration inputs (T, K) from the unquantized layer; inter: intermediate_size (gate rows, then up
+    rows). Returns the scales (for the caller to fold into the norms and up_proj) and each projection
+    quantized after scaling and clipping.
+    """
+    s_qkv = search_scale(weights["qkv_proj"], inputs["qkv_proj"], bits, group, scale_dtype)
+    s_gu = search_scale(weights["gate_up_proj"], inputs["gate_up_proj"], bits, group, scale_dtype)
+    s_down = search_scale(weights["down_proj"], inputs["down_proj"], bits, group, scale_dtype)
+    scaled = {
+        "qkv_proj": weights["qkv_proj"].float() * s_qkv,
+        "o_proj": weights["o_proj"].float(),
+        "gate_up_proj": weights["gate_up_proj"].float() * s_gu,
+        "down_proj": weights["down_proj"].float() * s_down,
+    }
+    scaled["gate_up_proj"][inter:] /= s_down[:, None]  # up_proj's rows produce down_proj's inputs
+    xs = {"qkv_proj": inputs["qkv_proj"] / s_qkv, "o_proj": inputs["o_proj"],
+          "gate_up_proj": inputs["gate_up_proj"] / s_gu, "down_proj": inputs["down_proj"] / s_down}  # fmt: skip
+    results = {}
+    for name, w in scaled.items():
+        if name != "qkv_proj":
+            w = search_clip(w, xs[name], bits, group, scale_dtype)
+        results[name] = rtn(w, bits, group, False, scale_dtype)
+    return AwqScales(s_qkv, s_gu, s_down), results
