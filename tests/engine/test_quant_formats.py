@@ -193,3 +193,25 @@ def test_gguf_tensors_kept_quantized_match_gguf_dequantize(tmp_path: Path) -> No
     torch.testing.assert_close(dequantize_group(swapped), expect.flip(0), **EXACT)
     with pytest.raises(ValueError, match="type 13 is not kept quantized"):
         gguf.convert_tensor(np.zeros(176, np.uint8), int(Q.Q5_K), (1, 256))
+
+
+def test_compressed_tensors_int_and_float_quantized_weights() -> None:
+    from engine.quant.group_linear import as_int8
+
+    cfg = {"quant_method": "compressed-tensors", "format": "int-quantized",
+           "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "int", "symmetric": True,
+                                                                      "strategy": "channel"}}}}  # fmt: skip
+    q = torch.randint(-128, 128, (16, 64), generator=gen(), dtype=torch.int8)
+    scale = torch.rand(16, 1, generator=gen(1))
+    w = detect({"quantization_config": cfg}).convert("model.layers.0.mlp.up_proj", {"weight": q, "weight_scale": scale})  # type: ignore[union-attr]
+    assert isinstance(w, GroupWeight)
+    torch.testing.assert_close(dequantize_group(w), q.float() * scale, **EXACT)
+    int8 = as_int8(w)  # W8A8-int8 and W8A16 channel weights run on Tandem's own int8 kernels
+    assert int8 is not None and torch.equal(int8.qweight, q)
+    cfg["format"] = "float-quantized"
+    cfg["config_groups"]["g"]["weights"] = {"num_bits": 8, "type": "float", "strategy": "channel"}  # type: ignore[index]
+    f8 = (torch.randn(16, 64, generator=gen(2)) * 50).to(torch.float8_e4m3fn)
+    got = detect({"quantization_config": cfg}).convert("model.layers.0.mlp.up_proj",  # type: ignore[union-attr]
+                                                       {"weight": f8, "weight_scale": scale, "input_scale": scale[0]})
+    assert isinstance(got, Fp8Weight)
+    torch.testing.assert_close(dequantize(got), f8.float() * scale, **EXACT)
