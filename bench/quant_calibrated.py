@@ -9,7 +9,7 @@ Face directory made from it; this script does not make it, see docs/benchmarks.m
 
 Calibration: ``--num-samples`` windows of ``--seq-len`` tokens from 200 training-split standard-library
 files (training/demo.py ``stdlib_split``, tests excluded); evaluation: ``--windows`` windows of 256 tokens
-from the held-out files, so calibration never sees the evaluation text. Everything in float32 so only
+of the held-out files, so calibration never sees the evaluation text. Everything in float32 so only
 the quantization differs. Variants (int4: asymmetric, groups of ``--group-size``; int8: symmetric per row):
 
     rtn-int4 / rtn-int8     Tandem's load-time quantization (``quantization="int4"``/``"int8"``)
@@ -38,9 +38,9 @@ import torch
 if __name__ == "__main__" and not __package__:
     raise SystemExit("run from the repository root as a module: python -m bench.quant_calibrated")
 
-from bench.quant_quality import text_windows  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.quant import linear_weight_bytes  # noqa: E402
+from engine.tokenizer import Tokenizer  # noqa: E402
 from training.demo import stdlib_split  # noqa: E402
 from training.quant_quality import agreement  # noqa: E402
 from training.quantize import quantize_checkpoint  # noqa: E402
@@ -58,6 +58,21 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "rtn-int8": {"load": "int8"},
     "gptq-int8": {"method": "gptq", "bits": 8},
 }
+
+
+def eval_windows(model: Path, count: int, length: int) -> list[list[int]]:
+    """``count`` consecutive, non-overlapping windows of ``length`` tokens from the held-out stdlib files,
+    in file order (more positions than bench.quant_quality's one window per file: top-1 differences of
+    a few tenths of a percent need them)."""
+    tok = Tokenizer.from_dir(model)
+    windows: list[list[int]] = []
+    for f in stdlib_split()[1]:
+        ids = tok.encode(f.read_text(encoding="utf-8", errors="replace"))
+        for start in range(0, len(ids) - length + 1, length):
+            windows.append(ids[start : start + length])
+            if len(windows) == count:
+                return windows
+    return windows
 
 
 def calibration_dir(work: Path, count: int = 200) -> Path:
@@ -140,7 +155,7 @@ def main() -> None:
     ap.add_argument("--models", default="demo,smollm2")
     ap.add_argument("--smollm2", default="", help="SmolLM2-135M-Instruct as a float Hugging Face directory")
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--windows", type=int, default=32, help="held-out windows of 256 tokens")
     ap.add_argument("--num-samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--group-size", type=int, default=128)
@@ -168,7 +183,7 @@ def main() -> None:
         print(f"{key}: quantizing", flush=True)
         variants = {n: make_variant(local, n, VARIANTS[n], work, args) for n in args.variants.split(",")}
         print(f"{key}: quality", flush=True)
-        entry = {"quality": quality(local, variants, text_windows(local, args.windows, 256))}
+        entry = {"quality": quality(local, variants, eval_windows(local, args.windows, 256))}
         if args.speed:
             print(f"{key}: speed", flush=True)
             entry["speed"] = speed(local, variants, args.rounds, 16)

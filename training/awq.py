@@ -9,18 +9,20 @@ unchanged in exact arithmetic but gives the salient channels a finer grid after 
         (w~: |w| over its group's max), keeping the a whose rounded layer output is closest (MSE) to
         the unrounded one on calibration inputs;
     then, per (row, group), clip the weights to t * max|w|, t in 1, 0.975, ..., 0.525, keeping the t
-    with the least output error (not for qkv_proj, whose errors go through the softmax, as AWQ does).
+    with the least output error (not q's and k's rows, whose errors go through the softmax, as AWQ does).
 
-Rounding is then to nearest, asymmetric (training/quant_grid.py). Only the linear's own output is
-compared during the search (AutoAWQ compares whole attention / MLP blocks); v_proj -> o_proj scaling is
-skipped, as AutoAWQ skips it whenever K/V heads are grouped.
+Rounding is then to nearest, asymmetric (training/quant_grid.py). The search compares the MLP's output for
+gate_up_proj (as AutoAWQ) but the projection's own output for qkv_proj (AutoAWQ: the attention block's) and
+down_proj; v_proj -> o_proj scaling is skipped, as AutoAWQ skips it whenever K/V heads are grouped.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from training.quant_grid import QuantResult, dequantize, find_params, quantize, rtn
@@ -41,22 +43,30 @@ def fake_quant(w: Tensor, bits: int, group: int, scale_dtype: torch.dtype) -> Te
     return rtn(w, bits, group, False, scale_dtype).dequantized()
 
 
+def _linear(x: Tensor, w: Tensor) -> Tensor:
+    return x @ w.t()
+
+
 @torch.no_grad()
-def search_scale(w: Tensor, x: Tensor, bits: int, group: int, scale_dtype: torch.dtype) -> Tensor:
-    """The per-input-channel scale s (K,) for ``w (N, K)`` given inputs ``x (T, K)``."""
+def search_scale(
+    w: Tensor, x: Tensor, bits: int, group: int, scale_dtype: torch.dtype,
+    block: Callable[[Tensor, Tensor], Tensor] = _linear,
+) -> Tensor:  # fmt: skip
+    """The per-input-channel scale s (K,) for ``w (N, K)`` given inputs ``x (T, K)``: the one whose rounded
+    weight keeps ``block(x, w)`` (default: the linear's own output) closest to the unrounded one."""
     x = x[:SEARCH_TOKENS].float()
     w = w.float()
     n, k = w.shape
     x_mean = x.abs().mean(0)
     wg = w.abs().reshape(n, -1, group) if k % group == 0 else w.abs()[:, None, :]
     w_mean = (wg / wg.amax(dim=-1, keepdim=True).clamp_min(1e-8)).reshape(n, k).mean(0)
-    ref = x @ w.t()
+    ref = block(x, w)
     best, best_s = float("inf"), torch.ones(k)
     for i in range(N_GRID):
         a = i / N_GRID
         s = (x_mean.pow(a) / (w_mean.pow(1 - a) + 1e-4)).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        err = float((x @ (fake_quant(w * s, bits, group, scale_dtype) / s).t() - ref).pow(2).mean())
+        err = float((block(x, fake_quant(w * s, bits, group, scale_dtype) / s) - ref).pow(2).mean())
         if err < best:
             best, best_s = err, s
     return best_s
@@ -89,18 +99,24 @@ def search_clip(w: Tensor, x: Tensor, bits: int, group: int, scale_dtype: torch.
 
 @torch.no_grad()
 def awq_layer(
-    weights: dict[str, Tensor], inputs: dict[str, Tensor], inter: int, bits: int, group: int,
+    weights: dict[str, Tensor], inputs: dict[str, Tensor], inter: int, qk_rows: int, bits: int, group: int,
     scale_dtype: torch.dtype,
 ) -> tuple[AwqScales, dict[str, QuantResult]]:  # fmt: skip
     """AWQ of one decoder layer.
 
     weights: "qkv_proj", "o_proj", "gate_up_proj", "down_proj" (N, K) float; inputs: each projection's
     calibration inputs (T, K) from the unquantized layer; inter: intermediate_size (gate rows, then up
-    rows). Returns the scales (for the caller to fold into the norms and up_proj) and each projection
+    rows); qk_rows: q_size + kv_size, the rows of qkv_proj before v's. Returns the scales (for the caller to fold into the norms and up_proj) and each projection
     quantized after scaling and clipping.
     """
     s_qkv = search_scale(weights["qkv_proj"], inputs["qkv_proj"], bits, group, scale_dtype)
-    s_gu = search_scale(weights["gate_up_proj"], inputs["gate_up_proj"], bits, group, scale_dtype)
+    down = weights["down_proj"].float()
+
+    def mlp(x: Tensor, w: Tensor) -> Tensor:  # gate_up's rounding judged by the MLP's output
+        gate, up = (x @ w.t()).split(inter, dim=-1)
+        return (F.silu(gate) * up) @ down.t()
+
+    s_gu = search_scale(weights["gate_up_proj"], inputs["gate_up_proj"], bits, group, scale_dtype, mlp)
     s_down = search_scale(weights["down_proj"], inputs["down_proj"], bits, group, scale_dtype)
     scaled = {
         "qkv_proj": weights["qkv_proj"].float() * s_qkv,
@@ -113,7 +129,9 @@ def awq_layer(
           "gate_up_proj": inputs["gate_up_proj"] / s_gu, "down_proj": inputs["down_proj"] / s_down}  # fmt: skip
     results = {}
     for name, w in scaled.items():
-        if name != "qkv_proj":
+        if name == "qkv_proj":  # only v's rows: q and k errors are amplified by the softmax (AutoAWQ)
+            w = torch.cat((w[:qk_rows], search_clip(w[qk_rows:], xs[name], bits, group, scale_dtype)))
+        else:
             w = search_clip(w, xs[name], bits, group, scale_dtype)
         results[name] = rtn(w, bits, group, False, scale_dtype)
     return AwqScales(s_qkv, s_gu, s_down), results

@@ -142,8 +142,9 @@ def quantize_layer(
     for h in handles:
         h.remove()
     weights = {f: _linear(layer, f).weight for f in seen}
-    scales, results = awq_layer(weights, {f: torch.cat(v) for f, v in seen.items()},
-                                layer.mlp.down_proj.in_features, bits, group, scale_dtype)  # fmt: skip
+    attn = layer.self_attn
+    scales, results = awq_layer(weights, {f: torch.cat(v) for f, v in seen.items()}, layer.mlp.down_proj.in_features,
+                                attn.q_size + attn.kv_size, bits, group, scale_dtype)  # fmt: skip
     layer.input_layernorm.data /= scales.qkv
     layer.post_attention_layernorm.data /= scales.gate_up
     return results, nxt
