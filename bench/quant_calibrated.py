@@ -14,7 +14,7 @@ the quantization differs. Variants (int4: asymmetric, groups of ``--group-size``
 
     rtn-int4 / rtn-int8     Tandem's load-time quantization (``quantization="int4"``/``"int8"``)
     ct-rtn-int4             `tandem quantize --method rtn`: the same rounding, through a checkpoint
-    gptq-int4, gptq-int4-ao GPTQ without / with act-order;  awq-int4;  gptq-int8
+    gptq-int4, gptq-int4-ao GPTQ without / with act-order;  awq-int4;  gptq-int8, awq-int8
 
 Reported per variant: top-1 agreement and mean KL against the unquantized model, the perplexity of the
 text under each, projection bytes, quantize seconds, and (``--speed``) greedy decode tokens/s in bfloat16.
@@ -57,6 +57,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "awq-int4": {"method": "awq", "bits": 4},
     "rtn-int8": {"load": "int8"},
     "gptq-int8": {"method": "gptq", "bits": 8},
+    "awq-int8": {"method": "awq", "bits": 8},
 }
 
 

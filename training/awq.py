@@ -11,7 +11,8 @@ unchanged in exact arithmetic but gives the salient channels a finer grid after 
     then, per (row, group), clip the weights to t * max|w|, t in 1, 0.975, ..., 0.525, keeping the t
     with the least output error (not q's and k's rows, whose errors go through the softmax, as AWQ does).
 
-Rounding is then to nearest, asymmetric (training/quant_grid.py). The search compares the MLP's output for
+Rounding is then to nearest on the given grid (training/quant_grid.py: int4 asymmetric in groups, int8
+symmetric per row by default). The search compares the MLP's output for
 gate_up_proj (as AutoAWQ) but the projection's own output for qkv_proj (AutoAWQ: the attention block's) and
 down_proj; v_proj -> o_proj scaling is skipped, as AutoAWQ skips it whenever K/V heads are grouped.
 """
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from training.quant_grid import QuantResult, dequantize, find_params, quantize, rtn
+from training.quant_grid import GridSpec, QuantResult, dequantize, find_params, quantize, rtn_spec
 
 N_GRID = 20
 MAX_SHRINK = 0.5
@@ -39,8 +40,8 @@ class AwqScales(NamedTuple):
     down: Tensor  # (I,) divides up_proj's rows, multiplies down_proj's columns
 
 
-def fake_quant(w: Tensor, bits: int, group: int, scale_dtype: torch.dtype) -> Tensor:
-    return rtn(w, bits, group, False, scale_dtype).dequantized()
+def fake_quant(w: Tensor, spec: GridSpec) -> Tensor:
+    return rtn_spec(w, spec).dequantized()
 
 
 def _linear(x: Tensor, w: Tensor) -> Tensor:
@@ -49,14 +50,14 @@ def _linear(x: Tensor, w: Tensor) -> Tensor:
 
 @torch.no_grad()
 def search_scale(
-    w: Tensor, x: Tensor, bits: int, group: int, scale_dtype: torch.dtype,
-    block: Callable[[Tensor, Tensor], Tensor] = _linear,
+    w: Tensor, x: Tensor, spec: GridSpec, block: Callable[[Tensor, Tensor], Tensor] = _linear,
 ) -> Tensor:  # fmt: skip
     """The per-input-channel scale s (K,) for ``w (N, K)`` given inputs ``x (T, K)``: the one whose rounded
     weight keeps ``block(x, w)`` (default: the linear's own output) closest to the unrounded one."""
     x = x[:SEARCH_TOKENS].float()
     w = w.float()
     n, k = w.shape
+    group = spec.group_for(k)
     x_mean = x.abs().mean(0)
     wg = w.abs().reshape(n, -1, group) if k % group == 0 else w.abs()[:, None, :]
     w_mean = (wg / wg.amax(dim=-1, keepdim=True).clamp_min(1e-8)).reshape(n, k).mean(0)
@@ -66,17 +67,18 @@ def search_scale(
         a = i / N_GRID
         s = (x_mean.pow(a) / (w_mean.pow(1 - a) + 1e-4)).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        err = float((block(x, fake_quant(w * s, bits, group, scale_dtype) / s) - ref).pow(2).mean())
+        err = float((block(x, fake_quant(w * s, spec) / s) - ref).pow(2).mean())
         if err < best:
             best, best_s = err, s
     return best_s
 
 
 @torch.no_grad()
-def search_clip(w: Tensor, x: Tensor, bits: int, group: int, scale_dtype: torch.dtype) -> Tensor:
+def search_clip(w: Tensor, x: Tensor, spec: GridSpec) -> Tensor:
     """``w (N, K)`` with each (row, group) clipped to the fraction of its max|w| that best keeps the
     output on inputs ``x (T, K)``."""
     n, k = w.shape
+    group = spec.group_for(k)
     if k % group:
         return w
     x = x[:CLIP_TOKENS].float().reshape(-1, k // group, group)  # (T, groups, G)
@@ -88,8 +90,8 @@ def search_clip(w: Tensor, x: Tensor, bits: int, group: int, scale_dtype: torch.
     for i in range(int(MAX_SHRINK * N_GRID)):
         mx = org_max * (1 - i / N_GRID)
         cur = wg.clamp(-mx, mx).reshape(n * (k // group), group)
-        p = find_params(cur, bits, False, scale_dtype)
-        q = dequantize(quantize(cur, p, bits), p).reshape(n, k // group, group)
+        p = find_params(cur, spec.bits, spec.symmetric, spec.scale_dtype)
+        q = dequantize(quantize(cur, p, spec.bits), p).reshape(n, k // group, group)
         err = (torch.einsum("tgc,ngc->tng", x, q) - ref).pow(2).mean(0)  # (N, groups)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -99,8 +101,7 @@ def search_clip(w: Tensor, x: Tensor, bits: int, group: int, scale_dtype: torch.
 
 @torch.no_grad()
 def awq_layer(
-    weights: dict[str, Tensor], inputs: dict[str, Tensor], inter: int, qk_rows: int, bits: int, group: int,
-    scale_dtype: torch.dtype,
+    weights: dict[str, Tensor], inputs: dict[str, Tensor], inter: int, qk_rows: int, spec: GridSpec,
 ) -> tuple[AwqScales, dict[str, QuantResult]]:  # fmt: skip
     """AWQ of one decoder layer.
 
@@ -109,15 +110,15 @@ def awq_layer(
     rows); qk_rows: q_size + kv_size, the rows of qkv_proj before v's. Returns the scales (for the caller to fold into the norms and up_proj) and each projection
     quantized after scaling and clipping.
     """
-    s_qkv = search_scale(weights["qkv_proj"], inputs["qkv_proj"], bits, group, scale_dtype)
+    s_qkv = search_scale(weights["qkv_proj"], inputs["qkv_proj"], spec)
     down = weights["down_proj"].float()
 
     def mlp(x: Tensor, w: Tensor) -> Tensor:  # gate_up's rounding judged by the MLP's output
         gate, up = (x @ w.t()).split(inter, dim=-1)
         return (F.silu(gate) * up) @ down.t()
 
-    s_gu = search_scale(weights["gate_up_proj"], inputs["gate_up_proj"], bits, group, scale_dtype, mlp)
-    s_down = search_scale(weights["down_proj"], inputs["down_proj"], bits, group, scale_dtype)
+    s_gu = search_scale(weights["gate_up_proj"], inputs["gate_up_proj"], spec, mlp)
+    s_down = search_scale(weights["down_proj"], inputs["down_proj"], spec)
     scaled = {
         "qkv_proj": weights["qkv_proj"].float() * s_qkv,
         "o_proj": weights["o_proj"].float(),
@@ -130,8 +131,8 @@ def awq_layer(
     results = {}
     for name, w in scaled.items():
         if name == "qkv_proj":  # only v's rows: q and k errors are amplified by the softmax (AutoAWQ)
-            w = torch.cat((w[:qk_rows], search_clip(w[qk_rows:], xs[name], bits, group, scale_dtype)))
+            w = torch.cat((w[:qk_rows], search_clip(w[qk_rows:], xs[name], spec)))
         else:
-            w = search_clip(w, xs[name], bits, group, scale_dtype)
-        results[name] = rtn(w, bits, group, False, scale_dtype)
+            w = search_clip(w, xs[name], spec)
+        results[name] = rtn_spec(w, spec)
     return AwqScales(s_qkv, s_gu, s_down), results

@@ -49,6 +49,19 @@ def dequantize(q: Tensor, p: GridParams) -> Tensor:
     return (q - z) * s
 
 
+class GridSpec(NamedTuple):
+    """How a weight is rounded: bits, inputs per group (<= 0: the whole row), zero points or not, and
+    the dtype scales are stored in."""
+
+    bits: int
+    group: int
+    symmetric: bool
+    scale_dtype: torch.dtype
+
+    def group_for(self, k: int) -> int:
+        return self.group if 0 < self.group < k else k
+
+
 class QuantResult(NamedTuple):
     """One weight (N, K) quantized in groups of G inputs (columns in x's order)."""
 
@@ -64,6 +77,11 @@ class QuantResult(NamedTuple):
         k = self.codes.shape[1]
         g = self.g_idx.long() if self.g_idx is not None else torch.arange(k) // self.group_size
         return (self.codes.float() - self.zeros.float()[:, g]) * self.scales.float()[:, g]
+
+
+def rtn_spec(w: Tensor, spec: GridSpec) -> QuantResult:
+    """:func:`rtn` with the rounding of ``spec``."""
+    return rtn(w, spec.bits, spec.group_for(w.shape[1]), spec.symmetric, spec.scale_dtype)
 
 
 def rtn(w: Tensor, bits: int, group_size: int, symmetric: bool, scale_dtype: torch.dtype) -> QuantResult:

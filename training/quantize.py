@@ -48,7 +48,7 @@ from training.awq import SEARCH_TOKENS, awq_layer
 from training.compressed_writer import write_checkpoint
 from training.data import WindowSampler, collect_text_files, tokenize_files
 from training.gptq import Hessian, gptq_quantize
-from training.quant_grid import QuantResult, rtn
+from training.quant_grid import GridSpec, QuantResult, rtn
 from training.quantize_config import QuantizeConfig
 
 logger = logging.getLogger(__name__)
@@ -143,8 +143,9 @@ def quantize_layer(
         h.remove()
     weights = {f: _linear(layer, f).weight for f in seen}
     attn = layer.self_attn
+    spec = GridSpec(bits, group, cfg.sym, scale_dtype)
     scales, results = awq_layer(weights, {f: torch.cat(v) for f, v in seen.items()}, layer.mlp.down_proj.in_features,
-                                attn.q_size + attn.kv_size, bits, group, scale_dtype)  # fmt: skip
+                                attn.q_size + attn.kv_size, spec)  # fmt: skip
     layer.input_layernorm.data /= scales.qkv
     layer.post_attention_layernorm.data /= scales.gate_up
     return results, nxt

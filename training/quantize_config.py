@@ -38,8 +38,6 @@ class QuantizeConfig:
             raise ValueError("group_size must be positive, or -1 for one group per row")
         if self.method != "rtn" and not self.calib:
             raise ValueError(f"{self.method} needs calibration text (calib=PATHS)")
-        if self.method == "awq" and (self.bits != 4 or self.sym):
-            raise ValueError("awq quantizes to 4 bits with zero points (bits=4, symmetric false)")
         if self.act_order and self.method != "gptq":
             raise ValueError("act_order is a GPTQ option")
 

@@ -18,7 +18,7 @@ from engine.quant.linear import Int8Linear
 from kernels.wna16_gemm import dequantize_group
 from training.awq import search_scale
 from training.gptq import Hessian, gptq_quantize
-from training.quant_grid import rtn
+from training.quant_grid import GridSpec, rtn
 from training.quantize import quantize_checkpoint
 from training.quantize_config import QuantizeConfig
 
@@ -56,7 +56,7 @@ def test_gptq_has_less_output_error_than_rtn(act_order: bool) -> None:
 def test_awq_scales_cut_the_error_of_salient_channels() -> None:
     x = correlated_inputs(1024, 256, seed=2)
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(3)) / 16
-    s = search_scale(w, x, 4, 64, torch.float16)
+    s = search_scale(w, x, GridSpec(4, 64, False, torch.float16))
     scaled = rtn(w * s, 4, 64, False, torch.float16).dequantized() / s
     assert out_err(x, w, scaled) < out_err(x, w, rtn(w, 4, 64, False, torch.float16).dequantized())
     assert float(s[:4].mean()) > float(s[4:].mean())  # the large channels get the finer grid
@@ -93,8 +93,9 @@ def test_the_checkpoint_loads_back_exactly_what_was_calibrated(tiny: Path, tmp_p
     assert len(outs[0].token_ids) > 0
 
 
-def test_int8_channel_checkpoints_run_on_the_int8_kernels(tiny: Path, tmp_path: Path) -> None:
-    out = quantize_checkpoint(config(tiny, tmp_path / "w8", bits=8, group_size=-1), progress=False)
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_int8_channel_checkpoints_run_on_the_int8_kernels(tiny: Path, tmp_path: Path, method: str) -> None:
+    out = quantize_checkpoint(config(tiny, tmp_path / "w8", method=method, bits=8, group_size=-1), progress=False)
     assert out is not None
     runner = LLM(out, device="cpu", dtype="float32", num_kv_blocks=8).engine.runner
     assert all(isinstance(m, Int8Linear) for _, m in projection_modules(runner.model))
@@ -135,6 +136,6 @@ def test_compressed_tensors_library_decompresses_what_we_write(tiny: Path, tmp_p
 
 def test_the_command_refuses_bad_options(tiny: Path, tmp_path: Path) -> None:
     assert main(["quantize", "--model", str(tiny), "--out", str(tmp_path / "x"), "--method", "gptq"]) == 2
-    assert main(["quantize", "--model", str(tiny), "--out", str(tmp_path / "x"), "--method", "awq", "--bits", "8",
+    assert main(["quantize", "--model", str(tiny), "--out", str(tmp_path / "x"), "--method", "awq", "--act-order",
                  "--calib", str(REPO / "engine")]) == 2  # fmt: skip
     assert not (tmp_path / "x").exists()
