@@ -215,3 +215,23 @@ def test_compressed_tensors_int_and_float_quantized_weights() -> None:
                                                        {"weight": f8, "weight_scale": scale, "input_scale": scale[0]})
     assert isinstance(got, Fp8Weight)
     torch.testing.assert_close(dequantize(got), f8.float() * scale, **EXACT)
+
+
+def test_a_gguf_tensor_becomes_a_layer_on_each_cpu_kernel(tmp_path: Path) -> None:
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize as gguf_dequantize
+
+    from engine.quant.loader import build_linear
+
+    rng = np.random.default_rng(1)
+    raw = random_k_blocks(rng, 32, 2, 144, [0, 2])  # Q4_K: float offsets, groups of 32
+    dense = torch.from_numpy(gguf_dequantize(raw, Q.Q4_K).reshape(32, 512).astype(np.float32))
+    w = gguf.convert_tensor(raw, int(Q.Q4_K), (32, 512))
+    x = torch.randn(3, 512, generator=gen())
+    f32 = build_linear(w, None, "torch", torch.device("cpu"), torch.float32)
+    assert f32.kernel == "dequant"  # type: ignore[union-attr]
+    torch.testing.assert_close(f32(x), x @ dense.t(), atol=1e-4, rtol=1e-4)
+    bf16 = build_linear(w, None, "torch", torch.device("cpu"), torch.bfloat16)
+    assert bf16.kernel == "packed"  # type: ignore[union-attr]
+    # torch's layout holds scale and zero term in bf16 (8 bits of mantissa): ~1% of each group's range
+    torch.testing.assert_close(bf16(x.bfloat16()).float(), x @ dense.t(), atol=0.1, rtol=0.05)
