@@ -71,7 +71,7 @@ def load_model(
     # -- pre-quantized checkpoints: engine/quant detects and loads them (no flag needed)
     from engine.quant.prequantized import detect
 
-    checkpoint_quant = detect(hf)
+    checkpoint_quant = detect(hf, path)
     if checkpoint_quant is not None:
         if quantization is not None:
             raise ValueError(f"{path} is already quantized ({checkpoint_quant.method}); drop quantization="

@@ -16,8 +16,10 @@ mixed-precision checkpoint) are dequantized into one dense Linear, with a warnin
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,13 +70,17 @@ def _is_quantized_dtype(t: Tensor | None) -> bool:
     return t is not None and (t.element_size() == 1 or not t.is_floating_point())
 
 
-def detect(hf_config: dict[str, Any]) -> CheckpointQuant | None:
-    """The checkpoint's quantization from config.json, or None for a dense checkpoint.
+def detect(hf_config: dict[str, Any], model_dir: str | Path | None = None) -> CheckpointQuant | None:
+    """The checkpoint's quantization from config.json (or, for AutoGPTQ checkpoints older than that
+    key, ``quantize_config.json`` beside it in ``model_dir``), or None for a dense checkpoint.
 
     Raises ValueError for a quant_method Tandem does not load (bitsandbytes, hqq, ...) or a config of a
     known method that it cannot serve (say, 3-bit GPTQ), naming the method and what is supported.
     """
     qc = hf_config.get("quantization_config") or hf_config.get("compression_config")
+    legacy = Path(model_dir) / "quantize_config.json" if model_dir is not None else None
+    if not qc and legacy is not None and legacy.is_file():
+        qc = {"quant_method": "gptq", **json.loads(legacy.read_text())}
     if not qc:
         return None
     method = str(qc.get("quant_method", "")).lower()

@@ -61,6 +61,17 @@ def test_bfloat16_uses_torchs_packed_int4_kernel_and_triton_matches_torch(dense:
     torch.testing.assert_close(prompt_logits(tri, TOKENS), prompt_logits(runner(quant), TOKENS), atol=2e-4, rtol=2e-4)
 
 
+def test_an_old_autogptq_checkpoint_with_quantize_config_json(dense: Path, tmp_path: Path) -> None:
+    import json
+
+    quant, twin = write_quantized(dense, tmp_path, "gptq")
+    cfg = json.loads((quant / "config.json").read_text())
+    (quant / "quantize_config.json").write_text(json.dumps(cfg.pop("quantization_config")))
+    (quant / "config.json").write_text(json.dumps(cfg))
+    torch.testing.assert_close(prompt_logits(runner(quant), TOKENS), prompt_logits(runner(twin), TOKENS),
+                               atol=2e-4, rtol=2e-4)  # fmt: skip
+
+
 def test_bad_combinations_are_refused_naming_the_problem(dense: Path, tmp_path: Path) -> None:
     quant, _ = write_quantized(dense, tmp_path, "awq")
     with pytest.raises(ValueError, match="already quantized \\(awq\\)"):
