@@ -16,6 +16,11 @@ of context each, captured in a CUDA graph (eager if capture fails; the JSON says
 tokens/s, the speed-up over bf16, and the projection weights' bytes.
 Targets (issue 6): at batch 1, int4 >= 2.5x and int8 >= 1.6x bf16 decode speed.
 
+Formats (issue 20). The grouped kernel every pre-quantized checkpoint runs on (kernels/wna16_gemm.py) on
+the same shapes and M, per layout: GPTQ/AWQ int4 groups of 128, GPTQ act-order (x gathered through the
+permutation), GGUF Q4_K-style float offsets (groups of 32), Q8_0 (8 bits, groups of 32) and Q6_K (8 bits,
+groups of 16): time, speed-up over bf16 and error against the reference.
+
 Without CUDA it exits with status 2. ``--smoke`` instead runs tiny float32 shapes on CPU through the
 Triton interpreter (set TRITON_INTERPRET=1 first): it checks this script, not speed.
 """
@@ -46,6 +51,7 @@ from engine.quant.apply import quantize_linear  # noqa: E402
 from engine.quant.linear import Fp8Linear, Int4Linear, Int8Linear, QuantLinear  # noqa: E402
 from kernels.ops import select_ops  # noqa: E402
 from kernels.quant_gemm import GemmConfig, w4a16_gemm, w8a16_gemm  # noqa: E402
+from kernels.wna16_gemm import GroupWeight, pack_int4, wna16_gemm, wna16_ref  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCHEMES = ("int8", "int4", "fp8")
@@ -102,6 +108,44 @@ def gemm_rows(s: dict[str, Any], dtype: torch.dtype, device: torch.device, time_
                 rows.append(row)
                 print(f"{name:13s} M={m:5d} {scheme:5s} {mod.kernel:9s} {ms * 1e3:9.1f} us "
                       f"x{base_ms / ms:5.2f} vs {dtype}  err {row['rel_err']:.1e}", flush=True)
+    return rows
+
+
+# layout name -> (bits, group, float offsets, act-order)
+FORMATS = {"int4-g128 (gptq, awq)": (4, 128, False, False), "int4-g128-act-order (gptq)": (4, 128, False, True),
+           "int4-g32-offsets (q4_k)": (4, 32, True, False), "int8-g32 (q8_0)": (8, 32, False, False),
+           "int8-g16 (q6_k)": (8, 16, False, False)}  # fmt: skip
+
+
+def group_weight(n: int, k: int, bits: int, group: int, offsets: bool, act_order: bool,
+                 device: torch.device) -> GroupWeight:  # fmt: skip
+    """Random codes and scales of one layout (the values do not matter for speed)."""
+    groups = -(-k // group)
+    q = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8, device=device)
+    scales = torch.rand(n, groups, device=device) / (2**bits * math.sqrt(k))
+    zeros = (-scales * 2 ** (bits - 1) if offsets
+             else torch.full((n, groups), 2 ** (bits - 1), dtype=torch.uint8, device=device))  # fmt: skip
+    perm = torch.randperm(k, device=device).to(torch.int32) if act_order else None
+    return GroupWeight(pack_int4(q) if bits == 4 else q, scales.half(), zeros, group, bits, perm)
+
+
+def format_rows(s: dict[str, Any], dtype: torch.dtype, device: torch.device,
+                time_ms: Callable[..., float]) -> list[dict[str, Any]]:  # fmt: skip
+    rows: list[dict[str, Any]] = []
+    for name, (n, k) in shapes(s).items():
+        weight = torch.randn(n, k, device=device, dtype=dtype) / math.sqrt(k)
+        for layout, (bits, group, offsets, act_order) in FORMATS.items():
+            w = group_weight(n, k, bits, group, offsets, act_order, device)
+            nbytes = sum(t.numel() * t.element_size() for t in (w.qweight, w.scales, w.zeros))
+            for m in (*s["batches"], s["prefill_m"]):
+                x = torch.randn(m, k, device=device, dtype=dtype)
+                base_ms = time_ms(lambda: F.linear(x, weight))  # noqa: B023
+                ms = time_ms(lambda: wna16_gemm(x, w))  # noqa: B023
+                err = rel_err(wna16_gemm(x, w), wna16_ref(x, w))
+                rows.append(dict(shape=name, n=n, k=k, m=m, layout=layout, ms=ms, speedup=base_ms / ms,
+                                 weight_gbps=nbytes / ms / 1e6, rel_err=err))
+                print(f"{name:13s} M={m:5d} {layout:28s} {ms * 1e3:9.1f} us x{base_ms / ms:5.2f} vs {dtype}  "
+                      f"err {err:.1e}", flush=True)
     return rows
 
 
@@ -226,6 +270,7 @@ def run(s: dict[str, Any], dtype: torch.dtype, device: torch.device, rep_ms: int
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)",
         "dtype": str(dtype), "shapes": s, "gemm": gemm_rows(s, dtype, device, time_ms, sweep),
         "decode": decode_rows(s, dtype, device, time_ms, backend),
+        "formats": format_rows(s, dtype, device, time_ms),
     }  # fmt: skip
     if judge:
         at1 = {r["scheme"]: r["speedup"] for r in result["decode"] if r["batch"] == 1}

@@ -16,7 +16,7 @@ COMMANDS: tuple[str, ...] = (
     "cli.up",
     "cli.generate",
     "cli.keygen",
-    "cli.train", "cli.distill",
+    "cli.train", "cli.distill", "cli.quantize",
     "cli.health", "cli.bench",
 )
 

@@ -70,10 +70,25 @@ def load_model(
     With ``quantization`` (int8 | int4 | fp8) the dense weights are staged in host memory and the
     decoder layers' projections are quantized onto ``device`` one at a time (engine/quant/apply.py);
     ``backend`` is the kernel backend their GEMMs use (auto | torch | triton).
+    A pre-quantized checkpoint (config.json ``quantization_config``: GPTQ, AWQ, compressed-tensors, FP8)
+    keeps its own quantization (engine/quant/loader.py); ``quantization`` must then be None.
     """
-    cfg = ModelConfig.from_hf(load_hf_config(path))
+    hf = load_hf_config(path)
+    cfg = ModelConfig.from_hf(hf)
     with torch.device("meta"):
         model = CausalLM(cfg)
+    # -- pre-quantized checkpoints: engine/quant detects and loads them (no flag needed)
+    from engine.quant.prequantized import detect
+
+    checkpoint_quant = detect(hf, path)
+    if checkpoint_quant is not None:
+        if quantization is not None:
+            raise ValueError(f"{path} is already quantized ({checkpoint_quant.method}); drop quantization="
+                             f"{quantization!r}")
+        from engine.quant.loader import load_prequantized
+
+        return load_prequantized(model, iter_safetensors(path), checkpoint_quant, dtype, device, backend).eval()
+    # -- dense checkpoints
     staging = device if quantization is None else torch.device("cpu")
     model = model.to_empty(device=staging).to(dtype)
     with torch.no_grad():

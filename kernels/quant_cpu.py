@@ -46,14 +46,17 @@ def int8_packed_mm(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | Non
 
 
 def int4_pack_for_cpu(qweight: Tensor, scales: Tensor, zeros: Tensor, dtype: torch.dtype) -> CpuInt4Weight:
-    """Our int4 format (see kernels/quant_gemm.py) -> torch's CPU layout. N must be a multiple of 16."""
+    """Our int4 format (kernels/wna16_gemm.py: uint8 zero points, w = (q - z) * s, or float offsets,
+    w = q * s + z) -> torch's CPU layout, whose zero term is then (8 - z) * s or 8 * s + z.
+    N must be a multiple of 16."""
     n = qweight.shape[0]
     if n % CPU_INT4_N_MULTIPLE:
         raise ValueError(f"torch's CPU int4 layout needs N % {CPU_INT4_N_MULTIPLE} == 0, got N={n}")
     values = unpack_int4(qweight).to(torch.int32)  # (N, K)
     packed = torch._convert_weight_to_int4pack_for_cpu(values, 1)
     s = scales.float()
-    sz = torch.stack((s, (8.0 - zeros.float()) * s), dim=-1)  # (N, G, 2)
+    zero_term = 8.0 * s + zeros.float() if zeros.is_floating_point() else (8.0 - zeros.float()) * s
+    sz = torch.stack((s, zero_term), dim=-1)  # (N, G, 2)
     return CpuInt4Weight(packed, sz.transpose(0, 1).contiguous().to(dtype))
 
 

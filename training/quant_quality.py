@@ -5,6 +5,7 @@ logits kept), so the comparison is position by position on identical contexts:
 
     top-1 agreement   fraction of positions whose argmax token is the same
     mean KL           mean over positions of KL(p_ref || p_quant), in nats
+    perplexity        exp of the mean next-token negative log-likelihood of the text itself, for both
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class Agreement(NamedTuple):
     top1: float  # fraction of positions in [0, 1]
     mean_kl: float  # nats per position
     num_tokens: int
+    ref_ppl: float = math.nan  # perplexity of the text under each model (positions with a next token)
+    test_ppl: float = math.nan
 
 
 @torch.inference_mode()
@@ -54,18 +57,25 @@ def prompt_logits(runner: ModelRunner, token_ids: Sequence[int]) -> Tensor:
     return runner.model.compute_logits(hidden)  # (T, V)
 
 
-def compare_logits(ref: Tensor, test: Tensor) -> Agreement:
-    """ref, test (T, V) logits of the same positions -> top-1 agreement and mean KL(ref || test)."""
+def compare_logits(ref: Tensor, test: Tensor, targets: Tensor | None = None) -> Agreement:
+    """ref, test (T, V) logits of the same positions -> top-1 agreement and mean KL(ref || test); with
+    ``targets`` (T,) (the next token at each position, -1 where there is none) also both perplexities."""
     if ref.shape != test.shape:
         raise ValueError(f"logits shapes differ: {tuple(ref.shape)} vs {tuple(test.shape)}")
     ref_lp = F.log_softmax(ref.float(), dim=-1)
     test_lp = F.log_softmax(test.float(), dim=-1)
     kl = (ref_lp.exp() * (ref_lp - test_lp)).sum(dim=-1)  # (T,)
     top1 = (ref.argmax(dim=-1) == test.argmax(dim=-1)).float().mean()
-    return Agreement(float(top1), float(kl.mean()), ref.shape[0])
+    ppl = [math.nan, math.nan]
+    if targets is not None:
+        keep = targets >= 0
+        ppl = [math.exp(float(F.nll_loss(lp[keep], targets[keep]))) for lp in (ref_lp, test_lp)]
+    return Agreement(float(top1), float(kl.mean()), ref.shape[0], *ppl)
 
 
 def agreement(ref: ModelRunner, test: ModelRunner, sequences: Sequence[Sequence[int]]) -> Agreement:
-    """Teacher-forced comparison of two runners over ``sequences``, pooled over every position."""
+    """Teacher-forced comparison of two runners over ``sequences``, pooled over every position
+    (perplexities over every position that has a next token in its sequence)."""
     pairs = [(prompt_logits(ref, s), prompt_logits(test, s)) for s in sequences]
-    return compare_logits(torch.cat([r for r, _ in pairs]), torch.cat([t for _, t in pairs]))
+    targets = torch.cat([torch.tensor([*s[1:], -1], dtype=torch.int64) for s in sequences])
+    return compare_logits(torch.cat([r for r, _ in pairs]).cpu(), torch.cat([t for _, t in pairs]).cpu(), targets)

@@ -19,7 +19,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from engine.quant.schemes import quantize_fp8, quantize_int4, quantize_int8
+from engine.quant.schemes import (
+    Fp8BlockWeight,
+    Fp8Weight,
+    Int8Weight,
+    dequantize_fp8_block,
+    quantize_fp8,
+    quantize_int4,
+    quantize_int8,
+)  # fmt: skip
 from kernels.quant_cpu import (
     CPU_INT4_N_MULTIPLE,
     CpuInt4Weight,
@@ -73,16 +81,17 @@ class QuantLinear(nn.Module):
 
 class Int8Linear(QuantLinear):
     """W8A16, per-output-channel symmetric. Buffers: qweight (N, K) int8, scale (N,) float32
-    (in the activation dtype for the packed kernel, which wants it so)."""
+    (in the activation dtype for the packed kernel, which wants it so). Built from a dense weight
+    (quantized here) or an Int8Weight (a pre-quantized checkpoint's)."""
 
     scheme = "int8"
     qweight: Tensor
     scale: Tensor
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, kernel: str, dtype: torch.dtype) -> None:
-        n, k = weight.shape
+    def __init__(self, weight: Tensor | Int8Weight, bias: Tensor | None, kernel: str, dtype: torch.dtype) -> None:
+        q = weight if isinstance(weight, Int8Weight) else quantize_int8(weight)
+        n, k = q.qweight.shape
         super().__init__(k, n, kernel, bias)
-        q = quantize_int8(weight)
         self.register_buffer("qweight", q.qweight)
         self.register_buffer("scale", q.scale.to(dtype) if kernel == "packed" else q.scale)
 
@@ -131,20 +140,30 @@ class Int4Linear(QuantLinear):
 
 
 class Fp8Linear(QuantLinear):
-    """fp8 e4m3, per-output-channel scales. Buffers: qweight (N, K) float8_e4m3fn, scale (N,) float32."""
+    """fp8 e4m3. Buffers: qweight (N, K) float8_e4m3fn, scale (N,) float32 per output channel, or, from
+    a block-quantized checkpoint (Fp8BlockWeight), scale (ceil(N / bn), ceil(K / bk)) per tile, which
+    only the dequant kernel runs."""
 
     scheme = "fp8"
     qweight: Tensor
     scale: Tensor
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, kernel: str, dtype: torch.dtype) -> None:
-        n, k = weight.shape
+    def __init__(
+        self, weight: Tensor | Fp8Weight | Fp8BlockWeight, bias: Tensor | None, kernel: str, dtype: torch.dtype
+    ) -> None:
+        q = weight if isinstance(weight, Fp8Weight | Fp8BlockWeight) else quantize_fp8(weight)
+        n, k = q.qweight.shape
         super().__init__(k, n, kernel, bias)
-        q = quantize_fp8(weight)
+        self.block = q.block if isinstance(q, Fp8BlockWeight) else None
+        if self.block is not None and kernel != "dequant":
+            raise ValueError(f"block-scaled fp8 runs on the dequant kernel only, not {kernel!r}")
         self.register_buffer("qweight", q.qweight)
         self.register_buffer("scale", q.scale)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.block is not None:
+            w = dequantize_fp8_block(Fp8BlockWeight(self.qweight, self.scale, self.block), x.dtype)
+            return torch.nn.functional.linear(x, w, self.bias)
         if self.kernel == "scaled_mm":
             return fp8_scaled_mm(x, self.qweight, self.scale, self.bias)
         return fp8_ref(x, self.qweight, self.scale, self.bias)

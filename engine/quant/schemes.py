@@ -125,3 +125,19 @@ def quantize_fp8(w: Tensor) -> Fp8Weight:
 def dequantize_fp8(q: Fp8Weight, dtype: torch.dtype = torch.float32) -> Tensor:
     """(N, K) in ``dtype``: float(q) * scale, computed in float32."""
     return (q.qweight.float() * q.scale[:, None]).to(dtype)
+
+
+class Fp8BlockWeight(NamedTuple):
+    """fp8 with one scale per (block_n, block_k) tile, as block-quantized FP8 checkpoints store it."""
+
+    qweight: Tensor  # (N, K) float8_e4m3fn
+    scale: Tensor  # (ceil(N / block_n), ceil(K / block_k)) float32
+    block: tuple[int, int]  # (block_n, block_k)
+
+
+def dequantize_fp8_block(q: Fp8BlockWeight, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(N, K) in ``dtype``: float(q) * the scale of its tile, computed in float32."""
+    n, k = q.qweight.shape
+    bn, bk = q.block
+    s = q.scale.float().repeat_interleave(bn, dim=0)[:n].repeat_interleave(bk, dim=1)[:, :k]
+    return (q.qweight.float() * s).to(dtype)

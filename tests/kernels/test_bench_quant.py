@@ -36,6 +36,8 @@ def test_quant_bench_smoke_run_writes_json(tmp_path: Path) -> None:
     assert decode == {(s, b) for s in ("dense", "int8", "int4", "fp8") for b in (1, 2)}
     bytes_ = {r["scheme"]: r["linear_weight_bytes"] for r in result["decode"]}
     assert bytes_["int4"] < bytes_["int8"] < bytes_["dense"]
+    formats = {(r["shape"], r["layout"]) for r in result["formats"] if r["m"] == 1}
+    assert len(formats) == 4 * 5 and all(r["rel_err"] < 1e-5 for r in result["formats"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit")

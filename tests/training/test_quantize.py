@@ -1,0 +1,141 @@
+"""Calibrated quantization (training/gptq.py, awq.py, quantize.py) and the compressed-tensors checkpoints
+`tandem quantize` writes: less output error than rounding to nearest, a checkpoint the engine loads
+back exactly, and a run that resumes where it stopped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cli.main import main
+from engine import LLM
+from engine.quant import projection_modules
+from engine.quant.group_linear import GroupQuantLinear
+from engine.quant.linear import Int8Linear
+from kernels.wna16_gemm import dequantize_group
+from training.awq import search_scale
+from training.gptq import Hessian, gptq_quantize
+from training.quant_grid import GridSpec, rtn
+from training.quantize import quantize_checkpoint
+from training.quantize_config import QuantizeConfig
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def correlated_inputs(t: int, k: int, seed: int = 0) -> torch.Tensor:
+    """(T, K) activations with correlated channels and a few large ones, as real layer inputs have."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, k // 4, generator=g) @ torch.randn(k // 4, k, generator=g) / (k // 4) ** 0.5
+    x[:, :4] *= 20
+    return x
+
+
+def out_err(x: torch.Tensor, w: torch.Tensor, wq: torch.Tensor) -> float:
+    return float((x @ (w - wq).t()).pow(2).mean())
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_has_less_output_error_than_rtn(act_order: bool) -> None:
+    x = correlated_inputs(1024, 256)
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1)) / 16
+    hess = Hessian(256)
+    for chunk in x.split(300):
+        hess.add(chunk)
+    torch.testing.assert_close(hess.h, 2 * x.t() @ x / 1024, rtol=1e-4, atol=1e-4)
+    r = gptq_quantize(w, hess.h, 4, 64, False, act_order, torch.float16)
+    base = rtn(w, 4, 64, False, torch.float16)
+    assert (r.g_idx is not None) == act_order
+    if r.g_idx is not None:  # every group holds exactly 64 columns
+        assert torch.bincount(r.g_idx.long()).tolist() == [64] * 4
+    assert out_err(x, w, r.dequantized()) < 0.5 * out_err(x, w, base.dequantized())
+
+
+def test_awq_scales_cut_the_error_of_salient_channels() -> None:
+    x = correlated_inputs(1024, 256, seed=2)
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(3)) / 16
+    s = search_scale(w, x, GridSpec(4, 64, False, torch.float16))
+    scaled = rtn(w * s, 4, 64, False, torch.float16).dequantized() / s
+    assert out_err(x, w, scaled) < out_err(x, w, rtn(w, 4, 64, False, torch.float16).dequantized())
+    assert float(s[:4].mean()) > float(s[4:].mean())  # the large channels get the finer grid
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model) -> Path:
+    return tiny_model("qwen2", hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2, num_layers=2)
+
+
+def config(model: Path, out: Path, **kw) -> QuantizeConfig:
+    return QuantizeConfig(model=str(model), out=str(out), calib=(str(REPO / "engine" / "quant"),), num_samples=4,
+                          seq_len=32, **{"group_size": 64, **kw})
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_the_checkpoint_loads_back_exactly_what_was_calibrated(tiny: Path, tmp_path: Path, method: str) -> None:
+    out = quantize_checkpoint(config(tiny, tmp_path / method, method=method, act_order=method == "gptq"),
+                              progress=False)  # fmt: skip
+    assert out is not None and not (out / "_quantize").exists()
+    tensors = load_file(out / "model.safetensors")
+    assert tensors["model.layers.0.self_attn.q_proj.weight_packed"].dtype == torch.int32
+    assert ("model.layers.0.self_attn.q_proj.weight_g_idx" in tensors) == (method == "gptq")
+    assert "model.layers.0.self_attn.q_proj.bias" in tensors  # Qwen2's qkv bias stays dense
+    runner = LLM(out, device="cpu", dtype="float32", num_kv_blocks=8).engine.runner
+    mods = dict(projection_modules(runner.model))
+    assert all(isinstance(m, GroupQuantLinear) for m in mods.values())
+    # the q_proj rows of the fused qkv module are the written q_proj, code for code
+    qkv = mods["layers.0.self_attn.qkv_proj"]
+    assert isinstance(qkv, GroupQuantLinear)
+    written = tensors["model.layers.0.self_attn.q_proj.weight_scale"]
+    torch.testing.assert_close(qkv.scales[: written.shape[0]], written, atol=0, rtol=0)
+    outs = LLM(out, device="cpu", dtype="float32", num_kv_blocks=8).generate([[5, 6, 7, 8]])
+    assert len(outs[0].token_ids) > 0
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_int8_channel_checkpoints_run_on_the_int8_kernels(tiny: Path, tmp_path: Path, method: str) -> None:
+    out = quantize_checkpoint(config(tiny, tmp_path / "w8", method=method, bits=8, group_size=-1), progress=False)
+    assert out is not None
+    runner = LLM(out, device="cpu", dtype="float32", num_kv_blocks=8).engine.runner
+    assert all(isinstance(m, Int8Linear) for _, m in projection_modules(runner.model))
+
+
+def test_a_stopped_run_resumes_to_the_same_checkpoint(tiny: Path, tmp_path: Path) -> None:
+    whole = quantize_checkpoint(config(tiny, tmp_path / "whole"), progress=False)
+    cfg = config(tiny, tmp_path / "parts")
+    assert quantize_checkpoint(cfg, stop_after=1, progress=False) is None
+    assert (tmp_path / "parts" / "_quantize" / "layer_0.safetensors").exists()
+    with pytest.raises(ValueError, match="other settings"):
+        quantize_checkpoint(config(tiny, tmp_path / "parts", damp=0.05), progress=False)
+    parts = quantize_checkpoint(cfg, progress=False)
+    assert whole is not None and parts is not None
+    a, b = load_file(whole / "model.safetensors"), load_file(parts / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_compressed_tensors_library_decompresses_what_we_write(tiny: Path, tmp_path: Path) -> None:
+    ct = pytest.importorskip("compressed_tensors")  # not a dependency; see tests/fixtures/make_*.py
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    out = quantize_checkpoint(config(tiny, tmp_path / "ct", method="rtn"), progress=False)
+    assert out is not None
+    import json
+
+    qc = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
+    scheme = qc.config_groups["group_0"]
+    tensors = load_file(out / "model.safetensors")
+    pre = "model.layers.1.mlp.down_proj."
+    module = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
+    dense = PackedQuantizationCompressor.decompress(module, scheme)["weight"]
+    runner = LLM(out, device="cpu", dtype="float32", num_kv_blocks=8).engine.runner
+    ours = dequantize_group(dict(projection_modules(runner.model))["layers.1.mlp.down_proj"].weight())
+    torch.testing.assert_close(ours.to(dense.dtype), dense, atol=0, rtol=0, msg=ct.__version__)
+
+
+def test_the_command_refuses_bad_options(tiny: Path, tmp_path: Path) -> None:
+    assert main(["quantize", "--model", str(tiny), "--out", str(tmp_path / "x"), "--method", "gptq"]) == 2
+    assert main(["quantize", "--model", str(tiny), "--out", str(tmp_path / "x"), "--method", "awq", "--act-order",
+                 "--calib", str(REPO / "engine")]) == 2  # fmt: skip
+    assert not (tmp_path / "x").exists()
