@@ -59,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # CheckpointError is a ValueError
         logger.error("up: %s", exc)
         return 2
+    if getattr(args, "nnodes", 1) > 1 or getattr(args, "node_rank", 0) > 0:
+        logger.error("up: tandem up runs one host; start a multi-node worker with `tandem prefill-worker` / "
+                     "`tandem decode-worker` on each node (--nnodes, --node-rank, --dist-init-addr; "
+                     "docs/tensor-parallel.md)")
+        return 2
     if args.no_http:
         if hasattr(args, "http_port"):
             logger.error("up: --no-http and --http-port contradict each other")
