@@ -75,8 +75,10 @@ def run(args: argparse.Namespace) -> int:
     stack = Stack(model.path, prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
                   host=getattr(args, "host", "127.0.0.1"), port=getattr(args, "port", DEFAULT_PORTS["gateway"]),
                   engine_args=[*engine, *tracing],
-                  prefill_args=forward_args(PrefillWorkerConfig, args, exclude=(*_SET_BY_UP, *_TRACING, "engine")),
-                  decode_args=forward_args(DecodeWorkerConfig, args, exclude=(*_SET_BY_UP, *_TRACING, "engine")),
+                  prefill_args=[*forward_args(PrefillWorkerConfig, args, exclude=(*_SET_BY_UP, *_TRACING, "engine")),
+                                *_tp(args.prefill_tensor_parallel_size)],
+                  decode_args=[*forward_args(DecodeWorkerConfig, args, exclude=(*_SET_BY_UP, *_TRACING, "engine")),
+                               *_tp(args.decode_tensor_parallel_size)],
                   gateway_args=forward_args(GatewayConfig, args, exclude=_SET_BY_UP),
                   workdir=args.workdir, metrics_port=getattr(args, "metrics_port", 0),
                   log_args=["--log-level", args.log_level, "--log-format", args.log_format])
@@ -116,6 +118,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tp(size: int | None) -> list[str]:
+    """A role's own --tensor-parallel-size (after the engine flags, so it wins over a shared one)."""
+    return ["--tensor-parallel-size", str(size)] if size else []
+
+
 def _metrics(info: dict[str, Any]) -> str:
     return f"  metrics http://{info['metrics_address']}/metrics" if "metrics_address" in info else ""
 
@@ -151,6 +158,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--prefill-workers", type=int, default=1, help="prefill worker processes (0: decode workers "
                    "prefill every prompt themselves)")
     p.add_argument("--decode-workers", type=int, default=1, help="decode worker processes")
+    p.add_argument("--prefill-tensor-parallel-size", type=int, default=None, metavar="N",
+                   help="prefill workers' tensor-parallel size, when it differs from the decode workers' "
+                        "(default: --tensor-parallel-size; docs/tensor-parallel.md)")
+    p.add_argument("--decode-tensor-parallel-size", type=int, default=None, metavar="N",
+                   help="decode workers' tensor-parallel size (default: --tensor-parallel-size)")
     p.add_argument("--workdir", default=None, help="where each process's log (gateway.log, prefill-0.log, "
                    "decode-0.log, ...) and ready file go (default: a new temp dir, printed at start)")
     p.add_argument("--no-http", action="store_true", help=f"do not serve the OpenAI-compatible HTTP API (by "
