@@ -38,7 +38,7 @@ from engine.parallel.shard import TPShard
 from engine.sampling.batch import SamplingBatch
 from engine.sampling.sampler import Sampler, SamplerOutput
 from engine.sequence import Sequence
-from engine.weights import iter_safetensors, iter_weights
+from engine.weights import iter_weights
 from kernels.kv_store import FP8_KV_SCALE
 from kernels.ops import select_ops
 
