@@ -6,7 +6,8 @@
   weights, and the same greedy tokens (tests/engine/tp_ranks.py: one 2-process group for all of them).
 - Through the engine (LLM: rank 0 starts its follower, broadcasts each step): greedy output and prompt
   logprobs at TP 2 equal TP 1, with speculative decoding (the draft unsharded on rank 0).
-- What cannot be split is refused at start-up, naming the count, before any process starts.
+- What cannot be split is refused at start-up, naming the count, before any process starts; so is a
+  pre-quantized projection whose split would cut a quantization group or an act-order permutation.
 - Each rank reads only its slices of a safetensors checkpoint.
 """
 
@@ -25,12 +26,14 @@ from engine.parallel.shard import TPShard
 from engine.sampling.params import SamplingParams
 from engine.weights import iter_safetensors
 from tests.engine.tp_ranks import rank_main
+from tests.quant_checkpoints import write_quantized
 
 DENSE_ATOL = 1e-4  # float32 logits of std ~2: only the all-reduce's order of sums differs (seen: <= 3e-6)
 INT8_ATOL = 0.1  # row-parallel int8: per-row scales over half a row each (RTN at load; seen: 0.05)
 
 
-def test_two_ranks_match_one_for_every_architecture(tiny_model) -> None:
+def test_two_ranks_match_one_for_every_architecture(tiny_model, tmp_path) -> None:
+    gptq, _ = write_quantized(tiny_model("llama"), tmp_path, "gptq", group=32)  # o_proj: 32 inputs per rank
     cases = [
         ("llama", str(tiny_model("llama")), None),
         ("mistral", str(tiny_model("mistral", sliding_window=8)), None),
@@ -38,6 +41,7 @@ def test_two_ranks_match_one_for_every_architecture(tiny_model) -> None:
         ("qwen3-tied", str(tiny_model("qwen3", tie_word_embeddings=True)), None),
         ("llama-1-kv-head", str(tiny_model("llama", num_heads=4, num_kv_heads=1)), None),
         ("llama-int8", str(tiny_model("llama")), "int8"),
+        ("llama-gptq-g32", str(gptq), None),
     ]
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
@@ -61,6 +65,7 @@ def test_two_ranks_match_one_for_every_architecture(tiny_model) -> None:
     assert [p.exitcode for p in procs] == [0, 0]
     for name, (diff, same, kv_heads, std) in results.items():
         assert same, f"{name}: greedy tokens differ at TP 2"
+        # GPTQ: the same groups on both sides, cut on group boundaries: only the sums' order differs
         assert diff <= (INT8_ATOL if name.endswith("int8") else DENSE_ATOL), f"{name}: logits differ by {diff}"
         assert std > 0.5, f"{name}: degenerate logits"
         assert kv_heads == 1, f"{name}: each rank's pool holds one KV head (of 2, or 1 replicated), got {kv_heads}"
@@ -110,3 +115,21 @@ def test_each_rank_reads_only_its_slices(tiny_model) -> None:
     assert part["model.layers.0.mlp.down_proj.weight"].shape == (cfg.hidden_size, cfg.intermediate_size // 2)
     assert part["model.embed_tokens.weight"].shape[0] == cfg.vocab_size // 2
     assert part["model.norm.weight"].equal(full["model.norm.weight"])  # replicated
+
+
+def test_a_split_that_would_cut_a_quantization_group_is_refused() -> None:
+    import torch
+
+    from engine.parallel.quantized import slice_quantized
+    from engine.parallel.shard import Slice
+    from kernels.wna16_gemm import GroupWeight
+
+    w = GroupWeight(torch.zeros(8, 64, dtype=torch.uint8), torch.ones(8, 2), torch.zeros(8, 2, dtype=torch.uint8),
+                    64, 4)  # (8, 128) int4, groups of 64
+    half = slice_quantized(w, Slice(1, 64, 64, 128), "o_proj")
+    assert half.qweight.shape == (8, 32) and half.scales.shape == (8, 1)
+    with pytest.raises(ValueError, match="split its quantization group of 64 at columns/rows \\[32, 96\\)"):
+        slice_quantized(w, Slice(1, 32, 64, 128), "layers.0.self_attn.o_proj")
+    with pytest.raises(ValueError, match="act-order"):
+        slice_quantized(w._replace(perm=torch.arange(128, dtype=torch.int32)), Slice(1, 64, 64, 128), "o_proj")
+    assert slice_quantized(w, Slice(0, 4, 4, 8), "q_proj").qweight.shape == (4, 64)  # rows: always allowed
