@@ -1,9 +1,10 @@
 """Tensor parallelism on CPU with gloo, in real processes.
 
 - Every supported architecture (and a padded vocabulary, tied embeddings, fewer KV heads than ranks,
-  int8 weights quantized at load) gives, split over 2 ranks, the logits of the unsharded model at every
-  step of a greedy run: within 1e-4 (float32; only the order of the all-reduce's sums differs) for dense
-  weights, and the same greedy tokens (tests/engine/tp_ranks.py: one 2-process group for all of them).
+  int8 weights quantized at load, a GPTQ checkpoint) gives, split over 2 ranks, the logits of the
+  unsharded model at every step of a greedy run: within 1e-4 (float32; only the order of the all-reduce's
+  sums differs) for dense weights, and the same greedy tokens; the KV relay's whole pages equal the
+  unsharded pool's (tests/engine/tp_ranks.py: one 2-process group for all of them).
 - Through the engine (LLM: rank 0 starts its follower, broadcasts each step): greedy output and prompt
   logprobs at TP 2 equal TP 1, with speculative decoding (the draft unsharded on rank 0).
 - What cannot be split is refused at start-up, naming the count, before any process starts; so is a
@@ -63,12 +64,16 @@ def test_two_ranks_match_one_for_every_architecture(tiny_model, tmp_path) -> Non
             if p.is_alive():
                 p.kill()
     assert [p.exitcode for p in procs] == [0, 0]
-    for name, (diff, same, kv_heads, std) in results.items():
+    for name, (diff, same, kv_heads, std, relay_diff, round_trip) in results.items():
         assert same, f"{name}: greedy tokens differ at TP 2"
         # GPTQ: the same groups on both sides, cut on group boundaries: only the sums' order differs
         assert diff <= (INT8_ATOL if name.endswith("int8") else DENSE_ATOL), f"{name}: logits differ by {diff}"
         assert std > 0.5, f"{name}: degenerate logits"
         assert kv_heads == 1, f"{name}: each rank's pool holds one KV head (of 2, or 1 replicated), got {kv_heads}"
+        # the KV relay: whole pages gathered from the ranks' heads equal the unsharded pool's pages (the
+        # K/V projections are column-parallel: no reduction, so equal up to the order of a matmul's sums)
+        assert relay_diff <= DENSE_ATOL if not name.endswith("int8") else relay_diff < 0.5, (name, relay_diff)
+        assert round_trip, f"{name}: scatter then gather changed the pages"
 
 
 def test_the_engine_at_tp2_matches_tp1_with_speculation_and_prompt_logprobs(tiny_model) -> None:

@@ -3,8 +3,11 @@
 Rank 0 first runs every checkpoint unsharded (tensor_parallel_size 1) greedily: a prefill, then decode
 steps, keeping each step's logits. Its tokens go to rank 1; then both ranks run the same steps on their
 shards (teacher-forced on those tokens, a prefill chunk and single-token decode steps over the paged
-KV cache), and rank 0 compares each step's gathered logits with the unsharded ones. Results go back
-through `out` (a multiprocessing queue): (case, max |logit difference|, argmax equal at every step).
+KV cache), and rank 0 compares each step's gathered logits with the unsharded ones. Then the KV relay
+(engine/parallel/relay.py): every rank's heads of the run's pages are gathered into whole pages on rank 0,
+which must equal the unsharded pool's pages, scattered back into other blocks and gathered again. Results
+go back through `out` (a multiprocessing queue): (case, max |logit difference|, argmax equal at every step,
+KV heads per rank, logit std, max |relayed page - unsharded page|, scatter-then-gather exact).
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import torch.distributed as dist
 
 from engine.config import EngineConfig
 from engine.model_runner import ModelRunner, StepInput
-from engine.parallel.group import destroy_group, init_group
+from engine.parallel.group import TPGroup, destroy_group, init_group
+from engine.parallel.relay import gather_pages, scatter_pages
 from engine.sampling.params import SamplingParams
 from engine.sequence import Sequence
 
@@ -48,22 +52,41 @@ def _steps(runner: ModelRunner, forced: list[int] | None) -> tuple[list[int], li
     return tokens, logits
 
 
+def _relay(group: TPGroup, runner: ModelRunner, ref: ModelRunner | None) -> tuple[float, bool]:
+    """Gather pages 0..2 into whole pages, compare with the unsharded pool; scatter them to blocks 8..10,
+    gather those again: (max difference from the unsharded pages, the round trip exact)."""
+    kv, heads = runner.kv, runner.model_config.num_kv_heads
+    layers, _, two, bs, _, d = kv.shape
+    whole = torch.zeros((layers, 3, two, bs, heads, d)) if group.rank == 0 else None
+    again = torch.zeros_like(whole) if whole is not None else None
+    sids = torch.arange(3) if group.rank == 0 else None
+    gather_pages(group, kv, torch.arange(3), heads, whole, sids)
+    scatter_pages(group, kv, torch.arange(8, 11), heads, whole, sids)
+    gather_pages(group, kv, torch.arange(8, 11), heads, again, sids)
+    if whole is None or again is None or ref is None:
+        return 0.0, True
+    return float((whole - ref.kv[:, :3]).abs().max()), torch.equal(whole, again)
+
+
 def rank_main(rank: int, addr: str, cases: list[tuple[str, str, str | None]], out: Any) -> None:
     try:
         group = init_group(rank, 2, addr, 60.0, torch.device("cpu"))
         for name, path, quant in cases:
             ref_tokens: list[int] = []
             ref_logits: list[torch.Tensor] = []
+            ref = None
             if rank == 0:
-                ref_tokens, ref_logits = _steps(ModelRunner(_config(path, 1, quant)), None)
+                ref = ModelRunner(_config(path, 1, quant))
+                ref_tokens, ref_logits = _steps(ref, None)
             box = [ref_tokens]
             dist.broadcast_object_list(box, src=0)
             runner = ModelRunner(_config(path, 2, quant), group=group)
             tokens, logits = _steps(runner, box[0])
+            relay_diff, round_trip = _relay(group, runner, ref)
             if rank == 0:
                 diff = max(float((a - b).abs().max()) for a, b in zip(logits, ref_logits, strict=True))
                 same = all(int(a[0].argmax()) == t for a, t in zip(logits, ref_tokens, strict=True))
-                out.put((name, diff, same, runner.kv.shape[4], float(ref_logits[0].std())))
+                out.put((name, diff, same, runner.kv.shape[4], float(ref_logits[0].std()), relay_diff, round_trip))
         destroy_group()
     except BaseException:
         out.put(("error", rank, traceback.format_exc()))
