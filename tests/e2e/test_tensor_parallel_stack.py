@@ -12,6 +12,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -30,7 +31,9 @@ PROMPTS = [list(range(3, 103)), [7, 300, 12, 99, 4, 18, 640, 2, 33]]  # 100 toke
 def stacks(stack_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Stack]]:
     root = tmp_path_factory.mktemp("tp-stacks")
     tp2 = ["--tensor-parallel-size", "2"]
-    made = {"p1-d2": Stack(stack_model, engine_args=ENGINE_ARGS, decode_args=[*tp2, "--kv-timeout", "5"],
+    # 14 staging blocks: one 100-token prompt (13 blocks) at a time, so concurrent transfers wait for them
+    tp2 = [*tp2, "--kv-relay-blocks", "14"]
+    made = {"p1-d2": Stack(stack_model, engine_args=ENGINE_ARGS, decode_args=[*tp2, "--kv-timeout", "10"],
                            gateway_args=["--local-prefill-threshold", "0", "--heartbeat-interval", "0.25"],
                            workdir=root / "p1-d2"),
             "p2-d1": Stack(stack_model, engine_args=ENGINE_ARGS, prefill_args=tp2,
@@ -59,10 +62,13 @@ def expected(stack_model: Path) -> list[list[int]]:
 
 @pytest.mark.parametrize("name", ["p1-d2", "p2-d1"])
 def test_greedy_output_equals_the_unsharded_engine(stacks, expected, name) -> None:
+    """Three requests at once, two of them 13-block prompts: the relaying rank 0's 14 staging blocks hold
+    one such transfer at a time, so the others wait for them (and still match)."""
     stack = stacks[name]
-    for prompt, want in zip(PROMPTS, expected, strict=True):
-        tokens, _ = generate(stack, prompt, temperature=0.0, max_tokens=10, ignore_eos=True)
-        assert tokens == want, f"{name}: {tokens} != {want}"
+    work = [PROMPTS[0], PROMPTS[1], PROMPTS[0]]
+    with ThreadPoolExecutor(len(work)) as pool:
+        got = list(pool.map(lambda p: generate(stack, p, temperature=0.0, max_tokens=10, ignore_eos=True)[0], work))
+    assert got == [expected[0], expected[1], expected[0]], name
     wait_all_blocks_free(stack)
     log = (stack.decode[0] if name == "p1-d2" else stack.prefill[0]).log_path.read_text()
     assert "tensor parallel: 2 ranks joined" in log
