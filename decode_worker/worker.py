@@ -232,7 +232,11 @@ class DecodeCore:
         req = self.requests.get(t.request_id)
         relayed = self._relayed.get(t.request_id) if self.staging is not None else None
         if relayed is not None and req is not None and req.kv_blocks is not None and not arrived.error:
-            self.engine.runner.scatter_kv(relayed[1], relayed[0])  # whole pages -> every rank's heads
+            try:
+                self.engine.runner.scatter_kv(relayed[1], relayed[0])  # whole pages -> every rank's heads
+            except Exception as exc:  # a rank is gone: fail-stop, as a failed step would
+                self.loop.kill(f"KV relay scatter failed: {type(exc).__name__}: {exc}")
+                return
         block_ids = self._unrelay(t.request_id, list(t.block_ids))
         if req is None or req.kv_blocks is None:  # aborted while the KV was in flight
             bm.free_blocks(block_ids)

@@ -159,6 +159,7 @@ class ModelRunner:
         if self.tp is not None:
             blocks = config.kv_relay_blocks or min(self.num_blocks, -(-self.max_model_len // self.block_size))
             self.staging = KVStaging(blocks, self.kv, mc.num_kv_heads)
+            self.tp.start_keepalive()  # every rank is past its start-up collectives (all_reduce_min above)
         self.sampler = Sampler(seed=config.seed)
         logger.info("model %s: %d layers, %s on %s (quantization %s); KV pool %d blocks x %d tokens, %s (%.1f MiB)",
                     mc.architecture, mc.num_layers, self.dtype, self.device, config.quantization, self.num_blocks,

@@ -6,7 +6,8 @@ serialises every collective, keeps idle followers alive and fails fast when one 
         spawn `python -m engine.parallel.follower --rank r` --------> init_group(r) -> load shard r
         init_group(0) (hosts the rendezvous store) <---------------> -> loop: recv() -> run
         lock: one command + its collectives at a time (the engine thread; the keep-alive thread)
-        keep-alive thread: NOP after `keepalive_s` without a command (the followers' recv has a timeout)
+        keep-alive thread: NOP after `keepalive_s` without a command (the followers' recv has a timeout);
+                           started by the runner once every rank has loaded (`start_keepalive`)
         monitor thread: a follower process that exits -> `error` is set, `on_failure` callbacks run
                         (the worker's engine loop dies: every request fails, the process exits 1)
     close(): STOP to every follower, wait, kill what is left
@@ -92,9 +93,14 @@ class TPDriver:
         self._last = time.monotonic()
         self._closing = threading.Event()
         threading.Thread(target=self._monitor, name="tp-monitor", daemon=True).start()
-        threading.Thread(target=self._keepalive, name="tp-keepalive", daemon=True).start()
         atexit.register(self.close)
         logger.info("tensor parallel: %d ranks joined (%d local followers)", self.size, len(self.children))
+
+    def start_keepalive(self) -> None:
+        """Start the keep-alive thread: call once the ranks are past their start-up collectives (the
+        followers then wait in `recv`; a NOP during their start-up would pair with the wrong collective)."""
+        self._last = time.monotonic()
+        threading.Thread(target=self._keepalive, name="tp-keepalive", daemon=True).start()
 
     def touch(self) -> None:
         """A command went out (the caller holds `lock`)."""

@@ -31,12 +31,13 @@ PROMPTS = [list(range(3, 103)), [7, 300, 12, 99, 4, 18, 640, 2, 33]]  # 100 toke
 def stacks(stack_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Stack]]:
     root = tmp_path_factory.mktemp("tp-stacks")
     tp2 = ["--tensor-parallel-size", "2"]
-    # 14 staging blocks: one 100-token prompt (13 blocks) at a time, so concurrent transfers wait for them
-    tp2 = [*tp2, "--kv-relay-blocks", "14"]
-    made = {"p1-d2": Stack(stack_model, engine_args=ENGINE_ARGS, decode_args=[*tp2, "--kv-timeout", "10"],
+    # few staging blocks, so concurrent transfers of 100-token prompts (13 blocks) wait for them: 14 on the
+    # prefill side (one at a time), 30 on the decode side (two; its context is then 240 tokens)
+    made = {"p1-d2": Stack(stack_model, engine_args=ENGINE_ARGS,
+                           decode_args=[*tp2, "--kv-relay-blocks", "30", "--kv-timeout", "10"],
                            gateway_args=["--local-prefill-threshold", "0", "--heartbeat-interval", "0.25"],
                            workdir=root / "p1-d2"),
-            "p2-d1": Stack(stack_model, engine_args=ENGINE_ARGS, prefill_args=tp2,
+            "p2-d1": Stack(stack_model, engine_args=ENGINE_ARGS, prefill_args=[*tp2, "--kv-relay-blocks", "14"],
                            gateway_args=["--local-prefill-threshold", "0"], workdir=root / "p2-d1")}
     deadline = time.monotonic() + 240
     try:
@@ -62,13 +63,14 @@ def expected(stack_model: Path) -> list[list[int]]:
 
 @pytest.mark.parametrize("name", ["p1-d2", "p2-d1"])
 def test_greedy_output_equals_the_unsharded_engine(stacks, expected, name) -> None:
-    """Three requests at once, two of them 13-block prompts: the relaying rank 0's 14 staging blocks hold
-    one such transfer at a time, so the others wait for them (and still match)."""
+    """Four requests at once, three of them 13-block prompts: the relaying rank 0's staging blocks hold one
+    (prefill) or two (decode) such transfers at a time, so transfers can wait for them (and still match)."""
     stack = stacks[name]
-    work = [PROMPTS[0], PROMPTS[1], PROMPTS[0]]
+    work = [0, 1, 0, 0]
     with ThreadPoolExecutor(len(work)) as pool:
-        got = list(pool.map(lambda p: generate(stack, p, temperature=0.0, max_tokens=10, ignore_eos=True)[0], work))
-    assert got == [expected[0], expected[1], expected[0]], name
+        got = list(pool.map(lambda i: generate(stack, PROMPTS[i], temperature=0.0, max_tokens=10,
+                                               ignore_eos=True)[0], work))
+    assert got == [expected[i] for i in work], name
     wait_all_blocks_free(stack)
     log = (stack.decode[0] if name == "p1-d2" else stack.prefill[0]).log_path.read_text()
     assert "tensor parallel: 2 ranks joined" in log
@@ -81,7 +83,7 @@ def test_a_killed_follower_fails_the_worker_fast(stacks) -> None:
     followers = [int(p) for t in Path(f"/proc/{worker.proc.pid}/task").iterdir()
                  for p in (t / "children").read_text().split()]
     assert len(followers) == 1, followers
-    streams = [Stream(stub(stack), p, 400) for p in PROMPTS]
+    streams = [Stream(stub(stack), PROMPTS[1], 200) for _ in range(2)]  # within the 240-token context
     wait_until(lambda: all(s.tokens >= 2 for s in streams), 60, "every stream to be under way")
     killed = time.monotonic()
     os.kill(followers[0], signal.SIGKILL)
