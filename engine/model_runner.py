@@ -35,6 +35,7 @@ from engine.parallel.driver import TPDriver
 from engine.parallel.group import Command, Op, TPGroup
 from engine.parallel.relay import KVStaging, gather_pages, scatter_pages, send_command
 from engine.parallel.shard import TPShard
+from engine.parallel.step import StepTensors, send_step, unpack_step
 from engine.sampling.batch import SamplingBatch
 from engine.sampling.sampler import Sampler, SamplerOutput
 from engine.sequence import Sequence
@@ -255,8 +256,10 @@ class ModelRunner:
         copies = (torch.tensor(step.copies, dtype=torch.int64, device=self.device).T  # (2, C): src, dst
                   if step.copies else None)
         with self._collectives():
-            if self.tp is not None:
-                self._send_step(input_ids, positions, ctx, rows, copies)
+            if self.tp is not None:  # rank 0 of a group it drives (a runner given its group only runs)
+                send_step(self.tp.group, StepTensors(input_ids, positions, ctx.slot_mapping, ctx.block_tables,
+                                                     ctx.query_start_loc, ctx.seq_lens, ctx.max_query_len, rows,
+                                                     copies))
             logits = self._run(input_ids, positions, ctx, rows, copies)
         if prompt is not None:
             self._prompt_logprobs(step, prompt, logits[len(logits_idx) :])
@@ -284,30 +287,16 @@ class ModelRunner:
             yield
             self.tp.touch()
 
-    def _send_step(self, input_ids: Tensor, positions: Tensor, ctx: ForwardContext, rows: Tensor,
-                   copies: Tensor | None) -> None:
-        """Rank 0: broadcast one step's tensors (sizes in the header, the int64 values in one payload)."""
-        assert self.group is not None
-        b, max_blocks = ctx.block_tables.shape
-        parts = [input_ids, positions, ctx.slot_mapping, ctx.block_tables.reshape(-1), ctx.query_start_loc,
-                 ctx.seq_lens, rows] + ([copies[0], copies[1]] if copies is not None else [])
-        payload = torch.cat([p.to(torch.int64) for p in parts])
-        sizes = [len(input_ids), b, max_blocks, len(rows), copies.shape[1] if copies is not None else 0,
-                 ctx.max_query_len]
-        self.group.send(Op.STEP, sizes, payload)
-
     @torch.inference_mode()
     def follow(self, cmd: Command) -> None:
         """A follower: run rank 0's command on this rank's shard (its collectives pair with rank 0's)."""
         assert self.group is not None
         if cmd.op is Op.STEP:
-            t, b, max_blocks, r, c, max_query_len, *_ = cmd.sizes
-            fields = cmd.payload.split([t, t, t, b * max_blocks, b + 1, b, r, c, c])
-            ids, pos, slots, tables, qsl, seq_lens, rows, src, dst = fields
-            ctx = ForwardContext(kv=self.kv, slot_mapping=slots, block_tables=tables.view(b, max_blocks).to(torch.int32),
-                                 query_start_loc=qsl.to(torch.int32), seq_lens=seq_lens.to(torch.int32),
-                                 max_query_len=max_query_len, ops=self.ops, kv_scale=self.kv_scale)
-            self._run(ids, pos, ctx, rows, torch.stack([src, dst]) if c else None)
+            st = unpack_step(cmd)
+            ctx = ForwardContext(kv=self.kv, slot_mapping=st.slot_mapping, block_tables=st.block_tables,
+                                 query_start_loc=st.query_start_loc, seq_lens=st.seq_lens,
+                                 max_query_len=st.max_query_len, ops=self.ops, kv_scale=self.kv_scale)
+            self._run(st.input_ids, st.positions, ctx, st.rows, st.copies)
         elif cmd.op is Op.GATHER_KV:
             gather_pages(self.group, self.kv, cmd.payload, self.model_config.num_kv_heads, None, None)
         elif cmd.op is Op.SCATTER_KV:
