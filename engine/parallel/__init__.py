@@ -4,6 +4,7 @@
     group.py      the process group: the model's collectives and rank 0's command channel
     driver.py     rank 0: starts this node's followers, serialises collectives, keep-alive, monitor
     follower.py   ranks 1..N-1: run what rank 0 broadcasts; `run_node` for nodes other than the first
+    step.py       one engine step as the tensors rank 0 broadcasts
     relay.py      KV pages between the ranks' pools (their heads) and whole pages for the KV transfer
     quantized.py  one rank's part of a pre-quantized projection
 
