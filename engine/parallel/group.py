@@ -118,6 +118,8 @@ def init_group(rank: int, size: int, init_addr: str, timeout_s: float, device: t
     rank `rank` of `size`, with `timeout_s` on the rendezvous and on every collective. Raises (a
     RuntimeError or DistStoreError naming the address) when the others do not join in time."""
     if device.type == "cuda":
+        if device.index is None:  # "cuda": this node's GPU of the rank (rank 0 -> cuda:0)
+            device = torch.device("cuda", rank % max(1, torch.cuda.device_count()))
         torch.cuda.set_device(device)
     logger.info("tensor parallel: rank %d of %d joining %s (%s, timeout %.0f s)", rank, size, init_addr,
                 backend_for(device), timeout_s)
