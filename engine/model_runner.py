@@ -33,7 +33,7 @@ from engine.model import CausalLM, ForwardContext
 from engine.outputs import TokenLogprob
 from engine.parallel.driver import TPDriver
 from engine.parallel.group import Command, Op, TPGroup
-from engine.parallel.relay import KVStaging, gather_pages, scatter_pages, send_command
+from engine.parallel.relay import KVStaging, gather_layer, gather_pages, scatter_pages, send_command
 from engine.parallel.shard import TPShard
 from engine.parallel.step import StepTensors, send_step, unpack_step
 from engine.sampling.batch import SamplingBatch
@@ -157,6 +157,7 @@ class ModelRunner:
             dtype=self.kv_dtype, device=self.device,
         )  # under TP: this rank's KV heads only
         self.staging: KVStaging | None = None
+        self._relay_next: tuple[list[int], list[int]] | None = None  # (pool ids, staging ids): relay_next_step
         if self.tp is not None:
             blocks = config.kv_relay_blocks or min(self.num_blocks, -(-self.max_model_len // self.block_size))
             self.staging = KVStaging(blocks, self.kv, mc.num_kv_heads)
@@ -255,11 +256,15 @@ class ModelRunner:
             rows = torch.cat([logits_idx, torch.tensor(prompt.rows, dtype=torch.int64, device=self.device)])
         copies = (torch.tensor(step.copies, dtype=torch.int64, device=self.device).T  # (2, C): src, dst
                   if step.copies else None)
+        relay, self._relay_next = self._relay_next, None
         with self._collectives():
             if self.tp is not None:  # rank 0 of a group it drives (a runner given its group only runs)
+                pages = torch.tensor(relay[0], dtype=torch.int64) if relay is not None else None
                 send_step(self.tp.group, StepTensors(input_ids, positions, ctx.slot_mapping, ctx.block_tables,
                                                      ctx.query_start_loc, ctx.seq_lens, ctx.max_query_len, rows,
-                                                     copies))
+                                                     copies, pages))
+                if relay is not None:
+                    ctx.on_layer_done = self._relay_hook(relay, on_layer_done)
             logits = self._run(input_ids, positions, ctx, rows, copies)
         if prompt is not None:
             self._prompt_logprobs(step, prompt, logits[len(logits_idx) :])
@@ -296,11 +301,36 @@ class ModelRunner:
             ctx = ForwardContext(kv=self.kv, slot_mapping=st.slot_mapping, block_tables=st.block_tables,
                                  query_start_loc=st.query_start_loc, seq_lens=st.seq_lens,
                                  max_query_len=st.max_query_len, ops=self.ops, kv_scale=self.kv_scale)
+            if st.relay is not None:  # rank 0's prefill relay: this rank's heads of these pages, layer by layer
+                group, relay_ids, heads = self.group, st.relay, self.model_config.num_kv_heads
+                ctx.on_layer_done = lambda layer: gather_layer(group, self.kv, layer, relay_ids, heads, None, None)
             self._run(st.input_ids, st.positions, ctx, st.rows, st.copies)
         elif cmd.op is Op.GATHER_KV:
             gather_pages(self.group, self.kv, cmd.payload, self.model_config.num_kv_heads, None, None)
         elif cmd.op is Op.SCATTER_KV:
             scatter_pages(self.group, self.kv, cmd.payload, self.model_config.num_kv_heads, None, None)
+
+    def relay_next_step(self, block_ids: list[int], staging_ids: list[int]) -> None:
+        """Rank 0 under TP: during the next forward, after each layer, gather every rank's heads of pool pages
+        `block_ids` into whole pages `staging_ids` of `staging` (before that layer's `on_layer_done`), so a
+        KV transfer from staging overlaps the forward. Calls add up until the forward runs."""
+        assert self.staging is not None and len(block_ids) == len(staging_ids)
+        pool, staged = self._relay_next or ([], [])
+        self._relay_next = (pool + list(block_ids), staged + list(staging_ids))
+
+    def _relay_hook(self, relay: tuple[list[int], list[int]],
+                    then: Callable[[int], None] | None) -> Callable[[int], None]:
+        assert self.group is not None and self.staging is not None
+        group, staging, heads = self.group, self.staging.kv, self.model_config.num_kv_heads
+        ids = torch.tensor(relay[0], dtype=torch.int64, device=self.device)
+        sids = torch.tensor(relay[1], dtype=torch.int64, device=self.device)
+
+        def hook(layer: int) -> None:
+            gather_layer(group, self.kv, layer, ids, heads, staging, sids)
+            if then is not None:
+                then(layer)
+
+        return hook
 
     @torch.inference_mode()
     def gather_kv(self, block_ids: list[int], staging_ids: list[int]) -> None:

@@ -13,10 +13,11 @@ Block ownership: the sequence's blocks are the engine's until the transfer ends 
 then they are freed into the prefix cache, still named, so the next request with this prefix hits.
 
 Tensor parallelism (the runner has a `staging` pool, engine/parallel/relay.py): each rank holds only its
-KV heads, so rank 0 relays whole pages. After the first token is sampled the prompt's pages are gathered
-from every rank into staging blocks (a collective, on this thread), the transfer begins from those and
-ships every layer at once (no layer overlap); the staging blocks go back when it ends. A request that
-finds the staging pool full waits for it in `_relay_waiting` (retried on every loop tick).
+KV heads, so rank 0 relays whole pages. When the final chunk is scheduled, staging blocks are taken and
+the transfer begins from them; the forward gathers every rank's heads of the prompt's pages into them
+layer by layer (`ModelRunner.relay_next_step`), so layers still go out as they are computed. The staging
+blocks go back when the transfer ends. A request that finds the staging pool full is gathered after its
+forward instead, once blocks free (`_relay_waiting`, retried on every loop tick; every layer at once).
 """
 
 from __future__ import annotations
@@ -134,16 +135,27 @@ class PrefillCore:
             req = self.requests[seq.request_id]
             if req.first_forward is None:
                 req.first_forward = now
-            if not sample or req.handle is not None or self.staging is not None:
-                continue  # (relayed transfers begin once the pages are gathered, in after_process)
+            if not sample or req.handle is not None:
+                continue
+            ids = list(seq.block_table)
+            if self.staging is not None:  # relayed: ship whole pages from staging blocks, gathered in the forward
+                staged = self.staging.alloc(len(ids))
+                if staged is None:
+                    continue  # staging is full: gathered after the forward (after_process)
+                ids = staged
             traceparent = self.loop.observe(self.obs.transfer_begin, req, default="")
             try:
-                handle = self.sender.begin(seq.request_id, req.peer, list(seq.block_table), seq.num_prompt_tokens,
+                handle = self.sender.begin(seq.request_id, req.peer, ids, seq.num_prompt_tokens,
                                            traceparent=traceparent)
             except (ValueError, RuntimeError) as exc:
+                if self.staging is not None:
+                    self.staging.free(ids)
                 req.begin_error = str(exc)
                 self.loop.observe(self.obs.transfer_not_started, req, str(exc), default=None)
                 continue
+            if self.staging is not None:
+                req.staging_ids = ids
+                self.engine.runner.relay_next_step(list(seq.block_table), ids)
             req.handle = handle
             self._step_handles.append(handle)
 
@@ -160,7 +172,7 @@ class PrefillCore:
             queue_ns = int((first_forward - req.arrived) * 1e9)
             prefill_ns = int((time.monotonic() - first_forward) * 1e9)
             handle = req.handle
-            if self.staging is not None:
+            if self.staging is not None and handle is None and not req.begin_error:
                 self._relay_waiting.append((req, out, self._meta(out, prefill_ns), prefill_ns, queue_ns))
                 continue
             if handle is None:

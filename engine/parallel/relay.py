@@ -7,9 +7,10 @@ Rank 0 keeps a small staging pool of whole pages and moves pages between it and 
     pool of rank r:   (L, N, 2, bs, Hk/tp, D)       heads [kv_head_start(r), + Hk/tp) (one, replicated,
                                                     when Hk < tp)
 
-    gather(pool ids -> staging ids)    prefill side, after the prompt's forward: every rank sends its
-                                       heads of the pages, rank 0 writes them into staging; the sender
-                                       ships the staging pages
+    gather(pool ids -> staging ids)    prefill side: every rank sends its heads of the pages, rank 0
+                                       writes them into staging; the sender ships the staging pages. Layer
+                                       by layer inside the prompt's last forward (`gather_layer`, announced
+                                       with the step), or all layers after it (`gather_pages`, a command)
     scatter(staging ids -> pool ids)   decode side, after the receiver wrote the staging pages: rank 0
                                        sends each rank its heads, each writes them into its pool
 
@@ -68,6 +69,20 @@ def gather_pages(group: TPGroup, kv: Tensor, ids: Tensor, num_kv_heads: int, sta
     local = kv.shape[4]
     for r, part in enumerate(parts):
         staging[:, staging_ids, :, :, _heads(num_kv_heads, group.size, r, local)] = part.view(kv.dtype)
+
+
+def gather_layer(group: TPGroup, kv: Tensor, layer: int, ids: Tensor, num_kv_heads: int, staging: Tensor | None,
+                 staging_ids: Tensor | None) -> None:
+    """`gather_pages` of one layer, inside a forward (every rank, after layer `layer`; no command: the
+    step that announced `ids` runs it): rank 0's `staging[layer, staging_ids]` gets every rank's heads."""
+    pages = kv[layer, ids].contiguous()  # (n, 2, bs, Hk_local, D)
+    parts = group.gather(pages.view(torch.uint8))
+    if parts is None:
+        return
+    assert staging is not None and staging_ids is not None
+    local = kv.shape[4]
+    for r, part in enumerate(parts):
+        staging[layer, staging_ids, :, :, _heads(num_kv_heads, group.size, r, local)] = part.view(kv.dtype)
 
 
 def scatter_pages(group: TPGroup, kv: Tensor, ids: Tensor, num_kv_heads: int, staging: Tensor | None,

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from engine.config import EngineConfig
 from engine.model_runner import ModelRunner, StepInput
 from engine.parallel.group import TPGroup, destroy_group, init_group
-from engine.parallel.relay import gather_pages, scatter_pages
+from engine.parallel.relay import gather_layer, gather_pages, scatter_pages
 from engine.sampling.params import SamplingParams
 from engine.sequence import Sequence
 
@@ -60,12 +60,15 @@ def _relay(group: TPGroup, runner: ModelRunner, ref: ModelRunner | None) -> tupl
     whole = torch.zeros((layers, 3, two, bs, heads, d)) if group.rank == 0 else None
     again = torch.zeros_like(whole) if whole is not None else None
     sids = torch.arange(3) if group.rank == 0 else None
+    by_layer = torch.zeros_like(whole) if whole is not None else None
     gather_pages(group, kv, torch.arange(3), heads, whole, sids)
+    for layer in range(layers):  # as a TP prefill forward does, layer by layer
+        gather_layer(group, kv, layer, torch.arange(3), heads, by_layer, sids)
     scatter_pages(group, kv, torch.arange(8, 11), heads, whole, sids)
     gather_pages(group, kv, torch.arange(8, 11), heads, again, sids)
-    if whole is None or again is None or ref is None:
+    if whole is None or again is None or by_layer is None or ref is None:
         return 0.0, True
-    return float((whole - ref.kv[:, :3]).abs().max()), torch.equal(whole, again)
+    return float((whole - ref.kv[:, :3]).abs().max()), torch.equal(whole, again) and torch.equal(whole, by_layer)
 
 
 def rank_main(rank: int, addr: str, cases: list[tuple[str, str, str | None]], out: Any) -> None:
