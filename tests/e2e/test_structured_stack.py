@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 
 import grpc
@@ -21,6 +23,8 @@ from cli.launcher import Stack
 from tandem.v1 import generation_pb2 as gen
 from tandem.v1 import generation_pb2_grpc
 from tests.e2e.conftest import ENGINE_ARGS, wait_all_blocks_free
+from tests.observability.conftest import _free_port
+from tests.observability.test_metrics import scrape, scrape_text, value
 
 CHAT = [{"role": "user", "content": "Describe a person as JSON."}]
 PERSON = {
@@ -40,9 +44,16 @@ PERSON = {
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_model, tmp_path_factory) -> Iterator[Stack]:
+def metrics_ports() -> dict[str, int]:
+    return {role: _free_port() for role in ("prefill", "decode")}
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_model, tmp_path_factory, metrics_ports) -> Iterator[Stack]:
     s = Stack(tiny_model("llama", max_position_embeddings=1024), engine_args=ENGINE_ARGS,
-              decode_args=["--speculative-method", "ngram", "--no-speculative-adaptive"],
+              prefill_args=["--metrics-port", str(metrics_ports["prefill"])],
+              decode_args=["--speculative-method", "ngram", "--no-speculative-adaptive",
+                           "--metrics-port", str(metrics_ports["decode"])],
               gateway_args=["--http-port", "0", "--local-prefill-threshold", "0", "--served-model-name", "tiny"],
               workdir=tmp_path_factory.mktemp("structured-stack"))
     with s:
@@ -146,3 +157,24 @@ def test_grpc_structural_tag_tool_calls_and_refusal(stack) -> None:
         list(stub.Generate(gen.GenerateRequest(prompt="x", sampling=gen.SamplingParams(
             structured=gen.StructuredOutput(json_schema='{"not": {"type": "string"}}'))), timeout=60))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not" in err.value.details()
+
+
+def test_metrics_count_constrained_requests_and_promtool_accepts_them(stack, client, metrics_ports) -> None:
+    """Runs last in the module: every test above sent constrained requests."""
+    client.completions.create(model="tiny", prompt="x", max_tokens=8, extra_body={"guided_choice": ["a", "b"]})
+    http = stack.gateway.info["http_address"]
+    gateway = scrape(http)
+    assert value(gateway, "tandem_gateway_constrained_requests_total", kind="choice") >= 1
+    for role, port in metrics_ports.items():
+        samples = scrape(port)
+        assert value(samples, "tandem_constrained_requests_total", role=role) >= 5
+        assert value(samples, "tandem_grammar_compile_seconds_count", role=role, cache="hit") >= 1
+        assert value(samples, "tandem_grammar_mask_seconds_count", role=role) >= 1
+        assert value(samples, "tandem_grammar_mask_wait_seconds_count", role=role) >= 1
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian package prometheus)")
+    for address in [http, *(f"127.0.0.1:{p}" for p in metrics_ports.values())]:
+        out = subprocess.run([promtool, "check", "metrics"], input=scrape_text(address), capture_output=True,
+                             text=True, timeout=30)
+        assert out.returncode == 0 and not out.stdout.strip() and not out.stderr.strip(), out.stdout + out.stderr
