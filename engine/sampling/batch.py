@@ -68,8 +68,8 @@ class SamplingBatch:
     bias_values: Tensor | None  # (M,) float32
     allowed_rows: Tensor | None  # (A,) int64: rows with allowed_token_ids
     allowed: Tensor | None  # (A, V) bool: the tokens each of them may sample
-    grammar_rows: Tensor | None  # (M,) int64: rows constrained by a grammar (engine.structured)
-    grammar_allowed: Tensor | None  # (M, V) bool: the tokens each grammar allows at its row
+    grammar_rows: Tensor | None  # (M,) int64, ascending: rows constrained by a grammar (engine.structured)
+    grammar_forbidden: Tensor | None  # (M, V) bool: the tokens each row's grammar forbids
     seeded_rows: tuple[tuple[int, int], ...]  # (row, step_seed) for each seeded non-greedy row
     any_unseeded: bool  # some non-greedy row draws from the sampler's own generator
     max_logprobs: int  # K: the most top alternatives any row asked for (0 = none)
@@ -171,7 +171,7 @@ class SamplingBatch:
             allowed=_allowed_mask([params[i].allowed_token_ids or () for i in allowed_rows], dev, v)
             if allowed_rows else None,
             grammar_rows=masks.rows if masks is not None else None,
-            grammar_allowed=masks.allowed if masks is not None else None,
+            grammar_forbidden=masks.forbidden if masks is not None else None,
             seeded_rows=tuple(
                 (i, step_seed(p.seed, n_out[i]))
                 for i, p in enumerate(params)

@@ -79,9 +79,12 @@ def penalized_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
         x.index_copy_(0, batch.allowed_rows, sub)
     if batch.ban_rows is not None and batch.ban_cols is not None:
         x[batch.ban_rows, batch.ban_cols] = float("-inf")
-    if batch.grammar_rows is not None and batch.grammar_allowed is not None:
-        sub = x.index_select(0, batch.grammar_rows).masked_fill(~batch.grammar_allowed, float("-inf"))  # (M, V)
-        x.index_copy_(0, batch.grammar_rows, sub)
+    if batch.grammar_rows is not None and batch.grammar_forbidden is not None:
+        if batch.grammar_rows.numel() == batch.size:  # every row (ascending, distinct): in place
+            x.masked_fill_(batch.grammar_forbidden, float("-inf"))
+        else:
+            sub = x.index_select(0, batch.grammar_rows).masked_fill_(batch.grammar_forbidden, float("-inf"))
+            x.index_copy_(0, batch.grammar_rows, sub)  # (M, V) rows back
     return x
 
 
