@@ -14,7 +14,9 @@ A list of prompts is a batch: one GenerateRequest per prompt (`ParsedRequest.req
 n choices numbered i*n .. i*n + n - 1. `echo` with `max_tokens` 0 returns the prompt alone (it is
 computed with one token, which is dropped). Extensions both endpoints accept (vLLM's names): top_k,
 min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids, skip_special_tokens, logit_bias,
-allowed_token_ids, bad_words, include_stop_str_in_output, prompt_logprobs, priority. Unknown fields
+allowed_token_ids, bad_words, include_stop_str_in_output, prompt_logprobs, priority; structured outputs:
+response_format (both endpoints), structured_outputs and guided_json / guided_regex / guided_choice /
+guided_grammar (gateway/openai_structured.py). Unknown fields
 are rejected rather than silently ignored, except the bookkeeping ones OpenAI clients send (user,
 metadata, store, service_tier, parallel_tool_calls).
 """
@@ -27,6 +29,8 @@ from typing import Any
 
 from engine.sampling.params import MAX_STOP_STRINGS
 from gateway.json_body import shown
+from gateway.openai_structured import FIELDS as STRUCTURED_FIELDS
+from gateway.openai_structured import StructuredRequestError, structured_of
 from server.errors import InvalidRequest
 from server.protoconv import MAX_TOP_K
 from tandem.v1 import generation_pb2 as gen
@@ -38,9 +42,9 @@ _SAMPLING = frozenset({"model", "max_tokens", "temperature", "top_p", "stop", "s
                        "frequency_penalty", "n", "stream", "stream_options", "logit_bias", "top_k", "min_p",
                        "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens",
                        "allowed_token_ids", "bad_words", "include_stop_str_in_output", "prompt_logprobs",
-                       "priority"})
+                       "priority"}) | STRUCTURED_FIELDS
 COMPLETION_FIELDS = _SAMPLING | {"prompt", "logprobs", "echo", "suffix", "best_of"}
-CHAT_FIELDS = _SAMPLING | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format",
+CHAT_FIELDS = _SAMPLING | {"messages", "max_completion_tokens", "logprobs", "top_logprobs",
                            "tools", "tool_choice", "functions", "function_call", "add_generation_prompt",
                            "continue_final_message"}
 
@@ -209,6 +213,12 @@ def _sampling(body: dict[str, Any], max_tokens_field: str, min_max_tokens: int =
     skip = _flag(body, "skip_special_tokens")
     if skip is not None:
         s.skip_special_tokens = skip
+    try:  # response_format, structured_outputs, guided_* (gateway/openai_structured.py)
+        structured = structured_of(body)
+    except StructuredRequestError as exc:
+        raise RequestError(exc.message, exc.param) from None
+    if structured is not None:
+        s.structured.CopyFrom(structured)
     return s
 
 
@@ -323,9 +333,6 @@ def parse_chat(body: Any) -> ParsedRequest:
     for name in ("tools", "functions", "tool_choice", "function_call"):
         if body.get(name) not in (None, [], "none"):
             raise RequestError(f"{name} is not supported", name)
-    fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise RequestError("response_format: only {\"type\": \"text\"} is supported", "response_format")
     parsed.continue_final_message = bool(_flag(body, "continue_final_message"))
     add = _flag(body, "add_generation_prompt")
     parsed.add_generation_prompt = not parsed.continue_final_message if add is None else add
