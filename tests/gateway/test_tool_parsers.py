@@ -7,9 +7,12 @@ import json
 import random
 
 import pytest
+from openai.lib.streaming.chat import ChatCompletionStreamState
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from gateway.chat_output import ChatOutput, OutputFormat
 from gateway.json_scan import scan_call
+from gateway.openai_response import ResponseBuilder
 from gateway.reasoning import ThinkSplitter, prompt_opens_thinking, template_thinks
 from gateway.tool_parsers import Parsed, make_tool_parser, parser_for_template
 from tandem.v1 import generation_pb2 as gen
@@ -192,3 +195,39 @@ def test_chat_output_splits_reasoning_then_tool_calls_per_choice() -> None:
     assert deltas[0].name == "f" and json.loads("".join(d.arguments for d in deltas)) == {"a": 1}
     for m in read:
         assert not any(mark in m.text or mark in m.reasoning_text for mark in MARKUP)
+
+
+# ------------------------------------------------------------------ what the OpenAI SDK makes of it
+def worker_stream(text: str, step: int) -> list[gen.GenerateResponse]:
+    msgs = [gen.GenerateResponse(text=text[i:i + step], token_ids=[1]) for i in range(0, len(text), step)]
+    msgs[-1].finish_reason = gen.FINISH_REASON_STOP
+    return msgs
+
+
+@pytest.mark.parametrize("step", [1, 5, 1000])
+def test_the_openai_sdk_accumulates_the_streamed_deltas_into_the_whole_response(step: int) -> None:
+    fmt = OutputFormat(reasoning=True, tool_parser="hermes")
+    text = "<think>Two cities.</think>\n\n" + HERMES_TWO
+    stream_builder = ResponseBuilder("chat", "r1", "m", str, None)
+    state = ChatCompletionStreamState()
+    reader = ChatOutput(fmt)
+    for chunk in stream_builder.role_chunks():
+        state.handle_chunk(ChatCompletionChunk.model_validate(chunk))
+    for msg in worker_stream(text, step):
+        chunk = stream_builder.chunk(reader.read(msg), include_usage=False)
+        if chunk is not None:
+            assert not any(mark in json.dumps(chunk) for mark in ("<tool_call>", "<think>", "</think>"))
+            state.handle_chunk(ChatCompletionChunk.model_validate(chunk))
+    final = state.get_final_completion().choices[0]
+    whole_builder = ResponseBuilder("chat", "r1", "m", str, None)
+    reader = ChatOutput(fmt)
+    for msg in worker_stream(text, len(text)):
+        whole_builder.add(reader.read(msg))
+    whole = ChatCompletion.model_validate(whole_builder.response()).choices[0]
+    assert final.finish_reason == whole.finish_reason == "tool_calls"
+    assert final.message.content == whole.message.content == "Let me check both.\n\n"
+    for a, b in zip(final.message.tool_calls, whole.message.tool_calls, strict=True):
+        assert (a.function.name, json.loads(a.function.arguments)) == (b.function.name, json.loads(b.function.arguments))
+        assert a.id.startswith("call_") and a.type == "function"
+    assert [c.function.name for c in whole.message.tool_calls] == ["get_weather", "get_time"]
+    assert whole_builder.response()["choices"][0]["message"]["reasoning_content"] == "Two cities."
