@@ -18,7 +18,7 @@ computed with one token, which is dropped). Extensions both endpoints accept (vL
 min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids, skip_special_tokens, logit_bias,
 allowed_token_ids, bad_words, include_stop_str_in_output, prompt_logprobs, priority. Unknown fields
 are rejected rather than silently ignored, except the bookkeeping ones OpenAI clients send (user,
-metadata, store, service_tier).
+metadata, store, service_tier, parallel_tool_calls outside chat).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from tandem.v1 import generation_pb2 as gen
 
 MAX_PROMPTS = 64  # prompts in one /v1/completions batch (each holds a --max-inflight slot)
 _INT32 = 2**31
-_IGNORED = frozenset({"user", "metadata", "store", "service_tier"})
+_IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})  # chat reads parallel_tool_calls
 _SAMPLING = frozenset({"model", "max_tokens", "temperature", "top_p", "stop", "seed", "presence_penalty",
                        "frequency_penalty", "n", "stream", "stream_options", "logit_bias", "top_k", "min_p",
                        "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens",

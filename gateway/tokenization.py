@@ -51,7 +51,7 @@ class Texts:
         left the model thinking. Run it in a thread. Raises InvalidRequest as render_chat does."""
         text = self._template(chat.messages, chat.add_generation_prompt, chat.continue_final_message,
                               chat.num_chars, chat.variables)
-        if chat.output.reasoning:
+        if chat.output.reasoning and chat.constraint is None:  # a constrained reply starts with its calls
             chat.output = replace(chat.output, thinking_open=prompt_opens_thinking(text))
         return encode_prompt(self.tokenizer, text, self.limits, add_special_tokens=False)
 

@@ -167,6 +167,10 @@ def test_required_and_named_choices_build_the_constraint_in_the_models_format(mo
     schema = llama.constraint.json_schema
     assert [s["properties"]["name"]["const"] for s in schema["anyOf"]] == ["get_weather", "get_time"]
     assert schema["anyOf"][1]["properties"]["parameters"] == TIME["function"]["parameters"]
+    qwen3 = texts(models["qwen3"])
+    thinking_model = qwen3.prepare(chat_messages(body["messages"]), chat_options({**body, "tool_choice": "required"}))
+    qwen3.render(thinking_model)  # its prompt opens <think>, but a constrained reply starts with the calls
+    assert thinking_model.output.reasoning and not thinking_model.output.thinking_open
     auto = t.prepare(chat_messages(body["messages"]), chat_options(body))
     none = t.prepare(chat_messages(body["messages"]), chat_options({**body, "tool_choice": "none"}))
     assert auto.constraint is None and auto.output.tool_parser == "hermes"
