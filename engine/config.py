@@ -163,6 +163,9 @@ class EngineConfig:
         None, f"k, the most draft tokens verified per sequence and step (default {DEFAULT_SPECULATIVE_TOKENS})",
         min=1, max=MAX_SPECULATIVE_TOKENS)
     speculative_adaptive: bool = option(True, "shrink k (to 0) while verifying costs more than it yields")
+    grammar_cache_size: int = option(256, "compiled grammars of structured outputs kept, by content (LRU)", min=1)
+    grammar_threads: int = option(0, "threads filling structured outputs' token masks while the forward "
+                                  "runs (0: half the CPUs, 1 to 8)", min=0)
 
     def __post_init__(self) -> None:
         self._check_speculation()

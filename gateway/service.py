@@ -40,6 +40,7 @@ from gateway.config import GatewayLimits
 from gateway.observe import GatewayObserver, RequestObservation
 from gateway.registry import WorkerHandle, WorkerRegistry
 from gateway.router import Route, Router
+from gateway.structured import GrammarChecker
 from gateway.tokenization import Texts
 from gateway.tool_constraint import apply_constraint
 from gateway.validation import PromptLimits, check_length, check_prompt_ids, check_request, encode_prompt
@@ -109,6 +110,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         self.texts = Texts(tokenizer, self.model_names, PromptLimits(model_config.max_position_embeddings),
                            self.token_id_limit, chat_formats)
         self.limits = limits
+        self.grammars = GrammarChecker(self.observer.metrics)
         self.health = health or Health(serving=False)
         self.inflight = 0
         self._attempts: set[_Attempt] = set()
@@ -217,6 +219,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             params = sampling_from_proto(sampling, default_max_tokens=self.limits.default_max_tokens)
             params.check_vocab(self.model_config.vocab_size)
             obs.request(params)
+            if params.structured is not None:  # refused here, before admission, when it cannot be enforced
+                await self.grammars.check(params.structured)
             with obs.span("gateway.tokenize") as span:
                 ids = await self._prompt_ids(request, chat)
                 obs.tokenized(span, ids, bool(request.prompt) or chat is not None)

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from engine.structured.spec import MAX_STRUCTURED_CHARS
 from engine.tokenizer import Tokenizer, TooManyTokens
 from server.errors import InvalidRequest, NotFound
 from server.wirecheck import top_level_fields
@@ -35,7 +36,9 @@ MAX_MODEL_NAME_CHARS = 256  # the model field is echoed when it names another mo
 # The serialized SamplingParams at its limits: 16 stop strings and 64 bad words of 256 characters
 # (4 bytes each at most: 80 KiB), 1024 stop token ids and 16384 allowed token ids (5 bytes each:
 # 85 KiB) and 1024 logit_bias entries (13 bytes each: 13 KiB) take under 192 KiB.
-MAX_SAMPLING_BYTES = 192 << 10
+# A structured output spec adds at most MAX_STRUCTURED_CHARS characters (4 bytes each) and its tags'
+# framing (3 strings of up to 3 bytes of header each, 256 tags): 1 MiB + 4 KiB.
+MAX_SAMPLING_BYTES = (192 << 10) + 4 * MAX_STRUCTURED_CHARS + (4 << 10)
 # A GenerateRequest has 8 fields, one of them repeated per chat message; past this many (repeated
 # prompt_token_ids sent unpacked, one field per id, or more messages than any conversation needs), a
 # request over UNPACKED_MAX_BYTES is refused: protobuf's default encoding packs ids.
@@ -98,7 +101,8 @@ def check_generate_wire(data: bytes, limits: PromptLimits) -> None:
                                  f"{limits.max_prompt_chars} characters, and room for roles, ids and keys)")
     if sizes.get(4, 0) > MAX_SAMPLING_BYTES:
         raise InvalidRequest(f"sampling is {sizes[4]} bytes long; the limit is {MAX_SAMPLING_BYTES} bytes "
-                             f"(every list in it at its own limit takes under 192 KiB)")
+                             f"(every list in it at its own limit takes under 192 KiB, a structured output "
+                             f"spec under 1 MiB)")
     min_ids = -(-sizes.get(3, 0) // _VARINT32_MAX)
     if min_ids > limits.max_prompt_tokens:
         raise InvalidRequest(f"prompt_token_ids holds at least {min_ids} ids ({sizes[3]} bytes); the model's "
