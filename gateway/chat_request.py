@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,9 +147,10 @@ def _messages(messages: Sequence[gen.ChatMessage]) -> list[dict[str, Any]]:
 
 
 def prepare_chat(messages: Sequence[gen.ChatMessage], options: gen.ChatOptions, formats: ChatFormats,
-                 limits: PromptLimits) -> PreparedChat:
+                 limits: PromptLimits, specials: Mapping[str, int] | None = None) -> PreparedChat:
     """Check a chat request and build what rendering it and reading its output need. Sizes first: the
-    characters of messages and tools are counted before any JSON in them is parsed."""
+    characters of messages and tools are counted before any JSON in them is parsed. `specials`: the
+    tokenizer's special tokens (text -> id), for the tool-call constraint."""
     raw = sum(len(m.content) + sum(len(c.arguments_json) + len(c.name) for c in m.tool_calls) for m in messages)
     raw += sum(len(t.parameters_json) + len(t.description) for t in options.tools)
     limits.check_chars("messages", raw)
@@ -197,6 +198,6 @@ def prepare_chat(messages: Sequence[gen.ChatMessage], options: gen.ChatOptions, 
     if calls_read and (mode == gen.TOOL_CHOICE_MODE_REQUIRED or named is not None):
         assert formats.tool_parser is not None
         chosen = [t for t in tools if t["function"]["name"] == named] if named is not None else tools
-        prepared.constraint = tool_constraint(formats.tool_parser, chosen,
-                                              parallel=not single and named is None)
+        prepared.constraint = tool_constraint(formats.tool_parser, chosen, parallel=not single and named is None,
+                                              specials=specials)
     return prepared

@@ -41,10 +41,11 @@ class Texts:
         self.limits = limits
         self.token_id_limit = token_id_limit
         self.formats = formats if formats is not None else ChatFormats.from_template(tokenizer.chat_template)
+        self.specials = {text: i for i in tokenizer.all_special_ids if (text := tokenizer.id_to_token(i))}
 
     def prepare(self, messages: Sequence[gen.ChatMessage], options: gen.ChatOptions) -> PreparedChat:
         """A chat request checked (gateway/chat_request.py); cheap, on the event loop."""
-        return prepare_chat(messages, options, self.formats, self.limits)
+        return prepare_chat(messages, options, self.formats, self.limits, self.specials)
 
     def render(self, chat: PreparedChat) -> list[int]:
         """A prepared chat through the template, as token ids; notes in `chat.output` whether the prompt

@@ -10,8 +10,10 @@ A parser reads one choice's text as it streams (`feed(delta)`, then `finish()`) 
 pieces: the reply's content, and tool-call deltas as OpenAI streams them (a call's first delta has
 its index, id and name, later ones append to its arguments). Markup never reaches the content: a
 tail that may still grow into a marker is held back until it is decided. A block whose JSON carries
-no name is not a call: its text is given back as content at the end, as the model wrote it. Arguments
+no name (or breaks) is not a call: its text is given back as content, as the model wrote it. Arguments
 are the model's own JSON text, unchanged; feeding a text whole or in any split gives the same calls.
+A call cut short by the end of the reply (max_tokens) keeps what arrived; one cut before its name was
+complete is dropped, its markup with it.
 
 `llama3_json` and `mistral` also read a reply that *starts* with the call's JSON without the marker:
 `<|python_tag|>` and `[TOOL_CALLS]` are special tokens, which skip_special_tokens (the default) drops
@@ -176,7 +178,8 @@ class HermesParser:
         return out
 
     def _end_block(self, out: Parsed, closed: bool) -> None:
-        if not self.calls.close(out):
+        cut = not closed and self.scanner is not None and not self.scanner.error  # a call max_tokens cut short
+        if not self.calls.close(out) and not cut:
             out.content += self.OPEN + (self.block or "") + (self.CLOSE if closed else "")
         self.block = None
         self.scanner = None
@@ -249,6 +252,13 @@ class _JsonListParser:
             out.content += self.raw
         self.mode = "content"
 
+    def _cut(self, scanner: CallScanner | None, out: Parsed) -> None:
+        """The reply ended inside a call that has no name yet: after the marker, a call max_tokens cut
+        short (dropped: no markup in the content); without it, maybe just text (given back)."""
+        if not (self.MARKER and self.raw.lstrip().startswith(self.MARKER) and scanner is not None
+                and not scanner.error):
+            self._fail(out)
+
     def finish(self) -> Parsed:
         out = Parsed()
         if self.mode == "start":
@@ -311,7 +321,7 @@ class Llama3JsonParser(_JsonListParser):
 
     def _finish_calls(self, out: Parsed) -> None:
         if not self.between and not self.calls.close(out):
-            self._fail(out)
+            self._cut(self.scanner, out)
 
 
 class MistralParser(_JsonListParser):
@@ -397,7 +407,7 @@ class MistralParser(_JsonListParser):
 
     def _finish_calls(self, out: Parsed) -> None:
         if self.array == "elem" and not self.calls.close(out):
-            self._fail(out)
+            self._cut(self.scanner, out)
         out.content += self.pending.lstrip() if self.array == "after" else ""
         self.pending = ""
 

@@ -13,11 +13,14 @@ from typing import Any
 import pytest
 from transformers import AutoTokenizer
 
+from engine.structured.grammar import check
+from engine.structured.spec import StructuredOutput
 from engine.tokenizer import Tokenizer
 from gateway.chat_request import ChatFormats
 from gateway.chat_schema import chat_messages, chat_options
 from gateway.json_body import RequestError
 from gateway.tokenization import Texts
+from gateway.tool_constraint import tool_constraint
 from gateway.validation import PromptLimits
 from tests.chat_templates import (
     HERMES_TEMPLATE,
@@ -160,8 +163,12 @@ def test_required_and_named_choices_build_the_constraint_in_the_models_format(mo
     assert req.constraint.tags[0].schema == WEATHER["function"]["parameters"] and req.output.max_calls is None
     named = t.prepare(chat_messages(body["messages"]),
                       chat_options({**body, "tool_choice": {"type": "function", "function": {"name": "get_time"}}}))
-    assert [tag.begin for tag in named.constraint.tags] == ['<tool_call>\n{"name": "get_time", "arguments": ']
-    assert named.output.max_calls == 1
+    assert named.constraint.tags == () and named.output.max_calls == 1  # exactly one call: a grammar
+    assert "get_time" in named.constraint.grammar and "get_weather" not in named.constraint.grammar
+    check(StructuredOutput(grammar=named.constraint.grammar))  # it compiles, as the gateway checks it
+    mistral = tool_constraint("mistral", [TIME], parallel=False, specials={"[TOOL_CALLS]": 5})
+    assert mistral.grammar.splitlines()[2].startswith('call_0: <[5]> "[{\\"name\\": \\"get_time\\"')
+    check(StructuredOutput(grammar=mistral.grammar))
     llama = texts(models["llama31"]).prepare(chat_messages(body["messages"]),
                                              chat_options({**body, "tool_choice": "required"}))
     schema = llama.constraint.json_schema

@@ -16,8 +16,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
+import jsonschema
 import openai
 import pytest
+from openai.lib.streaming.chat import ChatCompletionStreamState
 
 from cli.launcher import Stack
 from tandem.v1 import generation_pb2 as gen
@@ -158,3 +160,83 @@ def test_refusals_say_what_to_fix_over_http_and_grpc(client, stub) -> None:
         list(stub.Generate(gen.GenerateRequest(prompt="x", messages=[gen.ChatMessage(role="user", content="x")]),
                            timeout=30))
     assert rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "exactly one" in rpc.value.details()
+
+
+# ------------------------------------------------------------------ tool_choice required / named (grammar)
+BOUNDED = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                    "unit": {"type": "string", "enum": ["c", "f"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {
+    "name": "get_time", "description": "The time in a timezone.",
+    "parameters": {"type": "object", "properties": {"tz": {"type": "string", "enum": ["UTC", "CET", "JST"]}},
+                   "required": ["tz"], "additionalProperties": False}}}
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (BOUNDED, CLOCK)}
+
+
+def valid_calls(calls: list[Any], names: set[str], cut: bool = False) -> list[tuple[str, Any]]:
+    """(name, arguments) of each call, after checking the name and the arguments against the tool's
+    schema; `cut`: the reply hit max_tokens, so its last call may be unfinished (only its name is checked)."""
+    out = []
+    for i, c in enumerate(calls):
+        assert c.type == "function" and c.id.startswith("call_") and c.function.name in names
+        if cut and i == len(calls) - 1:
+            continue
+        args = json.loads(c.function.arguments)
+        jsonschema.validate(args, SCHEMAS[c.function.name])
+        out.append((c.function.name, args))
+    return out
+
+
+def streamed_completion(client: openai.OpenAI, **common: Any) -> Any:
+    """The stream accumulated by the openai SDK's own helper, as `client.chat.completions.stream` does."""
+    state = ChatCompletionStreamState()
+    for chunk in client.chat.completions.create(stream=True, **common):
+        state.handle_chunk(chunk)
+    snapshot = state.current_completion_snapshot  # get_final_completion refuses a reply cut by length
+    return snapshot.choices[0] if snapshot.choices[0].finish_reason == "length" else \
+        state.get_final_completion().choices[0]
+
+
+@pytest.mark.parametrize(("choice", "parallel", "names"), [
+    ("required", False, {"get_weather", "get_time"}),
+    ({"type": "function", "function": {"name": "get_time"}}, True, {"get_time"}),
+])
+def test_required_and_named_tool_choice_make_a_random_model_call_one_tool(client, choice, parallel, names) -> None:
+    common = dict(model=client.models.list().data[0].id, messages=ASK, tools=[BOUNDED, CLOCK], tool_choice=choice,
+                  parallel_tool_calls=parallel, max_tokens=120, temperature=0)
+    c = client.chat.completions.create(**common).choices[0]
+    calls = valid_calls(c.message.tool_calls or [], names)
+    # exactly one call, and the reply ends with it (the grammar is complete) rather than at max_tokens
+    assert len(calls) == 1 and c.finish_reason == "tool_calls" and not c.message.content
+    final = streamed_completion(client, **common)
+    assert valid_calls(final.message.tool_calls or [], names) == calls and final.finish_reason == "tool_calls"
+    seeded = client.chat.completions.create(**{**common, "temperature": 1.0, "seed": 3}).choices[0]
+    assert len(valid_calls(seeded.message.tool_calls or [], names)) == 1
+
+
+def test_required_with_parallel_calls_gives_calls_only(client) -> None:
+    """A random model never stops calling (only tags follow), so it runs to max_tokens: every finished
+    call is valid, nothing but calls is in the reply, streamed or not."""
+    common = dict(model=client.models.list().data[0].id, messages=ASK, tools=[BOUNDED, CLOCK],
+                  tool_choice="required", max_tokens=100, temperature=0)
+    c = client.chat.completions.create(**common).choices[0]
+    names = {"get_weather", "get_time"}
+    calls = valid_calls(c.message.tool_calls or [], names, cut=c.finish_reason == "length")
+    assert calls and c.finish_reason in ("tool_calls", "length") and not c.message.content
+    final = streamed_completion(client, **common)
+    assert valid_calls(final.message.tool_calls or [], names, cut=final.finish_reason == "length") == calls
+
+
+def test_a_named_function_over_grpc_streams_its_call(stub) -> None:
+    msgs = list(stub.Generate(gen.GenerateRequest(
+        messages=[gen.ChatMessage(role="user", content=ASK[0]["content"])],
+        chat=gen.ChatOptions(tools=[gen.Tool(name=t["function"]["name"],
+                                             parameters_json=json.dumps(t["function"]["parameters"]))
+                                    for t in (BOUNDED, CLOCK)], tool_choice_function="get_weather"),
+        sampling=gen.SamplingParams(temperature=0, max_tokens=160)), timeout=60))
+    deltas = [d for m in msgs for d in m.tool_calls]
+    assert deltas[0].name == "get_weather" and deltas[0].id and all(d.index == 0 for d in deltas)
+    jsonschema.validate(json.loads("".join(d.arguments for d in deltas)), SCHEMAS["get_weather"])
+    assert not "".join(m.text for m in msgs) and msgs[-1].finish_reason == gen.FINISH_REASON_STOP

@@ -95,6 +95,15 @@ def test_hermes_malformed_block_is_content_and_partial_markers_are_content_at_th
 def test_hermes_call_cut_by_max_tokens_keeps_what_arrived() -> None:
     content, calls = every_split_agrees("hermes", '<tool_call>\n{"name": "f", "arguments": {"city": "Par')
     assert content == "" and calls[0]["name"] == "f" and calls[0]["arguments"] == '{"city": "Par'
+    content, calls = every_split_agrees("hermes", 'Hi <tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
+                                                  '<tool_call>\n{"na')
+    assert content == "Hi " and [c["name"] for c in calls] == ["f"]  # cut before its name: dropped, no markup
+    content, calls = every_split_agrees("mistral", '[TOOL_CALLS][{"name": "f", "arguments": {}}, {"nam')
+    assert content == "" and [c["name"] for c in calls] == ["f"]
+    content, calls = every_split_agrees("llama3_json", '<|python_tag|>{"na')
+    assert content == "" and calls == []
+    content, calls = every_split_agrees("llama3_json", '{"na')  # no marker: it may be plain JSON text
+    assert content == '{"na' and calls == []
 
 
 def test_parallel_tool_calls_false_keeps_the_first() -> None:
