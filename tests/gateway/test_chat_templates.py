@@ -20,8 +20,11 @@ from gateway.chat_request import ChatFormats
 from gateway.chat_schema import chat_messages, chat_options
 from gateway.json_body import RequestError
 from gateway.tokenization import Texts
-from gateway.tool_constraint import tool_constraint
+from gateway.tool_constraint import apply_constraint, tool_constraint
 from gateway.validation import PromptLimits
+from server.errors import InvalidRequest
+from server.protoconv import structured_from_proto
+from tandem.v1 import generation_pb2 as gen
 from tests.chat_templates import (
     HERMES_TEMPLATE,
     LLAMA31_TEMPLATE,
@@ -182,3 +185,17 @@ def test_required_and_named_choices_build_the_constraint_in_the_models_format(mo
     none = t.prepare(chat_messages(body["messages"]), chat_options({**body, "tool_choice": "none"}))
     assert auto.constraint is None and auto.output.tool_parser == "hermes"
     assert none.constraint is None and none.output.tool_parser is None and "tools" in none.variables
+
+
+@pytest.mark.parametrize("parser", ["hermes", "mistral", "llama3_json"])
+@pytest.mark.parametrize("parallel", [True, False])
+def test_every_constraint_shape_crosses_the_proto_and_compiles(parser: str, parallel: bool) -> None:
+    """What the gateway adds to a request's sampling is a structured output the engine accepts."""
+    constraint = tool_constraint(parser, [WEATHER, TIME], parallel, specials={"[TOOL_CALLS]": 5})
+    sampling = apply_constraint(constraint, gen.SamplingParams(temperature=0.5))
+    assert sampling.temperature == 0.5
+    spec = structured_from_proto(sampling.structured)
+    check(spec)
+    assert spec.kind == ("json_schema" if parser == "llama3_json" else "structural_tag" if parallel else "grammar")
+    with pytest.raises(InvalidRequest, match="cannot be combined"):
+        apply_constraint(constraint, sampling)  # the request already has a structured output
