@@ -84,6 +84,15 @@ class _Prompt:
     logprobs: list[gen.TokenLogprob] | None = None
 
 
+MIN_LOGPROB = -9999.0  # what a token that cannot be sampled reports (JSON has no -Infinity), as vLLM
+
+
+def _finite(logprob: float) -> float:
+    """A logprob as JSON can carry it: alternatives a grammar, allowed_token_ids or a ban rule out are
+    -inf in the engine, MIN_LOGPROB here."""
+    return max(logprob, MIN_LOGPROB)
+
+
 class ResponseBuilder:
     """Builds one request's OpenAI objects. `token_text(id)` is one token's text, for logprobs.
 
@@ -143,13 +152,13 @@ class ResponseBuilder:
         if self.kind == "chat":
             assert lp is not None
             part["content"].append({
-                "token": token, "logprob": lp.logprob, "bytes": list(token.encode()),
-                "top_logprobs": [{"token": (t := self.token_text(a.token_id)), "logprob": a.logprob,
+                "token": token, "logprob": _finite(lp.logprob), "bytes": list(token.encode()),
+                "top_logprobs": [{"token": (t := self.token_text(a.token_id)), "logprob": _finite(a.logprob),
                                   "bytes": list(t.encode())} for a in lp.top]})
             return
         part["tokens"].append(token)
         part["token_logprobs"].append(lp.logprob if lp is not None else None)
-        top = {self.token_text(a.token_id): a.logprob for a in lp.top} if lp is not None else None
+        top = {self.token_text(a.token_id): _finite(a.logprob) for a in lp.top} if lp is not None else None
         if top is not None and lp is not None and lp.HasField("rank"):  # a prompt token: itself too, as vLLM
             top.setdefault(token, lp.logprob)
         part["top_logprobs"].append(top)

@@ -16,7 +16,9 @@ A list of prompts is a batch: one GenerateRequest per prompt (`ParsedRequest.req
 n choices numbered i*n .. i*n + n - 1. `echo` with `max_tokens` 0 returns the prompt alone (it is
 computed with one token, which is dropped). Extensions both endpoints accept (vLLM's names): top_k,
 min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids, skip_special_tokens, logit_bias,
-allowed_token_ids, bad_words, include_stop_str_in_output, prompt_logprobs, priority. Unknown fields
+allowed_token_ids, bad_words, include_stop_str_in_output, prompt_logprobs, priority; structured outputs:
+response_format (both endpoints), structured_outputs and guided_json / guided_regex / guided_choice /
+guided_grammar (gateway/openai_structured.py). Unknown fields
 are rejected rather than silently ignored, except the bookkeeping ones OpenAI clients send (user,
 metadata, store, service_tier, parallel_tool_calls outside chat).
 """
@@ -30,6 +32,8 @@ from typing import Any
 from engine.sampling.params import MAX_STOP_STRINGS
 from gateway.chat_schema import chat_messages, chat_options
 from gateway.json_body import RequestError, shown
+from gateway.openai_structured import FIELDS as STRUCTURED_FIELDS
+from gateway.openai_structured import StructuredRequestError, structured_of
 from server.protoconv import MAX_TOP_K
 from tandem.v1 import generation_pb2 as gen
 
@@ -40,11 +44,11 @@ _SAMPLING = frozenset({"model", "max_tokens", "temperature", "top_p", "stop", "s
                        "frequency_penalty", "n", "stream", "stream_options", "logit_bias", "top_k", "min_p",
                        "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens",
                        "allowed_token_ids", "bad_words", "include_stop_str_in_output", "prompt_logprobs",
-                       "priority"})
+                       "priority"}) | STRUCTURED_FIELDS
 COMPLETION_FIELDS = _SAMPLING | {"prompt", "logprobs", "echo", "suffix", "best_of"}
-CHAT_FIELDS = _SAMPLING | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format",
-                           "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs", "functions",
-                           "function_call", "add_generation_prompt", "continue_final_message"}
+CHAT_FIELDS = _SAMPLING | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice",
+                           "parallel_tool_calls", "chat_template_kwargs", "functions", "function_call",
+                           "add_generation_prompt", "continue_final_message"}
 
 
 @dataclass
@@ -204,6 +208,12 @@ def _sampling(body: dict[str, Any], max_tokens_field: str, min_max_tokens: int =
     skip = _flag(body, "skip_special_tokens")
     if skip is not None:
         s.skip_special_tokens = skip
+    try:  # response_format, structured_outputs, guided_* (gateway/openai_structured.py)
+        structured = structured_of(body)
+    except StructuredRequestError as exc:
+        raise RequestError(exc.message, exc.param) from None
+    if structured is not None:
+        s.structured.CopyFrom(structured)
     return s
 
 
@@ -298,9 +308,6 @@ def parse_chat(body: Any) -> ParsedRequest:
     req = parsed.request
     req.messages.extend(chat_messages(body.get("messages")))
     req.chat.CopyFrom(chat_options(body))
-    fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise RequestError("response_format: only {\"type\": \"text\"} is supported", "response_format")
     parsed.continue_final_message = bool(_flag(body, "continue_final_message"))
     add = _flag(body, "add_generation_prompt")
     parsed.add_generation_prompt = not parsed.continue_final_message if add is None else add

@@ -48,7 +48,7 @@ class GrammarError(ValueError):
     """A spec that cannot be enforced: the message says why (the compiler's words, or the keywords)."""
 
 
-def _json_options(best_effort: bool) -> dict[str, Any]:
+def _json_options(best_effort: bool) -> Any:  # llguidance's JsonCompileOptions (a TypedDict)
     return {**JSON_OPTIONS, "lenient": best_effort}
 
 
@@ -57,7 +57,7 @@ def _with_options(schema_text: str, best_effort: bool) -> str:
     schema = json.loads(schema_text) if schema_text.strip() else ANY_JSON_SCHEMA
     if isinstance(schema, bool):
         schema = {} if schema else {"not": {}}
-    own = schema.get("x-guidance") if isinstance(schema.get("x-guidance"), dict) else {}
+    own: dict[str, Any] = schema["x-guidance"] if isinstance(schema.get("x-guidance"), dict) else {}
     return json.dumps({**schema, "x-guidance": {**_json_options(best_effort), **own}}, ensure_ascii=False)
 
 

@@ -79,7 +79,7 @@ CASES = [
     Case("request_id of 4 MiB", R(prompt="hi", request_id="r" * (4 << 20)), INVALID,
          ("request_id is 4194304 bytes long", f"the limit is {MAX_REQUEST_ID_CHARS} characters")),
     Case("model name over its limit", R(prompt="hi", model="m" * 300), INVALID, ("model has 300 characters",)),
-    Case("sampling over its size limit", R(prompt="hi", sampling=S(stop=["s" * 200] * 1_000)), INVALID,
+    Case("sampling over its size limit", R(prompt="hi", sampling=S(stop=["s" * 200] * 7_000)), INVALID,
          ("sampling is", f"the limit is {MAX_SAMPLING_BYTES} bytes")),
     Case("max_tokens beyond the context", R(prompt_token_ids=[5] * 10, sampling=S(max_tokens=1000)), INVALID,
          ("max_tokens (1000)", f"at most {CONTEXT - 10}")),
