@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.reasoning import ThinkSplitter
-from gateway.tool_parsers import Parsed, ToolParser, make_tool_parser
+from gateway.tool_calls import Parsed, ToolParser
+from gateway.tool_parsers import make_tool_parser
 from tandem.v1 import generation_pb2 as gen
 
 

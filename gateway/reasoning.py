@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from gateway.tool_parsers import held_back
+from gateway.tool_calls import held_back
 
 START, END = "<think>", "</think>"
 REASONING_PARSERS = ("think",)

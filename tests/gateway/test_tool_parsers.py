@@ -14,7 +14,8 @@ from gateway.chat_output import ChatOutput, OutputFormat
 from gateway.json_scan import scan_call
 from gateway.openai_response import ResponseBuilder
 from gateway.reasoning import ThinkSplitter, prompt_opens_thinking, template_thinks
-from gateway.tool_parsers import Parsed, make_tool_parser, parser_for_template
+from gateway.tool_calls import Parsed
+from gateway.tool_parsers import make_tool_parser, parser_for_template
 from tandem.v1 import generation_pb2 as gen
 
 MARKUP = ("<tool_call>", "</tool_call>", "[TOOL_CALLS]", "<|python_tag|>", "<think>", "</think>")
