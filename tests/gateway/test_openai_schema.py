@@ -21,6 +21,7 @@ from gateway.responses_api import parse_responses
 from gateway.router import Router
 from gateway.service import GenerationService
 from server.errors import Unauthenticated
+from tandem.v1 import generation_pb2 as gen
 
 
 def test_completion_fields_map_onto_the_grpc_request() -> None:
@@ -63,7 +64,8 @@ def test_chat_fields_and_message_parts() -> None:
     p = parse_chat({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
                                                                 {"type": "text", "text": "b"}]}],
                     "max_completion_tokens": 4, "logprobs": True, "top_logprobs": 3})
-    assert p.messages == [{"role": "user", "content": "ab"}] and p.request.sampling.max_tokens == 4
+    assert list(p.request.messages) == [gen.ChatMessage(role="user", content="ab")]
+    assert p.request.sampling.max_tokens == 4
     assert p.top_logprobs == 3 and not p.request.prompt and not p.request.prompt_token_ids
 
 
