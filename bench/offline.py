@@ -1,10 +1,16 @@
 """Offline throughput: Tandem's engine against transformers `generate` on the same model and prompts.
 
-Run: `make bench` (or `.venv/bin/python -m bench.offline --help`). Builds a ~50M-parameter random
-Llama with `make_tiny_model`, draws 64 prompts (32..512 tokens) with output lengths (16..256), and
-measures output tokens/s for: transformers sequential (batch 1), transformers static padded batches
-(left padding, each batch runs to its longest output), and Tandem (continuous batching, chunked
-prefill). EOS is ignored everywhere so every system makes exactly the requested tokens.
+Run: `make bench` (or `.venv/bin/python -m bench.offline --help`). By default builds a ~50M-parameter
+random Llama with `make_tiny_model`, draws 64 prompts (32..512 random token ids) with output lengths
+(16..256), and measures output tokens/s for: transformers sequential (batch 1), transformers static
+padded batches (left padding, each batch runs to its longest output), and Tandem (continuous batching,
+chunked prefill). EOS is ignored everywhere so every system makes exactly the requested tokens.
+
+`--model` runs any checkpoint instead: a directory, a `.gguf` file, a packaged name such as
+`SmolLM2-135M-Instruct` or a Hugging Face id (engine.hub.resolve_model); its prompts are then real
+text, windows of 32..512 tokens of held-out standard-library files in the model's own tokenizer, and
+`--output-len` fixes every output's length. A GGUF file is loaded into transformers through its own
+GGUF reader (dequantized to float32, as Tandem loads it).
 """
 
 from __future__ import annotations
@@ -33,6 +39,46 @@ def workload(n: int, seed: int, vocab: int) -> list[tuple[list[int], int]]:
             for _ in range(n)]
 
 
+def text_workload(path: Path, n: int, seed: int, output_len: int | None) -> list[tuple[list[int], int]]:
+    """n windows of 32..512 tokens from held-out standard-library files, in `path`'s tokenizer."""
+    from engine.tokenizer import Tokenizer
+    from training.demo import stdlib_split
+
+    tok = Tokenizer.from_dir(path)
+    rng = random.Random(seed)
+    _, held_out = stdlib_split()
+    files = sorted(held_out)
+    rng.shuffle(files)
+    work: list[tuple[list[int], int]] = []
+    for f in files:
+        ids = tok.encode(f.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)
+        length = rng.randint(32, 512)
+        if len(ids) < length:
+            continue
+        start = rng.randrange(0, len(ids) - length + 1)
+        work.append((ids[start : start + length], output_len or rng.randint(16, 256)))
+        if len(work) == n:
+            return work
+    raise RuntimeError(f"only {len(work)} held-out files are long enough for {n} prompts")
+
+
+def load_hf(path: Path):
+    """A float32 transformers model of `path` (a directory, or a .gguf file through its GGUF reader)."""
+    import transformers
+
+    if path.suffix != ".gguf":
+        return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    cfg = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{k: v for k, v in cfg.items()
+                                                                        if k != "model_type"}))
+    state = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    return model.float().eval()
+
+
 def run_tandem(path: Path, work, max_batched: int) -> float:
     llm = LLM(path, dtype="float32", device="cpu", max_num_batched_tokens=max_batched, max_num_seqs=256)
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for _, m in work]
@@ -57,9 +103,7 @@ def hf_generate(model, prompts: list[list[int]], max_new: int) -> None:
 
 
 def run_hf(path: Path, work, batch: int) -> float:
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = load_hf(path)
     hf_generate(model, [work[0][0]], 2)  # warm-up
     t0 = time.perf_counter()
     for i in range(0, len(work), batch):
@@ -70,6 +114,9 @@ def run_hf(path: Path, work, batch: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="a checkpoint (directory, .gguf, packaged name or Hugging "
+                    "Face id) with real-text prompts; default: a random 50M Llama with random prompts")
+    ap.add_argument("--output-len", type=int, default=None, help="every output's length (default 16..256)")
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hf-batch-sizes", default="1,8,16,32", help="comma list; 1 = sequential")
@@ -79,10 +126,18 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        path = make_tiny_model(Path(tmp) / "bench-llama", "llama", **MODEL_SHAPE)
+        if args.model is None:
+            path = make_tiny_model(Path(tmp) / "bench-llama", "llama", **MODEL_SHAPE)
+        else:
+            from engine.hub import resolve_model
+
+            path = resolve_model(args.model).path
         params = sum(t.numel() for t in LLM(path, dtype="float32", device="cpu", num_kv_blocks=1)
                      .engine.runner.model.parameters())
-        work = workload(args.num_prompts, args.seed, MODEL_SHAPE["vocab_size"])
+        if args.model is None:
+            work = workload(args.num_prompts, args.seed, MODEL_SHAPE["vocab_size"])
+        else:
+            work = text_workload(path, args.num_prompts, args.seed, args.output_len)
         out_tokens = sum(m for _, m in work)
         results = {"tandem": out_tokens / run_tandem(path, work, args.max_num_batched_tokens)}
         print(f"tandem: {results['tandem']:.1f} output tok/s", flush=True)
@@ -95,6 +150,7 @@ def main() -> None:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, {platform.platform()}",
         "torch": torch.__version__,
+        "model": args.model or "random llama " + json.dumps(MODEL_SHAPE),
         "model_params": params,
         "num_prompts": args.num_prompts,
         "output_tokens": out_tokens,
