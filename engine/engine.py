@@ -179,18 +179,20 @@ class Engine:
 
     def _process(self, step: StepInput, out: SamplerOutput | None) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
+        if out is None:
+            return outputs
+        tokens = out.token_ids.tolist()  # one device->host read for the whole batch
         row = 0
+        spec = self.spec
         for i, (seq, sample) in enumerate(zip(step.seqs, step.sample, strict=True)):
             if not sample:
                 continue
-            assert out is not None
-            rows = step.num_rows(i)  # a speculating sequence owns 1 + k rows, a forking one n
+            rows = step.num_rows(i) if spec is not None or seq.pending_forks else 1
             if seq.is_finished:  # aborted while its step ran
                 row += rows
                 continue
             if seq.pending_forks:
-                tokens = [int(t) for t in out.token_ids[row : row + rows].tolist()]
-                firsts = [(t, _logprobs(seq.params, out, row + j, t)) for j, t in enumerate(tokens)]
+                firsts = [(t, _logprobs(seq.params, out, row + j, t)) for j, t in enumerate(tokens[row : row + rows])]
                 row += rows
                 if seq.prefill_only:  # the decode worker forks them: their first tokens go with the KV
                     seq.pending_forks = 0
@@ -199,48 +201,56 @@ class Engine:
                 else:
                     outputs.extend(self.fork(seq, firsts))
                 continue
+            if spec is None:  # one token: the common path
+                token = tokens[row]
+                lp = _logprobs(seq.params, out, row, token) if seq.params.logprobs is not None else None
+                outputs.append(self.append_token(seq, token, lp))
+                row += 1
+                continue
             # accepted drafts + the target's own token; stop conditions apply to each in turn
-            emit = self.spec.accept(step, i) if self.spec is not None else 1
+            emit = spec.accept(step, i)
             deltas: list[RequestOutput] = []
             for r in range(row, row + emit):
-                token = int(out.token_ids[r])
+                token = tokens[r]
                 deltas.append(self.append_token(seq, token, _logprobs(seq.params, out, r, token)))
                 if seq.is_finished:
                     break
             row += rows
-            if self.spec is not None:
-                self.spec.after_append(seq, emit)
+            spec.after_append(seq, emit)
             outputs.append(deltas[0] if len(deltas) == 1 else _merge(deltas))
-            if self.spec is not None:
-                outputs[-1].spec = SpecMetrics.of(seq)
+            outputs[-1].spec = SpecMetrics.of(seq)
         return outputs
 
     def append_token(self, seq: Sequence, token: int, lp: list[TokenLogprob] | None = None) -> RequestOutput:
         """Append a sampled token (and its logprobs), apply stop conditions, finish the sequence if it is done."""
         seq.append_token(token)
-        seq.logprobs.extend(lp or [])
+        if lp:
+            seq.logprobs.extend(lp)
         reason = seq.check_stop(token)
         text = ""
         detok: IncrementalDetokenizer | None = seq.detokenizer
         if detok is not None and not seq.prefill_only:
-            text = detok.step([token])
+            text = detok.step((token,))
             if reason is None and detok.stop_reason is not None:
                 reason = FinishReason.STOP
                 seq.stop_reason = detok.stop_reason
             elif reason is not None and detok.stop_reason is None:
                 text += detok.flush()
-        if seq.prefill_only:  # a prefill worker keeps the KV until it has been shipped
-            self.scheduler.finish(seq, reason or FinishReason.LENGTH, free=False)
-            seq.finish_reason = reason
-        elif reason is not None and seq.status is SequenceStatus.RUNNING:
-            self.scheduler.finish(seq, reason)
-        elif reason is not None:
-            seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+        if reason is not None:
+            if seq.prefill_only:  # a prefill worker keeps the KV until it has been shipped
+                self.scheduler.finish(seq, reason, free=False)
+            elif seq.status is SequenceStatus.RUNNING:
+                self.scheduler.finish(seq, reason)
+            else:
+                seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+        elif seq.prefill_only:
+            self.scheduler.finish(seq, FinishReason.LENGTH, free=False)
+            seq.finish_reason = None
         out = RequestOutput(
             seq.request_id, [token], text, reason is not None, reason, seq.num_prompt_tokens,
             seq.num_output_tokens, seq.num_cached_tokens, lp or [], seq, index=seq.index,
         )
-        if seq.index == 0 and seq.num_output_tokens == 1 and seq.params.prompt_logprobs is not None:
+        if seq.index == 0 and seq.params.prompt_logprobs is not None and seq.num_output_tokens == 1:
             out.prompt_logprobs = list(seq.prompt_logprobs)
         return out
 
@@ -266,7 +276,7 @@ class Engine:
 
 def _logprobs(params: SamplingParams, out: SamplerOutput, row: int, token: int) -> list[TokenLogprob]:
     """The logprobs of `token`, drawn from sampler row `row`, when the request asks for them."""
-    if params.logprobs is None:
+    if params.logprobs is None or out.logprobs is None:
         return []
     top: list[tuple[int, float]] = []
     if out.top_ids is not None and params.logprobs > 0:

@@ -150,47 +150,80 @@ class ModelRunner:
         """Flatten the step into (input_ids, positions, context, logits_indices).
 
         A sequence that forks choices gets its last row once per choice (`Sequence.num_sample_rows`).
+        Per sequence only its new token ids, its start and its block table are read in Python; the
+        positions, slot mapping and logit rows are computed over the batch with tensor operations:
+
+            seq b, n_b rows from start_b:  positions  start_b .. start_b + n_b - 1
+                                           slot(p) =  block_tables[b, p // bs] * bs + p % bs
         """
         bs = self.block_size
+        seqs = step.seqs
+        drafts = step.spec_tokens
         input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        qsl = [0]
-        seq_lens: list[int] = []
-        logits_idx: list[int] = []
-        for i, (seq, new, sample) in enumerate(zip(step.seqs, step.num_new_tokens, step.sample, strict=True)):
+        starts: list[int] = []
+        counts: list[int] = []
+        for i, (seq, new) in enumerate(zip(seqs, step.num_new_tokens, strict=True)):
             start = seq.num_computed_tokens
-            draft = step.spec_tokens[i] if step.spec_tokens is not None else []
-            n = new + len(draft)  # drafts are verified right after the new tokens
+            starts.append(start)
+            if new == 1 and not (drafts and drafts[i]):
+                input_ids.append(seq.token_ids[start])
+                counts.append(1)
+                continue
+            draft = drafts[i] if drafts is not None else []
             input_ids.extend(seq.token_ids[start : start + new])
-            input_ids.extend(draft)
-            positions.extend(range(start, start + n))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-            qsl.append(qsl[-1] + n)
-            seq_lens.append(start + n)
-            if sample:
-                logits_idx.extend(range(qsl[-1] - 1 - len(draft), qsl[-1] - 1))
-                logits_idx.extend([qsl[-1] - 1] * seq.num_sample_rows if not draft else [qsl[-1] - 1])
-        max_blocks = max(len(s.block_table) for s in step.seqs)
-        tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in step.seqs]
+            input_ids.extend(draft)  # drafts are verified right after the new tokens
+            counts.append(new + len(draft))
+        max_blocks = max(len(s.block_table) for s in seqs)
+        tables_t = torch.tensor([s.block_table + [0] * (max_blocks - len(s.block_table)) for s in seqs],
+                                dtype=torch.int64)  # (B, max_blocks)
+        starts_t = torch.tensor(starts, dtype=torch.int64)  # (B,)
+        num_tokens = len(input_ids)
+        if num_tokens == len(seqs):  # every sequence computes one token (decode)
+            owner = torch.arange(len(seqs))  # (T,)
+            positions = starts_t
+            counts_t = torch.ones(len(seqs), dtype=torch.int64)
+        else:
+            counts_t = torch.tensor(counts, dtype=torch.int64)  # (B,)
+            owner = torch.repeat_interleave(torch.arange(len(seqs)), counts_t)  # (T,)
+            first_row = torch.cumsum(counts_t, 0) - counts_t  # (B,)
+            positions = starts_t[owner] + torch.arange(num_tokens) - first_row[owner]  # (T,)
+        slots = tables_t[owner, positions // bs] * bs + positions % bs  # (T,)
+        qsl = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+        torch.cumsum(counts_t, 0, out=qsl[1:])
+        seq_lens = (starts_t + counts_t).to(torch.int32)  # (B,)
+        logits_idx = self._logit_rows(step, qsl)
         dev = self.device
         ctx = ForwardContext(
             kv=self.kv,
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            max_query_len=max(b - a for a, b in zip(qsl[:-1], qsl[1:], strict=True)),
+            slot_mapping=slots.to(dev),
+            block_tables=tables_t.to(torch.int32).to(dev),
+            query_start_loc=qsl.to(dev),
+            seq_lens=seq_lens.to(dev),
+            max_query_len=max(counts),
             ops=self.ops,
             kv_scale=self.kv_scale,
         )
-        return (
-            torch.tensor(input_ids, dtype=torch.int64, device=dev),
-            torch.tensor(positions, dtype=torch.int64, device=dev),
-            ctx,
-            torch.tensor(logits_idx, dtype=torch.int64, device=dev),
-        )
+        return torch.tensor(input_ids, dtype=torch.int64, device=dev), positions.to(dev), ctx, logits_idx.to(dev)
+
+    @staticmethod
+    def _logit_rows(step: StepInput, qsl: Tensor) -> Tensor:
+        """Rows of the flat batch whose logits are sampled, in sampling order (R,) int64: per sampling
+        sequence its last row (once per choice it forks), or its last new token's and its drafts'."""
+        ends = qsl[1:].to(torch.int64) - 1  # (B,): each sequence's last row
+        if all(step.sample) and step.spec_tokens is None and not any(s.pending_forks for s in step.seqs):
+            return ends
+        rows: list[int] = []
+        ends_l = ends.tolist()
+        for i, (seq, sample) in enumerate(zip(step.seqs, step.sample, strict=True)):
+            if not sample:
+                continue
+            last = ends_l[i]
+            draft = step.num_draft(i)
+            if draft:
+                rows.extend(range(last - draft, last + 1))
+            else:
+                rows.extend([last] * seq.num_sample_rows)
+        return torch.tensor(rows, dtype=torch.int64)
 
     @torch.inference_mode()
     def forward_logits(
