@@ -83,7 +83,8 @@ class DecodeCore:
         self._wants: dict[str, _Want] = {}  # engine thread; insertion order is admission order
         self.loop = EngineLoop(engine, name="decode-engine", watchdog_s=watchdog_s, fault=fault, on_death=self._died,
                                observers=[lambda *a: self.obs.on_step(self.requests, *a)],
-                               gauges=lambda: {"kv_wanted": len(self._wants)}, tick=self._admit)
+                               gauges=lambda: {"kv_wanted": len(self._wants)}, tick=self._admit,
+                               on_text_stop=lambda out: self.obs.text_stopped(self.requests, out))
         self.receiver = KVReceiver(
             engine.runner.kv, layout, kv_bind, want=self._want, release=self._release,
             on_complete=self._on_complete, on_failed=self._on_failed, timeout_s=kv_timeout_s, curve=curve,

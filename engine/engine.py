@@ -56,6 +56,9 @@ class Engine:
         self.spec = (SpecDecoder(config, self.runner, self.block_manager, self.max_model_len)
                      if config.speculative else None)
         self.num_computed_tokens_total = 0
+        # Text (detokenization, stop strings) made in append_token. An EngineLoop with a text thread
+        # turns this off and makes it there (engine.text_thread); `stop_by_text` then ends sequences.
+        self.inline_text = True
 
     @property
     def vocab_size(self) -> int:
@@ -229,7 +232,7 @@ class Engine:
         reason = seq.check_stop(token)
         text = ""
         detok: IncrementalDetokenizer | None = seq.detokenizer
-        if detok is not None and not seq.prefill_only:
+        if detok is not None and self.inline_text and not seq.prefill_only:
             text = detok.step((token,))
             if reason is None and detok.stop_reason is not None:
                 reason = FinishReason.STOP
@@ -249,10 +252,23 @@ class Engine:
         out = RequestOutput(
             seq.request_id, [token], text, reason is not None, reason, seq.num_prompt_tokens,
             seq.num_output_tokens, seq.num_cached_tokens, lp or [], seq, index=seq.index,
+            stop_reason=seq.stop_reason if reason is FinishReason.STOP else None,
         )
         if seq.index == 0 and seq.params.prompt_logprobs is not None and seq.num_output_tokens == 1:
             out.prompt_logprobs = list(seq.prompt_logprobs)
         return out
+
+    def stop_by_text(self, seq: Sequence, num_output_tokens: int, stop_reason: str | int | None) -> bool:
+        """A stop string ended `seq` after `num_output_tokens` outputs (found off this thread, while the
+        engine went on): it leaves the scheduler if it is still there (its blocks are freed), and the
+        tokens (and logprobs) it made since are dropped. Returns whether it was still unfinished."""
+        running = not seq.is_finished
+        if running:
+            self.abort(seq.request_id, seq.index)
+        del seq.token_ids[seq.num_prompt_tokens + num_output_tokens :]
+        del seq.logprobs[num_output_tokens:]
+        seq.finish_reason, seq.stop_reason = FinishReason.STOP, stop_reason
+        return running
 
     def release(self, seq: Sequence) -> None:
         """Free the blocks of a finished sequence that kept them (prefill_only, after its transfer)."""

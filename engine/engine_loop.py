@@ -8,9 +8,14 @@
                                         schedule() -> hooks.before_execute(step)
                                         execute()  -> hooks.on_layer_done(step, layer)   (the forward)
                                         process()  -> hooks.after_process(step, outputs)
-                                        each output to its Request's `emit`; finished ones leave the table
                                         observers (guarded: a metrics/tracing bug is logged and counted)
+                                        each output to the text thread; finished ones leave the table
     snapshot (any thread, no lock)  <-- published after every step and every batch of commands
+
+    text thread (engine.text_thread): detokenizes each output, matches stop strings, calls the Request's
+    `emit`; a stop string that ends a choice comes back as a command (the sequence leaves the batch, its
+    blocks are freed, `on_text_stop` observes it). With text_thread=False, the engine makes text inline
+    and outputs go to `emit` from the engine thread.
 
 Fail-stop: if schedule/execute/process or a hook raises, or a step makes no progress for `watchdog_s`,
 the loop is dead: every Request hears `EngineDied` at once (its `fail`), `dead` is set and `on_death`
@@ -34,6 +39,7 @@ from engine.engine import Engine
 from engine.model_runner import StepInput
 from engine.outputs import DuplicateRequest, EngineDied, RequestGone, RequestOutput
 from engine.sequence import Sequence
+from engine.text_thread import TextThread
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -114,8 +120,10 @@ class EngineLoop:
                  observers: list[Observer] | None = None, watchdog_s: float | None = None,
                  on_death: Callable[[BaseException], None] | None = None,
                  gauges: Callable[[], Mapping[str, int]] | None = None,
-                 tick: Callable[[], None] | None = None, fault: tuple[str, int] | None = None) -> None:
-        """`fault` injects a failure for tests (docs/ARCHITECTURE.md): ("raise", N) makes step N raise,
+                 tick: Callable[[], None] | None = None, fault: tuple[str, int] | None = None,
+                 text_thread: bool = True, on_text_stop: Callable[[RequestOutput], None] | None = None) -> None:
+        """`text_thread`: detokenize on a thread of its own (else inline, on the engine thread);
+        `on_text_stop(out)`: engine thread, observes a choice a stop string ended (guarded). `fault` injects a failure for tests (docs/ARCHITECTURE.md): ("raise", N) makes step N raise,
         ("hang", N) makes it hang (for the watchdog to find)."""
         if watchdog_s is not None and watchdog_s <= 0:
             raise ValueError(f"watchdog_s must be > 0 or None, got {watchdog_s}")
@@ -140,8 +148,16 @@ class EngineLoop:
         self._busy_since: float | None = None  # monotonic start of the step in progress
         self._steps = self._command_errors = self._observer_errors = 0
         self.snapshot = EngineSnapshot(engine.stats())
+        self.on_text_stop = on_text_stop
+        self._text: TextThread | None = None
+        if text_thread:
+            engine.inline_text = False
+            self._text = TextThread(f"{name}-text", self._stopped_by_text,
+                                    lambda exc: self._die(exc, f"text thread died: {type(exc).__name__}: {exc}"))
 
     def start(self) -> None:
+        if self._text is not None:
+            self._text.start()
         self._thread.start()
         if self.watchdog_s is not None:
             self._watchdog.start()
@@ -151,6 +167,8 @@ class EngineLoop:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        if self._text is not None:
+            self._text.stop(timeout)
 
     # --------------------------------------------------------------- commands
     def submit(self, fn: Callable[[], None]) -> None:
@@ -208,14 +226,41 @@ class EngineLoop:
 
     def deliver(self, out: RequestOutput) -> None:
         """Engine thread only: hand `out` to its request (which leaves the table once every choice finished)."""
-        req = self.requests.get(out.request_id)
-        if req is None or not req.streams:
-            return
-        if out.finished:
+        self.deliver_all([out])
+
+    def deliver_all(self, outputs: list[RequestOutput]) -> None:
+        """Engine thread only: `deliver` each of `outputs`, in order (one hand-off to the text thread)."""
+        batch: list[tuple[Request, RequestOutput]] = []
+        for out in outputs:
+            req = self.requests.get(out.request_id)
+            if req is None or not req.streams:
+                continue
+            if out.finished:
+                req.unfinished -= 1
+                if req.unfinished <= 0:
+                    del self.requests[out.request_id]
+            batch.append((req, out))
+        if self._text is not None:
+            if batch:
+                self._text.put(batch)
+        else:
+            for req, out in batch:
+                req.emit(out)
+
+    def _stopped_by_text(self, req: Request, out: RequestOutput) -> None:
+        """Text thread: a stop string ended one of `req`'s choices at `out`; the engine learns it
+        before its next step."""
+        def stopped() -> None:
+            assert out.seq is not None
+            if not self.engine.stop_by_text(out.seq, out.num_output_tokens, out.stop_reason):
+                return  # the engine had finished it (and deliver counted it) or it was aborted
+            if self.on_text_stop is not None:
+                self.observe(self.on_text_stop, out, default=None)
             req.unfinished -= 1
-            if req.unfinished <= 0:
-                del self.requests[out.request_id]
-        req.emit(out)
+            if req.unfinished <= 0 and self.requests.get(req.id) is req:
+                del self.requests[req.id]
+
+        self.submit(stopped)
 
     def observe(self, fn: Callable[..., T], *args: object, default: T) -> T:
         """`fn(*args)` for an observer (metrics, tracing): if it raises, log and count it and return
@@ -297,8 +342,7 @@ class EngineLoop:
         t_done = time.perf_counter_ns()
         for observer in self.observers:
             self.observe(observer, step, outputs, t_exec, t_done, default=None)
-        for out in outputs:
-            self.deliver(out)
+        self.deliver_all(outputs)
         self._publish()
 
     def _inject(self, kind: str) -> None:
