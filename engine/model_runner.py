@@ -87,7 +87,7 @@ def load_model(
                              f"{quantization!r}")
         from engine.quant.loader import load_prequantized
 
-        return load_prequantized(model, iter_safetensors(path), checkpoint_quant, dtype, device, backend).eval()
+        return load_prequantized(model, iter_weights(path), checkpoint_quant, dtype, device, backend).eval()
     # -- dense checkpoints
     staging = device if quantization is None else torch.device("cpu")
     model = model.to_empty(device=staging).to(dtype)
