@@ -26,7 +26,7 @@ from engine.outputs import TokenLogprob
 from engine.sampling.batch import SamplingBatch
 from engine.sampling.sampler import Sampler, SamplerOutput
 from engine.sequence import Sequence
-from engine.weights import iter_safetensors, iter_weights
+from engine.weights import iter_weights
 from kernels.kv_store import FP8_KV_SCALE
 from kernels.ops import select_ops
 
