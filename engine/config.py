@@ -163,6 +163,9 @@ class EngineConfig:
         None, f"k, the most draft tokens verified per sequence and step (default {DEFAULT_SPECULATIVE_TOKENS})",
         min=1, max=MAX_SPECULATIVE_TOKENS)
     speculative_adaptive: bool = option(True, "shrink k (to 0) while verifying costs more than it yields")
+    async_scheduling: bool = option(
+        True, "schedule and prepare the next step while the current forward runs (a worker's engine loop; "
+        "outputs are the same as with it off)")
 
     def __post_init__(self) -> None:
         self._check_speculation()

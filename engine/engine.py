@@ -173,9 +173,15 @@ class Engine:
         return self.runner.execute(step, hook)
 
     def process(self, step: StepInput, sampled: SamplerOutput | None) -> list[RequestOutput]:
-        """Advance counters, append sampled tokens, apply stop conditions, free finished sequences."""
-        self.scheduler.finish_step(step)
+        """Advance counters, append sampled tokens, apply stop conditions, free finished sequences.
+        An overlapped step (engine.overlap) was advanced at launch; its tokens fill their placeholders
+        first, so the blocks named for the prefix cache hold only real tokens."""
         self.num_computed_tokens_total += sum(step.num_new_tokens)
+        if step.placeholder_at is not None:
+            outputs = self._process(step, sampled)
+            self.scheduler.finish_step(step, advance=False)
+            return outputs
+        self.scheduler.finish_step(step)
         for i, lps in step.prompt_logprobs.items():
             step.seqs[i].prompt_logprobs.extend(lps)
         return self._process(step, sampled)
@@ -207,7 +213,8 @@ class Engine:
             if spec is None:  # one token: the common path
                 token = tokens[row]
                 lp = _logprobs(seq.params, out, row, token) if seq.params.logprobs is not None else None
-                outputs.append(self.append_token(seq, token, lp))
+                at = step.placeholder_at[i] if step.placeholder_at is not None else None
+                outputs.append(self.append_token(seq, token, lp, at))
                 row += 1
                 continue
             # accepted drafts + the target's own token; stop conditions apply to each in turn
@@ -224,12 +231,23 @@ class Engine:
             outputs[-1].spec = SpecMetrics.of(seq)
         return outputs
 
-    def append_token(self, seq: Sequence, token: int, lp: list[TokenLogprob] | None = None) -> RequestOutput:
-        """Append a sampled token (and its logprobs), apply stop conditions, finish the sequence if it is done."""
-        seq.append_token(token)
+    def append_token(self, seq: Sequence, token: int, lp: list[TokenLogprob] | None = None,
+                     at: int | None = None) -> RequestOutput:
+        """Append a sampled token (and its logprobs), apply stop conditions, finish the sequence if it is done.
+        `at`: the token's placeholder in seq.token_ids (an overlapped step, engine.overlap); placeholders
+        of later steps behind it are dropped if the sequence finishes here."""
+        pending = 0
+        if at is None:
+            seq.append_token(token)
+        else:
+            seq.fill_token(at, token)
+            pending = len(seq.token_ids) - at - 1
         if lp:
             seq.logprobs.extend(lp)
-        reason = seq.check_stop(token)
+        reason = seq.check_stop(token, pending)
+        if reason is not None and pending:
+            del seq.token_ids[at + 1 :]  # type: ignore[operator]
+            pending = 0
         text = ""
         detok: IncrementalDetokenizer | None = seq.detokenizer
         if detok is not None and self.inline_text and not seq.prefill_only:
@@ -244,6 +262,8 @@ class Engine:
                 self.scheduler.finish(seq, reason, free=False)
             elif seq.status is SequenceStatus.RUNNING:
                 self.scheduler.finish(seq, reason)
+            elif seq.status is SequenceStatus.WAITING:  # preempted after its overlapped step was launched
+                self.scheduler.finish_waiting(seq, reason)
             else:
                 seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
         elif seq.prefill_only:
@@ -251,10 +271,10 @@ class Engine:
             seq.finish_reason = None
         out = RequestOutput(
             seq.request_id, [token], text, reason is not None, reason, seq.num_prompt_tokens,
-            seq.num_output_tokens, seq.num_cached_tokens, lp or [], seq, index=seq.index,
+            seq.num_output_tokens - pending, seq.num_cached_tokens, lp or [], seq, index=seq.index,
             stop_reason=seq.stop_reason if reason is FinishReason.STOP else None,
         )
-        if seq.index == 0 and seq.params.prompt_logprobs is not None and seq.num_output_tokens == 1:
+        if seq.index == 0 and seq.params.prompt_logprobs is not None and seq.num_output_tokens - pending == 1:
             out.prompt_logprobs = list(seq.prompt_logprobs)
         return out
 

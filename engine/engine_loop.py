@@ -32,12 +32,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from engine.engine import Engine
 from engine.model_runner import StepInput
 from engine.outputs import DuplicateRequest, EngineDied, RequestGone, RequestOutput
+from engine.overlap import OverlapRunner, can_overlap, without_finished
+from engine.sampling.sampler import SamplerOutput
 from engine.sequence import Sequence
 from engine.text_thread import TextThread
 
@@ -149,6 +152,15 @@ class EngineLoop:
         self._steps = self._command_errors = self._observer_errors = 0
         self.snapshot = EngineSnapshot(engine.stats())
         self.on_text_stop = on_text_stop
+        # Overlapped steps (engine.overlap): a forward thread runs step N while this thread schedules
+        # and prepares N+1, then processes N. Not with hooks (a prefill worker's KV transfer follows
+        # each forward) nor with speculation (drafts need the last token).
+        self._overlap: OverlapRunner | None = None
+        self._forward: ThreadPoolExecutor | None = None
+        self._inflight: tuple[StepInput, Future[SamplerOutput | None], int] | None = None
+        if engine.config.async_scheduling and hooks is None and engine.spec is None:
+            self._overlap = OverlapRunner(engine.runner)
+            self._forward = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-forward")
         self._text: TextThread | None = None
         if text_thread:
             engine.inline_text = False
@@ -169,6 +181,8 @@ class EngineLoop:
             self._thread.join(timeout)
         if self._text is not None:
             self._text.stop(timeout)
+        if self._forward is not None:
+            self._forward.shutdown(wait=False, cancel_futures=True)
 
     # --------------------------------------------------------------- commands
     def submit(self, fn: Callable[[], None]) -> None:
@@ -287,13 +301,16 @@ class EngineLoop:
             while not self._stop.is_set() and not self.dead.is_set():
                 ran = self._drain_commands()
                 self._tick()
-                if not self.engine.has_unfinished():
+                if not self.engine.has_unfinished() and self._inflight is None:
                     if ran:
                         self._publish()
                     self._wake.wait(_IDLE_WAIT_S)
                     self._wake.clear()
                     continue
-                self._step()
+                if self._overlap is not None:
+                    self._step_overlapped(self._overlap)
+                else:
+                    self._step()
         except BaseException as exc:  # noqa: BLE001 - fail-stop: every request hears it
             self._die(exc, f"engine thread died: {type(exc).__name__}: {exc}")
 
@@ -338,6 +355,53 @@ class EngineLoop:
         if self.hooks is not None:
             self.hooks.after_process(step, outputs)
         self._busy_since = None
+        self._steps += 1
+        t_done = time.perf_counter_ns()
+        for observer in self.observers:
+            self.observe(observer, step, outputs, t_exec, t_done, default=None)
+        self.deliver_all(outputs)
+        self._publish()
+
+    def _step_overlapped(self, overlap: OverlapRunner) -> None:
+        """Schedule and prepare the next step while the one in flight runs, then process that one
+        (engine.overlap); a step that cannot overlap runs serially once the one in flight is done."""
+        eng = self.engine
+        self._busy_since = time.monotonic()
+        step = eng.schedule() if eng.has_unfinished() else None
+        launched = None
+        if step is not None:
+            if self._fault is not None and self._steps + 1 == self._fault[1]:
+                self._inject(self._fault[0])
+            if not can_overlap(step):
+                if self._inflight is not None:
+                    self._finish_inflight()
+                overlap.forget()
+                t_exec = time.perf_counter_ns()
+                step = without_finished(step)  # some may have finished in the step just processed
+                if step is not None:
+                    self._finish(step, eng.process(step, eng.execute(step)), t_exec)
+                self._busy_since = None
+                return
+            prep = overlap.prepare(step)
+            overlap.launch(step)
+            assert self._forward is not None
+            launched = (step, self._forward.submit(overlap.run, prep), time.perf_counter_ns())
+        if self._inflight is not None:
+            self._finish_inflight()
+        self._inflight = launched
+        self._busy_since = None
+        if launched is None:
+            self._wake.wait(0.01)
+            self._wake.clear()
+
+    def _finish_inflight(self) -> None:
+        assert self._inflight is not None
+        step, future, t_exec = self._inflight
+        self._inflight = None
+        self._finish(step, self.engine.process(step, future.result()), t_exec)
+
+    def _finish(self, step: StepInput, outputs: list[RequestOutput], t_exec: int) -> None:
+        """A processed step: observers, outputs to their requests, the snapshot."""
         self._steps += 1
         t_done = time.perf_counter_ns()
         for observer in self.observers:

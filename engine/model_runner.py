@@ -52,6 +52,9 @@ class StepInput:
     copies: list[tuple[int, int]] = field(default_factory=list)
     # Filled by the forward: sequence i's prompt logprobs computed in this step, in prompt order.
     prompt_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
+    # Overlapped steps (engine.overlap): the step's counters were advanced when it was launched, and
+    # placeholder_at[i] is where sequence i's sampled token goes in its token_ids (-1: it samples none).
+    placeholder_at: list[int] | None = None
 
     def num_draft(self, i: int) -> int:
         return len(self.spec_tokens[i]) if self.spec_tokens is not None else 0
@@ -230,13 +233,16 @@ class ModelRunner:
         self, step: StepInput, on_layer_done: Callable[[int], None] | None = None
     ) -> Tensor:
         """Run the model; logits (R, V) float32: per sampling sequence i, 1 + step.num_draft(i) rows."""
-        input_ids, positions, ctx, logits_idx = self.prepare(step)
+        return self._forward(step, *self.prepare(step), on_layer_done)
+
+    def _forward(self, step: StepInput, input_ids: Tensor, positions: Tensor, ctx: ForwardContext,
+                 logits_idx: Tensor, on_layer_done: Callable[[int], None] | None = None) -> Tensor:
         ctx.on_layer_done = on_layer_done
         if step.copies:  # copy-on-write pages of forked sequences, before anything writes to them
             src, dst = (torch.tensor(c, dtype=torch.int64, device=self.device) for c in zip(*step.copies, strict=True))
             self.kv[:, dst] = self.kv[:, src]
         hidden = self.model(input_ids, positions, ctx)  # (T, H)
-        if any(s.wants_prompt_logprobs for s in step.seqs):
+        if step.placeholder_at is None and any(s.wants_prompt_logprobs for s in step.seqs):
             self._prompt_logprobs(step, hidden)
         return self.model.compute_logits(hidden[logits_idx])
 
