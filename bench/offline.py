@@ -49,17 +49,18 @@ def text_workload(path: Path, n: int, seed: int, output_len: int | None) -> list
     _, held_out = stdlib_split()
     files = sorted(held_out)
     rng.shuffle(files)
+    texts = [tok.encode(f.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False) for f in files]
     work: list[tuple[list[int], int]] = []
-    for f in files:
-        ids = tok.encode(f.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)
-        length = rng.randint(32, 512)
-        if len(ids) < length:
-            continue
-        start = rng.randrange(0, len(ids) - length + 1)
-        work.append((ids[start : start + length], output_len or rng.randint(16, 256)))
-        if len(work) == n:
-            return work
-    raise RuntimeError(f"only {len(work)} held-out files are long enough for {n} prompts")
+    for _ in range(4):  # a window of each file in turn, until there are n
+        for ids in texts:
+            length = rng.randint(32, 512)
+            if len(ids) < length:
+                continue
+            start = rng.randrange(0, len(ids) - length + 1)
+            work.append((ids[start : start + length], output_len or rng.randint(16, 256)))
+            if len(work) == n:
+                return work
+    raise RuntimeError(f"only {len(work)} windows of the held-out files for {n} prompts")
 
 
 def load_hf(path: Path):

@@ -9,6 +9,7 @@ The KV pool is one tensor for all layers:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
@@ -25,6 +26,7 @@ from engine.model import CausalLM, ForwardContext
 from engine.outputs import TokenLogprob
 from engine.sampling.batch import SamplingBatch
 from engine.sampling.sampler import Sampler, SamplerOutput
+from engine.sampling.seeds import step_seed
 from engine.sequence import Sequence
 from engine.weights import iter_weights
 from kernels.kv_store import FP8_KV_SCALE
@@ -125,6 +127,7 @@ class ModelRunner:
             dtype=self.kv_dtype, device=self.device,
         )
         self.sampler = Sampler(seed=config.seed)
+        self._last_batch: tuple[list[int], SamplingBatch] | None = None  # (ids of its sequences, batch)
         logger.info("model %s: %d layers, %s on %s (quantization %s); KV pool %d blocks x %d tokens, %s (%.1f MiB)",
                     mc.architecture, mc.num_layers, self.dtype, self.device, config.quantization, self.num_blocks,
                     self.block_size, self.kv_dtype, self.kv.numel() * self.kv.element_size() / 2**20)
@@ -292,7 +295,25 @@ class ModelRunner:
         return self.sampler(logits, batch)
 
     def sampling_batch(self, seqs: Seq[Sequence]) -> SamplingBatch:
-        """One row per choice each sequence samples (`num_sample_rows`): choice j with its own seed."""
+        """One row per choice each sequence samples (`num_sample_rows`): choice j with its own seed.
+
+        The batch of the last call is reused, its seeded rows' step seeds renewed, when the same
+        sequences sample again and none of them reads its output on the host (no penalties,
+        bad_words or min_tokens bans left, no forks): then nothing else in it can have changed."""
+        key = [id(s) for s in seqs]
+        cached = self._last_batch
+        if cached is not None and cached[0] == key and all(map(_steady, seqs)):
+            batch = cached[1]
+            if batch.seeded_rows:
+                batch = dataclasses.replace(batch, seeded_rows=tuple(
+                    (i, step_seed(seqs[i].params.seed, seqs[i].num_output_tokens))  # type: ignore[arg-type]
+                    for i, _ in batch.seeded_rows))
+            return batch
+        batch = self._build_sampling_batch(seqs)
+        self._last_batch = (key, batch) if all(map(_steady, seqs)) else None
+        return batch
+
+    def _build_sampling_batch(self, seqs: Seq[Sequence]) -> SamplingBatch:
         rows = [(s, j) for s in seqs for j in range(s.num_sample_rows)]
         return SamplingBatch.build(
             [s.params.for_choice(j) if s.pending_forks else s.params for s, j in rows],
@@ -303,3 +324,9 @@ class ModelRunner:
             vocab_size=self.model_config.vocab_size,
             bad_words=[s.bad_words_ids for s, _ in rows] if any(s.bad_words_ids for s in seqs) else None,
         )
+
+
+def _steady(seq: Sequence) -> bool:
+    """Its sampling row stays the same from step to step but for the seeded draw's step seed."""
+    p = seq.params
+    return not (seq.pending_forks or seq.bad_words_ids or p.needs_penalties) and seq.num_output_tokens >= p.min_tokens

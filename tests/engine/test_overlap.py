@@ -83,3 +83,22 @@ def test_overlapped_steps_equal_serial_steps(model) -> None:
         seq = got[-1].seq
         assert seq is not None and -1 not in seq.token_ids  # every placeholder filled or dropped
     assert len(reasons) >= 2  # both length and stop endings were exercised
+
+
+def test_a_reused_sampling_batch_renews_its_step_seeds(model) -> None:
+    """The runner reuses the last step's sampling batch for the same sequences (engine.model_runner);
+    what changes per step (a seeded row's step seed) must be what a fresh build gives."""
+    engine = Engine(EngineConfig(model=model, device="cpu", dtype="float32", num_kv_blocks=16, block_size=4))
+    seqs = [engine.make_sequence(f"s{i}", [3, 4, 5], SamplingParams(seed=i, max_tokens=8)) for i in range(2)]
+    seqs.append(engine.make_sequence("g", [3, 4, 5], SamplingParams(temperature=0.0, max_tokens=8)))
+    runner = engine.runner
+    first = runner.sampling_batch(seqs)
+    for seq in seqs:
+        seq.append_token(9)
+    again = runner.sampling_batch(seqs)
+    fresh = runner._build_sampling_batch(seqs)
+    assert again.seeded_rows == fresh.seeded_rows != first.seeded_rows
+    assert again.temperatures is first.temperatures  # the rest was reused, not rebuilt
+    penalised = [*seqs, engine.make_sequence("p", [3], SamplingParams(seed=1, repetition_penalty=1.2))]
+    runner.sampling_batch(penalised)
+    assert runner.sampling_batch(penalised).penalties is not None and runner._last_batch is None
