@@ -80,14 +80,27 @@ def load_hf(path: Path):
     return model.float().eval()
 
 
-def run_tandem(path: Path, work, max_batched: int) -> float:
+def run_tandem(path: Path, work, max_batched: int, floor: dict | None = None) -> float:
+    """Seconds Tandem takes for `work`; with `floor` (a dict), the run's floor (bench.floor) is added
+    to it, measured right after the run on the same engine and steps."""
     llm = LLM(path, dtype="float32", device="cpu", max_num_batched_tokens=max_batched, max_num_seqs=256)
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for _, m in work]
     llm.generate([work[0][0]], SamplingParams(max_tokens=2))  # warm-up
+    recorder = None
+    if floor is not None:
+        from bench.floor import StepRecorder
+
+        recorder = StepRecorder()
+        recorder.attach(llm.engine)
     t0 = time.perf_counter()
     outs = llm.generate([p for p, _ in work], params)
     elapsed = time.perf_counter() - t0
     assert sum(len(o.token_ids) for o in outs) == sum(m for _, m in work)
+    if floor is not None and recorder is not None:
+        from bench.floor import floor as measure_floor
+
+        floor.update(measure_floor(llm.engine, recorder.steps), run_s=elapsed)
+        floor["run_over_floor"] = elapsed / floor["floor_s"]
     return elapsed
 
 
@@ -123,6 +136,7 @@ def main() -> None:
     ap.add_argument("--hf-batch-sizes", default="1,8,16,32", help="comma list; 1 = sequential")
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--floor", action="store_true", help="also measure the Tandem run's floor (bench.floor)")
     ap.add_argument("--out", default="bench/results/offline.json")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
@@ -140,7 +154,11 @@ def main() -> None:
         else:
             work = text_workload(path, args.num_prompts, args.seed, args.output_len)
         out_tokens = sum(m for _, m in work)
-        results = {"tandem": out_tokens / run_tandem(path, work, args.max_num_batched_tokens)}
+        floor: dict | None = {} if args.floor else None
+        results = {"tandem": out_tokens / run_tandem(path, work, args.max_num_batched_tokens, floor)}
+        if floor:
+            print(f"floor: {floor['floor_s']:.1f} s (matmuls {floor['matmul_s']:.1f} s, KV reads "
+                  f"{floor['kv_read_s']:.2f} s); the run is {floor['run_over_floor']:.2f}x it", flush=True)
         print(f"tandem: {results['tandem']:.1f} output tok/s", flush=True)
         if not args.skip_hf:
             for b in (int(x) for x in args.hf_batch_sizes.split(",")):
@@ -157,6 +175,7 @@ def main() -> None:
         "output_tokens": out_tokens,
         "tokens_per_s": results,
         "ratio_vs_best_hf": results["tandem"] / best_hf if best_hf else None,
+        "floor": floor,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2))
