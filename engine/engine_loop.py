@@ -154,11 +154,12 @@ class EngineLoop:
         self.on_text_stop = on_text_stop
         # Overlapped steps (engine.overlap): a forward thread runs step N while this thread schedules
         # and prepares N+1, then processes N. Not with hooks (a prefill worker's KV transfer follows
-        # each forward) nor with speculation (drafts need the last token).
+        # each forward), with speculation (drafts need the last token) or tensor parallelism (rank 0
+        # drives its followers' collectives and KV relay step by step on the engine thread).
         self._overlap: OverlapRunner | None = None
         self._forward: ThreadPoolExecutor | None = None
         self._inflight: tuple[StepInput, Future[SamplerOutput | None], int] | None = None
-        if engine.config.async_scheduling and hooks is None and engine.spec is None:
+        if engine.config.async_scheduling and hooks is None and engine.spec is None and engine.runner.tp is None:
             self._overlap = OverlapRunner(engine.runner)
             self._forward = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-forward")
         self._text: TextThread | None = None
@@ -173,6 +174,11 @@ class EngineLoop:
         self._thread.start()
         if self.watchdog_s is not None:
             self._watchdog.start()
+
+    def kill(self, message: str) -> None:
+        """Declare the loop dead from outside (a tensor-parallel rank died): every request fails with
+        EngineDied(message) at once, as when a step raises. Any thread; idempotent."""
+        self._die(EngineDied(message), message)
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
