@@ -178,6 +178,19 @@ class DecodeObserver:
             if out.finished:
                 self._finish(req, out, epoch_ns_from_perf(t_done_ns))
 
+    def text_stopped(self, requests: Mapping[str, DecodeRequest], out: RequestOutput) -> None:
+        """A stop string ended a choice (found on the text thread after its step): its decode time,
+        and for choice 0 its last decode.steps window and its finish."""
+        now_ns = time.perf_counter_ns()
+        req = requests.get(out.request_id)
+        tr = req.trace if req is not None else DecodeTrace()
+        self.metrics.decode_time.observe((now_ns - (tr.first_token_ns or now_ns)) / 1e9)
+        if req is None or out.index or not self.tracing.enabled or tr.parent(self.tracing) is None:
+            return
+        if tr.window is not None:
+            self._flush(req, tr.window, now_ns)
+        self._finish(req, out, epoch_ns_from_perf(now_ns))
+
     def _flush(self, req: DecodeRequest, win: _Window, end_ns: int) -> None:
         seq, tr = req.seq, req.trace
         tr.window = None

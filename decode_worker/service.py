@@ -140,6 +140,7 @@ def _message(index: int, outs: list[RequestOutput]) -> pb.DecodeResponse:
     if last.finished:
         resp.num_prompt_tokens = last.num_prompt_tokens
         resp.num_output_tokens = last.num_output_tokens
-        if last.seq is not None and isinstance(last.seq.stop_reason, str):
-            resp.finish_message = last.seq.stop_reason
+        stop = last.stop_reason if last.stop_reason is not None else last.seq.stop_reason if last.seq else None
+        if isinstance(stop, str):
+            resp.finish_message = stop
     return resp

@@ -90,7 +90,8 @@ class DecodeCore:
         self._relayed: dict[str, tuple[list[int], list[int]]] = {}  # rid -> (pool ids, staging ids); engine thread
         self.loop = EngineLoop(engine, name="decode-engine", watchdog_s=watchdog_s, fault=fault, on_death=self._died,
                                observers=[lambda *a: self.obs.on_step(self.requests, *a)],
-                               gauges=self._gauges, tick=self._admit)
+                               gauges=self._gauges, tick=self._admit,
+                               on_text_stop=lambda out: self.obs.text_stopped(self.requests, out))
         self.receiver = KVReceiver(
             engine.runner.transfer_pool, layout, kv_bind, want=self._want, release=self._release,
             on_complete=self._on_complete, on_failed=self._on_failed, timeout_s=kv_timeout_s, curve=curve,

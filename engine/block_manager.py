@@ -123,7 +123,13 @@ class BlockManager:
         reference each; the caller then advances `num_computed_tokens` past it. Returns False and
         changes nothing when the pool cannot supply the blocks.
         """
-        if cached and seq.block_table:
+        if not cached:  # the common case (a decode step inside its last block): nothing to do
+            computed, table, bs = seq.num_computed_tokens, seq.block_table, self.block_size
+            if -(-(computed + num_new_tokens) // bs) <= len(table) and (
+                num_new_tokens == 0 or computed % bs == 0 or self._blocks[table[computed // bs]].ref_count == 1
+            ):
+                return True
+        elif seq.block_table:
             raise ValueError("cached blocks can only start an empty block table")
         total = seq.num_computed_tokens + len(cached) * self.block_size + num_new_tokens
         needed = -(-total // self.block_size) - len(seq.block_table) - len(cached)

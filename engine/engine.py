@@ -65,6 +65,9 @@ class Engine:
         self.grammars = GrammarCompiler(self.tokenizer, config.grammar_cache_size)
         self.masks = MaskFiller(self.tokenizer.vocab_size, config.grammar_threads or None)
         self.num_computed_tokens_total = 0
+        # Text (detokenization, stop strings) made in append_token. An EngineLoop with a text thread
+        # turns this off and makes it there (engine.text_thread); `stop_by_text` then ends sequences.
+        self.inline_text = True
 
     @property
     def vocab_size(self) -> int:
@@ -190,27 +193,35 @@ class Engine:
         return self.runner.execute(step, hook)
 
     def process(self, step: StepInput, sampled: SamplerOutput | None) -> list[RequestOutput]:
-        """Advance counters, append sampled tokens, apply stop conditions, free finished sequences."""
-        self.scheduler.finish_step(step)
+        """Advance counters, append sampled tokens, apply stop conditions, free finished sequences.
+        An overlapped step (engine.overlap) was advanced at launch; its tokens fill their placeholders
+        first, so the blocks named for the prefix cache hold only real tokens."""
         self.num_computed_tokens_total += sum(step.num_new_tokens)
+        if step.placeholder_at is not None:
+            outputs = self._process(step, sampled)
+            self.scheduler.finish_step(step, advance=False)
+            return outputs
+        self.scheduler.finish_step(step)
         for i, lps in step.prompt_logprobs.items():
             step.seqs[i].prompt_logprobs.extend(lps)
         return self._process(step, sampled)
 
     def _process(self, step: StepInput, out: SamplerOutput | None) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
+        if out is None:
+            return outputs
+        tokens = out.token_ids.tolist()  # one device->host read for the whole batch
         row = 0
+        spec = self.spec
         for i, (seq, sample) in enumerate(zip(step.seqs, step.sample, strict=True)):
             if not sample:
                 continue
-            assert out is not None
-            rows = step.num_rows(i)  # a speculating sequence owns 1 + k rows, a forking one n
+            rows = step.num_rows(i) if spec is not None or seq.pending_forks else 1
             if seq.is_finished:  # aborted while its step ran
                 row += rows
                 continue
             if seq.pending_forks:
-                tokens = [int(t) for t in out.token_ids[row : row + rows].tolist()]
-                firsts = [(t, _logprobs(seq.params, out, row + j, t)) for j, t in enumerate(tokens)]
+                firsts = [(t, _logprobs(seq.params, out, row + j, t)) for j, t in enumerate(tokens[row : row + rows])]
                 row += rows
                 if seq.prefill_only:  # the decode worker forks them: their first tokens go with the KV
                     seq.pending_forks = 0
@@ -219,54 +230,90 @@ class Engine:
                 else:
                     outputs.extend(self.fork(seq, firsts))
                 continue
+            if spec is None:  # one token: the common path
+                token = tokens[row]
+                lp = _logprobs(seq.params, out, row, token) if seq.params.logprobs is not None else None
+                at = step.placeholder_at[i] if step.placeholder_at is not None else None
+                outputs.append(self.append_token(seq, token, lp, at))
+                row += 1
+                continue
             # accepted drafts + the target's own token; stop conditions apply to each in turn
-            emit = self.spec.accept(step, i) if self.spec is not None else 1
+            emit = spec.accept(step, i)
             deltas: list[RequestOutput] = []
             for r in range(row, row + emit):
-                token = int(out.token_ids[r])
+                token = tokens[r]
                 deltas.append(self.append_token(seq, token, _logprobs(seq.params, out, r, token)))
                 if seq.is_finished:
                     break
             row += rows
-            if self.spec is not None:
-                self.spec.after_append(seq, emit)
+            spec.after_append(seq, emit)
             outputs.append(deltas[0] if len(deltas) == 1 else _merge(deltas))
-            if self.spec is not None:
-                outputs[-1].spec = SpecMetrics.of(seq)
+            outputs[-1].spec = SpecMetrics.of(seq)
         return outputs
 
-    def append_token(self, seq: Sequence, token: int, lp: list[TokenLogprob] | None = None) -> RequestOutput:
-        """Append a sampled token (and its logprobs), apply stop conditions, finish the sequence if it is done."""
-        seq.append_token(token)
-        seq.logprobs.extend(lp or [])
-        reason = seq.check_stop(token)
+    def append_token(self, seq: Sequence, token: int, lp: list[TokenLogprob] | None = None,
+                     at: int | None = None) -> RequestOutput:
+        """Append a sampled token (and its logprobs), apply stop conditions, finish the sequence if it is done.
+        `at`: the token's placeholder in seq.token_ids (an overlapped step, engine.overlap); placeholders
+        of later steps behind it are dropped if the sequence finishes here. A sequence with a grammar never
+        runs overlapped (its next mask needs this token), so `at` is None for it."""
+        pending = 0
+        if at is None:
+            seq.append_token(token)
+        else:
+            seq.fill_token(at, token)
+            pending = len(seq.token_ids) - at - 1
+        if lp:
+            seq.logprobs.extend(lp)
+        reason = seq.check_stop(token, pending)
         if seq.grammar is not None:  # a complete grammar ends the request (EOS or not): STOP, not LENGTH
             seq.grammar.accept(token)
             if seq.grammar.done and reason is not FinishReason.STOP:
                 reason = FinishReason.STOP
+        if reason is not None and pending:
+            del seq.token_ids[at + 1 :]  # type: ignore[operator]
+            pending = 0
         text = ""
         detok: IncrementalDetokenizer | None = seq.detokenizer
-        if detok is not None and not seq.prefill_only:
-            text = detok.step([token])
+        if detok is not None and self.inline_text and not seq.prefill_only:
+            text = detok.step((token,))
             if reason is None and detok.stop_reason is not None:
                 reason = FinishReason.STOP
                 seq.stop_reason = detok.stop_reason
             elif reason is not None and detok.stop_reason is None:
                 text += detok.flush()
-        if seq.prefill_only:  # a prefill worker keeps the KV until it has been shipped
-            self.scheduler.finish(seq, reason or FinishReason.LENGTH, free=False)
-            seq.finish_reason = reason
-        elif reason is not None and seq.status is SequenceStatus.RUNNING:
-            self.scheduler.finish(seq, reason)
-        elif reason is not None:
-            seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+        if reason is not None:
+            if seq.prefill_only:  # a prefill worker keeps the KV until it has been shipped
+                self.scheduler.finish(seq, reason, free=False)
+            elif seq.status is SequenceStatus.RUNNING:
+                self.scheduler.finish(seq, reason)
+            elif seq.status is SequenceStatus.WAITING:  # preempted after its overlapped step was launched
+                self.scheduler.finish_waiting(seq, reason)
+            else:
+                seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+        elif seq.prefill_only:
+            self.scheduler.finish(seq, FinishReason.LENGTH, free=False)
+            seq.finish_reason = None
         out = RequestOutput(
             seq.request_id, [token], text, reason is not None, reason, seq.num_prompt_tokens,
-            seq.num_output_tokens, seq.num_cached_tokens, lp or [], seq, index=seq.index,
+            seq.num_output_tokens - pending, seq.num_cached_tokens, lp or [], seq, index=seq.index,
+            stop_reason=seq.stop_reason if reason is FinishReason.STOP else None,
         )
-        if seq.index == 0 and seq.num_output_tokens == 1 and seq.params.prompt_logprobs is not None:
+        if seq.index == 0 and seq.params.prompt_logprobs is not None and seq.num_output_tokens - pending == 1:
             out.prompt_logprobs = list(seq.prompt_logprobs)
         return out
+
+    def stop_by_text(self, seq: Sequence, num_output_tokens: int, stop_reason: str | int | None) -> bool:
+        """A stop string ended `seq` after `num_output_tokens` outputs (found off this thread, while the
+        engine went on): it leaves the scheduler if it is still there (its blocks are freed), and the
+        tokens (and logprobs) it made since are dropped. Returns whether it was still unfinished."""
+        running = not seq.is_finished
+        if running:
+            self.abort(seq.request_id, seq.index)
+        del seq.token_ids[seq.num_prompt_tokens + num_output_tokens :]
+        del seq.logprobs[num_output_tokens:]
+        seq.finish_reason, seq.stop_reason = FinishReason.STOP, stop_reason
+        return running
 
     def release(self, seq: Sequence) -> None:
         """Free the blocks of a finished sequence that kept them (prefill_only, after its transfer)."""
@@ -295,7 +342,7 @@ class Engine:
 
 def _logprobs(params: SamplingParams, out: SamplerOutput, row: int, token: int) -> list[TokenLogprob]:
     """The logprobs of `token`, drawn from sampler row `row`, when the request asks for them."""
-    if params.logprobs is None:
+    if params.logprobs is None or out.logprobs is None:
         return []
     top: list[tuple[int, float]] = []
     if out.top_ids is not None and params.logprobs > 0:

@@ -8,9 +8,14 @@
                                         schedule() -> hooks.before_execute(step)
                                         execute()  -> hooks.on_layer_done(step, layer)   (the forward)
                                         process()  -> hooks.after_process(step, outputs)
-                                        each output to its Request's `emit`; finished ones leave the table
                                         observers (guarded: a metrics/tracing bug is logged and counted)
+                                        each output to the text thread; finished ones leave the table
     snapshot (any thread, no lock)  <-- published after every step and every batch of commands
+
+    text thread (engine.text_thread): detokenizes each output, matches stop strings, calls the Request's
+    `emit`; a stop string that ends a choice comes back as a command (the sequence leaves the batch, its
+    blocks are freed, `on_text_stop` observes it). With text_thread=False, the engine makes text inline
+    and outputs go to `emit` from the engine thread.
 
 Fail-stop: if schedule/execute/process or a hook raises, or a step makes no progress for `watchdog_s`,
 the loop is dead: every Request hears `EngineDied` at once (its `fail`), `dead` is set and `on_death`
@@ -27,13 +32,17 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from engine.engine import Engine
 from engine.model_runner import StepInput
 from engine.outputs import DuplicateRequest, EngineDied, RequestGone, RequestOutput
+from engine.overlap import OverlapRunner, can_overlap, without_finished
+from engine.sampling.sampler import SamplerOutput
 from engine.sequence import Sequence
+from engine.text_thread import TextThread
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -114,8 +123,10 @@ class EngineLoop:
                  observers: list[Observer] | None = None, watchdog_s: float | None = None,
                  on_death: Callable[[BaseException], None] | None = None,
                  gauges: Callable[[], Mapping[str, int]] | None = None,
-                 tick: Callable[[], None] | None = None, fault: tuple[str, int] | None = None) -> None:
-        """`fault` injects a failure for tests (docs/ARCHITECTURE.md): ("raise", N) makes step N raise,
+                 tick: Callable[[], None] | None = None, fault: tuple[str, int] | None = None,
+                 text_thread: bool = True, on_text_stop: Callable[[RequestOutput], None] | None = None) -> None:
+        """`text_thread`: detokenize on a thread of its own (else inline, on the engine thread);
+        `on_text_stop(out)`: engine thread, observes a choice a stop string ended (guarded). `fault` injects a failure for tests (docs/ARCHITECTURE.md): ("raise", N) makes step N raise,
         ("hang", N) makes it hang (for the watchdog to find)."""
         if watchdog_s is not None and watchdog_s <= 0:
             raise ValueError(f"watchdog_s must be > 0 or None, got {watchdog_s}")
@@ -140,8 +151,26 @@ class EngineLoop:
         self._busy_since: float | None = None  # monotonic start of the step in progress
         self._steps = self._command_errors = self._observer_errors = 0
         self.snapshot = EngineSnapshot(engine.stats())
+        self.on_text_stop = on_text_stop
+        # Overlapped steps (engine.overlap): a forward thread runs step N while this thread schedules
+        # and prepares N+1, then processes N. Not with hooks (a prefill worker's KV transfer follows
+        # each forward), with speculation (drafts need the last token) or tensor parallelism (rank 0
+        # drives its followers' collectives and KV relay step by step on the engine thread).
+        self._overlap: OverlapRunner | None = None
+        self._forward: ThreadPoolExecutor | None = None
+        self._inflight: tuple[StepInput, Future[SamplerOutput | None], int] | None = None
+        if engine.config.async_scheduling and hooks is None and engine.spec is None and engine.runner.tp is None:
+            self._overlap = OverlapRunner(engine.runner)
+            self._forward = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-forward")
+        self._text: TextThread | None = None
+        if text_thread:
+            engine.inline_text = False
+            self._text = TextThread(f"{name}-text", self._stopped_by_text,
+                                    lambda exc: self._die(exc, f"text thread died: {type(exc).__name__}: {exc}"))
 
     def start(self) -> None:
+        if self._text is not None:
+            self._text.start()
         self._thread.start()
         if self.watchdog_s is not None:
             self._watchdog.start()
@@ -156,6 +185,10 @@ class EngineLoop:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        if self._text is not None:
+            self._text.stop(timeout)
+        if self._forward is not None:
+            self._forward.shutdown(wait=False, cancel_futures=True)
 
     # --------------------------------------------------------------- commands
     def submit(self, fn: Callable[[], None]) -> None:
@@ -213,14 +246,41 @@ class EngineLoop:
 
     def deliver(self, out: RequestOutput) -> None:
         """Engine thread only: hand `out` to its request (which leaves the table once every choice finished)."""
-        req = self.requests.get(out.request_id)
-        if req is None or not req.streams:
-            return
-        if out.finished:
+        self.deliver_all([out])
+
+    def deliver_all(self, outputs: list[RequestOutput]) -> None:
+        """Engine thread only: `deliver` each of `outputs`, in order (one hand-off to the text thread)."""
+        batch: list[tuple[Request, RequestOutput]] = []
+        for out in outputs:
+            req = self.requests.get(out.request_id)
+            if req is None or not req.streams:
+                continue
+            if out.finished:
+                req.unfinished -= 1
+                if req.unfinished <= 0:
+                    del self.requests[out.request_id]
+            batch.append((req, out))
+        if self._text is not None:
+            if batch:
+                self._text.put(batch)
+        else:
+            for req, out in batch:
+                req.emit(out)
+
+    def _stopped_by_text(self, req: Request, out: RequestOutput) -> None:
+        """Text thread: a stop string ended one of `req`'s choices at `out`; the engine learns it
+        before its next step."""
+        def stopped() -> None:
+            assert out.seq is not None
+            if not self.engine.stop_by_text(out.seq, out.num_output_tokens, out.stop_reason):
+                return  # the engine had finished it (and deliver counted it) or it was aborted
+            if self.on_text_stop is not None:
+                self.observe(self.on_text_stop, out, default=None)
             req.unfinished -= 1
-            if req.unfinished <= 0:
-                del self.requests[out.request_id]
-        req.emit(out)
+            if req.unfinished <= 0 and self.requests.get(req.id) is req:
+                del self.requests[req.id]
+
+        self.submit(stopped)
 
     def observe(self, fn: Callable[..., T], *args: object, default: T) -> T:
         """`fn(*args)` for an observer (metrics, tracing): if it raises, log and count it and return
@@ -247,13 +307,16 @@ class EngineLoop:
             while not self._stop.is_set() and not self.dead.is_set():
                 ran = self._drain_commands()
                 self._tick()
-                if not self.engine.has_unfinished():
+                if not self.engine.has_unfinished() and self._inflight is None:
                     if ran:
                         self._publish()
                     self._wake.wait(_IDLE_WAIT_S)
                     self._wake.clear()
                     continue
-                self._step()
+                if self._overlap is not None:
+                    self._step_overlapped(self._overlap)
+                else:
+                    self._step()
         except BaseException as exc:  # noqa: BLE001 - fail-stop: every request hears it
             self._die(exc, f"engine thread died: {type(exc).__name__}: {exc}")
 
@@ -302,8 +365,54 @@ class EngineLoop:
         t_done = time.perf_counter_ns()
         for observer in self.observers:
             self.observe(observer, step, outputs, t_exec, t_done, default=None)
-        for out in outputs:
-            self.deliver(out)
+        self.deliver_all(outputs)
+        self._publish()
+
+    def _step_overlapped(self, overlap: OverlapRunner) -> None:
+        """Schedule and prepare the next step while the one in flight runs, then process that one
+        (engine.overlap); a step that cannot overlap runs serially once the one in flight is done."""
+        eng = self.engine
+        self._busy_since = time.monotonic()
+        step = eng.schedule() if eng.has_unfinished() else None
+        launched = None
+        if step is not None:
+            if self._fault is not None and self._steps + 1 == self._fault[1]:
+                self._inject(self._fault[0])
+            if not can_overlap(step):
+                if self._inflight is not None:
+                    self._finish_inflight()
+                overlap.forget()
+                t_exec = time.perf_counter_ns()
+                step = without_finished(step)  # some may have finished in the step just processed
+                if step is not None:
+                    self._finish(step, eng.process(step, eng.execute(step)), t_exec)
+                self._busy_since = None
+                return
+            prep = overlap.prepare(step)
+            overlap.launch(step)
+            assert self._forward is not None
+            launched = (step, self._forward.submit(overlap.run, prep), time.perf_counter_ns())
+        if self._inflight is not None:
+            self._finish_inflight()
+        self._inflight = launched
+        self._busy_since = None
+        if launched is None:
+            self._wake.wait(0.01)
+            self._wake.clear()
+
+    def _finish_inflight(self) -> None:
+        assert self._inflight is not None
+        step, future, t_exec = self._inflight
+        self._inflight = None
+        self._finish(step, self.engine.process(step, future.result()), t_exec)
+
+    def _finish(self, step: StepInput, outputs: list[RequestOutput], t_exec: int) -> None:
+        """A processed step: observers, outputs to their requests, the snapshot."""
+        self._steps += 1
+        t_done = time.perf_counter_ns()
+        for observer in self.observers:
+            self.observe(observer, step, outputs, t_exec, t_done, default=None)
+        self.deliver_all(outputs)
         self._publish()
 
     def _inject(self, kind: str) -> None:

@@ -16,6 +16,7 @@ The pool then holds this rank's KV heads only; `staging` holds whole pages for t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
@@ -38,6 +39,7 @@ from engine.parallel.shard import TPShard
 from engine.parallel.step import StepTensors, send_step, unpack_step
 from engine.sampling.batch import SamplingBatch
 from engine.sampling.sampler import Sampler, SamplerOutput
+from engine.sampling.seeds import step_seed
 from engine.sequence import Sequence
 from engine.structured.masks import PendingMasks
 from engine.weights import iter_weights
@@ -69,6 +71,9 @@ class StepInput:
     # Token masks of the constrained sampling rows (engine.structured.masks.PendingMasks), filled while
     # the forward runs; None when no sampling sequence of the step has a grammar.
     masks: PendingMasks | None = None
+    # Overlapped steps (engine.overlap): the step's counters were advanced when it was launched, and
+    # placeholder_at[i] is where sequence i's sampled token goes in its token_ids (-1: it samples none).
+    placeholder_at: list[int] | None = None
 
     def num_draft(self, i: int) -> int:
         return len(self.spec_tokens[i]) if self.spec_tokens is not None else 0
@@ -167,6 +172,7 @@ class ModelRunner:
             self.staging = KVStaging(blocks, self.kv, mc.num_kv_heads)
             self.tp.start_keepalive()  # every rank is past its start-up collectives (all_reduce_min above)
         self.sampler = Sampler(seed=config.seed)
+        self._last_batch: tuple[list[int], SamplingBatch] | None = None  # (ids of its sequences, batch)
         logger.info("model %s: %d layers, %s on %s (quantization %s); KV pool %d blocks x %d tokens, %s (%.1f MiB)",
                     mc.architecture, mc.num_layers, self.dtype, self.device, config.quantization, self.num_blocks,
                     self.block_size, self.kv_dtype, self.kv.numel() * self.kv.element_size() / 2**20)
@@ -205,56 +211,92 @@ class ModelRunner:
         """Flatten the step into (input_ids, positions, context, logits_indices).
 
         A sequence that forks choices gets its last row once per choice (`Sequence.num_sample_rows`).
+        Per sequence only its new token ids, its start and its block table are read in Python; the
+        positions, slot mapping and logit rows are computed over the batch with tensor operations:
+
+            seq b, n_b rows from start_b:  positions  start_b .. start_b + n_b - 1
+                                           slot(p) =  block_tables[b, p // bs] * bs + p % bs
         """
         bs = self.block_size
+        seqs = step.seqs
+        drafts = step.spec_tokens
         input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        qsl = [0]
-        seq_lens: list[int] = []
-        logits_idx: list[int] = []
-        for i, (seq, new, sample) in enumerate(zip(step.seqs, step.num_new_tokens, step.sample, strict=True)):
+        starts: list[int] = []
+        counts: list[int] = []
+        for i, (seq, new) in enumerate(zip(seqs, step.num_new_tokens, strict=True)):
             start = seq.num_computed_tokens
-            draft = step.spec_tokens[i] if step.spec_tokens is not None else []
-            n = new + len(draft)  # drafts are verified right after the new tokens
+            starts.append(start)
+            if new == 1 and not (drafts and drafts[i]):
+                input_ids.append(seq.token_ids[start])
+                counts.append(1)
+                continue
+            draft = drafts[i] if drafts is not None else []
             input_ids.extend(seq.token_ids[start : start + new])
-            input_ids.extend(draft)
-            positions.extend(range(start, start + n))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-            qsl.append(qsl[-1] + n)
-            seq_lens.append(start + n)
-            if sample:
-                logits_idx.extend(range(qsl[-1] - 1 - len(draft), qsl[-1] - 1))
-                logits_idx.extend([qsl[-1] - 1] * seq.num_sample_rows if not draft else [qsl[-1] - 1])
-        max_blocks = max(len(s.block_table) for s in step.seqs)
-        tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in step.seqs]
+            input_ids.extend(draft)  # drafts are verified right after the new tokens
+            counts.append(new + len(draft))
+        max_blocks = max(len(s.block_table) for s in seqs)
+        tables_t = torch.tensor([s.block_table + [0] * (max_blocks - len(s.block_table)) for s in seqs],
+                                dtype=torch.int64)  # (B, max_blocks)
+        starts_t = torch.tensor(starts, dtype=torch.int64)  # (B,)
+        num_tokens = len(input_ids)
+        if num_tokens == len(seqs):  # every sequence computes one token (decode)
+            owner = torch.arange(len(seqs))  # (T,)
+            positions = starts_t
+            counts_t = torch.ones(len(seqs), dtype=torch.int64)
+        else:
+            counts_t = torch.tensor(counts, dtype=torch.int64)  # (B,)
+            owner = torch.repeat_interleave(torch.arange(len(seqs)), counts_t)  # (T,)
+            first_row = torch.cumsum(counts_t, 0) - counts_t  # (B,)
+            positions = starts_t[owner] + torch.arange(num_tokens) - first_row[owner]  # (T,)
+        slots = tables_t[owner, positions // bs] * bs + positions % bs  # (T,)
+        qsl = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+        torch.cumsum(counts_t, 0, out=qsl[1:])
+        seq_lens = (starts_t + counts_t).to(torch.int32)  # (B,)
+        logits_idx = self._logit_rows(step, qsl)
         dev = self.device
         ctx = ForwardContext(
             kv=self.kv,
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            max_query_len=max(b - a for a, b in zip(qsl[:-1], qsl[1:], strict=True)),
+            slot_mapping=slots.to(dev),
+            block_tables=tables_t.to(torch.int32).to(dev),
+            query_start_loc=qsl.to(dev),
+            seq_lens=seq_lens.to(dev),
+            max_query_len=max(counts),
             ops=self.ops,
             kv_scale=self.kv_scale,
         )
-        return (
-            torch.tensor(input_ids, dtype=torch.int64, device=dev),
-            torch.tensor(positions, dtype=torch.int64, device=dev),
-            ctx,
-            torch.tensor(logits_idx, dtype=torch.int64, device=dev),
-        )
+        return torch.tensor(input_ids, dtype=torch.int64, device=dev), positions.to(dev), ctx, logits_idx.to(dev)
+
+    @staticmethod
+    def _logit_rows(step: StepInput, qsl: Tensor) -> Tensor:
+        """Rows of the flat batch whose logits are sampled, in sampling order (R,) int64: per sampling
+        sequence its last row (once per choice it forks), or its last new token's and its drafts'."""
+        ends = qsl[1:].to(torch.int64) - 1  # (B,): each sequence's last row
+        if all(step.sample) and step.spec_tokens is None and not any(s.pending_forks for s in step.seqs):
+            return ends
+        rows: list[int] = []
+        ends_l = ends.tolist()
+        for i, (seq, sample) in enumerate(zip(step.seqs, step.sample, strict=True)):
+            if not sample:
+                continue
+            last = ends_l[i]
+            draft = step.num_draft(i)
+            if draft:
+                rows.extend(range(last - draft, last + 1))
+            else:
+                rows.extend([last] * seq.num_sample_rows)
+        return torch.tensor(rows, dtype=torch.int64)
 
     @torch.inference_mode()
     def forward_logits(
         self, step: StepInput, on_layer_done: Callable[[int], None] | None = None
     ) -> Tensor:
         """Run the model; logits (R, V) float32: per sampling sequence i, 1 + step.num_draft(i) rows."""
-        input_ids, positions, ctx, logits_idx = self.prepare(step)
+        return self._forward(step, *self.prepare(step), on_layer_done)
+
+    def _forward(self, step: StepInput, input_ids: Tensor, positions: Tensor, ctx: ForwardContext,
+                 logits_idx: Tensor, on_layer_done: Callable[[int], None] | None = None) -> Tensor:
         ctx.on_layer_done = on_layer_done
-        prompt = self._prompt_rows(step)
+        prompt = self._prompt_rows(step) if step.placeholder_at is None else None  # overlapped: never
         rows = logits_idx
         if prompt is not None:  # one projection (one gather under TP) for both kinds of rows
             rows = torch.cat([logits_idx, torch.tensor(prompt.rows, dtype=torch.int64, device=self.device)])
@@ -414,7 +456,27 @@ class ModelRunner:
 
     def sampling_batch(self, seqs: Seq[Sequence], masks: PendingMasks | None = None) -> SamplingBatch:
         """One row per choice each sequence samples (`num_sample_rows`): choice j with its own seed.
-        `masks`: the step's grammar masks (waited for here, after the forward)."""
+        `masks`: the step's grammar masks (waited for here, after the forward).
+
+        The batch of the last call is reused, its seeded rows' step seeds renewed, when the same
+        sequences sample again, none of them reads its output on the host (no penalties, bad_words or
+        min_tokens bans left, no forks) and no grammar masks this step: then nothing else in it can
+        have changed."""
+        key = [id(s) for s in seqs]
+        cached = self._last_batch
+        reusable = masks is None and all(map(_steady, seqs))
+        if reusable and cached is not None and cached[0] == key:
+            batch = cached[1]
+            if batch.seeded_rows:
+                batch = dataclasses.replace(batch, seeded_rows=tuple(
+                    (i, step_seed(seqs[i].params.seed, seqs[i].num_output_tokens))  # type: ignore[arg-type]
+                    for i, _ in batch.seeded_rows))
+            return batch
+        batch = self._build_sampling_batch(seqs, masks)
+        self._last_batch = (key, batch) if reusable else None
+        return batch
+
+    def _build_sampling_batch(self, seqs: Seq[Sequence], masks: PendingMasks | None) -> SamplingBatch:
         rows = [(s, j) for s in seqs for j in range(s.num_sample_rows)]
         return SamplingBatch.build(
             [s.params.for_choice(j) if s.pending_forks else s.params for s, j in rows],
@@ -426,3 +488,9 @@ class ModelRunner:
             bad_words=[s.bad_words_ids for s, _ in rows] if any(s.bad_words_ids for s in seqs) else None,
             masks=masks.result(self.device, self.model_config.vocab_size) if masks is not None else None,
         )
+
+
+def _steady(seq: Sequence) -> bool:
+    """Its sampling row stays the same from step to step but for the seeded draw's step seed."""
+    p = seq.params
+    return not (seq.pending_forks or seq.bad_words_ids or p.needs_penalties or seq.grammar is not None) and seq.num_output_tokens >= p.min_tokens

@@ -49,6 +49,8 @@ class RequestOutput:
     # A prefill-only sequence of n > 1 choices: the first tokens of choices 1..n-1 (token, logprobs),
     # sampled in the same step as its own; the decode side forks those choices.
     sibling_tokens: list[tuple[int, list[TokenLogprob]]] = field(default_factory=list)
+    # What ended it with FinishReason.STOP: the stop string (text) or the EOS / stop token id.
+    stop_reason: str | int | None = None
 
 
 class EngineDied(RuntimeError):

@@ -90,6 +90,11 @@ class Scheduler:
         seq.finish_reason = reason
         self.bm.free(seq)
 
+    def finish_waiting(self, seq: Sequence, reason: FinishReason) -> None:
+        """Take a waiting sequence out (it was preempted after an overlapped step sampled its last token)."""
+        self.waiting.remove(seq)
+        self._finish(seq, reason)
+
     def finish(self, seq: Sequence, reason: FinishReason, *, free: bool = True) -> None:
         """Take a running sequence out; `free=False` keeps its blocks (the caller owns them now)."""
         self.running.remove(seq)
@@ -116,6 +121,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.at_its_end:  # an overlapped step samples its last token (engine.overlap)
+                i += 1
+                continue
             n = min(seq.num_uncomputed_tokens, budget)
             while not self.bm.allocate_slots(seq, n):
                 victim = self.running.pop()
@@ -154,10 +162,14 @@ class Scheduler:
         sample = [s.num_computed_tokens + n == s.num_tokens for s, n in zip(seqs, counts, strict=True)]
         return StepInput(seqs, counts, sample, copies=self.bm.take_copies())
 
-    def finish_step(self, step: StepInput) -> None:
-        """Advance counters after the forward and name newly full blocks for the prefix cache."""
+    def finish_step(self, step: StepInput, advance: bool = True) -> None:
+        """Advance counters after the forward (unless an overlapped launch did) and name newly full
+        blocks for the prefix cache."""
+        bs = self.bm.block_size
         for seq, n in zip(step.seqs, step.num_new_tokens, strict=True):
             if seq.is_finished:  # aborted while its step ran; its blocks are already free
                 continue
-            seq.num_computed_tokens += n
-            self.bm.cache_full_blocks(seq)
+            if advance:
+                seq.num_computed_tokens += n
+            if seq.num_computed_tokens // bs > len(seq.block_hashes):  # a block filled up
+                self.bm.cache_full_blocks(seq)

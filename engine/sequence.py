@@ -110,16 +110,29 @@ class Sequence:
             self.first_token_time = time.monotonic()
         self.token_ids.append(token_id)
 
-    def check_stop(self, token_id: int) -> FinishReason | None:
-        """Token-level stop conditions after `token_id` was appended (stop strings: the detokenizer)."""
+    def fill_token(self, index: int, token_id: int) -> None:
+        """Write a sampled token into its placeholder (engine.overlap) at token_ids[index]."""
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()
+        self.token_ids[index] = token_id
+
+    def check_stop(self, token_id: int, pending: int = 0) -> FinishReason | None:
+        """Token-level stop conditions after `token_id` was appended (stop strings: the detokenizer);
+        `pending`: placeholders of later steps after it, not counted."""
         p = self.params
-        if self.num_output_tokens >= p.min_tokens:
+        num_output = self.num_output_tokens - pending
+        if num_output >= p.min_tokens:
             if not p.ignore_eos and token_id in self.eos_token_ids:
                 self.stop_reason = token_id
                 return FinishReason.STOP
             if token_id in p.stop_token_ids:
                 self.stop_reason = token_id
                 return FinishReason.STOP
-        if self.num_output_tokens >= p.max_tokens or self.num_tokens >= self.max_model_len:
+        if num_output >= p.max_tokens or self.num_tokens - pending >= self.max_model_len:
             return FinishReason.LENGTH
         return None
+
+    @property
+    def at_its_end(self) -> bool:
+        """Its last token (max_tokens or the context limit) is already scheduled: it needs no more steps."""
+        return self.num_output_tokens >= self.params.max_tokens or self.num_tokens >= self.max_model_len

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -30,6 +30,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as _Backend
+from tokenizers.decoders import DecodeStream
 
 from engine.checkpoint import CheckpointError
 
@@ -262,6 +263,15 @@ class Tokenizer:
         if known and min(known) < 0:
             raise ValueError(f"token ids must be >= 0, got {min(known)}")
         return self._backend.decode(known, skip_special_tokens=skip_special_tokens)
+
+    def decode_stream(self, context_ids: Sequence[int], skip_special_tokens: bool = True) -> Callable[[int], str | None]:
+        """An incremental decoder: each call takes the next id and returns the text it makes final, or
+        None while that text would end in an incomplete UTF-8 character (the tokenizers library's
+        DecodeStream). `context_ids` (ids already decoded, e.g. the prompt's last few) set leading-space
+        rules and are never returned. Every id passed must be < vocab_size (see `is_skipped`)."""
+        stream = DecodeStream(ids=list(context_ids), skip_special_tokens=skip_special_tokens)
+        backend = self._backend
+        return lambda token_id: stream.step(backend, token_id)
 
     def is_skipped(self, token_id: int, skip_special_tokens: bool = True) -> bool:
         """Whether `decode` drops `token_id` before its decoder runs: an id >= vocab_size, or a special

@@ -73,6 +73,7 @@ class SamplingBatch:
     seeded_rows: tuple[tuple[int, int], ...]  # (row, step_seed) for each seeded non-greedy row
     any_unseeded: bool  # some non-greedy row draws from the sampler's own generator
     max_logprobs: int  # K: the most top alternatives any row asked for (0 = none)
+    want_logprobs: bool = True  # some row asked for logprobs: the sampler computes log_softmax only then
 
     @classmethod
     def build(
@@ -179,6 +180,7 @@ class SamplingBatch:
             ),
             any_unseeded=any(p.seed is None and not p.greedy for p in params),
             max_logprobs=max(p.logprobs or 0 for p in params),
+            want_logprobs=any(p.logprobs is not None for p in params),
         )
 
 

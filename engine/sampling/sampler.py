@@ -31,11 +31,11 @@ class SamplerOutput(NamedTuple):
     logprobs and top_logprobs are log-probabilities of the model's distribution after penalties,
     logit_bias, allowed_token_ids, bans and grammar masks, before temperature and truncation. K is the batch's
     `max_logprobs`; a row that asked for fewer alternatives ignores the extra columns. top_* are None
-    when K is 0.
+    when K is 0; logprobs is None when no row asked for logprobs (no log_softmax is computed then).
     """
 
     token_ids: Tensor  # (B,) int64
-    logprobs: Tensor  # (B,) float32: the chosen token's
+    logprobs: Tensor | None  # (B,) float32: the chosen token's
     top_ids: Tensor | None  # (B, K) int64, most likely first
     top_logprobs: Tensor | None  # (B, K) float32, descending
 
@@ -209,7 +209,6 @@ class Sampler:
         Raises ValueError when logits do not match the batch's shape or device.
         """
         penalized = penalized_logits(logits, batch)  # (B, V)
-        logprobs = penalized.log_softmax(dim=-1)  # (B, V)
         if batch.all_greedy:
             token_ids = penalized.argmax(dim=-1)  # (B,)
         else:
@@ -217,6 +216,9 @@ class Sampler:
             # token as `probabilities` would.
             weights = _weights(penalized, batch)  # (B, V)
             token_ids = (weights / self._noise(batch, penalized.device)).argmax(dim=-1)  # (B,)
+        if not batch.want_logprobs:
+            return SamplerOutput(token_ids, None, None, None)
+        logprobs = penalized.log_softmax(dim=-1)  # (B, V)
         chosen = logprobs.gather(1, token_ids[:, None]).squeeze(1)  # (B,)
         if batch.max_logprobs == 0:
             return SamplerOutput(token_ids, chosen, None, None)

@@ -98,7 +98,8 @@ def verify(
     rejecting = {i for i, q in enumerate(draft_probs) if q is not None and drafts[i]}
     chosen = out.logprobs
     if rejecting:
-        token_t, chosen = out.token_ids.clone(), out.logprobs.clone()
+        token_t = out.token_ids.clone()
+        chosen = out.logprobs.clone() if out.logprobs is not None else None
         p = probabilities(logits, batch)  # (R, V)
         want_lp = any(seqs[i].params.logprobs is not None for i in rejecting)
         logp = penalized_logits(logits, batch).log_softmax(dim=-1) if want_lp else None  # (R, V)
@@ -112,7 +113,7 @@ def verify(
                 token_t[s + r] = draft[r]
             if tok is not None:
                 token_t[s + a] = tok
-            if logp is not None:
+            if logp is not None and chosen is not None:
                 rows = torch.arange(s, s + a + 1, device=logits.device)
                 chosen[rows] = logp[rows, token_t[rows]]
         else:

@@ -343,11 +343,11 @@ def test_min_tokens_bans_eos_and_stop_ids_until_reached() -> None:
     logits = torch.zeros(4, vocab)
     logits[:, eos], logits[:, stop] = 10.0, 9.0  # EOS first, the stop id second, by far
     params = [
-        SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[stop]),
+        SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[stop], logprobs=0),
         SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[stop], ignore_eos=True),
         SamplingParams(min_tokens=3, stop_token_ids=[stop]),
         SamplingParams(temperature=0.0, min_tokens=3),
-    ]
+    ]  # logprobs=0 on one row: the sampler computes logprobs only when some row asks
     outputs = [[0, 0], [0, 0], [0], [0, 0, 0]]
     batch = make_batch(params, vocab, outputs=outputs, eos=[frozenset({eos})] * 4)  # per-row sets
     out = Sampler(seed=0)(logits, batch)
@@ -356,7 +356,7 @@ def test_min_tokens_bans_eos_and_stop_ids_until_reached() -> None:
     assert int(out.token_ids[1]) == eos  # ignore_eos: EOS is not banned, the stop id is
     assert probs[1, stop] == 0 and probs[2, eos] == 0 and probs[2, stop] == 0
     assert int(out.token_ids[3]) == eos  # min_tokens reached
-    assert torch.isfinite(out.logprobs).all()
+    assert out.logprobs is not None and torch.isfinite(out.logprobs).all()
 
 
 # ---------------------------------------------------------------- logprobs and inputs
@@ -410,3 +410,14 @@ def test_cuda_matches_cpu_distribution_and_reproduces_seeds() -> None:
     )
     first = Sampler()(logits.cuda(), gpu_batch).token_ids[0]
     assert Sampler()(logits.cuda(), gpu_batch).token_ids[0] == first
+
+
+def test_no_log_softmax_without_a_row_asking_for_logprobs() -> None:
+    logits = torch.randn(3, 16)
+    quiet = make_batch([SamplingParams(temperature=0.0), SamplingParams(seed=1), SamplingParams()], 16)
+    out = Sampler(seed=0)(logits, quiet)
+    assert out.logprobs is None and out.top_ids is None
+    asks = make_batch([SamplingParams(temperature=0.0), SamplingParams(seed=1), SamplingParams(logprobs=0)], 16)
+    both = Sampler(seed=0)(logits, asks)
+    assert torch.equal(both.token_ids, out.token_ids)  # the same draw either way
+    assert both.logprobs is not None and both.logprobs.shape == (3,)

@@ -1,0 +1,162 @@
+"""Engine host overhead: output tokens/s and milliseconds per decode step against batch size, with a
+near-free model (1 layer, hidden 32, vocab 512), so nearly all of a step is the engine's own host work.
+
+Run: `OMP_NUM_THREADS=1 .venv/bin/python -m bench.overhead` (`--help`). For each batch size B, B requests
+(16-token prompts, EOS ignored) run on one `EngineLoop`, as a worker runs them, with text
+(detokenization) on; after `--warmup` decode steps the next `--steps` are timed from the loop's own
+per-step observer (the wall time between the ends of consecutive steps, so everything the loop does
+per step counts). `--modes` runs the same sizes with the overlap on and off (`serial` sets
+`async_scheduling=False`); a build without that option runs `serial` only. `--profile B` adds a
+cProfile of B's timed steps on the engine thread (top functions by own time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import dataclasses
+import io
+import json
+import os
+import platform
+import pstats
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.engine_loop import EngineLoop, Request
+from engine.sampling.params import SamplingParams
+
+SHAPE = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64, vocab_size=512,
+             max_position_embeddings=4096)
+PROMPT_LEN = 16
+
+
+def near_free_model(out: Path) -> Path:
+    from training.tiny import make_tiny_model
+
+    return make_tiny_model(out / "near-free", "llama", **SHAPE)
+
+
+def engine_config(path: Path, batch: int, mode: str) -> EngineConfig:
+    cfg = EngineConfig(model=str(path), dtype="float32", device="cpu", max_num_seqs=batch,
+                       max_num_batched_tokens=max(2048, batch * PROMPT_LEN), num_kv_blocks=batch * 8 + 8)
+    if "async_scheduling" in {f.name for f in dataclasses.fields(EngineConfig)}:
+        cfg = dataclasses.replace(cfg, async_scheduling=mode != "serial")
+    return cfg
+
+
+def run_one(path: Path, batch: int, mode: str, warmup: int, steps: int, profile: bool) -> dict[str, Any]:
+    """Time `steps` decode steps of `batch` sequences after `warmup` steps (the first is the prefill)."""
+    engine = Engine(engine_config(path, batch, mode))
+    stamps: list[float] = []
+    done = threading.Event()
+    prof = cProfile.Profile() if profile else None
+
+    def observe(step: Any, outputs: Any, t_exec: int, t_done: int) -> None:
+        stamps.append(time.perf_counter())
+        if prof is not None and len(stamps) == warmup:
+            prof.enable()
+        if len(stamps) == warmup + steps:
+            if prof is not None:
+                prof.disable()
+            done.set()
+
+    loop = EngineLoop(engine, name=f"bench-{batch}", observers=[observe])
+    finished = threading.Event()
+    left = [batch]
+    lock = threading.Lock()
+
+    def emit(out: Any) -> None:
+        if out.finished:
+            with lock:
+                left[0] -= 1
+                if left[0] == 0:
+                    finished.set()
+
+    params = SamplingParams(temperature=0.0, max_tokens=warmup + steps + 4, ignore_eos=True)
+    for i in range(batch):
+        prompt = [(7 * i + j) % (SHAPE["vocab_size"] - 3) + 3 for j in range(PROMPT_LEN)]
+        seq = engine.make_sequence(f"r{i}", prompt, params)
+        loop.add(Request(seq, emit=emit, fail=lambda exc: None))
+    loop.start()
+    ok = done.wait(600) and finished.wait(600)
+    loop.stop()
+    if not ok:
+        raise RuntimeError(f"batch {batch} ({mode}) did not finish")
+    timed = stamps[warmup:warmup + steps]
+    seconds = stamps[warmup + steps - 1] - stamps[warmup - 1]
+    ms = (seconds / len(timed)) * 1e3
+    row: dict[str, Any] = {"batch": batch, "mode": mode, "ms_per_step": ms, "tokens_per_s": batch * len(timed) / seconds}
+    if prof is not None:
+        buf = io.StringIO()
+        stats = pstats.Stats(prof, stream=buf)
+        raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+        total = sum(v[2] for v in raw.values())
+        top = sorted(raw.items(), key=lambda kv: kv[1][2], reverse=True)[:25]
+        row["profile"] = {"total_s": total, "steps": steps, "top_own_time": [
+            {"function": f"{Path(k[0]).name}:{k[1]}({k[2]})", "calls_per_step": v[1] / steps,
+             "own_ms_per_step": v[2] / steps * 1e3, "cum_ms_per_step": v[3] / steps * 1e3} for k, v in top]}
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch-sizes", default="1,8,32,64,128,256,512")
+    ap.add_argument("--modes", default="overlap,serial", help="comma list of overlap, serial")
+    ap.add_argument("--serial", action="store_true", help="only the serial mode (same as --modes serial)")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--profile", default="256", help="comma list of batch sizes to profile ('' for none)")
+    ap.add_argument("--label", default="", help="a name for this build in the JSON (e.g. baseline)")
+    ap.add_argument("--out", default="bench/results/overhead.json")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    has_async = "async_scheduling" in {f.name for f in dataclasses.fields(EngineConfig)}
+    modes = ["serial"] if args.serial or not has_async else args.modes.split(",")
+    sizes = [int(x) for x in args.batch_sizes.split(",")]
+    profiled = {int(x) for x in args.profile.split(",") if x}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = near_free_model(Path(tmp))
+        for batch in sizes:
+            for mode in modes:
+                row = run_one(path, batch, mode, args.warmup, args.steps, profile=False)
+                row["load_avg"] = os.getloadavg()[0]
+                rows.append(row)
+                print(f"B={batch:4d} {mode:8s} {row['ms_per_step']:8.2f} ms/step {row['tokens_per_s']:10.0f} tok/s"
+                      f"  (load {row['load_avg']:.2f})", flush=True)
+        profiles = []
+        for batch in sorted(profiled):
+            for mode in modes:
+                p = run_one(path, batch, mode, args.warmup, args.steps, profile=True)
+                profiles.append(p)
+                print(f"\nprofile B={batch} {mode} (cProfile on, {p['ms_per_step']:.2f} ms/step):")
+                for f in p["profile"]["top_own_time"][:15]:
+                    print(f"  {f['own_ms_per_step']:7.3f} ms own {f['cum_ms_per_step']:7.3f} cum  {f['function']}")
+    record = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "label": args.label,
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "model": SHAPE,
+        "prompt_len": PROMPT_LEN,
+        "warmup_steps": args.warmup,
+        "timed_steps": args.steps,
+        "rows": rows,
+        "profiles": profiles,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()

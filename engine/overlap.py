@@ -1,0 +1,147 @@
+"""Overlapped steps (async scheduling): step N+1 is scheduled and its inputs prepared while step N's
+forward runs, before step N's tokens are known.
+
+    engine thread:   schedule N+1 | prepare N+1 | launch N+1 | wait N | process N (text, stops) | ...
+    forward thread:  ...forward N ........................... | fill N+1's inputs | forward N+1 ...
+
+A step is *launched* with its counters already advanced (`launch`): each of its sequences counts its
+new tokens as computed, and each sampling sequence gets a placeholder token (-1) where its sampled
+token will go, so the scheduler can give it its next decode at once. The next step's input at a
+placeholder is filled on the forward thread from the previous forward's sampled token ids (a tensor
+gather, `OverlapRunner.run`), never read on the host. `Engine.process` later writes the real token
+into the placeholder and applies stop conditions. What this costs and why it stays exact:
+
+* a sequence that finishes in step N (EOS, stop token, stop string) was already scheduled in N+1: it
+  computes one more token there, which is dropped (the engine skips finished sequences, as for an
+  abort while a step runs); a sequence that will reach max_tokens is not scheduled again at all.
+  Its blocks are freed while N+1 may still write into them; forwards run in order on one thread, so
+  a block handed out again is written by its new owner after that stale write, and only positions a
+  sequence has written are ever read.
+* Greedy and seeded draws depend only on the sequence (its logits and its output count), so the
+  tokens equal those of serial steps. Unseeded draws share one generator with the whole batch and
+  differ from a serial run's whenever batches differ (as they do between any two runs).
+* Steps whose sampling reads output token *values* on the host (penalties, bad_words), or that fork
+  choices, compute prompt logprobs, run prefill-only sequences or speculate, are not overlapped
+  (`can_overlap`): the loop finishes the step in flight and runs them serially. So are steps with a
+  constrained sequence (structured outputs): its next token mask needs the token sampled before it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from engine.model import ForwardContext
+from engine.model_runner import ModelRunner, StepInput
+from engine.sampling.batch import SamplingBatch
+from engine.sampling.sampler import SamplerOutput
+
+PLACEHOLDER = -1
+
+
+def can_overlap(step: StepInput) -> bool:
+    """Whether `step` may be launched before the previous step's tokens are known (see module doc)."""
+    if step.spec_tokens is not None:
+        return False
+    for seq in step.seqs:
+        p = seq.params
+        if (seq.pending_forks or seq.prefill_only or seq.bad_words_ids or p.needs_penalties
+                or seq.wants_prompt_logprobs or seq.grammar is not None):
+            return False
+    return True
+
+
+@dataclass
+class Prepared:
+    """A step's forward inputs, built on the engine thread. input_ids holds PLACEHOLDER at `fill_rows`,
+    filled from rows `fill_from` of the previous forward's sampled token ids."""
+
+    step: StepInput
+    input_ids: Tensor  # (T,) int64
+    positions: Tensor  # (T,) int64
+    ctx: ForwardContext
+    logits_idx: Tensor  # (R,) int64
+    batch: SamplingBatch | None  # None: no sequence samples
+    fill_rows: Tensor | None  # (F,) int64 rows of input_ids
+    fill_from: Tensor | None  # (F,) int64 rows of the previous step's sampled token ids
+
+
+class OverlapRunner:
+    """The engine-thread half (`prepare`, `launch`) and forward-thread half (`run`) of overlapped steps.
+
+    `sample_rows` maps each sequence that samples in the last launched step to its sampler row; the
+    next step's placeholders are filled from those rows. Only the forward thread calls `run`, in
+    launch order.
+    """
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+        self.sample_rows: dict[int, int] = {}  # id(seq) -> row in the last launched step's samples
+        self._last_tokens: Tensor | None = None  # forward thread: the last forward's sampled ids
+
+    def prepare(self, step: StepInput) -> Prepared:
+        """Inputs of `step` (engine thread), its placeholders mapped to the last launched step's rows."""
+        runner = self.runner
+        input_ids, positions, ctx, logits_idx = runner.prepare(step)
+        rows: list[int] = []
+        sources: list[int] = []
+        if self.sample_rows:
+            qsl = ctx.query_start_loc.tolist()
+            for i, seq in enumerate(step.seqs):
+                src = self.sample_rows.get(id(seq))
+                end = qsl[i + 1] - 1  # a placeholder can only be a sequence's last new token
+                if src is not None and seq.token_ids[seq.num_computed_tokens + step.num_new_tokens[i] - 1] < 0:
+                    rows.append(end)
+                    sources.append(src)
+        sampled = [s for s, flag in zip(step.seqs, step.sample, strict=True) if flag]
+        batch = runner.sampling_batch(sampled) if sampled else None
+        dev = runner.device
+        return Prepared(step, input_ids, positions, ctx, logits_idx, batch,
+                        torch.tensor(rows, dtype=torch.int64, device=dev) if rows else None,
+                        torch.tensor(sources, dtype=torch.int64, device=dev) if rows else None)
+
+    def launch(self, step: StepInput) -> None:
+        """Advance `step`'s counters as if it ran and give each sampling sequence a placeholder token
+        (engine thread, after `prepare`)."""
+        placeholder_at: list[int] = []
+        rows: dict[int, int] = {}
+        for seq, n, sample in zip(step.seqs, step.num_new_tokens, step.sample, strict=True):
+            seq.num_computed_tokens += n
+            if sample:
+                rows[id(seq)] = len(rows)
+                placeholder_at.append(len(seq.token_ids))
+                seq.token_ids.append(PLACEHOLDER)
+            else:
+                placeholder_at.append(-1)
+        step.placeholder_at = placeholder_at
+        self.sample_rows = rows
+
+    @torch.inference_mode()
+    def run(self, prep: Prepared) -> SamplerOutput | None:
+        """Forward thread: fill placeholders from the last forward's tokens, run the model, sample."""
+        if prep.fill_rows is not None and prep.fill_from is not None:
+            assert self._last_tokens is not None
+            prep.input_ids[prep.fill_rows] = self._last_tokens[prep.fill_from]
+        logits = self.runner._forward(prep.step, prep.input_ids, prep.positions, prep.ctx, prep.logits_idx)
+        if prep.batch is None:
+            return None
+        out = self.runner.sampler(logits, prep.batch)
+        self._last_tokens = out.token_ids
+        return out
+
+    def forget(self) -> None:
+        """No step is in flight any more (a serial step ran): nothing to fill from."""
+        self.sample_rows = {}
+
+
+def without_finished(step: StepInput) -> StepInput | None:
+    """`step` without the sequences that finished since it was scheduled (None if none is left)."""
+    keep = [i for i, seq in enumerate(step.seqs) if not seq.is_finished]
+    if len(keep) == len(step.seqs):
+        return step
+    if not keep:
+        return None
+    return StepInput([step.seqs[i] for i in keep], [step.num_new_tokens[i] for i in keep],
+                     [step.sample[i] for i in keep], copies=step.copies)

@@ -1,0 +1,111 @@
+"""Detokenization and stop strings on their own thread, off the engine thread.
+
+    engine thread (EngineLoop)                        text thread (TextThread)
+    --------------------------                        ------------------------
+    process() -> outputs: token ids, no text
+    deliver(out) -------- (request, output) -------->  seq.detokenizer.step(out's tokens): the text made
+                          FIFO, one for all requests   final, stop strings held back and matched
+                                                      request.emit(output with its text)
+                                                      a stop string matched: the output is cut after the
+                                                      token that completed it, finished with STOP, and
+    command: stopped(request, output) <--------------  later outputs of that choice are dropped
+    Engine.stop_by_text: the sequence leaves the
+    batch, its blocks are freed, tokens it made
+    since are dropped from it
+
+The engine thread never waits for text. A sequence a stop string ended runs on for the steps already
+under way when the command arrives (one or two), never longer: commands run before every step. Only the
+text thread touches a sequence's detokenizer once the sequence is delivered here; the sequence itself
+stays the engine thread's (this thread reads only the output it was handed and the sequence's fixed
+params), so what the stop changes in it is done by the command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from engine.outputs import FinishReason, RequestOutput
+
+if TYPE_CHECKING:
+    from engine.engine_loop import Request
+
+logger = logging.getLogger(__name__)
+
+
+def add_text(out: RequestOutput) -> tuple[RequestOutput, bool] | None:
+    """`out` with the text its tokens make final (the sequence's detokenizer advances), or None when
+    its choice already ended on a stop string (the output is dropped). The flag says a stop string
+    ended the choice in this output before the engine did: the engine must stop it too.
+
+    A stop string completed by token j of the output keeps tokens ..j (their logprobs too) and
+    finishes with STOP, unless the engine finished the choice on that same token (EOS, length), whose
+    reason stands, as when text was made inline.
+    """
+    seq = out.seq
+    detok = seq.detokenizer if seq is not None else None
+    if detok is None or (seq is not None and seq.prefill_only):
+        return out, False
+    if detok.finished:
+        return None
+    before = detok.num_output_tokens
+    text = detok.step(out.new_token_ids)
+    if detok.stop_reason is None:
+        if out.finished:
+            text += detok.flush()
+        out.new_text = text  # the engine thread handed `out` over: this thread owns it now
+        return out, False
+    kept = detok.num_output_tokens - before
+    dropped = len(out.new_token_ids) - kept
+    engine_finished = out.finished and dropped == 0
+    cut = dataclasses.replace(
+        out, new_token_ids=out.new_token_ids[:kept], new_text=text, finished=True,
+        finish_reason=out.finish_reason if engine_finished else FinishReason.STOP,
+        num_output_tokens=out.num_output_tokens - dropped, new_logprobs=out.new_logprobs[:kept],
+        stop_reason=out.stop_reason if engine_finished else detok.stop_reason,
+    )
+    return cut, not engine_finished
+
+
+class TextThread:
+    """Interface: `put([(req, out), ...])` from the engine thread (in the order the outputs are made);
+    `stop()` from any thread. `stopped(req, out)` is called on this thread for an output a stop
+    string finished before the engine did (the owner turns it into an engine-thread command);
+    `on_error(exc)` if making text raises (the owner's fail-stop)."""
+
+    def __init__(self, name: str, stopped: Callable[[Request, RequestOutput], None],
+                 on_error: Callable[[BaseException], None]) -> None:
+        self._queue: queue.SimpleQueue[list[tuple[Request, RequestOutput]] | None] = queue.SimpleQueue()
+        self._stopped = stopped
+        self._on_error = on_error
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, batch: list[tuple[Request, RequestOutput]]) -> None:
+        self._queue.put(batch)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._queue.put(None)
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            while (batch := self._queue.get()) is not None:
+                for req, out in batch:
+                    result = add_text(out)
+                    if result is None:
+                        continue
+                    final, stopped = result
+                    if stopped:
+                        self._stopped(req, final)
+                    req.emit(final)
+        except BaseException as exc:  # noqa: BLE001 - the owner's fail-stop: every request hears it
+            logger.exception("text thread died")
+            self._on_error(exc)
