@@ -493,4 +493,5 @@ class ModelRunner:
 def _steady(seq: Sequence) -> bool:
     """Its sampling row stays the same from step to step but for the seeded draw's step seed."""
     p = seq.params
-    return not (seq.pending_forks or seq.bad_words_ids or p.needs_penalties or seq.grammar is not None) and seq.num_output_tokens >= p.min_tokens
+    return (not (seq.pending_forks or seq.bad_words_ids or p.needs_penalties or seq.grammar is not None)
+            and seq.num_output_tokens >= p.min_tokens)
