@@ -72,7 +72,12 @@ class IncrementalDetokenizer:
         # Only ids that take part in decoding (see the module docstring); the prompt's last few supply
         # context. `_ids` keeps that context and the ids the stream has not turned into text yet.
         context = [int(t) for t in prompt_token_ids[-4 * _CONTEXT_TOKENS:] if not self._skipped(int(t))]
-        self._ids: list[int] = context[-_CONTEXT_TOKENS:]
+        context = context[-_CONTEXT_TOKENS:]
+        # A context that ends inside a character (a prompt of raw ids can) would let the stream hand back
+        # prompt text with the first output token: drop its tail until its text is whole.
+        while context and tokenizer.decode(context, skip_special_tokens=skip_special_tokens).endswith(_REPLACEMENT):
+            context.pop()
+        self._ids: list[int] = context
         self._read_offset = len(self._ids)  # _ids[read_offset:] are held by the stream (no text yet)
         self._stream = tokenizer.decode_stream(self._ids, skip_special_tokens)
         self._num_output = 0

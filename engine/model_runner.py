@@ -476,7 +476,7 @@ class ModelRunner:
         self._last_batch = (key, batch) if reusable else None
         return batch
 
-    def _build_sampling_batch(self, seqs: Seq[Sequence], masks: PendingMasks | None) -> SamplingBatch:
+    def _build_sampling_batch(self, seqs: Seq[Sequence], masks: PendingMasks | None = None) -> SamplingBatch:
         rows = [(s, j) for s in seqs for j in range(s.num_sample_rows)]
         return SamplingBatch.build(
             [s.params.for_choice(j) if s.pending_forks else s.params for s, j in rows],

@@ -72,6 +72,21 @@ def test_split_character_is_held_until_complete(toks) -> None:
     assert detok.flush() == tok.decode(ids[:-1]) and "\ufffd" in detok.text
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_prompt_ending_inside_a_character_adds_none_of_its_text(toks, arch: str) -> None:
+    """Prompts of raw token ids can stop in the middle of a character: the output's text is still
+    exactly decode(output), never a piece of the prompt (the stream's context is cut to whole text)."""
+    tok = toks[arch]
+    fox = tok.encode("ab 🦊", add_special_tokens=False)
+    rng = random.Random(arch)
+    for cut in range(1, len(fox)):
+        for _ in range(20):
+            ids = _random_ids(tok, rng)
+            detok = IncrementalDetokenizer(tok, fox[:cut])
+            pieces, tail = _stream(detok, ids, rng)
+            assert "".join(pieces) + tail == tok.decode(ids) == detok.text
+
+
 def test_prompt_context_keeps_leading_space(tmp_path: Path) -> None:
     """SentencePiece-style decoders drop a sequence's leading space; mid-text it must stay."""
     raw = RawTokenizer(models.BPE(unk_token="<unk>"))
