@@ -27,7 +27,7 @@ from engine.outputs import TokenLogprob
 from engine.sampling.batch import SamplingBatch
 from engine.sampling.sampler import Sampler, SamplerOutput
 from engine.sequence import Sequence
-from engine.weights import iter_gguf, iter_safetensors, iter_weights
+from engine.weights import iter_gguf, iter_weights
 from kernels.kv_store import FP8_KV_SCALE
 from kernels.ops import select_ops
 
@@ -90,7 +90,7 @@ def load_model(
                              f"{quantization!r}")
         from engine.quant.loader import load_prequantized
 
-        return load_prequantized(model, iter_safetensors(path), checkpoint_quant, dtype, device, backend).eval()
+        return load_prequantized(model, iter_weights(path), checkpoint_quant, dtype, device, backend).eval()
     if is_gguf(path) and not gguf_dequantize:
         from engine.quant.formats import gguf
 

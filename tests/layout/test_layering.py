@@ -11,7 +11,6 @@ import ast
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -90,16 +89,17 @@ def test_the_gateway_and_the_cli_import_no_torch(target: str) -> None:
     assert loaded == [], f"{target} loads {loaded}"
 
 
-def test_tandem_health_answers_fast(tmp_path: Path) -> None:
-    """The docker-compose healthcheck runs this every few seconds in every container."""
-    exe = [sys.executable, "-m", "cli.main", "health", "--addr", "127.0.0.1:9", "--timeout", "0.2"]
-    best = float("inf")
-    for _ in range(3):  # best of three: the first run warms the page cache
-        t0 = time.perf_counter()
-        out = subprocess.run(exe, cwd=ROOT, capture_output=True, text=True, timeout=30)
-        best = min(best, time.perf_counter() - t0)
-        assert out.returncode == 1 and "UNAVAILABLE" in out.stderr, out.stderr
-    assert best < 0.5, f"tandem health took {best:.2f} s"
+def test_tandem_health_imports_nothing_heavy(tmp_path: Path) -> None:
+    """The docker-compose healthcheck runs this every few seconds in every container: the real command
+    path (argument parsing, the probe, the error) must not pay for torch. Checked on what the process
+    imported (-X importtime), not on a wall-clock figure that a loaded machine would break."""
+    exe = [sys.executable, "-X", "importtime", "-m", "cli.main", "health", "--addr", "127.0.0.1:9", "--timeout", "0.2"]
+    out = subprocess.run(exe, cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and "UNAVAILABLE" in out.stderr, out.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    assert "grpc" in imported  # the parse worked: the probe's own imports are there
+    heavy = sorted(m for m in imported if m.split(".")[0] in HEAVY or m in HEAVY)
+    assert heavy == [], f"tandem health imports {heavy}"
 
 
 def _subcommands() -> dict[str, argparse.ArgumentParser]:
