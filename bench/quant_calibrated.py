@@ -43,7 +43,7 @@ from engine import LLM, SamplingParams  # noqa: E402
 from engine.quant import linear_weight_bytes  # noqa: E402
 from engine.tokenizer import Tokenizer  # noqa: E402
 from training.demo import stdlib_split  # noqa: E402
-from training.quant_quality import agreement  # noqa: E402
+from training.quant_quality import compare_logits, prompt_logits  # noqa: E402
 from training.quantize import quantize_checkpoint  # noqa: E402
 from training.quantize_config import QuantizeConfig  # noqa: E402
 
@@ -137,12 +137,16 @@ def make_variant(model: Path, name: str, spec: dict[str, Any], work: Path, args:
 def quality(model: Path, variants: dict[str, dict[str, Any]], windows: list[list[int]]) -> dict[str, Any]:
     blocks = 2 * (max(map(len, windows)) // 16 + 1)
     ref = LLM(model, device="cpu", dtype="float32", num_kv_blocks=blocks).engine.runner
+    ref_logits = torch.cat([prompt_logits(ref, w) for w in windows])  # (positions, V), computed once
+    targets = torch.cat([torch.tensor([*w[1:], -1], dtype=torch.int64) for w in windows])
+    del ref
     dense_bytes = linear_weight_bytes(LLM(model, device="cpu", dtype="bfloat16", num_kv_blocks=1).engine.runner.model)
     out: dict[str, Any] = {"dense_bf16_projection_bytes": dense_bytes}
     for name, v in variants.items():
         runner = LLM(v["path"], device="cpu", dtype="float32", num_kv_blocks=blocks,
                      quantization=v["quantization"]).engine.runner  # fmt: skip
-        a = agreement(ref, runner, windows)
+        a = compare_logits(ref_logits, torch.cat([prompt_logits(runner, w) for w in windows]), targets)
+        del runner
         bf16 = LLM(v["path"], device="cpu", dtype="bfloat16", num_kv_blocks=1, quantization=v["quantization"])
         nbytes = linear_weight_bytes(bf16.engine.runner.model)
         out[name] = {"top1": a.top1, "mean_kl": a.mean_kl, "ppl": a.test_ppl, "ref_ppl": a.ref_ppl,
