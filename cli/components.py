@@ -14,6 +14,7 @@ from typing import Any
 
 from decode_worker.config import DecodeWorkerConfig
 from engine.checkpoint import CheckpointError
+from engine.config import EngineConfig
 from engine.options import add_options, from_args
 from gateway.config import GatewayConfig
 from prefill_worker.config import PrefillWorkerConfig
@@ -40,11 +41,25 @@ def run_gateway(args: argparse.Namespace) -> int:
         "gateway", cfg.server, lambda stop, tracing: serve_gateway(cfg, stop, tracing=tracing)))
 
 
+def _other_node(engine: EngineConfig) -> int | None:
+    """`--node-rank k` > 0: this node only runs its tensor-parallel ranks (no gRPC, no KV endpoint);
+    their exit code, once they stop or one fails. None on node 0 (the worker itself)."""
+    if engine.node_rank == 0:
+        return None
+    from engine.engine import local_config
+    from engine.parallel.follower import run_node
+
+    local, _ = local_config(engine)
+    return run_node(local)
+
+
 def run_prefill(args: argparse.Namespace) -> int:
     from prefill_worker.main import serve_prefill
     from server.process import run_component
 
     cfg: PrefillWorkerConfig = from_args(PrefillWorkerConfig, args)
+    if (code := _other_node(cfg.engine)) is not None:
+        return code
     return _model_errors("prefill worker", lambda: run_component(
         "prefill", cfg.server, lambda stop, tracing: serve_prefill(cfg, stop, tracing=tracing)))
 
@@ -54,6 +69,8 @@ def run_decode(args: argparse.Namespace) -> int:
     from server.process import run_component
 
     cfg: DecodeWorkerConfig = from_args(DecodeWorkerConfig, args)
+    if (code := _other_node(cfg.engine)) is not None:
+        return code
     return _model_errors("decode worker", lambda: run_component(
         "decode", cfg.server, lambda stop, tracing: serve_decode(cfg, stop, tracing=tracing)))
 

@@ -20,6 +20,7 @@ import argparse
 import logging
 import signal
 import threading
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -47,10 +48,14 @@ logger = logging.getLogger(__name__)
 
 
 def run(args: argparse.Namespace) -> int:
-    from cli.launcher import Stack
     from cli.supervisor import RestartPolicy, Supervisor
     from engine.hub import resolve_model
 
+    if getattr(args, "nnodes", 1) > 1 or getattr(args, "node_rank", 0) > 0:
+        logger.error("up: tandem up runs one host; start a multi-node worker with `tandem prefill-worker` / "
+                     "`tandem decode-worker` on each node (--nnodes, --node-rank, --dist-init-addr; "
+                     "docs/tensor-parallel.md)")
+        return 2
     try:
         policy = RestartPolicy(backoff_s=args.restart_backoff, max_backoff_s=args.max_restart_backoff,
                                reset_after_s=args.restart_reset_after, max_restarts=args.max_restarts,
@@ -65,16 +70,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
     elif not hasattr(args, "http_port"):
         args.http_port = DEFAULT_HTTP_PORT
-    tracing = forward_args(ServerOptions, args, exclude=_SET_BY_UP)
-    engine = forward_args(EngineConfig, args, exclude=("model", "revision"))
-    stack = Stack(model.path, prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
-                  host=getattr(args, "host", "127.0.0.1"), port=getattr(args, "port", DEFAULT_PORTS["gateway"]),
-                  engine_args=[*engine, *tracing],
-                  prefill_args=forward_args(PrefillWorkerConfig, args, exclude=(*_SET_BY_UP, *_TRACING, "engine")),
-                  decode_args=forward_args(DecodeWorkerConfig, args, exclude=(*_SET_BY_UP, *_TRACING, "engine")),
-                  gateway_args=forward_args(GatewayConfig, args, exclude=_SET_BY_UP),
-                  workdir=args.workdir, metrics_port=getattr(args, "metrics_port", 0),
-                  log_args=["--log-level", args.log_level, "--log-format", args.log_format])
+    stack = build_stack(args, model.path)
     stop = threading.Event()
     starting = True
 
@@ -109,6 +105,29 @@ def run(args: argparse.Namespace) -> int:
         stack.stop()
         print("stopped", flush=True)
     return 0
+
+
+def build_stack(args: argparse.Namespace, model_path: str | Path) -> Stack:
+    """The stack `args` (tandem up's, parsed) describe, not started: each child's command line."""
+    from cli.launcher import Stack
+
+    tracing = forward_args(ServerOptions, args, exclude=_SET_BY_UP)
+    engine = forward_args(EngineConfig, args, exclude=("model", "revision"))
+    return Stack(model_path, prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
+                  host=getattr(args, "host", "127.0.0.1"), port=getattr(args, "port", DEFAULT_PORTS["gateway"]),
+                  engine_args=[*engine, *tracing],
+                  prefill_args=[*forward_args(PrefillWorkerConfig, args, exclude=(*_SET_BY_UP, *_TRACING, "engine")),
+                                *_tp(args.prefill_tensor_parallel_size)],
+                  decode_args=[*forward_args(DecodeWorkerConfig, args, exclude=(*_SET_BY_UP, *_TRACING, "engine")),
+                               *_tp(args.decode_tensor_parallel_size)],
+                  gateway_args=forward_args(GatewayConfig, args, exclude=_SET_BY_UP),
+                  workdir=args.workdir, metrics_port=getattr(args, "metrics_port", 0),
+                  log_args=["--log-level", args.log_level, "--log-format", args.log_format])
+
+
+def _tp(size: int | None) -> list[str]:
+    """A role's own --tensor-parallel-size (after the engine flags, so it wins over a shared one)."""
+    return ["--tensor-parallel-size", str(size)] if size else []
 
 
 def _metrics(info: dict[str, Any]) -> str:
@@ -146,6 +165,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--prefill-workers", type=int, default=1, help="prefill worker processes (0: decode workers "
                    "prefill every prompt themselves)")
     p.add_argument("--decode-workers", type=int, default=1, help="decode worker processes")
+    p.add_argument("--prefill-tensor-parallel-size", type=int, default=None, metavar="N",
+                   help="prefill workers' tensor-parallel size, when it differs from the decode workers' "
+                        "(default: --tensor-parallel-size; docs/tensor-parallel.md)")
+    p.add_argument("--decode-tensor-parallel-size", type=int, default=None, metavar="N",
+                   help="decode workers' tensor-parallel size (default: --tensor-parallel-size)")
     p.add_argument("--workdir", default=None, help="where each process's log (gateway.log, prefill-0.log, "
                    "decode-0.log, ...) and ready file go (default: a new temp dir, printed at start)")
     p.add_argument("--no-http", action="store_true", help=f"do not serve the OpenAI-compatible HTTP API (by "

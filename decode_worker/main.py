@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from decode_worker.config import DecodeWorkerConfig
 from decode_worker.observe import DecodeObserver
@@ -17,6 +18,12 @@ from server.worker import Worker, WorkerKind, serve_worker
 from tandem.v1 import worker_pb2_grpc
 
 
+def _relay(core: Any) -> dict[str, float]:
+    """Tensor parallelism: rank 0's free whole-page staging blocks (engine/parallel/relay.py)."""
+    stats = core.loop.snapshot.stats
+    return {"kv_relay_blocks_free": stats["kv_relay_blocks_free"]} if "kv_relay_blocks_free" in stats else {}
+
+
 async def serve_decode(cfg: DecodeWorkerConfig, stop: asyncio.Event, *, tracing: Tracing | None = None) -> int:
     """Serve until `stop` (exit code 0) or the engine's death (1); `tracing` is the process's."""
     opts = cfg.worker
@@ -27,7 +34,7 @@ async def serve_decode(cfg: DecodeWorkerConfig, stop: asyncio.Event, *, tracing:
         service = DecodeService(core, "", "", cfg.max_streams)
         return Worker(core, service, lambda: {
             "decode_streams": service.streams, "decode_kv_pending": core.num_pending(),
-            "kv_transfers_inflight": core.receiver.stats().get("live", 0)}, {"kv_address": core.receiver.address})
+            "kv_transfers_inflight": core.receiver.stats().get("live", 0)} | _relay(core), {"kv_address": core.receiver.address})
 
     kind = WorkerKind("decode", "tandem.v1.DecodeWorker", worker_pb2_grpc.add_DecodeWorkerServicer_to_server, build)
     return await serve_worker(kind, cfg.engine, cfg.server, stop, tracing=tracing)

@@ -24,6 +24,11 @@ Block ownership (docs/ARCHITECTURE.md):
 
 The receiver's I/O thread never touches the scheduler or the block manager: everything it learns
 reaches the engine thread as a command.
+
+Tensor parallelism (the runner has a `staging` pool, engine/parallel/relay.py): the receiver writes whole
+pages into staging blocks, granted with the pool blocks they map to (`_relayed`); on arrival the pages
+are scattered to every rank's pool (each rank its KV heads; a collective, on the engine thread), then the
+staging blocks go back. A transfer waits for admission while staging is full, as while the pool is.
 """
 
 from __future__ import annotations
@@ -81,11 +86,13 @@ class DecodeCore:
         self.layout = layout
         self.kv_timeout_s = kv_timeout_s
         self._wants: dict[str, _Want] = {}  # engine thread; insertion order is admission order
+        self.staging = engine.runner.staging  # None: one rank, the receiver writes the pool itself
+        self._relayed: dict[str, tuple[list[int], list[int]]] = {}  # rid -> (pool ids, staging ids); engine thread
         self.loop = EngineLoop(engine, name="decode-engine", watchdog_s=watchdog_s, fault=fault, on_death=self._died,
                                observers=[lambda *a: self.obs.on_step(self.requests, *a)],
-                               gauges=lambda: {"kv_wanted": len(self._wants)}, tick=self._admit)
+                               gauges=self._gauges, tick=self._admit)
         self.receiver = KVReceiver(
-            engine.runner.kv, layout, kv_bind, want=self._want, release=self._release,
+            engine.runner.transfer_pool, layout, kv_bind, want=self._want, release=self._release,
             on_complete=self._on_complete, on_failed=self._on_failed, timeout_s=kv_timeout_s, curve=curve,
         )
 
@@ -170,6 +177,7 @@ class DecodeCore:
         self._admit()
 
     def _on_release(self, request_id: str, block_ids: list[int]) -> None:
+        block_ids = self._unrelay(request_id, block_ids)
         self.engine.block_manager.free_blocks(block_ids)
         req = self.requests.get(request_id)
         if req is not None and req.kv_blocks == block_ids:
@@ -191,21 +199,47 @@ class DecodeCore:
                 continue
             if blocked:
                 continue
+            if self.staging is not None and self.staging.num_free < want.num_blocks:
+                blocked = True  # relayed: the staging blocks are as scarce as the pool's
+                continue
             ids = self.engine.scheduler.reserve_kv(want.num_blocks, req.seq.params.n)
             if ids is None:
                 blocked = True  # first come, first served: a later, smaller transfer waits too
                 continue
             del self._wants[rid]
             req.kv_blocks = ids
-            self.receiver.grant(rid, ids)
+            granted = ids
+            if self.staging is not None:
+                staged = self.staging.alloc(want.num_blocks)
+                assert staged is not None  # checked above, on this thread
+                self._relayed[rid] = (ids, staged)
+                granted = staged
+            self.receiver.grant(rid, granted)
+
+    def _unrelay(self, request_id: str, granted: list[int]) -> list[int]:
+        """The pool blocks behind granted ids (staging ids under tensor parallelism: freed here)."""
+        relayed = self._relayed.pop(request_id, None) if self.staging is not None else None
+        if relayed is None:
+            return granted
+        assert self.staging is not None
+        self.staging.free(relayed[1])
+        return relayed[0]
 
     def _adopt(self, arrived: _Arrived) -> None:
         """The KV is in place: the sequence joins the running batch with its first token."""
         t = arrived.transfer
         bm = self.engine.block_manager
         req = self.requests.get(t.request_id)
+        relayed = self._relayed.get(t.request_id) if self.staging is not None else None
+        if relayed is not None and req is not None and req.kv_blocks is not None and not arrived.error:
+            try:
+                self.engine.runner.scatter_kv(relayed[1], relayed[0])  # whole pages -> every rank's heads
+            except Exception as exc:  # a rank is gone: fail-stop, as a failed step would
+                self.loop.kill(f"KV relay scatter failed: {type(exc).__name__}: {exc}")
+                return
+        block_ids = self._unrelay(t.request_id, list(t.block_ids))
         if req is None or req.kv_blocks is None:  # aborted while the KV was in flight
-            bm.free_blocks(t.block_ids)
+            bm.free_blocks(block_ids)
             return
         seq = req.seq
         error = arrived.error
@@ -214,13 +248,13 @@ class DecodeCore:
                      f"request of {seq.params.n} choices")
         if error or arrived.meta is None or t.num_tokens != seq.num_prompt_tokens:
             del self.requests[t.request_id]
-            bm.free_blocks(t.block_ids)
+            bm.free_blocks(block_ids)
             why = error or f"KV for {t.num_tokens} tokens arrived for a {seq.num_prompt_tokens}-token prompt"
             req.fail(transfer_error(TransferCode.PROTOCOL, why))
             return
         meta = arrived.meta
         req.kv_blocks = None
-        seq.block_table = list(t.block_ids)
+        seq.block_table = block_ids
         seq.num_computed_tokens = seq.num_prompt_tokens
         seq.num_cached_tokens = meta.num_cached_tokens
         bm.cache_full_blocks(seq)
@@ -239,6 +273,10 @@ class DecodeCore:
         self.receiver.refuse_all(f"the decode worker's engine died: {cause}")
 
     # -------------------------------------------------------------- status
+    def _gauges(self) -> dict[str, int]:
+        relay = {"kv_relay_blocks_free": self.staging.num_free} if self.staging is not None else {}
+        return {"kv_wanted": len(self._wants)} | relay
+
     def num_pending(self) -> int:
         return int(self.loop.snapshot.stats.get("kv_wanted", 0))
 

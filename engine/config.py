@@ -166,10 +166,24 @@ class EngineConfig:
         None, f"k, the most draft tokens verified per sequence and step (default {DEFAULT_SPECULATIVE_TOKENS})",
         min=1, max=MAX_SPECULATIVE_TOKENS)
     speculative_adaptive: bool = option(True, "shrink k (to 0) while verifying costs more than it yields")
+    # tensor parallelism (engine/parallel; docs/tensor-parallel.md); SGLang's flag names for nodes
+    tensor_parallel_size: int = option(1, "ranks one model is split over: processes, one GPU each (gloo on CPU)",
+                                       min=1)
+    nnodes: int = option(1, "nodes the tensor-parallel ranks run on, tensor_parallel_size / nnodes each", min=1)
+    node_rank: int = option(0, "this node's index: 0 runs the worker and rank 0, the others only their ranks",
+                            min=0)
+    dist_init_addr: str | None = option(
+        None, "host:port of rank 0's rendezvous (default: a free loopback port; required with --nnodes > 1)")
+    dist_timeout_s: float = option(60.0, "seconds the ranks wait for each other (rendezvous, any collective) "
+                                   "before the worker fails", flag="dist-timeout", above=0)
+    kv_relay_blocks: int | None = option(
+        None, "tensor parallelism: rank 0's whole-page staging blocks for KV transfers (default: one full context)",
+        min=1)
 
     def __post_init__(self) -> None:
         self._check_speculation()
         check_options(self)
+        self._check_parallel()
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size!r}")
         canonical_dtype(self.dtype)
@@ -184,6 +198,24 @@ class EngineConfig:
                              f"{self.speculative_method!r} (a draft model is given as speculative_model=DIR)")
         if self.num_speculative_tokens is not None and not self.speculative:
             raise ValueError("num_speculative_tokens needs speculative_model or speculative_method")
+
+    def _check_parallel(self) -> None:
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank must be in [0, {self.nnodes}) for --nnodes {self.nnodes}, got {self.node_rank}")
+        if self.tensor_parallel_size % self.nnodes:
+            raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} does not split evenly over "
+                             f"--nnodes {self.nnodes}")
+        if self.nnodes > 1 and not self.dist_init_addr:
+            raise ValueError("--nnodes > 1 needs --dist-init-addr HOST:PORT (rank 0's rendezvous, reachable from "
+                             "every node)")
+        if self.dist_init_addr is not None:
+            host, _, port = self.dist_init_addr.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"dist_init_addr must be HOST:PORT, got {self.dist_init_addr!r}")
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tensor_parallel_size // self.nnodes
 
     @property
     def speculative(self) -> bool:

@@ -53,6 +53,8 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
         # one sequence may fill the pool alone, never more
         self.max_model_len = min(self.runner.max_model_len, self.runner.num_blocks * config.block_size)
+        if self.runner.staging is not None:  # tensor parallelism: a transfer's pages must fit rank 0's staging
+            self.max_model_len = min(self.max_model_len, self.runner.staging.num_blocks * config.block_size)
         self.spec = (SpecDecoder(config, self.runner, self.block_manager, self.max_model_len)
                      if config.speculative else None)
         self.num_computed_tokens_total = 0

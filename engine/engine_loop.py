@@ -146,6 +146,11 @@ class EngineLoop:
         if self.watchdog_s is not None:
             self._watchdog.start()
 
+    def kill(self, message: str) -> None:
+        """Declare the loop dead from outside (a tensor-parallel rank died): every request fails with
+        EngineDied(message) at once, as when a step raises. Any thread; idempotent."""
+        self._die(EngineDied(message), message)
+
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._wake.set()

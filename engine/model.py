@@ -7,6 +7,12 @@ steps and speculative verification are all this one call.
 
 Weights use fused projections: `qkv_proj` stacks q, k, v rows and `gate_up_proj` stacks gate and up
 rows, so a layer runs 4 matmuls. `load_weights` maps Hugging Face names onto them.
+
+Tensor parallelism (engine/parallel): built with a `TPShard` and its `TPGroup`, each rank holds its
+query and KV heads, its intermediate rows and its vocabulary rows (engine/parallel/shard.py): qkv_proj
+and gate_up_proj are column-parallel (no communication), o_proj and down_proj row-parallel (their
+outputs all-reduced), the embedding vocabulary-parallel (masked lookup, all-reduced) and the LM head
+too (logits gathered to rank 0). The KV pool then holds only the rank's KV heads.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from engine.config import ModelConfig
+from engine.parallel.group import TPGroup
+from engine.parallel.shard import TPShard
 from kernels.ops import Ops
 from kernels.rotary import build_cos_sin_cache
 
@@ -38,12 +46,19 @@ class ForwardContext:
     kv_scale: float | None = None  # fp8 pools: stored = value / kv_scale (kernels/kv_store.py)
 
 
+def _shard(cfg: ModelConfig, shard: TPShard | None) -> TPShard:
+    return shard if shard is not None else TPShard(cfg, 1, 0)
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, shard: TPShard | None = None,
+                 group: TPGroup | None = None) -> None:
         super().__init__()
+        sh = _shard(cfg, shard)
         self.layer_idx = layer_idx
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
+        self.group = group
+        self.num_heads, self.num_kv_heads, self.head_dim = sh.num_heads, sh.num_kv_heads, cfg.head_dim
+        self.q_size, self.kv_size = sh.q_size, sh.kv_size
         self.scale = self.head_dim**-0.5
         self.sliding_window = cfg.sliding_window
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
@@ -70,25 +85,30 @@ class Attention(nn.Module):
         out = ctx.ops.paged_attention(
             q, kv_layer, ctx.block_tables, ctx.query_start_loc, ctx.seq_lens, self.scale,
             self.sliding_window, max_query_len=ctx.max_query_len, kv_scale=ctx.kv_scale,
-        )  # (T, Hq, D)
-        return self.o_proj(out.reshape(t, self.q_size))
+        )  # (T, Hq, D): this rank's heads
+        out = self.o_proj(out.reshape(t, self.q_size))  # (T, H): this rank's partial sum
+        return self.group.all_reduce(out) if self.group is not None else out
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, shard: TPShard | None = None, group: TPGroup | None = None) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        inter = _shard(cfg, shard).intermediate_size
+        self.group = group
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * inter, bias=False)
+        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor, ops: Ops) -> Tensor:
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        out = self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))  # (T, H): a partial sum under TP
+        return self.group.all_reduce(out) if self.group is not None else out
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, shard: TPShard | None = None,
+                 group: TPGroup | None = None) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, layer_idx)
-        self.mlp = MLP(cfg)
+        self.self_attn = Attention(cfg, layer_idx, shard, group)
+        self.mlp = MLP(cfg, shard, group)
         self.input_layernorm = nn.Parameter(torch.empty(cfg.hidden_size))
         self.post_attention_layernorm = nn.Parameter(torch.empty(cfg.hidden_size))
         self.eps = cfg.rms_norm_eps
@@ -108,16 +128,20 @@ class DecoderLayer(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """forward(input_ids (T,), positions (T,), ctx) -> hidden (T, H); compute_logits -> (N, V) fp32."""
+    """forward(input_ids (T,), positions (T,), ctx) -> hidden (T, H); compute_logits -> (N, V) fp32
+    (on rank 0 under tensor parallelism; the other ranks take part in the gather and get (0, V))."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, shard: TPShard | None = None, group: TPGroup | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_layers)])
+        self.shard = _shard(cfg, shard)
+        self.group = group if self.shard.size > 1 else None
+        rows = self.shard.vocab_per_rank  # V, or Vp = ceil(V / tp) under TP
+        self.embed_tokens = nn.Embedding(rows, cfg.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, i, shard, self.group) for i in range(cfg.num_layers)])
         self.norm = nn.Parameter(torch.empty(cfg.hidden_size))
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = nn.Linear(cfg.hidden_size, rows, bias=False)
         self.register_buffer("cos_sin_cache", torch.empty(0), persistent=False)
 
     def init_rope(self, max_position: int) -> None:
@@ -127,8 +151,19 @@ class CausalLM(nn.Module):
             dtype=torch.float32, device=self.norm.device,
         )
 
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """(T,) -> (T, H). Under TP each rank looks up the ids in its vocabulary rows (zeros elsewhere)
+        and the ranks' rows are summed."""
+        if self.group is None:
+            return self.embed_tokens(input_ids)
+        local = input_ids - self.shard.vocab_start
+        outside = (local < 0) | (local >= self.shard.vocab_rows)
+        x = self.embed_tokens(local.masked_fill(outside, 0))
+        x.masked_fill_(outside[:, None], 0.0)
+        return self.group.all_reduce(x)
+
     def forward(self, input_ids: Tensor, positions: Tensor, ctx: ForwardContext) -> Tensor:
-        x = self.embed_tokens(input_ids)  # (T, H)
+        x = self.embed(input_ids)  # (T, H)
         residual: Tensor | None = None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, self.cos_sin_cache, ctx)
@@ -139,13 +174,23 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         weight = self.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()  # (N, V)
+        logits = torch.nn.functional.linear(hidden, weight).float()  # (N, V), or (N, Vp) under TP
+        if self.group is None or logits.shape[0] == 0:  # every rank knows the row count: all skip the gather
+            return logits[:, : self.cfg.vocab_size]
+        full = self.group.gather_last_dim(logits)  # (N, tp * Vp) on rank 0: rank r's rows at [r*Vp, (r+1)*Vp)
+        if full is None:
+            return logits.new_empty((0, self.cfg.vocab_size))
+        return full[:, : self.cfg.vocab_size]
 
     # ----------------------------------------------------------------- loading
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
-        """Copy Hugging Face tensors into place one at a time; raise if any parameter is left unset."""
+        """Copy Hugging Face tensors into place one at a time; raise if any parameter is left unset.
+
+        Under TP a tensor may come whole (its rank's slice is taken here) or already sliced (a
+        safetensors `get_slice` read, engine.weights); the vocabulary padding rows are zeroed."""
         params = dict(self.named_parameters())
-        q, kv, inter = self.cfg.q_size, self.cfg.kv_size, self.cfg.intermediate_size
+        sh = self.shard
+        q, kv, inter = sh.q_size, sh.kv_size, sh.intermediate_size
         shards = {
             "q_proj": ("qkv_proj", 0, q), "k_proj": ("qkv_proj", q, kv), "v_proj": ("qkv_proj", q + kv, kv),
             "gate_proj": ("gate_up_proj", 0, inter), "up_proj": ("gate_up_proj", inter, inter),
@@ -166,7 +211,11 @@ class CausalLM(nn.Module):
             if target not in params:
                 raise ValueError(f"checkpoint tensor {hf_name!r} has no place in {self.cfg.architecture}")
             param = params[target]
+            tensor = self._take_slice(hf_name, tensor)
             dst = param.data if size is None else param.data.narrow(0, start, size)
+            if target in ("embed_tokens.weight", "lm_head.weight") and sh.size > 1:
+                dst[sh.vocab_rows :].zero_()  # padding rows of the last rank
+                dst = dst[: sh.vocab_rows]
             if dst.shape != tensor.shape:
                 raise ValueError(f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
                                  f"expected {tuple(dst.shape)}")
@@ -176,6 +225,13 @@ class CausalLM(nn.Module):
         missing = sorted(expected - loaded)
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+
+    def _take_slice(self, hf_name: str, tensor: Tensor) -> Tensor:
+        """This rank's part of `tensor`: narrowed when it came whole, as is when already sliced."""
+        part = self.shard.slice_for(hf_name)
+        if part is None or tensor.shape[part.dim] != part.full or part.size == part.full:
+            return tensor
+        return tensor.narrow(part.dim, part.start, part.size)
 
     @staticmethod
     def _shard_starts(name: str, shards: dict[str, tuple[str, int, int]]) -> list[int]:

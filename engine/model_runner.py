@@ -5,15 +5,23 @@ The KV pool is one tensor for all layers:
     kv: (num_layers, num_blocks, 2, block_size, num_kv_heads, head_dim)
          kv[l, b]      one page: K and V of block b in layer l, contiguous (what kvtransfer ships)
          kv[l, b, 0]   K rows of the block's block_size tokens; kv[l, b, 1] the V rows
+
+Tensor parallelism (engine/parallel): with `tensor_parallel_size` > 1 this runner is rank 0 (it starts the
+followers, `TPDriver`) or, built with a `group`, a follower. Rank 0 broadcasts each step's tensors
+(`_send_step`) and runs the same forward as the followers (`follow`); logits exist on rank 0 only.
+The pool then holds this rank's KV heads only; `staging` holds whole pages for the KV transfer
+(engine/parallel/relay.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -24,6 +32,11 @@ from engine.device import resolve_device, resolve_dtype
 from engine.gguf_file import is_gguf, read_gguf
 from engine.model import CausalLM, ForwardContext
 from engine.outputs import TokenLogprob
+from engine.parallel.driver import TPDriver
+from engine.parallel.group import Command, Op, TPGroup
+from engine.parallel.relay import KVStaging, gather_layer, gather_pages, scatter_pages, send_command
+from engine.parallel.shard import TPShard
+from engine.parallel.step import StepTensors, send_step, unpack_step
 from engine.sampling.batch import SamplingBatch
 from engine.sampling.sampler import Sampler, SamplerOutput
 from engine.sequence import Sequence
@@ -62,9 +75,18 @@ class StepInput:
         return self.num_draft(i) + self.seqs[i].num_sample_rows
 
 
+class _Prompt(NamedTuple):
+    """Prompt-logprob rows of a step: rows of `hidden`, the prompt token each predicts, its sequence."""
+
+    rows: list[int]
+    targets: list[int]
+    owners: list[int]
+
+
 def load_model(
     path: str | Path, dtype: torch.dtype, device: torch.device, quantization: str | None = None,
-    backend: str = "auto", gguf_dequantize: bool = False,
+    backend: str = "auto", shard: TPShard | None = None, group: TPGroup | None = None,
+    gguf_dequantize: bool = False,
 ) -> CausalLM:  # fmt: skip
     """Build the model on the meta device, then stream checkpoint tensors into place.
 
@@ -75,11 +97,12 @@ def load_model(
     keeps its own quantization (engine/quant/loader.py); ``quantization`` must then be None. So does a
     GGUF file's Q4_0/Q4_1/Q8_0/Q4_K/Q6_K projections (engine/quant/formats/gguf.py), unless
     ``gguf_dequantize`` asks for every tensor dequantized to ``dtype`` at load (exact, more memory).
+    With ``shard`` (tensor parallelism) only that rank's part is built and read (engine/parallel/shard.py).
     """
     hf = load_hf_config(path)
     cfg = ModelConfig.from_hf(hf)
     with torch.device("meta"):
-        model = CausalLM(cfg)
+        model = CausalLM(cfg, shard, group)
     # -- pre-quantized checkpoints: engine/quant detects and loads them (no flag needed)
     from engine.quant.prequantized import detect
 
@@ -108,7 +131,7 @@ def load_model(
     staging = device if quantization is None else torch.device("cpu")
     model = model.to_empty(device=staging).to(dtype)
     with torch.no_grad():
-        model.load_weights(iter_weights(path))
+        model.load_weights(iter_weights(path, select=shard.slice_for if shard is not None else None))
     if quantization is not None:
         from engine.quant import quantize_model
 
@@ -117,14 +140,24 @@ def load_model(
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, *, group: TPGroup | None = None) -> None:
+        """`group`: this follower's tensor-parallel group; None on rank 0 (which starts the group when
+        `config.tensor_parallel_size` > 1: engine/parallel/driver.py). Raises ValueError when the model
+        cannot be split over that many ranks (engine/parallel/shard.py names why)."""
         self.config = config
-        self.device = resolve_device(config.device)
+        self.device = group.device if group is not None else resolve_device(config.device)
         hf = load_hf_config(config.model)
         self.model_config = ModelConfig.from_hf(hf)
         self.dtype = resolve_dtype(config.dtype, self.device, self.model_config.checkpoint_dtype)
+        self.tp: TPDriver | None = None
+        if group is None and config.tensor_parallel_size > 1:
+            TPShard(self.model_config, config.tensor_parallel_size, 0)  # refuse a bad split before any process starts
+            self.tp = TPDriver(config, self.device)
+            group = self.tp.group
+        self.group = group
+        self.shard = TPShard(self.model_config, group.size, group.rank) if group is not None else None
         self.model = load_model(config.model, self.dtype, self.device, config.quantization, config.attention_backend,
-                                config.gguf_dequantize)
+                                self.shard, group, config.gguf_dequantize)
         # fp8 KV: float8_e4m3fn pages with one static scale (kernels/kv_store.py FP8_KV_SCALE)
         self.kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else self.dtype
         self.kv_scale = FP8_KV_SCALE if config.kv_cache_dtype == "fp8" else None
@@ -134,19 +167,37 @@ class ModelRunner:
         self.ops = select_ops(config.attention_backend, self.device)
         self.block_size = config.block_size
         self.num_blocks = config.num_kv_blocks or self._blocks_from_budget()
+        if group is not None:  # every rank's pool has the same block ids
+            self.num_blocks = group.all_reduce_min(self.num_blocks)
         self.kv = torch.zeros(
-            (mc.num_layers, self.num_blocks, 2, self.block_size, mc.num_kv_heads, mc.head_dim),
+            (mc.num_layers, self.num_blocks, 2, self.block_size, self.num_kv_heads, mc.head_dim),
             dtype=self.kv_dtype, device=self.device,
-        )
+        )  # under TP: this rank's KV heads only
+        self.staging: KVStaging | None = None
+        self._relay_next: tuple[list[int], list[int]] | None = None  # (pool ids, staging ids): relay_next_step
+        if self.tp is not None:
+            blocks = config.kv_relay_blocks or min(self.num_blocks, -(-self.max_model_len // self.block_size))
+            self.staging = KVStaging(blocks, self.kv, mc.num_kv_heads)
+            self.tp.start_keepalive()  # every rank is past its start-up collectives (all_reduce_min above)
         self.sampler = Sampler(seed=config.seed)
         logger.info("model %s: %d layers, %s on %s (quantization %s); KV pool %d blocks x %d tokens, %s (%.1f MiB)",
                     mc.architecture, mc.num_layers, self.dtype, self.device, config.quantization, self.num_blocks,
                     self.block_size, self.kv_dtype, self.kv.numel() * self.kv.element_size() / 2**20)
 
     @property
+    def num_kv_heads(self) -> int:
+        """KV heads in this rank's pool (all of them without tensor parallelism)."""
+        return self.shard.num_kv_heads if self.shard is not None else self.model_config.num_kv_heads
+
+    @property
+    def transfer_pool(self) -> Tensor:
+        """The pool the KV transfer reads and writes: whole pages (rank 0's staging under TP)."""
+        return self.staging.kv if self.staging is not None else self.kv
+
+    @property
     def page_bytes(self) -> int:
         mc = self.model_config
-        return 2 * self.block_size * mc.num_kv_heads * mc.head_dim * self.kv_dtype.itemsize
+        return 2 * self.block_size * self.num_kv_heads * mc.head_dim * self.kv_dtype.itemsize
 
     def _blocks_from_budget(self) -> int:
         per_block = self.page_bytes * self.model_config.num_layers
@@ -216,18 +267,119 @@ class ModelRunner:
         """Run the model; logits (R, V) float32: per sampling sequence i, 1 + step.num_draft(i) rows."""
         input_ids, positions, ctx, logits_idx = self.prepare(step)
         ctx.on_layer_done = on_layer_done
-        if step.copies:  # copy-on-write pages of forked sequences, before anything writes to them
-            src, dst = (torch.tensor(c, dtype=torch.int64, device=self.device) for c in zip(*step.copies, strict=True))
-            self.kv[:, dst] = self.kv[:, src]
-        hidden = self.model(input_ids, positions, ctx)  # (T, H)
-        if any(s.wants_prompt_logprobs for s in step.seqs):
-            self._prompt_logprobs(step, hidden)
-        return self.model.compute_logits(hidden[logits_idx])
+        prompt = self._prompt_rows(step)
+        rows = logits_idx
+        if prompt is not None:  # one projection (one gather under TP) for both kinds of rows
+            rows = torch.cat([logits_idx, torch.tensor(prompt.rows, dtype=torch.int64, device=self.device)])
+        copies = (torch.tensor(step.copies, dtype=torch.int64, device=self.device).T  # (2, C): src, dst
+                  if step.copies else None)
+        relay, self._relay_next = self._relay_next, None
+        with self._collectives():
+            if self.tp is not None:  # rank 0 of a group it drives (a runner given its group only runs)
+                pages = torch.tensor(relay[0], dtype=torch.int64) if relay is not None else None
+                send_step(self.tp.group, StepTensors(input_ids, positions, ctx.slot_mapping, ctx.block_tables,
+                                                     ctx.query_start_loc, ctx.seq_lens, ctx.max_query_len, rows,
+                                                     copies, pages))
+                if relay is not None:
+                    ctx.on_layer_done = self._relay_hook(relay, on_layer_done)
+            logits = self._run(input_ids, positions, ctx, rows, copies)
+        if prompt is not None:
+            self._prompt_logprobs(step, prompt, logits[len(logits_idx) :])
+            logits = logits[: len(logits_idx)]
+        return logits
 
-    def _prompt_logprobs(self, step: StepInput, hidden: Tensor) -> None:
-        """Fill step.prompt_logprobs: the raw model logprob, rank and top alternatives of each prompt
-        token whose preceding position this step computed (and that was not collected before: a
-        recomputed prefill after preemption adds nothing twice). Only the rows asked for are projected."""
+    def _run(self, input_ids: Tensor, positions: Tensor, ctx: ForwardContext, rows: Tensor,
+             copies: Tensor | None) -> Tensor:
+        """The forward every rank runs: copy-on-write pages, the model, the logits of `rows`."""
+        if copies is not None:  # copy-on-write pages of forked sequences, before anything writes to them
+            self.kv[:, copies[1]] = self.kv[:, copies[0]]
+        hidden = self.model(input_ids, positions, ctx)  # (T, H)
+        return self.model.compute_logits(hidden[rows])
+
+    # ------------------------------------------------------------ tensor parallelism
+    @contextlib.contextmanager
+    def _collectives(self) -> Iterator[None]:
+        """Rank 0: hold the group (one command and its collectives at a time); no-op otherwise."""
+        if self.tp is None:
+            yield
+            return
+        with self.tp.lock:
+            if self.tp.error is not None:
+                raise RuntimeError(self.tp.error)
+            yield
+            self.tp.touch()
+
+    @torch.inference_mode()
+    def follow(self, cmd: Command) -> None:
+        """A follower: run rank 0's command on this rank's shard (its collectives pair with rank 0's)."""
+        assert self.group is not None
+        if cmd.op is Op.STEP:
+            st = unpack_step(cmd)
+            ctx = ForwardContext(kv=self.kv, slot_mapping=st.slot_mapping, block_tables=st.block_tables,
+                                 query_start_loc=st.query_start_loc, seq_lens=st.seq_lens,
+                                 max_query_len=st.max_query_len, ops=self.ops, kv_scale=self.kv_scale)
+            if st.relay is not None:  # rank 0's prefill relay: this rank's heads of these pages, layer by layer
+                group, relay_ids, heads = self.group, st.relay, self.model_config.num_kv_heads
+                ctx.on_layer_done = lambda layer: gather_layer(group, self.kv, layer, relay_ids, heads, None, None)
+            self._run(st.input_ids, st.positions, ctx, st.rows, st.copies)
+        elif cmd.op is Op.GATHER_KV:
+            gather_pages(self.group, self.kv, cmd.payload, self.model_config.num_kv_heads, None, None)
+        elif cmd.op is Op.SCATTER_KV:
+            scatter_pages(self.group, self.kv, cmd.payload, self.model_config.num_kv_heads, None, None)
+
+    def relay_next_step(self, block_ids: list[int], staging_ids: list[int]) -> None:
+        """Rank 0 under TP: during the next forward, after each layer, gather every rank's heads of pool pages
+        `block_ids` into whole pages `staging_ids` of `staging` (before that layer's `on_layer_done`), so a
+        KV transfer from staging overlaps the forward. Calls add up until the forward runs."""
+        assert self.staging is not None and len(block_ids) == len(staging_ids)
+        pool, staged = self._relay_next or ([], [])
+        self._relay_next = (pool + list(block_ids), staged + list(staging_ids))
+
+    def _relay_hook(self, relay: tuple[list[int], list[int]],
+                    then: Callable[[int], None] | None) -> Callable[[int], None]:
+        assert self.group is not None and self.staging is not None
+        group, staging, heads = self.group, self.staging.kv, self.model_config.num_kv_heads
+        ids = torch.tensor(relay[0], dtype=torch.int64, device=self.device)
+        sids = torch.tensor(relay[1], dtype=torch.int64, device=self.device)
+
+        def hook(layer: int) -> None:
+            gather_layer(group, self.kv, layer, ids, heads, staging, sids)
+            if then is not None:
+                then(layer)
+
+        return hook
+
+    @torch.inference_mode()
+    def gather_kv(self, block_ids: list[int], staging_ids: list[int]) -> None:
+        """Rank 0 under TP: every rank's heads of pool pages `block_ids` -> whole pages `staging_ids` of
+        `staging` (position i to position i)."""
+        assert self.staging is not None and self.group is not None and len(block_ids) == len(staging_ids)
+        with self._collectives():
+            ids = send_command(self.group, Op.GATHER_KV, block_ids)
+            gather_pages(self.group, self.kv, ids, self.model_config.num_kv_heads, self.staging.kv,
+                         torch.tensor(staging_ids, dtype=torch.int64, device=self.device))
+
+    @torch.inference_mode()
+    def scatter_kv(self, staging_ids: list[int], block_ids: list[int]) -> None:
+        """Rank 0 under TP: whole pages `staging_ids` of `staging` -> every rank's heads of pool pages `block_ids`."""
+        assert self.staging is not None and self.group is not None and len(block_ids) == len(staging_ids)
+        with self._collectives():
+            ids = send_command(self.group, Op.SCATTER_KV, block_ids)
+            scatter_pages(self.group, self.kv, ids, self.model_config.num_kv_heads, self.staging.kv,
+                          torch.tensor(staging_ids, dtype=torch.int64, device=self.device))
+
+    def close(self) -> None:
+        """Stop the followers (rank 0 under TP); no-op otherwise."""
+        if self.tp is not None:
+            self.tp.close()
+
+    # ------------------------------------------------------------ prompt logprobs
+    def _prompt_rows(self, step: StepInput) -> _Prompt | None:
+        """The rows of this step whose prompt logprobs are wanted: each prompt token whose preceding
+        position this step computes (and that was not collected before: a recomputed prefill after
+        preemption adds nothing twice)."""
+        if not any(s.wants_prompt_logprobs for s in step.seqs):
+            return None
         rows: list[int] = []  # rows of `hidden`
         targets: list[int] = []  # the prompt token each row predicts
         owners: list[int] = []  # step sequence index of each row
@@ -241,10 +393,14 @@ class ModelRunner:
                     targets.append(seq.prompt_token_ids[p + 1])
                     owners.append(i)
             start_row += new + step.num_draft(i)
-        if not rows:
-            return
+        return _Prompt(rows, targets, owners) if rows else None
+
+    def _prompt_logprobs(self, step: StepInput, prompt: _Prompt, logits: Tensor) -> None:
+        """Fill step.prompt_logprobs from the logits (P, V) of `prompt.rows`: the raw model logprob, rank
+        and top alternatives of each prompt token."""
         dev = self.device
-        logp = self.model.compute_logits(hidden[torch.tensor(rows, device=dev)]).float().log_softmax(dim=-1)  # (P, V)
+        logp = logits.float().log_softmax(dim=-1)  # (P, V)
+        owners, targets = prompt.owners, prompt.targets
         tgt = torch.tensor(targets, device=dev)[:, None]  # (P, 1)
         chosen = logp.gather(1, tgt)  # (P, 1)
         ranks = (logp > chosen).sum(dim=-1) + 1  # (P,)

@@ -1,7 +1,12 @@
 """Streaming a checkpoint's tensors: one at a time from memory-mapped safetensors files (or a GGUF
 file, tensor by tensor: dequantized, or its raw blocks for a loader that keeps them quantized), so
 loading never holds a second full copy of the checkpoint in memory (layouts: engine.checkpoint; GGUF:
-engine.gguf_file). `iter_weights` takes either."""
+engine.gguf_file). `iter_weights` takes either.
+
+Under tensor parallelism a rank passes `select` (TPShard.slice_for): a safetensors tensor that is split
+is read as its rank's rows or columns only (`safe_open(...).get_slice`), so no rank reads the whole
+checkpoint. A GGUF file's tensors are read whole and sliced by the model (or, kept quantized, by the
+quantized loader after conversion: engine/parallel/quantized.py) (documented cost)."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import logging
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -22,8 +28,11 @@ logger = logging.getLogger(__name__)
 PROGRESS_MIN_BYTES = 256 << 20
 
 
+Selector = Callable[[str], Any]  # name -> a Slice (engine.parallel.shard: dim, start, size, full) or None
+
+
 def iter_safetensors(
-    model_dir: str | Path, *, progress: bool | None = None
+    model_dir: str | Path, *, progress: bool | None = None, select: Selector | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(name, tensor)` for every tensor of the checkpoint, one at a time, on CPU.
 
@@ -49,7 +58,7 @@ def iter_safetensors(
                     if weight_map is not None and weight_map.get(name) != rel:
                         logger.debug("skipping %s in %s: the index places it elsewhere", name, rel)
                         continue
-                    tensor = f.get_tensor(name)
+                    tensor = _read(f, name, select)
                     size = tensor.numel() * tensor.element_size()
                     bar.update(size)
                     read += size
@@ -63,6 +72,20 @@ def iter_safetensors(
             f"{path / INDEX_FILE} lists {len(missing)} tensors found in no shard, "
             f"e.g. {', '.join(missing[:3])}"
         )
+
+
+def _read(f: Any, name: str, select: Selector | None) -> torch.Tensor:
+    """Tensor `name` of an open safetensors file, or only the part `select` names."""
+    part = select(name) if select is not None else None
+    if part is None or part.size == part.full:
+        return f.get_tensor(name)
+    sl = f.get_slice(name)
+    shape = sl.get_shape()
+    if shape[part.dim] != part.full:  # not the shape the split was planned for: the model's check reports it
+        return f.get_tensor(name)
+    index = [slice(None)] * len(shape)
+    index[part.dim] = slice(part.start, part.start + part.size)
+    return sl[tuple(index)]
 
 
 def iter_gguf(
@@ -123,11 +146,13 @@ def iter_gguf(
             yield name, torch.from_numpy(values)
 
 
-def iter_weights(path: str | Path, *, progress: bool | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_weights(path: str | Path, *, progress: bool | None = None,
+                 select: Selector | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of a checkpoint under its Hugging Face name: a directory's safetensors, or a
-    `.gguf` file's tensors dequantized to float32 (see `iter_safetensors`, `iter_gguf`)."""
+    `.gguf` file's tensors dequantized to float32 (see `iter_safetensors`, `iter_gguf`); `select`:
+    read only a rank's part of split safetensors tensors (GGUF tensors come whole)."""
     from engine.gguf_file import is_gguf
 
     if is_gguf(path):
         return iter_gguf(path, progress=progress)
-    return iter_safetensors(path, progress=progress)
+    return iter_safetensors(path, progress=progress, select=select)

@@ -19,13 +19,16 @@ import zmq
 
 from kvtransfer import wire
 from kvtransfer.frames import PagePool, run_breaks
-from kvtransfer.layout import KVLayout, layout_diff
+from kvtransfer.layout import KVLayout, layout_diff, mapping_error
 from kvtransfer.results import TransferCode
 
 
 def refuse_begin(b: wire.Begin, layout: KVLayout, pool_blocks: int) -> tuple[TransferCode, str] | None:
     """Why a KVTransferBegin must be refused on its own merits (code, message), or None."""
     n, bs = b.num_blocks, layout.block_size
+    unmappable = mapping_error(b.layout, layout)
+    if unmappable is not None:
+        return TransferCode.MISMATCH, "KV layouts cannot be mapped: " + unmappable
     problems = layout_diff(b.layout, layout, "sender", "receiver")
     if problems:
         return TransferCode.MISMATCH, "KV layout mismatch: " + "; ".join(problems)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from typing import Any
 
 from engine.engine import Engine
 from kvtransfer import KVLayout
@@ -21,6 +22,12 @@ from tandem.v1 import worker_pb2_grpc
 logger = logging.getLogger(__name__)
 
 
+def _relay(core: Any) -> dict[str, float]:
+    """Tensor parallelism: rank 0's free whole-page staging blocks (engine/parallel/relay.py)."""
+    stats = core.loop.snapshot.stats
+    return {"kv_relay_blocks_free": stats["kv_relay_blocks_free"]} if "kv_relay_blocks_free" in stats else {}
+
+
 async def serve_prefill(cfg: PrefillWorkerConfig, stop: asyncio.Event, *, tracing: Tracing | None = None) -> int:
     """Serve until `stop` (exit code 0) or the engine's death (1); `tracing` is the process's."""
     opts = cfg.worker
@@ -32,7 +39,7 @@ async def serve_prefill(cfg: PrefillWorkerConfig, stop: asyncio.Event, *, tracin
         return Worker(core, service, lambda: {
             "prefill_requests_inflight": service.inflight,
             "prefill_outstanding_tokens": core.loop.snapshot.stats.get("outstanding_prefill_tokens", 0),
-            "kv_transfers_inflight": core.loop.snapshot.stats.get("transferring", 0)}, {})
+            "kv_transfers_inflight": core.loop.snapshot.stats.get("transferring", 0)} | _relay(core), {})
 
     engine_cfg = cfg.engine
     if engine_cfg.speculative:  # it samples one token per request: drafts would never be verified

@@ -62,10 +62,14 @@ async def serve_worker(kind: WorkerKind, engine_config: EngineConfig, opts: Serv
     I/O thread died): then health turns NOT_SERVING, and after a short drain the process exits with
     code 1 for its supervisor to restart it. `tracing` is the process's, off when None."""
     engine = Engine(engine_config)  # a packaged name or Hugging Face id resolves to a local path here
-    layout = KVLayout.for_pool(engine.runner.kv, checkpoint_fingerprint(engine.config.model))
+    runner = engine.runner  # under tensor parallelism: rank 0, its followers started (engine/parallel)
+    layout = KVLayout.for_pool(runner.transfer_pool, checkpoint_fingerprint(engine.config.model),
+                               tp_size=engine_config.tensor_parallel_size, rank_kv_heads=runner.num_kv_heads)
     registry = new_registry(engine.model_name, kind.role)
     worker = kind.build(engine, layout, WorkerMetrics(registry, kind.role), tracing or disabled())
     loop = worker.core.loop
+    if runner.tp is not None:  # fail-stop: a dead rank kills the engine loop, which fails every request
+        runner.tp.when_failed(loop.kill)
     registry.register(EngineCollector(kind.role, lambda: loop.snapshot.stats, worker.gauges))
     metrics_server = start_metrics_server(opts.host, opts.metrics_port, registry)
     info = dict(worker.info)
@@ -80,6 +84,7 @@ async def serve_worker(kind: WorkerKind, engine_config: EngineConfig, opts: Serv
     finally:
         watch.cancel()
         worker.core.close()
+        runner.close()
         if metrics_server is not None:
             metrics_server.close()
 

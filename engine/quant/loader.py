@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from engine.model import CausalLM
+from engine.parallel.quantized import slice_quantized
 from engine.quant.apply import PROJECTIONS, gemm_backend
 from engine.quant.formats.gguf import GGUFQuant
 from engine.quant.group_linear import GroupQuantLinear, as_int8, choose_group_kernel
@@ -110,6 +111,8 @@ def load_prequantized(
     device) on ``device``; returns the model. backend: the engine's kernel backend (auto|torch|triton).
     A GGUF file (``GGUFQuant``; its stream from engine.weights.iter_gguf with ``raw=quant.keep``) gets
     ``build_linear``'s ``approximate_cpu``: llama.cpp itself rounds activations on CPU (to 8 bits).
+    A tensor-parallel model (``model.shard``) keeps its rank's part of each converted projection
+    (engine/parallel/quantized.py: refused where a split would cut a quantization group).
 
     Raises ValueError when a projection is missing a shard or its tensors do not fit its format, and as
     ``CausalLM.load_weights`` does for the dense tensors.
@@ -153,8 +156,10 @@ def load_prequantized(
             if missing:
                 raise ValueError(f"checkpoint has no tensors for layers.{i}.{parent_name}.{', '.join(missing)}")
             modules = [f"model.layers.{i}.{parent_name}.{names[j]}" for j in range(_NUM_SHARDS[fused])]
-            parts = [quant.convert(modules[j], got[j]) for j in range(_NUM_SHARDS[fused])]
-            biases = [got[j].get("bias") for j in range(_NUM_SHARDS[fused])]
+            parts = [slice_quantized(quant.convert(modules[j], got[j]), model.shard.slice_for(f"{modules[j]}.weight"),
+                                     modules[j]) for j in range(_NUM_SHARDS[fused])]
+            biases = [slice_quantized(got[j].get("bias"), model.shard.slice_for(f"{modules[j]}.bias"), modules[j])
+                      if got[j].get("bias") is not None else None for j in range(_NUM_SHARDS[fused])]
             bias = torch.cat([b for b in biases if b is not None]) if all(b is not None for b in biases) else None
             gguf = isinstance(quant, GGUFQuant)
             new: nn.Module

@@ -144,3 +144,70 @@ def test_manifests_validate_against_the_kubernetes_schemas() -> None:
     bad = {**objs[-1], "spec": {**objs[-1]["spec"], "replicaz": 2}}  # the validator does refuse a typo
     with pytest.raises(kv.ValidationError):
         kv.validate(bad, K8S_VERSION, strict=True)
+
+
+# -- a multi-node decode worker (deploy/k8s/multinode: tensor parallelism over a LeaderWorkerSet) ---------
+MULTINODE = K8S / "multinode"
+
+
+def _lws(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    [lws] = [o for o in objs if o["kind"] == "LeaderWorkerSet"]
+    assert lws["apiVersion"] == "leaderworkerset.x-k8s.io/v1"
+    return lws["spec"]
+
+
+def _worker_config(command: list[str], env: dict[str, str]) -> Any:
+    """The DecodeWorkerConfig our real `tandem decode-worker` parser makes of a container's command, with
+    Kubernetes' $(VAR) references expanded from `env`."""
+    import re
+
+    from cli.main import build_parser
+    from decode_worker.config import DecodeWorkerConfig
+    from engine.options import from_args
+
+    argv = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in command]
+    assert argv[:2] == ["tandem", "decode-worker"], argv
+    return from_args(DecodeWorkerConfig, build_parser().parse_args(argv[1:]))
+
+
+def test_the_multinode_worker_passes_the_restricted_profile_and_its_ranks_add_up() -> None:
+    spec = _lws(render(MULTINODE))
+    tmpl = spec["leaderWorkerTemplate"]
+    size = tmpl["size"]
+    assert tmpl["restartPolicy"] == "RecreateGroupOnPodRestart", "a dead rank must recreate the whole group"
+    leader, worker = tmpl["leaderTemplate"]["spec"], tmpl["workerTemplate"]["spec"]
+    bad = restricted_violations("leader", leader) + restricted_violations("worker", worker)
+    assert not bad, "\n".join(bad)
+    env = {"TANDEM_MODEL": "/models/m", "LWS_GROUP_SIZE": str(size), "LWS_LEADER_ADDRESS": "decode-tp-0.decode-tp",
+           "POD_IP": "10.0.0.7"}
+    lead = _worker_config(leader["containers"][0]["command"], {**env, "LWS_WORKER_INDEX": "0"}).engine
+    ranks = [_worker_config(worker["containers"][0]["command"], {**env, "LWS_WORKER_INDEX": str(i)}).engine
+             for i in range(1, size)]
+    for i, e in enumerate([lead, *ranks]):
+        assert (e.nnodes, e.node_rank, e.dist_init_addr) == (size, i, "decode-tp-0.decode-tp:29500")
+        assert e.tensor_parallel_size == lead.tensor_parallel_size
+    gpus = [int(c["resources"]["limits"]["nvidia.com/gpu"]) for c in (leader["containers"][0], worker["containers"][0])]
+    assert gpus == [lead.ranks_per_node] * 2, "one GPU per rank on every node"
+    assert 29500 in {p["containerPort"] for p in leader["containers"][0]["ports"]}
+
+
+def test_the_multinode_network_policy_opens_the_group_to_itself_only() -> None:
+    objs = render(MULTINODE)
+    policies = {o["metadata"]["name"]: o["spec"] for o in objs if o["kind"] == "NetworkPolicy"}
+    group = policies["decode-tp-group"]
+    assert group["ingress"] == [{"from": [{"podSelector": group["podSelector"]}]}], "any port, group members only"
+    serving = policies["decode-tp-serving"]
+    admitted = {(p["port"], next(iter(r["from"][0].values()))["matchLabels"].get(
+        "app.kubernetes.io/component", "monitoring")) for r in serving["ingress"] for p in r["ports"]}
+    assert admitted == {(50071, "gateway"), (50081, "prefill"), (9100, "monitoring")}
+    [svc] = [o for o in objs if o["kind"] == "Service"]
+    assert svc["spec"]["selector"] == serving["podSelector"]["matchLabels"], "the Service reaches the leader only"
+
+
+def test_the_multinode_manifests_validate_where_schemas_exist() -> None:
+    """The Service and NetworkPolicies against the Kubernetes schemas; the LeaderWorkerSet is a CRD that
+    has none there (its fields are checked above)."""
+    kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate (a test extra)")
+    for obj in render(MULTINODE):
+        if obj["kind"] != "LeaderWorkerSet":
+            kv.validate(obj, K8S_VERSION, strict=True)
