@@ -73,7 +73,7 @@ def build_linear(
     """The module for one (fused) projection's weight, on ``device``; backend "triton" or "torch".
     ``approximate_cpu`` (GGUF): on CPU, a 4-bit grouped weight takes torch's packed kernel whatever the
     dtype (bfloat16 activations inside it), and one that no CPU kernel takes is expanded to a dense
-    Linear here rather than dequantized at every forward (5-80x slower, kernels/quant_cpu.py)."""
+    Linear here rather than dequantized at every forward (80-110x the dense matmul on SmolLM2's shapes)."""
     q = _to(q, device)
     kernel = "dense"
     if isinstance(q, GroupWeight):
