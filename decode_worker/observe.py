@@ -141,6 +141,7 @@ class DecodeObserver:
         decode.steps windows and finishes, the throughput line."""
         step_s = (t_done_ns - t_exec_ns) / 1e9
         self.metrics.step_seconds.observe(step_s)
+        self.metrics.step_masks(step)
         computed = sum(step.num_new_tokens) + sum(step.num_draft(i) for i in range(len(step.seqs)))
         self.metrics.iteration_tokens.observe(computed)
         for seq in step.seqs:
@@ -205,5 +206,8 @@ class DecodeObserver:
         }
         if seq.stop_reason is not None:
             attrs["tandem.finish.stop"] = str(seq.stop_reason)
+        if seq.params.structured is not None:
+            attrs["tandem.structured.kind"] = seq.params.structured.kind
+            attrs["tandem.structured.complete"] = bool(seq.grammar is not None and seq.grammar.done)
         attrs.update(_spec_attrs(*_spec(seq)))
         record_span(self.tracing.tracer, "decode.finish", req.trace.parent(self.tracing), at_ns, at_ns, attrs)

@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
+from typing import Any
 
 import grpc
 
@@ -15,7 +16,7 @@ from engine.outputs import RequestOutput
 from server.errors import Overloaded, Unavailable
 from server.protoconv import finish_to_proto, logprob_to_proto, sampling_from_proto
 from server.tracing import finish_span, start_server_span, traceparent_of
-from server.worker import abort_and_tell
+from server.worker import abort_and_tell, compile_grammar
 from tandem.v1 import generation_pb2 as gen
 from tandem.v1 import worker_pb2 as pb
 from tandem.v1 import worker_pb2_grpc
@@ -38,7 +39,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                                                        "tandem.local_prefill": request.local_prefill})
         tokens = 0
         try:
-            async with aclosing(self._decode(request, traceparent_of(span) or request.traceparent)) as stream:
+            async with aclosing(self._decode(request, traceparent_of(span) or request.traceparent, span)) as stream:
                 async for resp in stream:
                     tokens += len(resp.token_ids)
                     yield resp
@@ -49,7 +50,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         span.set_attribute("gen_ai.usage.output_tokens", tokens)
         finish_span(span)
 
-    async def _decode(self, request: pb.DecodeRequest, traceparent: str) -> AsyncGenerator[pb.DecodeResponse, None]:
+    async def _decode(self, request: pb.DecodeRequest, traceparent: str, span: Any = None
+                      ) -> AsyncGenerator[pb.DecodeResponse, None]:
         core = self.core
         if health := core.health_error():
             raise Unavailable(f"decode worker {self.worker_id} {health}", retry_after_s=1.0)
@@ -57,8 +59,9 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             raise Overloaded(f"decode worker {self.worker_id} has {self.streams} requests (limit "
                              f"{self.max_streams}); retry later", retry_after_s=1.0)
         rid = request.request_id
-        seq = core.engine.make_sequence(rid, list(request.prompt_token_ids), sampling_from_proto(request.sampling),
-                                        request.priority)
+        params = sampling_from_proto(request.sampling)
+        grammar = await compile_grammar(core.engine, params, core.obs.metrics, span)  # before admission
+        seq = core.engine.make_sequence(rid, list(request.prompt_token_ids), params, request.priority, grammar)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         req = DecodeRequest(seq, emit=lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),

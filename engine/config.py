@@ -166,6 +166,9 @@ class EngineConfig:
         None, f"k, the most draft tokens verified per sequence and step (default {DEFAULT_SPECULATIVE_TOKENS})",
         min=1, max=MAX_SPECULATIVE_TOKENS)
     speculative_adaptive: bool = option(True, "shrink k (to 0) while verifying costs more than it yields")
+    grammar_cache_size: int = option(256, "compiled grammars of structured outputs kept, by content (LRU)", min=1)
+    grammar_threads: int = option(0, "threads filling structured outputs' token masks while the forward "
+                                  "runs (0: half the CPUs, 1 to 8)", min=0)
     # tensor parallelism (engine/parallel; docs/tensor-parallel.md); SGLang's flag names for nodes
     tensor_parallel_size: int = option(1, "ranks one model is split over: processes, one GPU each (gloo on CPU)",
                                        min=1)

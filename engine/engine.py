@@ -26,6 +26,9 @@ from engine.sampling.sampler import SamplerOutput
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus
 from engine.spec import SpecDecoder, SpecMetrics
+from engine.structured.compiler import Grammar, GrammarCompiler
+from engine.structured.masks import MaskFiller
+from engine.structured.matcher import GrammarState
 from engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -57,6 +60,10 @@ class Engine:
             self.max_model_len = min(self.max_model_len, self.runner.staging.num_blocks * config.block_size)
         self.spec = (SpecDecoder(config, self.runner, self.block_manager, self.max_model_len)
                      if config.speculative else None)
+        # structured outputs: grammars compile off the engine thread (workers submit before admission),
+        # masks fill while each step's forward runs
+        self.grammars = GrammarCompiler(self.tokenizer, config.grammar_cache_size)
+        self.masks = MaskFiller(self.tokenizer.vocab_size, config.grammar_threads or None)
         self.num_computed_tokens_total = 0
 
     @property
@@ -93,13 +100,21 @@ class Engine:
                              f"{self.max_model_len}, leaving no room to generate")
 
     def make_sequence(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                      priority: int = 0) -> Sequence:
-        """Choice 0 of a new request (it forks the others once its first tokens are sampled)."""
+                      priority: int = 0, grammar: Grammar | None = None) -> Sequence:
+        """Choice 0 of a new request (it forks the others once its first tokens are sampled).
+
+        A constrained request (`params.structured`) needs its compiled `grammar`: a worker compiles it
+        off the engine thread first (`self.grammars.submit`); without one it is compiled here, blocking
+        the caller (the offline API). Raises GrammarError (a ValueError) when it does not compile."""
         self.validate_prompt(prompt_token_ids, params)
         seq = Sequence(request_id, list(prompt_token_ids), params,
                        eos_token_ids=self.tokenizer.eos_token_ids, max_model_len=self.max_model_len,
                        pending_forks=params.n - 1, priority=priority,
                        bad_words_ids=bad_word_ids(self.tokenizer, params.bad_words))
+        if params.structured is not None:
+            if grammar is None or grammar.key != params.structured.key:
+                grammar = self.grammars.compile(params.structured).grammar
+            seq.grammar = GrammarState(grammar)
         seq.detokenizer = self._detokenizer(seq)
         return seq
 
@@ -136,6 +151,8 @@ class Engine:
                              index=j, priority=parent.priority, arrival_time=parent.arrival_time,
                              bad_words_ids=parent.bad_words_ids)
             child.detokenizer = self._detokenizer(child)
+            if parent.grammar is not None:  # before the parent accepts its first token
+                child.grammar = parent.grammar.fork()
             self.block_manager.fork(parent, child)
             self.scheduler.add_running(child)
             children.append(child)
@@ -167,8 +184,9 @@ class Engine:
         """The forward and the sampling; touches no scheduler or block-manager state (a draft model's
         own pool aside). With speculation, sequences' drafts are verified in this one forward."""
         hook = (lambda layer: on_layer_done(step, layer)) if on_layer_done else None
-        if self.spec is not None:
-            return self.spec.execute(step, hook)
+        if self.spec is not None:  # drafts first (a draft model proposes them here), then the masks
+            return self.spec.execute(step, hook, self.masks)
+        step.masks = self.masks.start(step)  # filled while the forward runs
         return self.runner.execute(step, hook)
 
     def process(self, step: StepInput, sampled: SamplerOutput | None) -> list[RequestOutput]:
@@ -222,6 +240,10 @@ class Engine:
         seq.append_token(token)
         seq.logprobs.extend(lp or [])
         reason = seq.check_stop(token)
+        if seq.grammar is not None:  # a complete grammar ends the request (EOS or not): STOP, not LENGTH
+            seq.grammar.accept(token)
+            if seq.grammar.done and reason is not FinishReason.STOP:
+                reason = FinishReason.STOP
         text = ""
         detok: IncrementalDetokenizer | None = seq.detokenizer
         if detok is not None and not seq.prefill_only:
@@ -251,6 +273,11 @@ class Engine:
         self.block_manager.free(seq)
 
     # ------------------------------------------------------------------ stats
+    def close(self) -> None:
+        """Stop the grammar threads (the model and its pool go with the object)."""
+        self.grammars.close()
+        self.masks.close()
+
     def stats(self) -> dict[str, int]:
         bm = self.block_manager
         return {

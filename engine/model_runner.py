@@ -40,6 +40,7 @@ from engine.parallel.step import StepTensors, send_step, unpack_step
 from engine.sampling.batch import SamplingBatch
 from engine.sampling.sampler import Sampler, SamplerOutput
 from engine.sequence import Sequence
+from engine.structured.masks import PendingMasks
 from engine.weights import iter_gguf, iter_weights
 from kernels.kv_store import FP8_KV_SCALE
 from kernels.ops import select_ops
@@ -66,6 +67,9 @@ class StepInput:
     copies: list[tuple[int, int]] = field(default_factory=list)
     # Filled by the forward: sequence i's prompt logprobs computed in this step, in prompt order.
     prompt_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
+    # Token masks of the constrained sampling rows (engine.structured.masks.PendingMasks), filled while
+    # the forward runs; None when no sampling sequence of the step has a grammar.
+    masks: PendingMasks | None = None
 
     def num_draft(self, i: int) -> int:
         return len(self.spec_tokens[i]) if self.spec_tokens is not None else 0
@@ -422,11 +426,12 @@ class ModelRunner:
         sampled = [s for s, flag in zip(step.seqs, step.sample, strict=True) if flag]
         if not sampled:
             return None
-        batch = self.sampling_batch(sampled)
+        batch = self.sampling_batch(sampled, step.masks)
         return self.sampler(logits, batch)
 
-    def sampling_batch(self, seqs: Seq[Sequence]) -> SamplingBatch:
-        """One row per choice each sequence samples (`num_sample_rows`): choice j with its own seed."""
+    def sampling_batch(self, seqs: Seq[Sequence], masks: PendingMasks | None = None) -> SamplingBatch:
+        """One row per choice each sequence samples (`num_sample_rows`): choice j with its own seed.
+        `masks`: the step's grammar masks (waited for here, after the forward)."""
         rows = [(s, j) for s in seqs for j in range(s.num_sample_rows)]
         return SamplingBatch.build(
             [s.params.for_choice(j) if s.pending_forks else s.params for s, j in rows],
@@ -436,4 +441,5 @@ class ModelRunner:
             device=self.device,
             vocab_size=self.model_config.vocab_size,
             bad_words=[s.bad_words_ids for s, _ in rows] if any(s.bad_words_ids for s in seqs) else None,
+            masks=masks.result(self.device, self.model_config.vocab_size) if masks is not None else None,
         )

@@ -64,6 +64,7 @@ class Sequence:
     first_token_time: float | None = None
     logprobs: list[Any] = field(default_factory=list)
     detokenizer: Any = None  # engine.detokenizer.IncrementalDetokenizer, when text is wanted
+    grammar: Any = None  # engine.structured.matcher.GrammarState of a constrained request (params.structured)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

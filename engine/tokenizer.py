@@ -275,6 +275,10 @@ class Tokenizer:
         multiple of 128), and a tokenizer's may exceed the model's (multimodal placeholder tokens)."""
         return max(self.vocab_size, model_vocab_size)
 
+    def to_json(self) -> str:
+        """The whole pipeline as tokenizer.json text (what grammar libraries build their view from)."""
+        return self._backend.to_str()
+
     def id_to_token(self, token_id: int) -> str | None:
         """The vocabulary entry (not decoded text) of `token_id`, or None if out of range."""
         return self._backend.id_to_token(token_id)

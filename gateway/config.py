@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.options import REQUIRED, check_options, option
+from gateway.tool_parsers import TOOL_PARSERS
 from gateway.validation import MAX_MODEL_NAME_CHARS
 from server.config import ServerOptions
 from server.protoconv import DEFAULT_MAX_TOKENS
@@ -73,6 +74,14 @@ class GatewayConfig:
         False, "record prompts and completions on the request's span (gen_ai.input.messages / "
         "gen_ai.output.messages; also $OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true); off by default: "
         "they may hold personal data")
+    tool_call_parser: str = option(
+        "auto", "how tool calls are read out of the model's text: auto (from the chat template: <tool_call> "
+        "hermes, [TOOL_CALLS] mistral, <|python_tag|> llama3_json), none (tools only with tool_choice none), "
+        "or a format", choices=("auto", "none", *TOOL_PARSERS))
+    reasoning_parser: str = option(
+        "auto", "how a thinking model's reasoning is split from its reply: auto (<think> when the chat template "
+        "has it), none (left in the content), or think (qwen3 and deepseek_r1 are the same <think> format)",
+        choices=("auto", "none", "think", "qwen3", "deepseek_r1"))
     limits: GatewayLimits = field(default_factory=GatewayLimits)
     http: HttpLimits = field(default_factory=HttpLimits)
     server: ServerOptions = field(default_factory=ServerOptions)

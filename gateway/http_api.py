@@ -2,7 +2,9 @@
 
     POST /v1/completions        -> parse_completion -> service.generate(GenerateRequest), one per prompt
                                    of a batch, run concurrently -> JSON or SSE (choices i*n .. i*n+n-1)
-    POST /v1/chat/completions   -> parse_chat -> chat template -> token ids -> the same path
+    POST /v1/chat/completions   -> parse_chat -> GenerateRequest.messages + chat (tools, ...) -> the same
+                                   path, where the service renders the chat template and splits the
+                                   output into content, reasoning and tool calls
     POST /v1/responses          -> parse_responses -> chat template -> the same path -> a Response or
                                    its events (gateway/responses_api.py)
     POST /tokenize, /detokenize -> the Tokenize / Detokenize RPCs' code (gateway/tokenization.py)
@@ -154,9 +156,8 @@ class OpenAIApi:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         rid = self._request_id(request)
-        parsed = parse_chat(await self._json(request))
-        await self._render(parsed)
-        return await self._generate(request, rid, "chat", parsed)
+        # the conversation travels as the request's messages: the service renders and reads it back
+        return await self._generate(request, rid, "chat", parse_chat(await self._json(request)))
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
         rid = self._request_id(request)

@@ -31,10 +31,20 @@ import numpy as np
 
 from server.errors import InvalidRequest
 
+
+class RequestError(InvalidRequest):
+    """A malformed body: HTTP 400 with `param` naming the offending field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 MAX_BODY_BYTES = 16 << 20  # whatever the context; gRPC's message limit is the same
 BODY_BASE_BYTES = 64 << 10  # 16 stop strings (24 KiB escaped), 1024 stop token ids (11 KiB), the rest
 BODY_BYTES_PER_TOKEN = 64
-MAX_JSON_DEPTH = 16  # OpenAI bodies nest 4 deep: body -> messages -> message -> content parts -> part
+MAX_JSON_DEPTH = 32  # OpenAI bodies nest 4 deep (body -> messages -> message -> content parts -> part); tools
+# nest their JSON Schemas 4 deeper (body -> tools -> tool -> function -> parameters -> ...)
 # The skeleton may hold this many characters per token of the model's context, plus a fixed allowance
 # for the fields around the prompt (16 stop strings, 1024 stop token ids, messages' keys):
 SKELETON_CHARS_PER_TOKEN = 4

@@ -10,6 +10,7 @@ from engine.checkpoint import load_hf_config
 from engine.config import ModelConfig
 from engine.hub import resolve_model
 from engine.tokenizer import Tokenizer
+from gateway.chat_request import ChatFormats
 from gateway.config import GatewayConfig
 from gateway.http_observe import HttpObserver
 from gateway.observe import GatewayObserver
@@ -51,9 +52,11 @@ async def serve_gateway(cfg: GatewayConfig, stop: asyncio.Event, *, tracing: Tra
     decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=False)) if capture_content(cfg) else None
     observer = GatewayObserver(tracing, metrics, decode)
     health = process.Health(serving=False)
+    formats = ChatFormats.from_template(tokenizer.chat_template, cfg.tool_call_parser, cfg.reasoning_parser)
     service = GenerationService(registry, Router(registry, cfg.local_prefill_threshold), tokenizer,
-                                model_config, names, cfg.limits, observer, health)
-    logger.info("serving %s as %s", model.path, ", ".join(names))
+                                model_config, names, cfg.limits, observer, health, formats)
+    logger.info("serving %s as %s (tool calls: %s; reasoning: %s)", model.path, ", ".join(names),
+                formats.tool_parser or "none", "<think>" if formats.reasoning else "none")
     metrics_server = start_metrics_server(cfg.server.host, cfg.server.metrics_port, metrics_registry)
     if cfg.server.host not in _LOOPBACK and (tls is None or not interceptors):
         logger.warning("the gateway listens on %s without %s: see docs/security.md", cfg.server.host,

@@ -122,6 +122,9 @@ class RequestObservation:
             self.root.set_attribute("gen_ai.request.top_k", params.top_k)
         if params.seed is not None:
             self.root.set_attribute("gen_ai.request.seed", params.seed)
+        if params.structured is not None:
+            self.root.set_attributes({"tandem.structured.kind": params.structured.kind,
+                                      "tandem.structured.best_effort": params.structured.best_effort})
 
     @contextmanager
     def span(self, name: str) -> Iterator[Span]:

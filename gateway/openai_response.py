@@ -8,7 +8,8 @@ when the client asked for usage. Non-streaming: `add(msg, prompt)` for each mess
     completion  {"id": "cmpl-<rid>", "object": "text_completion", "choices": [{"index", "text", "logprobs",
                  "finish_reason", "prompt_logprobs"?}], "usage"}
     chat        {"id": "chatcmpl-<rid>", "object": "chat.completion", "choices": [{"index", "message":
-                 {"role": "assistant", "content"}, "logprobs": {"content": [...]}, "finish_reason"}],
+                 {"role": "assistant", "content", "reasoning_content"?, "tool_calls"?}, "logprobs":
+                 {"content": [...]}, "finish_reason": ... | "tool_calls"}],
                  "prompt_logprobs"?, "usage"}
 
 `echo` (completions): each choice's text starts with its prompt, and with logprobs its token list
@@ -42,6 +43,21 @@ def finish_reason(msg: gen.GenerateResponse) -> str | None:
     raise Unavailable(f"the request ended with {name}: {msg.finish_message or 'no details'}", retry_after_s=1.0)
 
 
+def _chat_delta(text: str, msg: gen.GenerateResponse) -> dict[str, Any]:
+    """A chat chunk's delta: content, reasoning_content, and tool calls as OpenAI streams them (a call's
+    first delta with index, id, type and name; later ones append to function.arguments)."""
+    delta: dict[str, Any] = {}
+    if msg.reasoning_text:
+        delta["reasoning_content"] = msg.reasoning_text
+    if text:
+        delta["content"] = text
+    if msg.tool_calls:
+        delta["tool_calls"] = [
+            {"index": d.index, "id": d.id, "type": "function", "function": {"name": d.name, "arguments": d.arguments}}
+            if d.id else {"index": d.index, "function": {"arguments": d.arguments}} for d in msg.tool_calls]
+    return delta
+
+
 def usage_json(u: gen.Usage) -> dict[str, Any]:
     return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
             "total_tokens": u.prompt_tokens + u.completion_tokens,
@@ -51,6 +67,8 @@ def usage_json(u: gen.Usage) -> dict[str, Any]:
 @dataclass
 class _Choice:
     text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    calls: list[dict[str, Any]] = field(default_factory=list)  # chat: {"id", "type", "function": {...}}
     finish: str | None = None
     offset: int = 0  # completion logprobs' text_offset
     started: bool = False  # its first chunk (with the echoed prompt) was sent
@@ -64,6 +82,15 @@ class _Prompt:
     text: str = ""
     ids: list[int] = field(default_factory=list)
     logprobs: list[gen.TokenLogprob] | None = None
+
+
+MIN_LOGPROB = -9999.0  # what a token that cannot be sampled reports (JSON has no -Infinity), as vLLM
+
+
+def _finite(logprob: float) -> float:
+    """A logprob as JSON can carry it: alternatives a grammar, allowed_token_ids or a ban rule out are
+    -inf in the engine, MIN_LOGPROB here."""
+    return max(logprob, MIN_LOGPROB)
 
 
 class ResponseBuilder:
@@ -101,6 +128,8 @@ class ResponseBuilder:
 
     def _finish(self, msg: gen.GenerateResponse, choice: _Choice) -> str | None:
         reason = finish_reason(msg)
+        if reason == "stop" and choice.calls:  # a reply that called tools ends for them (OpenAI, vLLM)
+            reason = "tool_calls"
         if reason is not None:
             choice.finish = reason
         if msg.HasField("usage"):
@@ -123,13 +152,13 @@ class ResponseBuilder:
         if self.kind == "chat":
             assert lp is not None
             part["content"].append({
-                "token": token, "logprob": lp.logprob, "bytes": list(token.encode()),
-                "top_logprobs": [{"token": (t := self.token_text(a.token_id)), "logprob": a.logprob,
+                "token": token, "logprob": _finite(lp.logprob), "bytes": list(token.encode()),
+                "top_logprobs": [{"token": (t := self.token_text(a.token_id)), "logprob": _finite(a.logprob),
                                   "bytes": list(t.encode())} for a in lp.top]})
             return
         part["tokens"].append(token)
         part["token_logprobs"].append(lp.logprob if lp is not None else None)
-        top = {self.token_text(a.token_id): a.logprob for a in lp.top} if lp is not None else None
+        top = {self.token_text(a.token_id): _finite(a.logprob) for a in lp.top} if lp is not None else None
         if top is not None and lp is not None and lp.HasField("rank"):  # a prompt token: itself too, as vLLM
             top.setdefault(token, lp.logprob)
         part["top_logprobs"].append(top)
@@ -181,6 +210,14 @@ class ResponseBuilder:
         message carries the echoed prompt (choice 0's first message, which brings the prompt's
         logprobs, always precedes the other choices' first messages)."""
         index, choice = self._choice(msg, prompt)
+        if msg.reasoning_text:
+            choice.reasoning.append(msg.reasoning_text)
+        for d in msg.tool_calls:
+            if d.id:  # a call's first delta
+                choice.calls.append({"id": d.id, "type": "function", "function": {"name": d.name,
+                                                                                 "arguments": d.arguments}})
+            else:
+                choice.calls[d.index]["function"]["arguments"] += d.arguments
         reason = self._finish(msg, choice)
         echoed = self.prompts[prompt] if self.echo and not choice.started else None
         choice.started = True
@@ -192,13 +229,13 @@ class ResponseBuilder:
     def chunk(self, msg: gen.GenerateResponse, include_usage: bool, prompt: int = 0) -> dict[str, Any] | None:
         """One stream chunk for `msg` of prompt `prompt`'s stream, or None if it has nothing to report."""
         index, reason, text, logprobs = self._consume(msg, prompt)
-        if not text and reason is None and not logprobs:
+        if not text and reason is None and not logprobs and not msg.reasoning_text and not msg.tool_calls:
             return None
         entry: dict[str, Any] = {"index": index, "logprobs": logprobs, "finish_reason": reason}
         prompt_logprobs = self._prompt_logprobs_json(self.prompts[prompt]) if (
             self.want_prompt_logprobs and msg.prompt_token_ids) else None
         if self.kind == "chat":
-            entry["delta"] = {"content": text} if text else {}
+            entry["delta"] = _chat_delta(text, msg)
         else:
             entry["text"] = text
             if prompt_logprobs is not None:
@@ -230,7 +267,12 @@ class ResponseBuilder:
                 entry["logprobs"] = ({"content": c.logprobs["content"], "refusal": None} if self.kind == "chat" else
                                      {k: c.logprobs[k] for k in _LOGPROB_KEYS})
             if self.kind == "chat":
-                entry["message"] = {"role": "assistant", "content": "".join(c.text)}
+                content = "".join(c.text)
+                entry["message"] = {"role": "assistant", "content": content if content or not c.calls else None}
+                if c.reasoning:
+                    entry["message"]["reasoning_content"] = "".join(c.reasoning)
+                if c.calls:
+                    entry["message"]["tool_calls"] = c.calls
             else:
                 entry["text"] = "".join(c.text)
                 if self.want_prompt_logprobs:

@@ -6,17 +6,21 @@ on the gRPC code path; this module only checks what the JSON must look like, and
     /v1/completions       {"model", "prompt": str | [int] | [str, ...] | [[int], ...], "max_tokens",
                            "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty",
                            "logprobs": int, "echo", "n", "stream", "stream_options": {"include_usage"}, ...}
-    /v1/chat/completions  {"model", "messages": [{"role", "content": str | [{"type": "text", "text"}]}],
-                           "max_tokens" | "max_completion_tokens", "logprobs": bool, "top_logprobs": int,
-                           "n", "add_generation_prompt", "continue_final_message", ...}
+    /v1/chat/completions  {"model", "messages": [{"role", "content": str | [{"type": "text", "text"}],
+                           "tool_calls", "tool_call_id", ...}], "max_tokens" | "max_completion_tokens",
+                           "logprobs": bool, "top_logprobs": int, "n", "tools", "tool_choice",
+                           "parallel_tool_calls", "chat_template_kwargs", "add_generation_prompt",
+                           "continue_final_message", ...}   (chat fields: gateway/chat_schema.py)
 
 A list of prompts is a batch: one GenerateRequest per prompt (`ParsedRequest.requests`), prompt i's
 n choices numbered i*n .. i*n + n - 1. `echo` with `max_tokens` 0 returns the prompt alone (it is
 computed with one token, which is dropped). Extensions both endpoints accept (vLLM's names): top_k,
 min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids, skip_special_tokens, logit_bias,
-allowed_token_ids, bad_words, include_stop_str_in_output, prompt_logprobs, priority. Unknown fields
+allowed_token_ids, bad_words, include_stop_str_in_output, prompt_logprobs, priority; structured outputs:
+response_format (both endpoints), structured_outputs and guided_json / guided_regex / guided_choice /
+guided_grammar (gateway/openai_structured.py). Unknown fields
 are rejected rather than silently ignored, except the bookkeeping ones OpenAI clients send (user,
-metadata, store, service_tier, parallel_tool_calls).
+metadata, store, service_tier, parallel_tool_calls outside chat).
 """
 
 from __future__ import annotations
@@ -26,31 +30,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.sampling.params import MAX_STOP_STRINGS
-from gateway.json_body import shown
-from server.errors import InvalidRequest
+from gateway.chat_schema import chat_messages, chat_options
+from gateway.json_body import RequestError, shown
+from gateway.openai_structured import FIELDS as STRUCTURED_FIELDS
+from gateway.openai_structured import StructuredRequestError, structured_of
 from server.protoconv import MAX_TOP_K
 from tandem.v1 import generation_pb2 as gen
 
 MAX_PROMPTS = 64  # prompts in one /v1/completions batch (each holds a --max-inflight slot)
 _INT32 = 2**31
-_IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
+_IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})  # chat reads parallel_tool_calls
 _SAMPLING = frozenset({"model", "max_tokens", "temperature", "top_p", "stop", "seed", "presence_penalty",
                        "frequency_penalty", "n", "stream", "stream_options", "logit_bias", "top_k", "min_p",
                        "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens",
                        "allowed_token_ids", "bad_words", "include_stop_str_in_output", "prompt_logprobs",
-                       "priority"})
+                       "priority"}) | STRUCTURED_FIELDS
 COMPLETION_FIELDS = _SAMPLING | {"prompt", "logprobs", "echo", "suffix", "best_of"}
-CHAT_FIELDS = _SAMPLING | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format",
-                           "tools", "tool_choice", "functions", "function_call", "add_generation_prompt",
-                           "continue_final_message"}
-
-
-class RequestError(InvalidRequest):
-    """A malformed body: HTTP 400 with `param` naming the offending field."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
+CHAT_FIELDS = _SAMPLING | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice",
+                           "parallel_tool_calls", "chat_template_kwargs", "functions", "function_call",
+                           "add_generation_prompt", "continue_final_message"}
 
 
 @dataclass
@@ -58,8 +56,9 @@ class ParsedRequest:
     """What the HTTP adapter needs beyond the GenerateRequests themselves.
 
     `request` has sampling, model and priority set; a completion's prompts are in `prompts` (one
-    request each: `requests()`), a chat request has neither prompt nor ids until the adapter renders
-    `messages` with the chat template. `top_logprobs` is None when no logprobs were asked for, else
+    request each: `requests()`), a chat request carries `request.messages` and `request.chat` (the
+    gateway service renders them), a Responses request its conversation in `messages` until the
+    adapter renders it. `top_logprobs` is None when no logprobs were asked for, else
     how many alternatives per token; `prompt_logprobs` likewise for vLLM's prompt_logprobs.
     """
 
@@ -209,6 +208,12 @@ def _sampling(body: dict[str, Any], max_tokens_field: str, min_max_tokens: int =
     skip = _flag(body, "skip_special_tokens")
     if skip is not None:
         s.skip_special_tokens = skip
+    try:  # response_format, structured_outputs, guided_* (gateway/openai_structured.py)
+        structured = structured_of(body)
+    except StructuredRequestError as exc:
+        raise RequestError(exc.message, exc.param) from None
+    if structured is not None:
+        s.structured.CopyFrom(structured)
     return s
 
 
@@ -293,42 +298,22 @@ def parse_completion(body: Any) -> ParsedRequest:
     return parsed
 
 
-def _text_content(content: Any, index: int) -> str:
-    if isinstance(content, str):
-        return content
-    if content is None:
-        return ""
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise RequestError(f"messages[{index}].content: only text parts are supported", "messages")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise RequestError(f"messages[{index}].content must be a string or a list of text parts", "messages")
-
-
 def parse_chat(body: Any) -> ParsedRequest:
-    """A /v1/chat/completions body. Raises RequestError naming the field when its shape or type is wrong."""
+    """A /v1/chat/completions body. Raises RequestError naming the field when its shape or type is wrong.
+    The conversation goes into the request as `messages` and `chat` (gateway/chat_schema.py), which
+    the gateway renders through the chat template and checks (gateway/chat_request.py)."""
     body = _check_fields(body, CHAT_FIELDS)
     field_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     parsed = _common(body, field_name)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("messages is required: a non-empty list of {role, content}", "messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise RequestError(f"messages[{i}] must be an object with a string role", "messages")
-        parsed.messages.append({**m, "content": _text_content(m.get("content"), i)})
-    for name in ("tools", "functions", "tool_choice", "function_call"):
-        if body.get(name) not in (None, [], "none"):
-            raise RequestError(f"{name} is not supported", name)
-    fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise RequestError("response_format: only {\"type\": \"text\"} is supported", "response_format")
+    req = parsed.request
+    req.messages.extend(chat_messages(body.get("messages")))
+    req.chat.CopyFrom(chat_options(body))
     parsed.continue_final_message = bool(_flag(body, "continue_final_message"))
     add = _flag(body, "add_generation_prompt")
     parsed.add_generation_prompt = not parsed.continue_final_message if add is None else add
+    req.chat.continue_final_message = parsed.continue_final_message
+    if add is not None:
+        req.chat.add_generation_prompt = add
     top = _integer(body, "top_logprobs")
     if _flag(body, "logprobs"):
         _set_logprobs(parsed, top or 0)

@@ -12,7 +12,8 @@ runs the same path as a chat completion. Streams are server-sent events named by
 response.created, response.in_progress, response.output_item.added, response.content_part.added,
 response.output_text.delta (one per message with text), response.output_text.done,
 response.content_part.done, response.output_item.done, then response.completed (or
-response.incomplete when max_output_tokens ended it). Tools, reasoning, stored conversations
+response.incomplete when max_output_tokens ended it). `text.format` asks for structured output
+(json_object, json_schema: gateway/openai_structured.py). Tools, reasoning, stored conversations
 (previous_response_id) and non-text input are refused with 400 naming the field; nothing is stored.
 """
 
@@ -23,6 +24,7 @@ from typing import Any
 
 from gateway.openai_response import finish_reason
 from gateway.openai_schema import ParsedRequest, RequestError, common_request
+from gateway.openai_structured import StructuredRequestError, response_format
 from tandem.v1 import generation_pb2 as gen
 
 RESPONSES_FIELDS = frozenset({"model", "input", "instructions", "max_output_tokens", "temperature", "top_p",
@@ -67,9 +69,17 @@ def parse_responses(body: Any) -> tuple[ParsedRequest, dict[str, Any]]:
                       ("truncation", ("disabled", None))):
         if body.get(name) not in off:
             raise RequestError(f"{name} is not supported", name)
-    fmt = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else body.get("text")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise RequestError("text.format: only {\"type\": \"text\"} is supported", "text")
+    text = body.get("text")
+    if text is not None and not isinstance(text, dict):
+        raise RequestError("text must be an object {\"format\": {...}}", "text")
+    fmt = (text or {}).get("format")
+    if fmt is not None:  # text, json_object, json_schema (flat: name, schema, strict), structural_tag
+        try:
+            spec = response_format(fmt, "text", flat=True)
+        except StructuredRequestError as exc:
+            raise RequestError(exc.message, exc.param) from None
+        if spec is not None:
+            parsed.request.sampling.structured.CopyFrom(spec)
     echoed = {"instructions": instructions, "max_output_tokens": body.get("max_output_tokens"),
               "temperature": body.get("temperature"), "top_p": body.get("top_p")}
     return parsed, echoed

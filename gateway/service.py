@@ -1,6 +1,7 @@
 """The public Generation service: validate, tokenize, route, then relay the decode worker's stream.
 
-    Generate(req) -> admission (max_inflight) -> validate + tokenize -> one or two attempts:
+    Generate(req) -> admission (max_inflight) -> validate + tokenize (a chat request: checked, its
+        tool-call constraint added, rendered through the chat template) -> one or two attempts:
         Router.plan -> length check -> Router.commit (a refused request changes no routing state)
         -> Decode stream opened on D (it registers the request)  +  Prefill(P, kv -> D) in parallel
               (local prefill: Decode with local_prefill, no P)
@@ -9,6 +10,8 @@
         logprobs (P's answer, or D's first message on a local prefill) go in choice 0's first message
     a worker that fails or is lost (registry) before the first token: one more attempt, elsewhere
     on client cancel / deadline / any failure: cancel both calls and Abort on both workers
+    a chat request's messages are read back on their way out (gateway/chat_output.py): reasoning and
+    tool calls split out of the text, per choice
 
 Identity is the server's: every request gets an id minted here, the key on every worker; a client's
 `request_id` (or HTTP X-Request-Id) is only a label echoed back, so no client can reach another's
@@ -31,11 +34,15 @@ import grpc
 from engine.config import ModelConfig
 from engine.sampling.params import SamplingParams
 from engine.tokenizer import Tokenizer
+from gateway.chat_output import ChatOutput, OutputFormat
+from gateway.chat_request import ChatFormats, PreparedChat
 from gateway.config import GatewayLimits
 from gateway.observe import GatewayObserver, RequestObservation
 from gateway.registry import WorkerHandle, WorkerRegistry
 from gateway.router import Route, Router
+from gateway.structured import GrammarChecker
 from gateway.tokenization import Texts
+from gateway.tool_constraint import apply_constraint
 from gateway.validation import PromptLimits, check_length, check_prompt_ids, check_request, encode_prompt
 from server.errors import Overloaded, TandemError, Unavailable
 from server.grpc_server import answered
@@ -87,9 +94,10 @@ def _retry_after_s(exc: grpc.aio.AioRpcError) -> float | None:
 class GenerationService(generation_pb2_grpc.GenerationServicer):
     def __init__(self, registry: WorkerRegistry, router: Router, tokenizer: Tokenizer, model_config: ModelConfig,
                  model_names: Sequence[str], limits: GatewayLimits, observer: GatewayObserver | None = None,
-                 health: Health | None = None) -> None:
+                 health: Health | None = None, chat_formats: ChatFormats | None = None) -> None:
         """`model_names`: every name the model is served under (`model` may be any); the first is
-        the one responses carry."""
+        the one responses carry. `chat_formats`: the chat template's tool-call format and thinking
+        (default: read from the template)."""
         if not model_names:
             raise ValueError("the gateway needs at least one model name")
         self.registry = registry
@@ -100,8 +108,9 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         self.token_id_limit = tokenizer.token_id_limit(model_config.vocab_size)
         self.model_names = tuple(model_names)
         self.texts = Texts(tokenizer, self.model_names, PromptLimits(model_config.max_position_embeddings),
-                           self.token_id_limit)
+                           self.token_id_limit, chat_formats)
         self.limits = limits
+        self.grammars = GrammarChecker(self.observer.metrics)
         self.health = health or Health(serving=False)
         self.inflight = 0
         self._attempts: set[_Attempt] = set()
@@ -146,11 +155,24 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         return self.model_names[0]
 
     # ------------------------------------------------------------ validation
-    async def _prompt_ids(self, req: gen.GenerateRequest) -> list[int]:
+    async def _prompt_ids(self, req: gen.GenerateRequest, chat: PreparedChat | None) -> list[int]:
         limits = PromptLimits(self.model_config.max_position_embeddings)  # sizes first: gateway/validation.py
         prompt = check_request(req, self.model_names, limits)
-        ids = await asyncio.to_thread(encode_prompt, self.tokenizer, prompt, limits) if prompt else req.prompt_token_ids
+        if chat is not None:
+            ids = await asyncio.to_thread(self.texts.render, chat)
+        elif prompt:
+            ids = await asyncio.to_thread(encode_prompt, self.tokenizer, prompt, limits)
+        else:
+            ids = req.prompt_token_ids
         return check_prompt_ids(ids, self.token_id_limit)
+
+    def _chat(self, req: gen.GenerateRequest) -> tuple[PreparedChat | None, gen.SamplingParams]:
+        """A chat request checked, and its sampling with the tool-call constraint (if any) added."""
+        if not req.messages:
+            return None, req.sampling
+        chat = self.texts.prepare(req.messages, req.chat)
+        sampling = apply_constraint(chat.constraint, req.sampling) if chat.constraint is not None else req.sampling
+        return chat, sampling
 
     def _check_length(self, ids: list[int], max_tokens: int, route: Route) -> None:
         limit = route.decode.status.max_model_len if route.decode.status else self.model_config.max_position_embeddings
@@ -193,12 +215,16 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                              f"retry after about 1 s", retry_after_s=1.0)
         self.inflight += 1  # the slot is held from admission (tokenizing counts) to the end of the call
         try:
-            params = sampling_from_proto(request.sampling, default_max_tokens=self.limits.default_max_tokens)
+            chat, sampling = self._chat(request)
+            params = sampling_from_proto(sampling, default_max_tokens=self.limits.default_max_tokens)
             params.check_vocab(self.model_config.vocab_size)
             obs.request(params)
+            if params.structured is not None:  # refused here, before admission, when it cannot be enforced
+                await self.grammars.check(params.structured)
             with obs.span("gateway.tokenize") as span:
-                ids = await self._prompt_ids(request)
-                obs.tokenized(span, ids, bool(request.prompt))
+                ids = await self._prompt_ids(request, chat)
+                obs.tokenized(span, ids, bool(request.prompt) or chat is not None)
+            output = ChatOutput(chat.output if chat is not None else OutputFormat())
             excluded: set[WorkerHandle] = set()
             for attempt in range(2):
                 with obs.span("gateway.route") as span:
@@ -212,7 +238,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                                                       params, request.priority, obs, t0)) as stream:
                         async for out in stream:
                             sent = True
-                            yield out
+                            yield output.read(out)
                     return
                 except WorkerFailure as failure:
                     if sent or attempt:

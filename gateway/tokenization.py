@@ -1,7 +1,9 @@
 """Text <-> token ids for clients: the Tokenize / Detokenize RPCs, HTTP /tokenize and /detokenize, and
 the chat rendering every chat-shaped endpoint shares (chat completions, responses, tokenize).
 
-    render_chat(messages, add_generation_prompt, continue_final_message)   the chat template -> ids
+    prepare(messages, ChatOptions) -> PreparedChat    a chat request checked (gateway/chat_request.py)
+    render(PreparedChat) -> ids                        it through the chat template (tools, template kwargs)
+    render_chat(messages, add_generation_prompt, continue_final_message)   plain dicts -> ids (/v1/responses)
     tokenize(TokenizeRequest) -> TokenizeResponse     a prompt as Generate tokenizes it, or a chat
     detokenize(DetokenizeRequest) -> DetokenizeResponse
     tokenize_request(json) / detokenize_request(json)  vLLM's /tokenize and /detokenize bodies -> the RPCs'
@@ -15,38 +17,64 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from engine.tokenizer import Tokenizer
-from gateway.openai_schema import RequestError, parse_chat
+from gateway.chat_request import ChatFormats, PreparedChat, prepare_chat
+from gateway.chat_schema import CHAT_OPTION_FIELDS, chat_messages, chat_options
+from gateway.json_body import RequestError
+from gateway.reasoning import prompt_opens_thinking
 from gateway.validation import PromptLimits, check_model, check_prompt_ids, encode_prompt
 from server.errors import InvalidRequest
 from tandem.v1 import generation_pb2 as gen
 
 
 class Texts:
-    """Tokenizing for one served model: its tokenizer, its names and its context (`limits`)."""
+    """Tokenizing for one served model: its tokenizer, its names, its context (`limits`) and what its
+    chat template writes (`formats`: tool-call format, thinking; read from the template by default)."""
 
     def __init__(self, tokenizer: Tokenizer, model_names: Sequence[str], limits: PromptLimits,
-                 token_id_limit: int) -> None:
+                 token_id_limit: int, formats: ChatFormats | None = None) -> None:
         self.tokenizer = tokenizer
         self.model_names = tuple(model_names)
         self.limits = limits
         self.token_id_limit = token_id_limit
+        self.formats = formats if formats is not None else ChatFormats.from_template(tokenizer.chat_template)
+        self.specials = {text: i for i in tokenizer.all_special_ids if (text := tokenizer.id_to_token(i))}
+
+    def prepare(self, messages: Sequence[gen.ChatMessage], options: gen.ChatOptions) -> PreparedChat:
+        """A chat request checked (gateway/chat_request.py); cheap, on the event loop."""
+        return prepare_chat(messages, options, self.formats, self.limits, self.specials)
+
+    def render(self, chat: PreparedChat) -> list[int]:
+        """A prepared chat through the template, as token ids; notes in `chat.output` whether the prompt
+        left the model thinking. Run it in a thread. Raises InvalidRequest as render_chat does."""
+        text = self._template(chat.messages, chat.add_generation_prompt, chat.continue_final_message,
+                              chat.num_chars, chat.variables)
+        if chat.output.reasoning and chat.constraint is None:  # a constrained reply starts with its calls
+            chat.output = replace(chat.output, thinking_open=prompt_opens_thinking(text))
+        return encode_prompt(self.tokenizer, text, self.limits, add_special_tokens=False)
 
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                     continue_final_message: bool = False) -> list[int]:
         """The conversation through the checkpoint's chat template, as token ids (no extra BOS).
         Run it in a thread. Raises InvalidRequest past the context (before the ids are built) or for a
         template that refuses the conversation."""
-        self.limits.check_chars("messages", sum(len(str(m.get("content") or "")) for m in messages))
+        num_chars = sum(len(str(m.get("content") or "")) for m in messages)
+        text = self._template(messages, add_generation_prompt, continue_final_message, num_chars, {})
+        return encode_prompt(self.tokenizer, text, self.limits, add_special_tokens=False)
+
+    def _template(self, messages: list[dict[str, Any]], add_generation_prompt: bool, continue_final_message: bool,
+                  num_chars: int, variables: dict[str, Any]) -> str:
+        self.limits.check_chars("messages", num_chars)
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                      continue_final_message=continue_final_message)
+                                                      continue_final_message=continue_final_message, **variables)
         except ValueError as exc:
-            raise InvalidRequest(str(exc)) from None
+            raise RequestError(str(exc), "messages") from None
         self.limits.check_chars("the rendered conversation", len(text))
-        return encode_prompt(self.tokenizer, text, self.limits, add_special_tokens=False)
+        return text
 
     async def tokenize(self, req: gen.TokenizeRequest) -> gen.TokenizeResponse:
         """Raises NotFound for another model, InvalidRequest for both or neither input, or a prompt past
@@ -56,10 +84,15 @@ class Texts:
         prompt = req.prompt
         if prompt and req.messages:
             raise InvalidRequest("set exactly one of prompt and messages, not both")
+        if req.HasField("chat") and not req.messages:
+            raise InvalidRequest("chat is read only with messages; send messages, or leave chat unset")
         if req.messages:
-            messages = [{"role": m.role, "content": m.content} for m in req.messages]
-            add = req.add_generation_prompt if req.HasField("add_generation_prompt") else not req.continue_final_message
-            ids = await asyncio.to_thread(self.render_chat, messages, add, req.continue_final_message)
+            options = gen.ChatOptions()
+            options.CopyFrom(req.chat)
+            options.continue_final_message = req.continue_final_message or req.chat.continue_final_message
+            if req.HasField("add_generation_prompt"):
+                options.add_generation_prompt = req.add_generation_prompt
+            ids = await asyncio.to_thread(self.render, self.prepare(req.messages, options))
         else:
             self.limits.check_chars("prompt", len(prompt))
             special = req.add_special_tokens if req.HasField("add_special_tokens") else True
@@ -100,9 +133,10 @@ def _typed(body: dict[str, Any], name: str, kind: type) -> Any:
 
 def tokenize_request(body: Any) -> gen.TokenizeRequest:
     """{"model", "prompt" | "messages", "add_special_tokens", "add_generation_prompt",
-    "continue_final_message"} -> TokenizeRequest. Raises RequestError naming the field."""
+    "continue_final_message", "tools", "tool_choice", "chat_template_kwargs"} -> TokenizeRequest.
+    Raises RequestError naming the field."""
     body = _fields(body, {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
-                          "continue_final_message"})
+                          "continue_final_message", *CHAT_OPTION_FIELDS})
     req = gen.TokenizeRequest()
     for name in ("model", "prompt"):
         if body.get(name) is not None:
@@ -111,8 +145,10 @@ def tokenize_request(body: Any) -> gen.TokenizeRequest:
         if body.get(name) is not None:
             setattr(req, name, _typed(body, name, bool))
     if body.get("messages") is not None:
-        chat = parse_chat({"messages": body["messages"]})
-        req.messages.extend(gen.ChatMessage(role=m["role"], content=m["content"]) for m in chat.messages)
+        req.messages.extend(chat_messages(body["messages"]))
+        req.chat.CopyFrom(chat_options(body))
+    elif set(body) & CHAT_OPTION_FIELDS:
+        raise RequestError("tools, tool_choice and chat_template_kwargs go with messages", "messages")
     return req
 
 

@@ -4,7 +4,8 @@ Every size is checked before any work that grows with it, so a hostile request c
 a bounded few milliseconds however large it is:
 
     check_generate_wire   the serialized request, from field lengths alone (before protobuf parses it)
-    check_request         model (any served name), exactly one prompt form, request_id, prompt size
+    check_request         model (any served name), exactly one prompt form (prompt, ids, messages),
+                          request_id, prompt size (a chat's: gateway/chat_request.py)
     encode_prompt         tokenize off the event loop; refused past the context before the ids are built
     check_prompt_ids      non-empty, inside the vocabulary
     (route)               then `check_length`: prompt + max_tokens inside the chosen decode worker's context
@@ -20,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from engine.structured.spec import MAX_STRUCTURED_CHARS
 from engine.tokenizer import Tokenizer, TooManyTokens
 from server.errors import InvalidRequest, NotFound
 from server.wirecheck import top_level_fields
@@ -34,10 +36,15 @@ MAX_MODEL_NAME_CHARS = 256  # the model field is echoed when it names another mo
 # The serialized SamplingParams at its limits: 16 stop strings and 64 bad words of 256 characters
 # (4 bytes each at most: 80 KiB), 1024 stop token ids and 16384 allowed token ids (5 bytes each:
 # 85 KiB) and 1024 logit_bias entries (13 bytes each: 13 KiB) take under 192 KiB.
-MAX_SAMPLING_BYTES = 192 << 10
-# A GenerateRequest has 6 fields; past this many (repeated prompt_token_ids sent unpacked, one field
-# per id), a request over UNPACKED_MAX_BYTES is refused: protobuf's default encoding packs them.
-MAX_WIRE_FIELDS = 64
+# A structured output spec adds at most MAX_STRUCTURED_CHARS characters (4 bytes each) and its tags'
+# framing (3 strings of up to 3 bytes of header each, 256 tags): 1 MiB + 4 KiB.
+MAX_SAMPLING_BYTES = (192 << 10) + 4 * MAX_STRUCTURED_CHARS + (4 << 10)
+# A GenerateRequest has 8 fields, one of them repeated per chat message; past this many (repeated
+# prompt_token_ids sent unpacked, one field per id, or more messages than any conversation needs), a
+# request over UNPACKED_MAX_BYTES is refused: protobuf's default encoding packs ids.
+MAX_WIRE_FIELDS = 4096
+# messages and chat (tools, template variables): like the prompt, plus room for roles, ids and keys.
+CHAT_OVERHEAD_BYTES = 64 << 10
 UNPACKED_MAX_BYTES = 64 << 10
 _UTF8_MAX = 4  # bytes per character
 _VARINT32_MAX = 5  # bytes per uint32 token id
@@ -77,19 +84,25 @@ def check_generate_wire(data: bytes, limits: PromptLimits) -> None:
     fields, complete = top_level_fields(data, MAX_WIRE_FIELDS)
     if not complete and len(data) > UNPACKED_MAX_BYTES:
         raise InvalidRequest(f"the request has more than {MAX_WIRE_FIELDS} fields in its {len(data)} bytes; "
-                             f"send prompt_token_ids packed (protobuf's default encoding)")
+                             f"send prompt_token_ids packed (protobuf's default encoding), and fewer messages")
     sizes: dict[int, int] = {}
     for f in fields:
         if f.wire_type == 2:  # the longest of a string sent twice (the last wins); all of packed ids and sampling
-            merged = f.number in (3, 4)
+            merged = f.number in (3, 4, 7, 8)  # repeated (ids, messages) or a message sent in parts
             sizes[f.number] = sizes.get(f.number, 0) + f.length if merged else max(sizes.get(f.number, 0), f.length)
     for number, name, limit_chars in ((1, "request_id", MAX_REQUEST_ID_CHARS), (5, "model", MAX_MODEL_NAME_CHARS),
                                       (2, "prompt", limits.max_prompt_chars)):
         if sizes.get(number, 0) > limit_chars * _UTF8_MAX:
             raise InvalidRequest(f"{name} is {sizes[number]} bytes long; the limit is {limit_chars} characters")
+    for number, name in ((7, "messages"), (8, "chat")):
+        if sizes.get(number, 0) > limits.max_prompt_chars * _UTF8_MAX + CHAT_OVERHEAD_BYTES:
+            raise InvalidRequest(f"{name} is {sizes[number]} bytes long; the limit is "
+                                 f"{limits.max_prompt_chars * _UTF8_MAX + CHAT_OVERHEAD_BYTES} bytes (the prompt's "
+                                 f"{limits.max_prompt_chars} characters, and room for roles, ids and keys)")
     if sizes.get(4, 0) > MAX_SAMPLING_BYTES:
         raise InvalidRequest(f"sampling is {sizes[4]} bytes long; the limit is {MAX_SAMPLING_BYTES} bytes "
-                             f"(every list in it at its own limit takes under 192 KiB)")
+                             f"(every list in it at its own limit takes under 192 KiB, a structured output "
+                             f"spec under 1 MiB)")
     min_ids = -(-sizes.get(3, 0) // _VARINT32_MAX)
     if min_ids > limits.max_prompt_tokens:
         raise InvalidRequest(f"prompt_token_ids holds at least {min_ids} ids ({sizes[3]} bytes); the model's "
@@ -113,8 +126,12 @@ def check_request(req: gen.GenerateRequest, model_names: Sequence[str], limits: 
     if req.HasField("model"):
         check_model(req.model, model_names)
     prompt = req.prompt
-    if prompt and req.prompt_token_ids:
-        raise InvalidRequest("set exactly one of prompt and prompt_token_ids, not both")
+    if sum(map(bool, (prompt, req.prompt_token_ids, req.messages))) > 1:
+        given = " and ".join(n for n, v in (("prompt", prompt), ("prompt_token_ids", req.prompt_token_ids),
+                                            ("messages", req.messages)) if v)
+        raise InvalidRequest(f"set exactly one of prompt, prompt_token_ids and messages, not {given}")
+    if req.HasField("chat") and not req.messages:
+        raise InvalidRequest("chat is read only with messages; send messages, or leave chat unset")
     limits.check_chars("prompt", len(prompt))
     check_length(len(req.prompt_token_ids), 0, limits.context)
     return prompt

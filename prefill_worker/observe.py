@@ -63,6 +63,7 @@ class PrefillObserver:
         """After each engine step: queue and prefill time, chunk spans, the throughput line."""
         step_s = (t_done_ns - t_exec_ns) / 1e9
         self.metrics.step_seconds.observe(step_s)
+        self.metrics.step_masks(step)
         batch_tokens = sum(step.num_new_tokens)
         self.metrics.iteration_tokens.observe(batch_tokens)
         self.throughput.step(len(step.seqs), batch_tokens, 0, sum(step.sample), step_s)

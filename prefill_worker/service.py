@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import grpc
 
@@ -11,7 +12,7 @@ from prefill_worker.worker import PrefillCore, PrefillDone, PrefillRequest
 from server.errors import DeadlineExceeded, Overloaded, Unavailable
 from server.protoconv import logprob_to_proto, sampling_from_proto
 from server.tracing import finish_span, start_server_span, traceparent_of
-from server.worker import abort_and_tell, transfer_error
+from server.worker import abort_and_tell, compile_grammar, transfer_error
 from tandem.v1 import generation_pb2 as gen
 from tandem.v1 import worker_pb2 as pb
 from tandem.v1 import worker_pb2_grpc
@@ -34,7 +35,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
                                  {"tandem.request_id": request.request_id,
                                   "tandem.prompt_tokens": len(request.prompt_token_ids)})
         try:
-            resp = await self._prefill(request, traceparent_of(span) or request.traceparent)
+            resp = await self._prefill(request, traceparent_of(span) or request.traceparent, span)
         except BaseException as exc:
             finish_span(span, exc)
             raise
@@ -43,7 +44,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         finish_span(span)
         return resp
 
-    async def _prefill(self, request: pb.PrefillRequest, traceparent: str) -> pb.PrefillResponse:
+    async def _prefill(self, request: pb.PrefillRequest, traceparent: str, span: Any = None) -> pb.PrefillResponse:
         core = self.core
         if health := core.health_error():
             raise Unavailable(f"prefill worker {self.worker_id} {health}", retry_after_s=1.0)
@@ -51,8 +52,9 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             raise Overloaded(f"prefill worker {self.worker_id} has {self.inflight} requests queued (limit "
                              f"{self.max_queued}); retry later", retry_after_s=1.0)
         rid = request.request_id
-        seq = core.engine.make_sequence(rid, list(request.prompt_token_ids), sampling_from_proto(request.sampling),
-                                        request.priority)
+        params = sampling_from_proto(request.sampling)
+        grammar = await compile_grammar(core.engine, params, core.obs.metrics, span)  # before admission
+        seq = core.engine.make_sequence(rid, list(request.prompt_token_ids), params, request.priority, grammar)
         timeout = request.timeout_ms / 1000 if request.timeout_ms else self.timeout_s
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[PrefillDone] = loop.create_future()

@@ -23,6 +23,9 @@ Gateway (`GatewayMetrics`)
                                                                400s refused before Generate included
     tandem_gateway_prompt_tokens_total, tandem_gateway_generation_tokens_total   counters
     tandem_gateway_routes_total                    counter     {mode: remote|local}
+    tandem_gateway_constrained_requests_total      counter     {kind: json_object|json_schema|regex|grammar|
+                                                               choice|structural_tag}
+    tandem_gateway_grammar_check_seconds           histogram   checking a spec before admission (cache: hit|miss)
     tandem_gateway_route_prefix_hit_tokens_total   counter
 Workers (`WorkerMetrics`, every series labelled {role: prefill|decode})
     tandem_kv_transfer_bytes, tandem_kv_transfer_seconds   histograms {role, direction: send|receive}
@@ -34,6 +37,13 @@ Workers (`WorkerMetrics`, every series labelled {role: prefill|decode})
     tandem_request_decode_time_seconds             histogram   decode: first token -> finished
     tandem_engine_step_seconds                     histogram   one engine step (schedule excluded)
     tandem_engine_iteration_tokens                 histogram   tokens one engine step ran through the model
+    tandem_grammar_compile_seconds                 histogram   {role, kind, cache: hit|miss} a constrained
+                                                               request's wait for its compiled grammar
+    tandem_grammar_mask_seconds                    histogram   one step's token masks (every constrained row),
+                                                               filled while the forward runs
+    tandem_grammar_mask_wait_seconds               histogram   what the step still waited for them after its
+                                                               forward (0 when the forward hid them)
+    tandem_constrained_requests_total              counter     {role, kind: json_schema|regex|...}
     (EngineCollector, at scrape time)
     tandem_engine_running_sequences, tandem_engine_waiting_sequences     gauges
     tandem_engine_kv_blocks_used / _free / _cached / _capacity           gauges
@@ -176,6 +186,10 @@ class GatewayMetrics:
         self.prefix_hit_tokens = Counter("tandem_gateway_route_prefix_hit_tokens",
                                          "Prompt tokens the router expected to hit a prefill worker's prefix cache",
                                          registry=r)
+        self.constrained = Counter("tandem_gateway_constrained_requests", "Requests with a structured output, by "
+                                   "kind", ["kind"], registry=r)
+        self.grammar_check = Histogram("tandem_gateway_grammar_check_seconds", "Checking a structured output spec "
+                                       "before admission", ["cache"], registry=r, buckets=TOKEN_LATENCY_BUCKETS)
 
 
 class WorkerMetrics:
@@ -210,6 +224,30 @@ class WorkerMetrics:
         self.iteration_tokens = Histogram("tandem_engine_iteration_tokens",
                                           "Tokens one engine step ran through the model (prompt chunks, decodes, "
                                           "drafts)", ["role"], registry=r, buckets=TOKEN_COUNT_BUCKETS).labels(role)
+
+        self.grammar_compile = Histogram("tandem_grammar_compile_seconds", "A constrained request's wait for its "
+                                         "compiled grammar (cache hit: ~0)", ["role", "kind", "cache"], registry=r,
+                                         buckets=TOKEN_LATENCY_BUCKETS)
+        self.grammar_mask = Histogram("tandem_grammar_mask_seconds", "One step's token masks (every constrained row), "
+                                      "filled while the forward runs", ["role"], registry=r,
+                                      buckets=TOKEN_LATENCY_BUCKETS).labels(role)
+        self.grammar_mask_wait = Histogram("tandem_grammar_mask_wait_seconds", "What a step still waited for its "
+                                           "token masks after its forward", ["role"], registry=r,
+                                           buckets=TOKEN_LATENCY_BUCKETS).labels(role)
+        self.constrained = Counter("tandem_constrained_requests", "Requests with a structured output, by kind",
+                                   ["role", "kind"], registry=r)
+
+    def grammar_compiled(self, kind: str, seconds: float, cached: bool) -> None:
+        """A constrained request got its grammar (compiled now, or from the cache)."""
+        self.constrained.labels(self.role, kind).inc()
+        self.grammar_compile.labels(self.role, kind, "hit" if cached else "miss").observe(seconds)
+
+    def step_masks(self, step: Any) -> None:
+        """A step's mask timings (engine.structured.masks.PendingMasks), when it had constrained rows."""
+        masks = getattr(step, "masks", None)
+        if masks is not None:
+            self.grammar_mask.observe(masks.fill_seconds)
+            self.grammar_mask_wait.observe(masks.wait_seconds)
 
     def transfer(self, direction: str, ok_code: str, nbytes: int, seconds: float) -> None:
         """One transfer ended; bytes and seconds are observed for successful ones only."""

@@ -13,6 +13,7 @@ from engine.sampling.params import (
     MAX_STOP_STRINGS,
     SamplingParams,
 )
+from engine.structured.spec import StructuralTag, StructuredOutput, TagSpec
 from tandem.v1 import generation_pb2 as gen
 
 DEFAULT_MAX_TOKENS = 256
@@ -64,6 +65,8 @@ def sampling_from_proto(p: gen.SamplingParams, *, default_max_tokens: int = DEFA
         kw["allowed_token_ids"] = tuple(p.allowed_token_ids)
     if p.bad_words:
         kw["bad_words"] = tuple(p.bad_words)
+    if p.HasField("structured"):
+        kw["structured"] = structured_from_proto(p.structured)
     kw["include_stop_str_in_output"] = p.include_stop_str_in_output
     kw["ignore_eos"] = p.ignore_eos
     kw["min_tokens"] = p.min_tokens
@@ -88,6 +91,39 @@ def sampling_to_proto(s: SamplingParams) -> gen.SamplingParams:
         p.logprobs = s.logprobs
     if s.prompt_logprobs is not None:
         p.prompt_logprobs = s.prompt_logprobs
+    if s.structured is not None:
+        p.structured.CopyFrom(structured_to_proto(s.structured))
+    return p
+
+
+def structured_from_proto(p: gen.StructuredOutput) -> StructuredOutput:
+    """Raises ValueError naming the field (no kind set, sizes, a schema that is not JSON)."""
+    kind = p.WhichOneof("kind")
+    if kind is None:
+        raise ValueError("structured: set one of json_object, json_schema, regex, grammar, choice, structural_tag")
+    if kind == "choice":
+        return StructuredOutput(choice=tuple(p.choice.choices), best_effort=p.best_effort)
+    if kind == "structural_tag":
+        st = p.structural_tag
+        tag = StructuralTag(tuple(TagSpec(t.begin, t.schema_json, t.end) for t in st.tags), tuple(st.triggers),
+                            st.only_tags)
+        return StructuredOutput(structural_tag=tag, best_effort=p.best_effort)
+    return StructuredOutput(**{kind: getattr(p, kind)}, best_effort=p.best_effort)
+
+
+def structured_to_proto(s: StructuredOutput) -> gen.StructuredOutput:
+    p = gen.StructuredOutput(best_effort=s.best_effort)
+    kind = s.kind
+    if kind == "choice":
+        p.choice.choices.extend(s.choice or ())
+    elif kind == "structural_tag":
+        assert s.structural_tag is not None
+        st = s.structural_tag
+        p.structural_tag.CopyFrom(gen.StructuralTag(
+            tags=[gen.TagSpec(begin=t.begin, schema_json=t.schema, end=t.end) for t in st.tags],
+            triggers=list(st.triggers), only_tags=st.only_tags))
+    else:
+        setattr(p, kind, getattr(s, kind))
     return p
 
 

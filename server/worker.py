@@ -20,6 +20,8 @@ from engine.checkpoint import checkpoint_fingerprint
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.engine_loop import EngineLoop
+from engine.sampling.params import SamplingParams
+from engine.structured.compiler import Grammar
 from kvtransfer import KVLayout, TransferCode
 from server import process
 from server.config import ServerOptions
@@ -120,6 +122,23 @@ async def abort_and_tell(abort: Callable[[Callable[[bool], None]], None], dead: 
         return await asyncio.wait_for(answer, ABORT_ANSWER_S)
     except TimeoutError:
         return False
+
+
+async def compile_grammar(engine: Engine, params: SamplingParams, metrics: WorkerMetrics,
+                          span: Any = None) -> Grammar | None:
+    """A constrained request's compiled grammar, before the request is admitted: compiled on the
+    engine's compile pool (the engine thread never waits for a grammar), or found in its cache by
+    content. None for an unconstrained request. Raises GrammarError (INVALID_ARGUMENT) with the
+    compiler's message. Both workers call it: each compiles with its own tokenizer view."""
+    spec = params.structured
+    if spec is None:
+        return None
+    compiled = await asyncio.wrap_future(engine.grammars.submit(spec))
+    metrics.grammar_compiled(spec.kind, compiled.seconds, compiled.cached)
+    if span is not None:
+        span.set_attributes({"tandem.structured.kind": spec.kind, "tandem.grammar.cache_hit": compiled.cached,
+                             "tandem.grammar.compile_ms": compiled.seconds * 1e3})
+    return compiled.grammar
 
 
 def transfer_error(code: TransferCode, message: str) -> TandemError:

@@ -21,6 +21,7 @@ from torch import Tensor
 from engine.sampling.bad_words import banned_now
 from engine.sampling.params import SamplingParams
 from engine.sampling.seeds import step_seed
+from engine.structured.masks import StepMasks
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,8 @@ class SamplingBatch:
     bias_values: Tensor | None  # (M,) float32
     allowed_rows: Tensor | None  # (A,) int64: rows with allowed_token_ids
     allowed: Tensor | None  # (A, V) bool: the tokens each of them may sample
+    grammar_rows: Tensor | None  # (M,) int64, ascending: rows constrained by a grammar (engine.structured)
+    grammar_forbidden: Tensor | None  # (M, V) bool: the tokens each row's grammar forbids
     seeded_rows: tuple[tuple[int, int], ...]  # (row, step_seed) for each seeded non-greedy row
     any_unseeded: bool  # some non-greedy row draws from the sampler's own generator
     max_logprobs: int  # K: the most top alternatives any row asked for (0 = none)
@@ -81,6 +84,7 @@ class SamplingBatch:
         device: torch.device | str,
         vocab_size: int,
         bad_words: Sequence[Sequence[Sequence[int]]] | None = None,
+        masks: StepMasks | None = None,
     ) -> SamplingBatch:
         """Build the batch for one step.
 
@@ -89,7 +93,8 @@ class SamplingBatch:
         draws, min_tokens) and its contents feed presence/frequency penalties and bad_words. eos_ids:
         one set shared by every row, or one set per row. bad_words: per row, the token sequences of
         its bad words (`engine.sampling.bad_words.bad_word_ids`), or None for none. Ids >= vocab_size
-        are ignored (they cannot be sampled). Nothing passed in is kept; the tensors are new and live
+        are ignored (they cannot be sampled). masks: the grammar masks of the constrained rows
+        (engine.structured.masks), kept as they are. Nothing else passed in is kept; the tensors are new and live
         on `device`.
 
         Raises ValueError when the row counts disagree, the batch is empty or vocab_size < 1.
@@ -165,6 +170,8 @@ class SamplingBatch:
             allowed_rows=torch.tensor(allowed_rows, dtype=torch.int64, device=dev) if allowed_rows else None,
             allowed=_allowed_mask([params[i].allowed_token_ids or () for i in allowed_rows], dev, v)
             if allowed_rows else None,
+            grammar_rows=masks.rows if masks is not None else None,
+            grammar_forbidden=masks.forbidden if masks is not None else None,
             seeded_rows=tuple(
                 (i, step_seed(p.seed, n_out[i]))
                 for i, p in enumerate(params)

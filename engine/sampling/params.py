@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from engine.sampling.checks import flag, integer, logit_bias, number, strings, token_ids
 from engine.sampling.seeds import sibling_seed
+from engine.structured.spec import StructuredOutput
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LEN = 256  # characters per stop string (and per bad word)
@@ -63,6 +64,9 @@ class SamplingParams:
     bad_words: strings never to generate: a word's last token is banned when the output ends with
         its other tokens (each word is tokenized with and without a leading space).
     skip_special_tokens: drop special tokens from the detokenized text.
+    structured: None = free text; else the output is constrained to a JSON Schema, a regex, a grammar,
+        a choice or structural tags (engine.structured; the request stops with STOP once the grammar
+        is complete, EOS or not).
 
     Raises ValueError naming the field, the value and the allowed range.
     """
@@ -88,6 +92,7 @@ class SamplingParams:
     allowed_token_ids: tuple[int, ...] | None = None
     bad_words: tuple[str, ...] = ()
     skip_special_tokens: bool = True
+    structured: StructuredOutput | None = None
 
     if TYPE_CHECKING:
         # What type checkers see: construction takes a str or any sequence for stop, stop_token_ids,
@@ -117,6 +122,7 @@ class SamplingParams:
             allowed_token_ids: Sequence[int] | None = None,
             bad_words: str | Sequence[str] = (),
             skip_special_tokens: bool = True,
+            structured: StructuredOutput | None = None,
         ) -> None: ...
 
     def __post_init__(self) -> None:
@@ -187,6 +193,8 @@ class SamplingParams:
                 raise ValueError("allowed_token_ids must not be empty (leave it unset to allow every token)")
             put("allowed_token_ids", allowed)
         put("bad_words", strings("bad_words", self.bad_words, MAX_BAD_WORDS, MAX_STOP_LEN))
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise ValueError(f"structured must be a StructuredOutput, got {type(self.structured).__name__}")
 
     def check_vocab(self, limit: int) -> None:
         """Raise ValueError when logit_bias or allowed_token_ids name an id outside [0, limit)."""

@@ -3,7 +3,7 @@
 The pipeline, per row, in this order:
 
     logits (B, V) --repetition penalty--> --presence/frequency--> --logit_bias--> --allowed_token_ids-->
-                  --min_tokens and bad_words bans-->  penalised
+                  --min_tokens and bad_words bans--> --grammar masks-->  penalised
     penalised --log_softmax--> logprobs reported to the user
     penalised --/temperature--> --top-k--> --top-p--> --min-p--> probabilities --draw--> token
 
@@ -29,7 +29,7 @@ class SamplerOutput(NamedTuple):
     """One step's choice for each of the B rows.
 
     logprobs and top_logprobs are log-probabilities of the model's distribution after penalties,
-    logit_bias, allowed_token_ids and bans, before temperature and truncation. K is the batch's
+    logit_bias, allowed_token_ids, bans and grammar masks, before temperature and truncation. K is the batch's
     `max_logprobs`; a row that asked for fewer alternatives ignores the extra columns. top_* are None
     when K is 0.
     """
@@ -56,7 +56,8 @@ def penalized_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
     Repetition penalty (Hugging Face): a token seen in the prompt or output has a positive logit
     divided by the penalty and a negative one multiplied by it. Presence/frequency (OpenAI):
     logit -= frequency * count + presence * (count > 0), over output tokens only. Then logit_bias is
-    added, tokens outside a row's allowed_token_ids and banned tokens (min_tokens, bad_words) get -inf.
+    added, tokens outside a row's allowed_token_ids, banned tokens (min_tokens, bad_words) and tokens a
+    row's grammar forbids (structured outputs) get -inf.
     Speculative verification samples through here too, so every one of these shapes the target's
     distribution exactly. `logits` itself is never modified. Raises ValueError on a shape or device
     mismatch.
@@ -78,6 +79,12 @@ def penalized_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
         x.index_copy_(0, batch.allowed_rows, sub)
     if batch.ban_rows is not None and batch.ban_cols is not None:
         x[batch.ban_rows, batch.ban_cols] = float("-inf")
+    if batch.grammar_rows is not None and batch.grammar_forbidden is not None:
+        if batch.grammar_rows.numel() == batch.size:  # every row (ascending, distinct): in place
+            x.masked_fill_(batch.grammar_forbidden, float("-inf"))
+        else:
+            sub = x.index_select(0, batch.grammar_rows).masked_fill_(batch.grammar_forbidden, float("-inf"))
+            x.index_copy_(0, batch.grammar_rows, sub)  # (M, V) rows back
     return x
 
 

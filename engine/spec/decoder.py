@@ -37,6 +37,7 @@ from engine.spec.metrics import SpecMetrics
 from engine.spec.ngram import propose_ngram
 from engine.spec.policy import SpecPolicy
 from engine.spec.verify import verify
+from engine.structured.masks import MaskFiller
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,9 @@ class SpecDecoder:
                 caps = [0] * len(cand)
             for j, i in enumerate(cand):
                 drafts[i] = propose_ngram(step.seqs[i].token_ids, caps[j]) if caps[j] else []
+                grammar = step.seqs[i].grammar
+                if grammar is not None and drafts[i]:  # from the first token the grammar forbids on, a
+                    drafts[i] = drafts[i][:grammar.valid_prefix(drafts[i])]  # draft cannot be accepted
                 caps[j] = len(drafts[i])
         ks = self.policy.choose(caps, rates, scheduled, sampling)
         self._probed = cand[self.policy.probed] if self.policy.probed >= 0 else -1
@@ -116,8 +120,11 @@ class SpecDecoder:
         self._planned = planned
 
     # ---------------------------------------------------------------- execute
-    def execute(self, step: StepInput, on_layer_done: Callable[[int], None] | None = None) -> SamplerOutput | None:
-        """Propose (draft model), run the one target forward and verify; sets step.num_accepted."""
+    def execute(self, step: StepInput, on_layer_done: Callable[[int], None] | None = None,
+                masks: MaskFiller | None = None) -> SamplerOutput | None:
+        """Propose (draft model), run the one target forward and verify; sets step.num_accepted.
+        `masks`: the engine's grammar mask filler; the masks of every row (drafts included) are
+        filled while the target's forward runs."""
         start = self._thread_clock()
         probs: list[torch.Tensor | None] = []
         if self.draft is not None and step.spec_tokens is None and any(self._planned):
@@ -134,15 +141,20 @@ class SpecDecoder:
             self.policy.draft_cost.observe(len(idx), out.seconds_per_forward)
         t0 = self._clock()
         tokens = sum(step.num_new_tokens) + sum(step.num_draft(i) for i in range(len(step.seqs)))
-        if step.spec_tokens is None or not any(step.spec_tokens):
+        if step.spec_tokens is not None and not any(step.spec_tokens):
             step.spec_tokens = None
+        if masks is not None:
+            step.masks = masks.start(step)
+        if step.spec_tokens is None:
             result = self.runner.execute(step, on_layer_done)
         else:
             logits = self.runner.forward_logits(step, on_layer_done)
             sampled = [i for i, smp in enumerate(step.sample) if smp]
             drafts_s = [step.spec_tokens[i] for i in sampled]
+            runner = self.runner
+            got = step.masks.result(runner.device, runner.model_config.vocab_size) if step.masks else None
             verdict = verify(logits, [step.seqs[i] for i in sampled], drafts_s,
-                             probs or [None] * len(sampled), self.runner.sampler, self.generator)
+                             probs or [None] * len(sampled), runner.sampler, self.generator, got)
             accepted = [0] * len(step.seqs)
             for i, a in zip(sampled, verdict.num_accepted, strict=True):
                 accepted[i] = a

@@ -99,7 +99,7 @@ class DraftProposer:
         if m is None:
             m = dataclasses.replace(seq, token_ids=list(seq.token_ids), num_computed_tokens=0, block_table=[],
                                     block_hashes=[], detokenizer=None, logprobs=[], extra={},
-                                    prompt_logprobs=[])
+                                    prompt_logprobs=[], grammar=None)
             cached = self.block_manager.lookup(m.token_ids, m.num_tokens - 1)
             if cached and self.block_manager.allocate_slots(m, 0, cached):
                 m.num_computed_tokens = len(cached) * self.block_manager.block_size

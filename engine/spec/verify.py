@@ -33,6 +33,7 @@ from torch import Tensor
 from engine.sampling.batch import SamplingBatch
 from engine.sampling.sampler import Sampler, SamplerOutput, penalized_logits, probabilities
 from engine.sequence import Sequence
+from engine.structured.masks import StepMasks
 
 
 class Verdict(NamedTuple):
@@ -47,9 +48,10 @@ def _num_rows(seq: Sequence, draft: Seq[int]) -> int:
 
 
 def verify_batch(seqs: Seq[Sequence], drafts: Seq[Seq[int]], device: torch.device,
-                 vocab_size: int) -> SamplingBatch:
+                 vocab_size: int, masks: StepMasks | None = None) -> SamplingBatch:
     """One sampling row per verified position: sequence i's row r sees drafts[i][:r] as output (a
-    sequence forking its choices: one row per choice)."""
+    sequence forking its choices: one row per choice). `masks`: the grammar masks of the constrained
+    rows, row r of a sequence masked by its grammar after drafts[i][:r] (engine.structured.masks)."""
     params, prompts, outputs, eos, bad = [], [], [], [], []
     for seq, draft in zip(seqs, drafts, strict=True):
         out = seq.output_token_ids
@@ -60,7 +62,7 @@ def verify_batch(seqs: Seq[Sequence], drafts: Seq[Seq[int]], device: torch.devic
             eos.append(seq.eos_token_ids)
             bad.append(seq.bad_words_ids)
     return SamplingBatch.build(params, prompts, outputs, eos, device=device, vocab_size=vocab_size,
-                               bad_words=bad if any(bad) else None)
+                               bad_words=bad if any(bad) else None, masks=masks)
 
 
 def verify(
@@ -70,6 +72,7 @@ def verify(
     draft_probs: Seq[Tensor | None],
     sampler: Sampler,
     generator: torch.Generator,
+    masks: StepMasks | None = None,
 ) -> Verdict:
     """Decide every sampling sequence's tokens for this step.
 
@@ -77,10 +80,13 @@ def verify(
     drafts[i]: sequence i's draft tokens ([] when it does not speculate).
     draft_probs[i]: (len(drafts[i]), V) float32, the draft's distribution q at each draft token
     (rejection rule), or None (coupled rule). `sampler` is the target's (its generator advances);
-    `generator` draws the rejection rule's uniforms and residual samples.
+    `generator` draws the rejection rule's uniforms and residual samples. `masks`: grammar masks
+    (structured outputs): a draft the grammar forbids has p = 0 at its row, so it is rejected there
+    (coupled: the target's draw cannot equal it; rejection rule: accepted with probability 0, and the
+    residual max(0, p - q) is itself masked), and every emitted token is one the grammar allows.
     Nothing is mutated besides the generators.
     """
-    batch = verify_batch(seqs, drafts, logits.device, logits.shape[1])
+    batch = verify_batch(seqs, drafts, logits.device, logits.shape[1], masks)
     out = sampler(logits, batch)  # y_r for every row, with logprobs
     tokens = out.token_ids.tolist()
     accepted: list[int] = []

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from gateway.responses_api import parse_responses
 from gateway.router import Router
 from gateway.service import GenerationService
 from server.errors import Unauthenticated
+from tandem.v1 import generation_pb2 as gen
 
 
 def test_completion_fields_map_onto_the_grpc_request() -> None:
@@ -62,7 +64,8 @@ def test_chat_fields_and_message_parts() -> None:
     p = parse_chat({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
                                                                 {"type": "text", "text": "b"}]}],
                     "max_completion_tokens": 4, "logprobs": True, "top_logprobs": 3})
-    assert p.messages == [{"role": "user", "content": "ab"}] and p.request.sampling.max_tokens == 4
+    assert list(p.request.messages) == [gen.ChatMessage(role="user", content="ab")]
+    assert p.request.sampling.max_tokens == 4
     assert p.top_logprobs == 3 and not p.request.prompt and not p.request.prompt_token_ids
 
 
@@ -128,12 +131,44 @@ def test_bad_responses_bodies_name_the_field(body: dict[str, Any], param: str) -
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
     ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
-    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "x"}], "structured_outputs": {"regex": "a", "choice": ["b"]}},
+     "structured_outputs"),
+    ({"messages": [{"role": "user", "content": "x"}], "guided_choice": "yes"}, "guided_choice"),
+    ({"messages": [{"role": "user", "content": "x"}], "guided_regex": "a",
+      "response_format": {"type": "json_object"}}, "guided_regex"),
 ])
 def test_bad_chat_bodies_name_the_field(body: dict[str, Any], param: str) -> None:
     with pytest.raises(RequestError) as err:
         parse_chat(body)
     assert err.value.param == param
+
+
+def test_structured_output_fields_become_the_spec() -> None:
+    chat = [{"role": "user", "content": "x"}]
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    s = parse_chat({"messages": chat, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "n", "schema": schema, "strict": True}}}).request.sampling.structured
+    assert json.loads(s.json_schema) == schema and not s.best_effort
+    lenient = parse_chat({"messages": chat, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "n", "schema": schema, "strict": False}}}).request.sampling.structured
+    assert lenient.best_effort
+    assert parse_chat({"messages": chat, "response_format": {"type": "json_object"}}).request.sampling.structured \
+        .json_object
+    assert not parse_chat({"messages": chat, "response_format": {"type": "text"}}).request.sampling.HasField(
+        "structured")
+    c = parse_completion({"prompt": "x", "structured_outputs": {"choice": ["a", "b"], "best_effort": True}})
+    assert list(c.request.sampling.structured.choice.choices) == ["a", "b"]
+    assert parse_completion({"prompt": "x", "guided_regex": "[0-9]+", "guided_decoding_backend": "xgrammar"}) \
+        .request.sampling.structured.regex == "[0-9]+"
+    assert json.loads(parse_completion({"prompt": "x", "guided_json": schema}).request.sampling.structured
+                      .json_schema) == schema
+    tag = parse_chat({"messages": chat, "response_format": {"type": "structural_tag", "triggers": ["<t>"],
+                      "structures": [{"begin": "<t>", "schema": schema, "end": "</t>"}]}}).request.sampling
+    assert tag.structured.structural_tag.tags[0].end == "</t>"
+    r, _ = parse_responses({"input": "x", "text": {"format": {"type": "json_schema", "name": "n", "schema": schema}}})
+    assert json.loads(r.request.sampling.structured.json_schema) == schema
 
 
 def test_adapter_answers_in_openai_shape_without_workers(tiny_model) -> None:
