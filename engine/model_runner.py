@@ -30,6 +30,7 @@ from torch import Tensor
 from engine.checkpoint import load_hf_config
 from engine.config import EngineConfig, ModelConfig
 from engine.device import resolve_device, resolve_dtype
+from engine.gguf_file import is_gguf, read_gguf
 from engine.model import CausalLM, ForwardContext
 from engine.outputs import TokenLogprob
 from engine.parallel.driver import TPDriver
@@ -42,7 +43,7 @@ from engine.sampling.sampler import Sampler, SamplerOutput
 from engine.sampling.seeds import step_seed
 from engine.sequence import Sequence
 from engine.structured.masks import PendingMasks
-from engine.weights import iter_weights
+from engine.weights import iter_gguf, iter_weights
 from kernels.kv_store import FP8_KV_SCALE
 from kernels.ops import select_ops
 
@@ -94,6 +95,7 @@ class _Prompt(NamedTuple):
 def load_model(
     path: str | Path, dtype: torch.dtype, device: torch.device, quantization: str | None = None,
     backend: str = "auto", shard: TPShard | None = None, group: TPGroup | None = None,
+    gguf_dequantize: bool = False,
 ) -> CausalLM:  # fmt: skip
     """Build the model on the meta device, then stream checkpoint tensors into place.
 
@@ -101,7 +103,9 @@ def load_model(
     decoder layers' projections are quantized onto ``device`` one at a time (engine/quant/apply.py);
     ``backend`` is the kernel backend their GEMMs use (auto | torch | triton).
     A pre-quantized checkpoint (config.json ``quantization_config``: GPTQ, AWQ, compressed-tensors, FP8)
-    keeps its own quantization (engine/quant/loader.py); ``quantization`` must then be None.
+    keeps its own quantization (engine/quant/loader.py); ``quantization`` must then be None. So does a
+    GGUF file's Q4_0/Q4_1/Q8_0/Q4_K/Q6_K projections (engine/quant/formats/gguf.py), unless
+    ``gguf_dequantize`` asks for every tensor dequantized to ``dtype`` at load (exact, more memory).
     With ``shard`` (tensor parallelism) only that rank's part is built and read (engine/parallel/shard.py).
     """
     hf = load_hf_config(path)
@@ -119,6 +123,19 @@ def load_model(
         from engine.quant.loader import load_prequantized
 
         return load_prequantized(model, iter_weights(path), checkpoint_quant, dtype, device, backend).eval()
+    if is_gguf(path) and not gguf_dequantize:
+        from engine.quant.formats import gguf
+
+        kept = gguf.detect(read_gguf(path))
+        if kept is not None:
+            if quantization is not None:
+                raise ValueError(f"{path} is already quantized (GGUF {kept.summary()}); drop quantization="
+                                 f"{quantization!r}, or set gguf_dequantize to requantize its dequantized weights")
+            from engine.quant.loader import load_prequantized
+
+            logger.info("%s: keeping %s projections quantized (gguf_dequantize loads them as floats)",
+                        Path(path).name, kept.summary())
+            return load_prequantized(model, iter_gguf(path, raw=kept.keep), kept, dtype, device, backend).eval()
     # -- dense checkpoints
     staging = device if quantization is None else torch.device("cpu")
     model = model.to_empty(device=staging).to(dtype)
@@ -149,7 +166,7 @@ class ModelRunner:
         self.group = group
         self.shard = TPShard(self.model_config, group.size, group.rank) if group is not None else None
         self.model = load_model(config.model, self.dtype, self.device, config.quantization, config.attention_backend,
-                                self.shard, group)
+                                self.shard, group, config.gguf_dequantize)
         # fp8 KV: float8_e4m3fn pages with one static scale (kernels/kv_store.py FP8_KV_SCALE)
         self.kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else self.dtype
         self.kv_scale = FP8_KV_SCALE if config.kv_cache_dtype == "fp8" else None

@@ -1,10 +1,12 @@
 """Streaming a checkpoint's tensors: one at a time from memory-mapped safetensors files (or a GGUF
-file, dequantized tensor by tensor), so loading never holds a second full copy of the checkpoint in
-memory (layouts: engine.checkpoint; GGUF: engine.gguf_file). `iter_weights` takes either.
+file, tensor by tensor: dequantized, or its raw blocks for a loader that keeps them quantized), so
+loading never holds a second full copy of the checkpoint in memory (layouts: engine.checkpoint; GGUF:
+engine.gguf_file). `iter_weights` takes either.
 
 Under tensor parallelism a rank passes `select` (TPShard.slice_for): a safetensors tensor that is split
 is read as its rank's rows or columns only (`safe_open(...).get_slice`), so no rank reads the whole
-checkpoint. A GGUF file's tensors are dequantized whole and sliced by the model (documented cost)."""
+checkpoint. A GGUF file's tensors are read whole and sliced by the model (or, kept quantized, by the
+quantized loader after conversion: engine/parallel/quantized.py) (documented cost)."""
 
 from __future__ import annotations
 
@@ -86,13 +88,18 @@ def _read(f: Any, name: str, select: Selector | None) -> torch.Tensor:
     return sl[tuple(index)]
 
 
-def iter_gguf(path: str | Path, *, progress: bool | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf(
+    path: str | Path, *, progress: bool | None = None, raw: Callable[[str, int], bool] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(Hugging Face name, float32 tensor)` for every tensor of a llama.cpp GGUF file.
 
     Each tensor is read from the memory-mapped file and dequantized when it is yielded (`gguf.quants`
     knows F32/F16/BF16, Q4_0..Q8_0 and the K-quants); llama.cpp's rotary row permutation of q_proj
     and k_proj is undone (engine.gguf_file). The caller copies it into a parameter of its dtype.
-    Raises CheckpointError for a malformed file or a tensor type gguf cannot dequantize.
+    A tensor for which `raw(name, ggml_type)` is true is yielded as its bytes instead, a
+    (rows, bytes per row) uint8 copy in the file's row order (not un-permuted: the caller converts it,
+    engine/quant/formats/gguf.py). Raises CheckpointError for a malformed file or a tensor type gguf
+    cannot dequantize.
     """
     import numpy as np
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -124,15 +131,18 @@ def iter_gguf(path: str | Path, *, progress: bool | None = None) -> Iterator[tup
             nbytes = row_bytes * int(np.prod(outer, dtype=np.int64))
             if info.offset + nbytes > data.size:
                 raise CheckpointError(f"{f.path}: tensor {info.name} runs past the end of the file (truncated?)")
-            raw = data[info.offset : info.offset + nbytes].reshape(*outer, row_bytes)
+            blocks = data[info.offset : info.offset + nbytes].reshape(*outer, row_bytes)
+            bar.update(nbytes)
+            if raw is not None and raw(name, info.type):
+                yield name, torch.from_numpy(np.array(blocks).reshape(-1, row_bytes))  # a copy
+                continue
             try:
-                values = np.array(dequantize(raw, qtype), dtype=np.float32).reshape(info.shape)  # a copy
+                values = np.array(dequantize(blocks, qtype), dtype=np.float32).reshape(info.shape)  # a copy
             except NotImplementedError as exc:
                 raise CheckpointError(f"{f.path}: cannot dequantize {info.name} ({qtype.name}): {exc}") from exc
             heads = permuted_heads(f, name)
             if heads is not None:
                 values = np.ascontiguousarray(unpermute_rows(values, heads))
-            bar.update(nbytes)
             yield name, torch.from_numpy(values)
 
 

@@ -200,7 +200,7 @@ def quantize_checkpoint(cfg: QuantizeConfig, stop_after: int | None = None, prog
         raise ValueError(f"{out} is not empty and holds no unfinished `tandem quantize` run")
     state.mkdir(parents=True, exist_ok=True)
     scale_dtype = TORCH_DTYPES.get(str(hf.get("torch_dtype") or "float32"), torch.float32)
-    model = load_model(cfg.model, torch.float32, torch.device("cpu"))
+    model = load_model(cfg.model, torch.float32, torch.device("cpu"), gguf_dequantize=True)
     calib = None
     if cfg.method != "rtn":
         calib = Calibration(model, calibration_windows(cfg, Tokenizer.from_dir(cfg.model)), cfg.batch_size)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from engine.model import CausalLM
-from engine.quant.linear import Fp8Linear, Int4Linear, Int8Linear, QuantLinear, choose_kernel
+from engine.quant.linear import ConcatLinear, Fp8Linear, Int4Linear, Int8Linear, QuantLinear, choose_kernel
 from engine.quant.schemes import check_scheme, group_size_for
 from kernels.ops import TRITON_OPS, select_ops
 
@@ -93,10 +93,14 @@ def projection_modules(model: CausalLM) -> Iterator[tuple[str, nn.Module]]:
 def linear_weight_bytes(model: CausalLM) -> int:
     """Bytes the decoder layers' projection weights take on the device (quantized: with scales and
     zero points; biases excluded in both cases)."""
-    total = 0
-    for _, m in projection_modules(model):
-        if isinstance(m, QuantLinear):
-            total += m.weight_bytes()
-        elif isinstance(m, nn.Linear):
-            total += m.weight.numel() * m.weight.element_size()
-    return total
+    return sum(_weight_bytes(m) for _, m in projection_modules(model))
+
+
+def _weight_bytes(m: nn.Module) -> int:
+    if isinstance(m, QuantLinear):
+        return m.weight_bytes()
+    if isinstance(m, nn.Linear):
+        return m.weight.numel() * m.weight.element_size()
+    if isinstance(m, ConcatLinear):
+        return sum(_weight_bytes(s) for s in m.shards)
+    return 0

@@ -5,7 +5,9 @@ Kernels (fixed per layer at load, as for the load-time schemes in engine/quant/l
 
     triton    kernels/wna16_gemm.py: 4 or 8 bits, zero points or offsets, act-order through perm
     packed    torch._weight_int4pack_mm_for_cpu: 4 bits, bfloat16 on CPU, N % 16 == 0, G in 32..256 dividing K
-              (act-order: x's columns are gathered through perm first)
+              (act-order: x's columns are gathered through perm first). With ``bf16_activations`` (GGUF)
+              float32/float16 models use it too: x is rounded to bfloat16 on the way in and the output
+              cast back, since torch vectorises only the bfloat16 path (kernels/quant_cpu.py)
     dequant   dequantize, then F.linear (the reference; everything else)
 
 A channel-wise symmetric 8-bit weight (compressed-tensors W8A16, GPTQ 8-bit with group_size -1) is no
@@ -37,14 +39,17 @@ def as_int8(w: GroupWeight) -> Int8Weight | None:
     return Int8Weight((w.qweight.to(torch.int16) - 128).to(torch.int8), w.scales.float().reshape(n).contiguous())
 
 
-def choose_group_kernel(w: GroupWeight, backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """triton | packed | dequant for one layer; backend "triton" or "torch" (engine/quant/apply.py)."""
+def choose_group_kernel(
+    w: GroupWeight, backend: str, device: torch.device, dtype: torch.dtype, bf16_activations: bool = False
+) -> str:
+    """triton | packed | dequant for one layer; backend "triton" or "torch" (engine/quant/apply.py);
+    ``bf16_activations``: a model of another dtype may round x to bfloat16 for the packed kernel."""
     n, k = w.shape
     if backend == "triton":
         align = math.gcd(w.group_size, k)
         return "triton" if align & -align >= _TRITON_MIN_ALIGN else "dequant"
-    if (device.type == "cpu" and dtype == torch.bfloat16 and w.bits == 4 and n % CPU_INT4_N_MULTIPLE == 0
-            and w.group_size in _CPU_INT4_GROUPS and k % w.group_size == 0):  # fmt: skip
+    if (device.type == "cpu" and (dtype == torch.bfloat16 or bf16_activations) and w.bits == 4
+            and n % CPU_INT4_N_MULTIPLE == 0 and w.group_size in _CPU_INT4_GROUPS and k % w.group_size == 0):  # fmt: skip
         return "packed"
     return "dequant"
 
@@ -52,8 +57,8 @@ def choose_group_kernel(w: GroupWeight, backend: str, device: torch.device, dtyp
 class GroupQuantLinear(QuantLinear):
     """W4A16 / W8A16 with a (scale, zero) per group of inputs. Buffers: qweight, scales, zeros and perm
     as the GroupWeight has them (scales in the checkpoint's float dtype, so nothing is rounded), or for
-    the packed kernel torch's CPU layout (qweight, scale_and_zeros (K // G, N, 2) in the activation
-    dtype) and perm."""
+    the packed kernel torch's CPU layout (qweight, scale_and_zeros (K // G, N, 2) in bfloat16, the
+    dtype its activations are computed in) and perm."""
 
     qweight: Tensor
     scales: Tensor
@@ -68,7 +73,7 @@ class GroupQuantLinear(QuantLinear):
         self.group_size, self.bits = w.group_size, w.bits
         self.register_buffer("perm", w.perm)
         if kernel == "packed":
-            cpu = int4_pack_for_cpu(w.qweight, w.scales, w.zeros, dtype)
+            cpu = int4_pack_for_cpu(w.qweight, w.scales, w.zeros, torch.bfloat16)
             self.register_buffer("qweight", cpu.packed)
             self.register_buffer("scale_and_zeros", cpu.scale_and_zeros)
         else:
@@ -83,7 +88,11 @@ class GroupQuantLinear(QuantLinear):
     def forward(self, x: Tensor) -> Tensor:
         if self.kernel == "packed":
             xs = x if self.perm is None else x.index_select(-1, self.perm)
-            return int4_packed_mm(xs, CpuInt4Weight(self.qweight, self.scale_and_zeros), self.group_size, self.bias)
+            packed = CpuInt4Weight(self.qweight, self.scale_and_zeros)
+            if x.dtype == torch.bfloat16:
+                return int4_packed_mm(xs, packed, self.group_size, self.bias)
+            out = int4_packed_mm(xs.to(torch.bfloat16), packed, self.group_size).to(x.dtype)
+            return out if self.bias is None else out + self.bias
         if self.kernel == "triton":
             return wna16_gemm(x, self.weight(), self.bias)
         return wna16_ref(x, self.weight(), self.bias)

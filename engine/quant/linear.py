@@ -167,3 +167,16 @@ class Fp8Linear(QuantLinear):
         if self.kernel == "scaled_mm":
             return fp8_scaled_mm(x, self.qweight, self.scale, self.bias)
         return fp8_ref(x, self.qweight, self.scale, self.bias)
+
+
+class ConcatLinear(nn.Module):
+    """One fused projection (qkv, gate_up) whose shards are quantized differently, kept as one module
+    per shard: y = cat([shard(x) for shard in shards], -1), (..., K) -> (..., sum of the shards' N).
+    llama.cpp's mixed files need it (Q4_K_M stores v_proj as Q6_K beside a Q4_K q_proj and k_proj)."""
+
+    def __init__(self, shards: list[nn.Module]) -> None:
+        super().__init__()
+        self.shards = nn.ModuleList(shards)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([m(x) for m in self.shards], dim=-1)

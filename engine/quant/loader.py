@@ -30,9 +30,10 @@ from torch import Tensor, nn
 from engine.model import CausalLM
 from engine.parallel.quantized import slice_quantized
 from engine.quant.apply import PROJECTIONS, gemm_backend
+from engine.quant.formats.gguf import GGUFQuant
 from engine.quant.group_linear import GroupQuantLinear, as_int8, choose_group_kernel
-from engine.quant.linear import Fp8Linear, Int8Linear, choose_kernel
-from engine.quant.prequantized import CheckpointQuant, Quantized, dequantize, fuse
+from engine.quant.linear import ConcatLinear, Fp8Linear, Int8Linear, choose_kernel
+from engine.quant.prequantized import CheckpointQuant, Quantized, dequantize, fusable, fuse
 from engine.quant.schemes import Fp8BlockWeight, Fp8Weight, Int8Weight
 from kernels.wna16_gemm import GroupWeight
 
@@ -66,10 +67,23 @@ def _to(q: Quantized | Tensor, device: torch.device) -> Quantized | Tensor:
 
 
 def build_linear(
-    q: Quantized | Tensor, bias: Tensor | None, backend: str, device: torch.device, dtype: torch.dtype
-) -> nn.Module:
-    """The module for one (fused) projection's weight, on ``device``; backend "triton" or "torch"."""
+    q: Quantized | Tensor, bias: Tensor | None, backend: str, device: torch.device, dtype: torch.dtype,
+    approximate_cpu: bool = False,
+) -> nn.Module:  # fmt: skip
+    """The module for one (fused) projection's weight, on ``device``; backend "triton" or "torch".
+    ``approximate_cpu`` (GGUF): on CPU, a 4-bit grouped weight takes torch's packed kernel whatever the
+    dtype (bfloat16 activations inside it), and one that no CPU kernel takes is expanded to a dense
+    Linear here rather than dequantized at every forward (80-110x the dense matmul on SmolLM2's shapes)."""
     q = _to(q, device)
+    kernel = "dense"
+    if isinstance(q, GroupWeight):
+        int8 = as_int8(q)
+        if int8 is not None:
+            q = int8
+        else:
+            kernel = choose_group_kernel(q, backend, device, dtype, bf16_activations=approximate_cpu)
+            if kernel == "dequant" and approximate_cpu and device.type == "cpu":
+                q = dequantize(q)
     bias = None if bias is None else bias.to(device, dtype)
     if isinstance(q, Tensor):
         lin = nn.Linear(q.shape[1], q.shape[0], bias=bias is not None, device=device, dtype=dtype)
@@ -78,10 +92,7 @@ def build_linear(
             lin.bias.data.copy_(bias)
         return lin
     if isinstance(q, GroupWeight):
-        int8 = as_int8(q)
-        if int8 is None:
-            return GroupQuantLinear(q, bias, choose_group_kernel(q, backend, device, dtype), dtype)
-        q = int8
+        return GroupQuantLinear(q, bias, kernel, dtype)
     n, k = q.qweight.shape
     if isinstance(q, Int8Weight):
         return Int8Linear(q, bias, choose_kernel("int8", backend, device, dtype, n, k), dtype)
@@ -93,11 +104,13 @@ def build_linear(
 
 @torch.no_grad()
 def load_prequantized(
-    model: CausalLM, weights: Iterable[tuple[str, Tensor]], quant: CheckpointQuant,
+    model: CausalLM, weights: Iterable[tuple[str, Tensor]], quant: CheckpointQuant | GGUFQuant,
     dtype: torch.dtype, device: torch.device, backend: str = "auto",
 ) -> CausalLM:  # fmt: skip
     """Load ``weights`` (a pre-quantized checkpoint's tensor stream) into ``model`` (built on the meta
     device) on ``device``; returns the model. backend: the engine's kernel backend (auto|torch|triton).
+    A GGUF file (``GGUFQuant``; its stream from engine.weights.iter_gguf with ``raw=quant.keep``) gets
+    ``build_linear``'s ``approximate_cpu``: llama.cpp itself rounds activations on CPU (to 8 bits).
     A tensor-parallel model (``model.shard``) keeps its rank's part of each converted projection
     (engine/parallel/quantized.py: refused where a split would cut a quantization group).
 
@@ -148,7 +161,12 @@ def load_prequantized(
             biases = [slice_quantized(got[j].get("bias"), model.shard.slice_for(f"{modules[j]}.bias"), modules[j])
                       if got[j].get("bias") is not None else None for j in range(_NUM_SHARDS[fused])]
             bias = torch.cat([b for b in biases if b is not None]) if all(b is not None for b in biases) else None
-            new = build_linear(fuse(parts, f"layers.{i}.{parent_name}.{fused}"), bias, kind, device, dtype)
+            gguf = isinstance(quant, GGUFQuant)
+            new: nn.Module
+            if fusable(parts) or not gguf:
+                new = build_linear(fuse(parts, f"layers.{i}.{parent_name}.{fused}"), bias, kind, device, dtype, gguf)
+            else:  # a mixed GGUF (Q4_K_M): one module per shard, each in its own format
+                new = ConcatLinear([build_linear(p, b, kind, device, dtype, gguf) for p, b in zip(parts, biases, strict=True)])
             setattr(getattr(layer, parent_name), fused, new)
             kernels[f"{type(new).__name__}/{getattr(new, 'kernel', 'dense')}"] += 1
     if shards:

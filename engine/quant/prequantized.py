@@ -119,26 +119,39 @@ def _same_layout(parts: list[GroupWeight]) -> bool:
     return True
 
 
+def fusable(parts: list[Quantized | Tensor]) -> bool:
+    """Whether :func:`fuse` stacks ``parts`` into one weight of their kind (rather than a dense one)."""
+    kinds = {type(p) for p in parts}
+    if len(parts) == 1 or kinds <= {Tensor, torch.nn.Parameter}:
+        return True
+    if kinds == {GroupWeight}:
+        return _same_layout([p for p in parts if isinstance(p, GroupWeight)])
+    if kinds == {Fp8Weight}:
+        return True
+    if kinds == {Fp8BlockWeight}:
+        blocks = [p for p in parts if isinstance(p, Fp8BlockWeight)]
+        bn = blocks[0].block[0]
+        return len({p.block for p in blocks}) == 1 and all(p.qweight.shape[0] % bn == 0 for p in blocks[:-1])
+    return False
+
+
 def fuse(parts: list[Quantized | Tensor], name: str) -> Quantized | Tensor:
     """Stack the shards' rows (q, k, v -> qkv) into one weight of the same kind, or into a dense tensor
-    when their layouts differ (logged). ``name`` is for the log."""
+    when they are not :func:`fusable` (logged). ``name`` is for the log."""
     if len(parts) == 1:
         return parts[0]
     kinds = {type(p) for p in parts}
-    if kinds == {GroupWeight}:
-        groups = [p for p in parts if isinstance(p, GroupWeight)]
-        if _same_layout(groups):
+    if fusable(parts):
+        if kinds == {GroupWeight}:
+            groups = [p for p in parts if isinstance(p, GroupWeight)]
             qweight, scales, zeros = (torch.cat([getattr(p, f) for p in groups]) for f in ("qweight", "scales", "zeros"))
             return GroupWeight(qweight, scales, zeros, groups[0].group_size, groups[0].bits, groups[0].perm)
-    elif kinds == {Fp8Weight}:
-        return Fp8Weight(*(torch.cat([getattr(p, f) for p in parts]) for f in ("qweight", "scale")))
-    elif kinds == {Fp8BlockWeight}:
-        blocks = [p for p in parts if isinstance(p, Fp8BlockWeight)]
-        bn = blocks[0].block[0]
-        if len({p.block for p in blocks}) == 1 and all(p.qweight.shape[0] % bn == 0 for p in blocks[:-1]):
+        if kinds == {Fp8Weight}:
+            return Fp8Weight(*(torch.cat([getattr(p, f) for p in parts]) for f in ("qweight", "scale")))
+        if kinds == {Fp8BlockWeight}:
+            blocks = [p for p in parts if isinstance(p, Fp8BlockWeight)]
             return Fp8BlockWeight(torch.cat([p.qweight for p in blocks]), torch.cat([p.scale for p in blocks]),
                                   blocks[0].block)  # fmt: skip
-    elif kinds <= {Tensor, torch.nn.Parameter}:
         return torch.cat([p for p in parts if isinstance(p, Tensor)])
     logger.warning("%s: its shards are quantized differently (%s); loading it dense", name,
                    ", ".join(sorted(k.__name__ for k in kinds)))

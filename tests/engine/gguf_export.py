@@ -6,6 +6,7 @@ tokenizer metadata. Tests use it to check that `engine` reads such a file back t
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +36,15 @@ def gguf_name(hf: str) -> str:
     return f"blk.{layer}.{_LAYER[rest]}.{kind}"
 
 
+Blocks = Callable[[str, np.ndarray], "tuple[np.ndarray, gguf.GGMLQuantizationType] | None"]
+
+
 def export_gguf(model_dir: Path, out: Path, *, qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
-                pre: str | None = None) -> Path:
+                pre: str | None = None, blocks: Blocks | None = None) -> Path:
     """`model_dir` (a single-file safetensors checkpoint) as a GGUF file at `out`. 2-D weights are stored
-    as `qtype` (F32, F16, Q8_0, ...), norms and biases as F32. `pre`: tokenizer.ggml.pre (default: by family)."""
+    as `qtype` (F32, F16, Q8_0, ...), norms and biases as F32. `pre`: tokenizer.ggml.pre (default: by family).
+    `blocks(hf_name, weight)` may store a 2-D weight its own way instead: (its raw blocks, their type), for
+    the types gguf cannot quantize (the K-quants); None leaves it to `qtype`."""
     cfg = json.loads((model_dir / "config.json").read_text())
     tok_cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
     tok = json.loads((model_dir / "tokenizer.json").read_text())
@@ -65,7 +71,10 @@ def export_gguf(model_dir: Path, out: Path, *, qtype: gguf.GGMLQuantizationType 
             data = permute(data, heads)
         elif arch == "llama" and ".k_proj.weight" in name:
             data = permute(data, kv_heads)
-        if data.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
+        own = blocks(name, data) if blocks is not None and data.ndim == 2 else None
+        if own is not None:
+            w.add_tensor(gguf_name(name), own[0], raw_dtype=own[1])
+        elif data.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
             packed = gguf.quants.quantize(data, qtype)
             w.add_tensor(gguf_name(name), packed, raw_shape=packed.shape, raw_dtype=qtype)
         else:

@@ -3,6 +3,7 @@ and chat template, same weights (llama.cpp's q/k permutation undone), so the sam
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -121,3 +122,67 @@ def test_fingerprint_and_errors(exported, tmp_path: Path) -> None:
     cut.write_bytes(path.read_bytes()[:200])
     with pytest.raises(CheckpointError, match="truncated"):
         load_hf_config(cut)
+
+
+def k_blocks(seed: int) -> Callable[[str, np.ndarray], tuple[np.ndarray, gguf.GGMLQuantizationType] | None]:
+    """Random Q4_K blocks for q/k/o/gate/up and Q6_K for v/down (llama.cpp's Q4_K_M mixes the two this
+    way): gguf cannot quantize to the K-quants, and a kept-vs-dequantized comparison needs no original."""
+    rng = np.random.default_rng(seed)
+    q = gguf.GGMLQuantizationType
+
+    def make(name: str, w: np.ndarray) -> tuple[np.ndarray, gguf.GGMLQuantizationType] | None:
+        if "_proj" not in name:
+            return None
+        kind, nbytes, halves = (q.Q6_K, 210, [208]) if ("v_proj" in name or "down_proj" in name) else (q.Q4_K, 144, [0, 2])
+        rows, blocks = w.shape[0], w.shape[1] // 256
+        raw = rng.integers(0, 256, (rows, blocks, nbytes), dtype=np.uint8)
+        for off in halves:  # small finite f16 super-block scales
+            raw[..., off : off + 2] = (rng.random((rows, blocks, 1)) / 4096).astype(np.float16).view(np.uint8)
+        return raw.reshape(rows, blocks * nbytes), kind
+
+    return make
+
+
+def kinds(llm: LLM) -> set[str]:
+    from engine.quant import projection_modules
+
+    return {f"{type(m).__name__}/{getattr(m, 'kernel', 'dense')}" for _, m in projection_modules(llm.engine.runner.model)}
+
+
+def weight_bytes(llm: LLM) -> int:
+    from engine.quant import linear_weight_bytes
+
+    return linear_weight_bytes(llm.engine.runner.model)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "K"])
+def test_a_quantized_gguf_keeps_its_projections_quantized(tiny_model, tmp_path: Path, qtype: str) -> None:
+    hf = tiny_model("llama", hidden_size=256, intermediate_size=512, num_heads=4, num_kv_heads=2)
+    kind = gguf.GGMLQuantizationType.Q4_0 if qtype == "K" else gguf.GGMLQuantizationType[qtype]
+    path = export_gguf(hf, tmp_path / f"{qtype}.gguf", qtype=kind, blocks=k_blocks(0) if qtype == "K" else None)
+    kw = dict(dtype="float32", device="cpu", block_size=8, num_kv_blocks=64)
+    kept, exact = LLM(path, **kw), LLM(path, gguf_dequantize=True, **kw)
+    assert kinds(exact) == {"Linear/dense"}
+    prompts = random_prompts(1024, [5, 17], seed=4)
+    got, want = forward_logits(kept, prompts), forward_logits(exact, prompts)
+    if qtype == "Q8_0":  # no grouped int8 kernel on CPU: expanded to float32 at load, exactly
+        assert kinds(kept) == {"Linear/dense"}
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        return
+    # 4-bit: torch's packed kernel, x rounded to bfloat16 on the way in (8 bits of mantissa, as llama.cpp
+    # rounds x to 8-bit integers on CPU): logits move by ~1% of their spread, the argmax holds
+    # K: Q6_K's v and down are 8-bit, expanded on CPU; qkv keeps one module per shard
+    want_kinds = {"GroupQuantLinear/packed"} | ({"ConcatLinear/dense", "Linear/dense"} if qtype == "K" else set())
+    assert kinds(kept) == want_kinds
+    assert weight_bytes(kept) < (0.6 if qtype == "K" else 0.2) * weight_bytes(exact)
+    spread = float(want.std())
+    assert float((got - want).abs().max()) < 0.05 * spread, float((got - want).abs().max()) / spread
+    assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) >= 0.95
+
+
+def test_a_kept_quantized_gguf_refuses_load_time_quantization(tiny_model, tmp_path: Path) -> None:
+    path = export_gguf(tiny_model("llama"), tmp_path / "q4.gguf", qtype=gguf.GGMLQuantizationType.Q4_1)
+    kw = dict(dtype="float32", device="cpu", num_kv_blocks=16)
+    with pytest.raises(ValueError, match=r"already quantized \(GGUF .*Q4_1\).*gguf_dequantize"):
+        LLM(path, quantization="int4", **kw)
+    assert kinds(LLM(path, quantization="int4", gguf_dequantize=True, **kw)) == {"Int4Linear/dequant"}

@@ -1,9 +1,11 @@
 """llama.cpp's GGUF block formats kept quantized: one tensor's raw bytes -> a :class:`GroupWeight`.
 
-``convert_tensor(raw, ggml_type, shape)`` is the whole contract; reading the file, naming tensors and
-llama.cpp's q/k row permutation belong to the GGUF loader (rows are independent in every format here,
-so permuting the rows of the returned weight's ``qweight``, ``scales`` and ``zeros`` is exact; see
-:func:`permute_rows`). The reference is the ``gguf`` library's own ``gguf.quants.dequantize``.
+``convert_tensor(raw, ggml_type, shape)`` converts one tensor; reading the file and naming tensors belong
+to engine/gguf_file.py and engine/weights.py. :func:`detect` picks a file's projection weights that stay
+quantized and gives the loader (engine/quant/loader.py) a :class:`GGUFQuant`, which converts them and
+undoes llama.cpp's q/k row permutation (rows are independent in every format here, so permuting the rows
+of ``qweight``, ``scales`` and ``zeros`` is exact; see :func:`permute_rows`). The reference is the
+``gguf`` library's own ``gguf.quants.dequantize``.
 
 Each row of W (N, K) is K / block blocks, little-endian (QK_K = 256)::
 
@@ -32,10 +34,14 @@ values instead of two-level scales, and Q6_K for a byte per 6-bit value.
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import Tensor
 
+from engine.gguf_file import GGUFFile, TensorInfo, hf_tensor_name, permuted_heads, unpermute_rows
 from kernels.wna16_gemm import GroupWeight, pack_int4
 
 QK_K = 256
@@ -123,3 +129,64 @@ def permute_rows(w: GroupWeight, index: Tensor) -> GroupWeight:
     """``w`` with its rows reordered: row i of the result is row ``index[i]`` of ``w`` (exact: every
     format here quantizes rows independently). For llama.cpp's q/k rotary permutation."""
     return w._replace(qweight=w.qweight[index], scales=w.scales[index], zeros=w.zeros[index])
+
+
+# the decoder layers' projections, which Tandem keeps quantized (embeddings, norms and lm_head stay float)
+_PROJECTION_WEIGHT = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.weight")
+
+
+@dataclass(frozen=True)
+class GGUFQuant:
+    """A GGUF file's projection weights kept quantized: the loader's view of it (the interface of
+    engine/quant/prequantized.py ``CheckpointQuant``). ``kept`` maps each kept weight's Hugging Face
+    name to its place in the file; every other tensor is dequantized to float as it is read."""
+
+    file: GGUFFile
+    kept: dict[str, TensorInfo]
+    method: str = "gguf"
+
+    def keep(self, name: str, ggml_type: int) -> bool:
+        """Whether the stream (engine.weights.iter_gguf ``raw=``) yields this tensor's raw blocks."""
+        return name in self.kept and self.kept[name].type == ggml_type
+
+    def is_member(self, suffix: str) -> bool:
+        return False  # a GGUF module is one ``weight`` (and maybe a ``bias``), no side tensors
+
+    def convert(self, module: str, tensors: dict[str, Tensor]) -> GroupWeight | Tensor:
+        """One projection's tensors -> its GroupWeight (rows in Hugging Face order), or its float
+        ``weight`` as read when that was not kept quantized. Raises ValueError naming the module."""
+        w = tensors["weight"]
+        if w.is_floating_point():
+            return w
+        name = f"{module}.weight"
+        info = self.kept[name]
+        n, k = info.shape
+        try:
+            q = convert_tensor(w.numpy(), info.type, (n, k))
+        except ValueError as exc:
+            raise ValueError(f"{module}: cannot keep GGUF tensor {info.name} quantized: {exc}") from exc
+        heads = permuted_heads(self.file, name)
+        if heads is not None:
+            q = permute_rows(q, torch.from_numpy(unpermute_rows(np.arange(n), heads)))
+        return q
+
+    def summary(self) -> str:
+        """"210 x Q4_1" for the log."""
+        counts: dict[str, int] = {}
+        for info in self.kept.values():
+            counts[type_name(info.type)] = counts.get(type_name(info.type), 0) + 1
+        return ", ".join(f"{c} x {name}" for name, c in sorted(counts.items()))
+
+
+def detect(f: GGUFFile) -> GGUFQuant | None:
+    """The projection weights of ``f`` that load kept quantized: those of a type in :data:`TYPES` whose
+    in_features is a multiple of the type's block. None when there are none (an F32/F16 file, or one
+    whose projections are all of other types, which load dequantized)."""
+    kept = {}
+    for info in f.tensors.values():
+        name = hf_tensor_name(info.name)
+        if name is None or not _PROJECTION_WEIGHT.fullmatch(name) or info.type not in TYPES or len(info.shape) != 2:
+            continue
+        if info.shape[1] % TYPES[info.type][1] == 0:
+            kept[name] = info
+    return GGUFQuant(f, kept) if kept else None
