@@ -22,6 +22,7 @@ import pytest
 from cli.launcher import Stack
 from tandem.v1 import generation_pb2 as gen
 from tandem.v1 import generation_pb2_grpc
+from tests.clients import openai_client
 from tests.e2e.conftest import ENGINE_ARGS, wait_all_blocks_free
 from tests.observability.conftest import _free_port
 from tests.observability.test_metrics import scrape, scrape_text, value
@@ -62,8 +63,7 @@ def stack(tiny_model, tmp_path_factory, metrics_ports) -> Iterator[Stack]:
 
 @pytest.fixture(scope="module")
 def client(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"http://{stack.gateway.info['http_address']}/v1", api_key="unused",
-                         max_retries=0, timeout=60)
+    return openai_client(stack)
 
 
 @pytest.fixture(autouse=True)

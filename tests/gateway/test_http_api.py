@@ -17,6 +17,7 @@ from cli.launcher import Stack
 from engine.tokenizer import Tokenizer
 from tandem.v1 import generation_pb2 as gen
 from tandem.v1 import generation_pb2_grpc
+from tests.clients import openai_client
 from tests.e2e.conftest import ENGINE_ARGS, wait_all_blocks_free
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a prime."}]
@@ -33,8 +34,7 @@ def stack(tiny_model, tmp_path_factory) -> Iterator[Stack]:
 
 @pytest.fixture(scope="module")
 def client(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"http://{stack.gateway.info['http_address']}/v1", api_key="unused",
-                         max_retries=0, timeout=60)
+    return openai_client(stack)
 
 
 def grpc_greedy(stack: Stack, max_tokens: int, **prompt) -> tuple[str, list[int], gen.Usage]:

@@ -8,12 +8,8 @@ One disaggregated stack for the module (1 prefill + 1 decode worker, every promp
 
 from __future__ import annotations
 
-import json
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from typing import Any
 
 import grpc
 import openai
@@ -25,6 +21,9 @@ from engine.sampling.seeds import sibling_seed
 from engine.tokenizer import Tokenizer
 from tandem.v1 import generation_pb2 as gen
 from tandem.v1 import generation_pb2_grpc
+from tests.clients import grpc_stub as generation_stub
+from tests.clients import openai_client
+from tests.clients import post_json as post
 from tests.e2e.conftest import ENGINE_ARGS, wait_all_blocks_free
 from tests.hf_reference import hf_model
 
@@ -44,13 +43,12 @@ def stack(tiny_model, tmp_path_factory) -> Iterator[Stack]:
 
 @pytest.fixture(scope="module")
 def client(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"http://{stack.gateway.info['http_address']}/v1", api_key="unused",
-                         max_retries=0, timeout=60)
+    return openai_client(stack)
 
 
 @pytest.fixture(scope="module")
 def grpc_stub(stack: Stack) -> generation_pb2_grpc.GenerationStub:
-    return generation_pb2_grpc.GenerationStub(grpc.insecure_channel(stack.address))
+    return generation_stub(stack)
 
 
 @pytest.fixture(autouse=True)
@@ -58,16 +56,6 @@ def every_block_comes_back(stack: Stack) -> Iterator[None]:
     yield
     wait_all_blocks_free(stack)
 
-
-def post(stack: Stack, path: str, body: dict[str, Any]) -> tuple[int, Any]:
-    """POST JSON to the gateway's HTTP API (routes outside OpenAI's, which the openai client lacks)."""
-    req = urllib.request.Request(f"http://{stack.gateway.info['http_address']}{path}", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 def choices(msgs: list[gen.GenerateResponse]) -> dict[int, list[int]]:

@@ -10,8 +10,6 @@ was written); the parsers themselves are tested on real-format text in test_tool
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,6 +23,8 @@ from cli.launcher import Stack
 from tandem.v1 import generation_pb2 as gen
 from tandem.v1 import generation_pb2_grpc
 from tests.chat_templates import QWEN3_TEMPLATE, TIME, WEATHER, with_template
+from tests.clients import grpc_stub, openai_client
+from tests.clients import post_json as post
 from tests.e2e.conftest import ENGINE_ARGS, wait_all_blocks_free
 
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -43,13 +43,12 @@ def stack(tiny_model, tmp_path_factory) -> Iterator[Stack]:
 
 @pytest.fixture(scope="module")
 def client(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"http://{stack.gateway.info['http_address']}/v1", api_key="unused",
-                         max_retries=0, timeout=60)
+    return openai_client(stack)
 
 
 @pytest.fixture(scope="module")
 def stub(stack: Stack) -> generation_pb2_grpc.GenerationStub:
-    return generation_pb2_grpc.GenerationStub(grpc.insecure_channel(stack.address))
+    return grpc_stub(stack)
 
 
 @pytest.fixture(autouse=True)
@@ -57,15 +56,6 @@ def every_block_comes_back(stack: Stack) -> Iterator[None]:
     yield
     wait_all_blocks_free(stack)
 
-
-def post(stack: Stack, path: str, body: dict[str, Any]) -> tuple[int, Any]:
-    req = urllib.request.Request(f"http://{stack.gateway.info['http_address']}{path}", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 def streamed(stream: Any) -> tuple[str, str, list[Any], str | None]:
