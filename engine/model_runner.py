@@ -189,7 +189,9 @@ class ModelRunner:
             self.staging = KVStaging(blocks, self.kv, mc.num_kv_heads)
             self.tp.start_keepalive()  # every rank is past its start-up collectives (all_reduce_min above)
         self.sampler = Sampler(seed=config.seed)
-        self._last_batch: tuple[list[int], SamplingBatch] | None = None  # (ids of its sequences, batch)
+        # (its sequences, batch): the objects themselves, compared with `is` (an id() may be reused by a
+        # new sequence once the old one is freed; holding them here prevents that)
+        self._last_batch: tuple[tuple[Sequence, ...], SamplingBatch] | None = None
         logger.info("model %s: %d layers, %s on %s (quantization %s); KV pool %d blocks x %d tokens, %s (%.1f MiB)",
                     mc.architecture, mc.num_layers, self.dtype, self.device, config.quantization, self.num_blocks,
                     self.block_size, self.kv_dtype, self.kv.numel() * self.kv.element_size() / 2**20)
@@ -479,10 +481,11 @@ class ModelRunner:
         sequences sample again, none of them reads its output on the host (no penalties, bad_words or
         min_tokens bans left, no forks) and no grammar masks this step: then nothing else in it can
         have changed."""
-        key = [id(s) for s in seqs]
+        key = tuple(seqs)
         cached = self._last_batch
         reusable = masks is None and all(map(_steady, seqs))
-        if reusable and cached is not None and cached[0] == key:
+        if (reusable and cached is not None and len(cached[0]) == len(key)
+                and all(a is b for a, b in zip(cached[0], key, strict=True))):
             batch = cached[1]
             if batch.seeded_rows:
                 batch = dataclasses.replace(batch, seeded_rows=tuple(

@@ -10,6 +10,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -102,7 +103,7 @@ def test_metrics_after_traffic(metered_stack: tuple[Stack, dict[str, int]]) -> N
     assert value(d, "tandem_request_decode_time_seconds_count", role="decode") == 2
     assert value(d, "tandem_request_prefill_time_seconds_count", role="decode") == 0  # no local prefill here
     for samples in (g, p, d):  # every series of ours says which model
-        assert all(dict(ls).get("model_name") == "tiny-llama0" for n, ls in samples if n.startswith("tandem_"))
+        assert all(dict(ls).get("model_name") == Path(stack.model).name for n, ls in samples if n.startswith("tandem_"))
         assert not any(n.endswith("_created") for n, _ in samples)
     # 51- and 50-token prompts: all but the last token of each looked up; 48 found the second time
     assert value(p, "tandem_engine_prefix_cache_hit_tokens_total", role="prefill") == 48
@@ -153,7 +154,7 @@ def test_http_refusals_and_cancellations_are_counted(metered_stack: tuple[Stack,
         return total(scrape(ports["gateway"]), name, **labels) - total(before, name, **labels)
 
     assert _http(http, "/v1/completions", b"{not json") == 400  # refused while parsing: never reaches Generate
-    body = {"model": "tiny-llama0", "prompt": [5, 6, 7], "max_tokens": 2}
+    body = {"model": Path(stack.model).name, "prompt": [5, 6, 7], "max_tokens": 2}
     assert _http(http, "/v1/completions", json.dumps(body).encode()) == 200
     assert delta("tandem_gateway_http_requests_total", route="/v1/completions", status="400") == 1
     assert delta("tandem_gateway_http_requests_total", route="/v1/completions", status="200") == 1
