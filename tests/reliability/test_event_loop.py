@@ -30,10 +30,11 @@ MODEL = PromptLimits(1024)  # rel_model's context
 STREAM_PROMPT = [5, 6, 7, 8, 9, 10, 11, 12]
 STREAM_TOKENS = 400
 ROUNDS = 8
-# Slack for a shared 2-core box (the gateway, both workers and this process share it): a blocked loop
-# shows as one sample of seconds; a busy machine as a few of tens of ms.
-MAX_HEALTH_S = 0.100
-MAX_GAP_S = 0.150
+# Slack for a shared 2-core box (the gateway, both workers, this process and `make test`'s other pytest
+# process share it): a blocked loop shows as samples of seconds (9-34 s before the limits); a busy machine
+# as tens of ms, and now and then one of ~200 ms when both pytest processes run stacks at once.
+MAX_HEALTH_S = 0.500
+MAX_GAP_S = 0.500
 
 
 @pytest.fixture(scope="module")
