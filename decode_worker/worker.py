@@ -53,6 +53,10 @@ from tandem.v1 import kv_pb2
 logger = logging.getLogger(__name__)
 
 
+# How much later than this worker's own deadlines the KV receiver refuses an unanswered transfer.
+_RESERVE_BACKSTOP_S = 1.0
+
+
 @dataclass(eq=False)
 class DecodeRequest(Request):
     local: bool = False  # prefill here; else the KV comes from a prefill worker
@@ -95,6 +99,9 @@ class DecodeCore:
         self.receiver = KVReceiver(
             engine.runner.transfer_pool, layout, kv_bind, want=self._want, release=self._release,
             on_complete=self._on_complete, on_failed=self._on_failed, timeout_s=kv_timeout_s, curve=curve,
+            # this worker answers every want itself within kv_timeout_s, naming why (no Decode call, no
+            # space): the receiver's own NO_SPACE is only a backstop should the engine thread not answer
+            reserve_timeout_s=kv_timeout_s + _RESERVE_BACKSTOP_S,
         )
 
     @property
@@ -198,14 +205,17 @@ class DecodeCore:
                                          f"no Decode call for request {rid} reached this worker within "
                                          f"{self.kv_timeout_s:.1f} s")
                 continue
-            if blocked:
-                continue
-            if self.staging is not None and self.staging.num_free < want.num_blocks:
-                blocked = True  # relayed: the staging blocks are as scarce as the pool's
-                continue
-            ids = self.engine.scheduler.reserve_kv(want.num_blocks, req.seq.params.n)
+            # first come, first served: behind a transfer that waits for space, a later, smaller one waits
+            # too; relayed (tensor parallelism), the staging blocks are as scarce as the pool's
+            ids = None
+            if not blocked and (self.staging is None or self.staging.num_free >= want.num_blocks):
+                ids = self.engine.scheduler.reserve_kv(want.num_blocks, req.seq.params.n)
             if ids is None:
-                blocked = True  # first come, first served: a later, smaller transfer waits too
+                blocked = True
+                if now - want.since > self.kv_timeout_s:
+                    del self._wants[rid]
+                    self.receiver.refuse(rid, TransferCode.NO_SPACE, f"no space for {want.num_blocks} KV blocks "
+                                         f"within {self.kv_timeout_s:.1f} s")
                 continue
             del self._wants[rid]
             req.kv_blocks = ids

@@ -50,7 +50,9 @@ class KVReceiver(IOThread):
     want(request_id, n): a transfer needs n blocks. The pool's owner answers once, from any thread and
         whenever its admission allows, with `grant(request_id, ids)` (n distinct block ids, owned by
         the receiver from then on) or `refuse(request_id, code, message)`; no KV byte moves before.
-        Without an answer within `timeout_s` the sender gets NO_SPACE (a later grant is released).
+        Without an answer within `reserve_timeout_s` the sender gets NO_SPACE (a later grant is
+        released). An owner that keeps its own deadlines (and refuses with the precise reason) sets it
+        longer than those, as a backstop; by default it is `timeout_s`.
     release(request_id, block_ids): granted ids go back to the owner (the transfer failed or was
         aborted, or the grant came for a transfer that had already ended).
     on_complete(CompletedTransfer): every page is written; the ids now belong to the caller.
@@ -69,14 +71,15 @@ class KVReceiver(IOThread):
                  on_complete: Callable[[CompletedTransfer], None],
                  on_failed: Callable[[FailedTransfer], None] | None = None,
                  timeout_s: float = 30.0, max_inflight_bytes: int = 256 << 20, max_transfers: int = 4096,
-                 curve: CurveServer | None = None) -> None:
-        if timeout_s <= 0 or max_inflight_bytes <= 0 or max_transfers <= 0:
-            raise ValueError("timeout_s, max_inflight_bytes and max_transfers must be > 0")
+                 curve: CurveServer | None = None, reserve_timeout_s: float | None = None) -> None:
+        if timeout_s <= 0 or max_inflight_bytes <= 0 or max_transfers <= 0 or (reserve_timeout_s or 1) <= 0:
+            raise ValueError("timeout_s, reserve_timeout_s, max_inflight_bytes and max_transfers must be > 0")
         if not bind.startswith(("tcp://", "ipc://")):
             raise ValueError(f"bind must be a tcp:// or ipc:// endpoint, got {bind!r}")
         self.pool = PagePool(kv, layout)
         self.layout = layout
         self.timeout_s = float(timeout_s)
+        self.reserve_timeout_s = float(reserve_timeout_s if reserve_timeout_s is not None else timeout_s)
         self.max_inflight_bytes = int(max_inflight_bytes)
         self.max_transfers = int(max_transfers)
         self._curve = curve
@@ -316,9 +319,10 @@ class KVReceiver(IOThread):
     def _on_tick(self, now: float) -> float | None:
         limit = self.timeout_s
         for t in list(self._transfers.values()):
-            if t.phase is Phase.RESERVING and now - t.begin_at > limit:
-                self._fail(t, TransferCode.NO_SPACE, f"no space for {t.num_blocks} KV blocks within {limit:.1f} s")
-            elif now - t.last_heard > limit:
+            if t.phase is Phase.RESERVING and now - t.begin_at > self.reserve_timeout_s:
+                self._fail(t, TransferCode.NO_SPACE,
+                           f"no space for {t.num_blocks} KV blocks within {self.reserve_timeout_s:.1f} s")
+            elif t.phase is not Phase.RESERVING and now - t.last_heard > limit:  # reserving: the sender waits on us
                 self._fail(t, TransferCode.TIMEOUT, f"no message from the sender for {limit:.1f} s "
                            f"({t.progress(self.layout.num_layers)} received)")
             elif now - t.last_sent > limit / 4:

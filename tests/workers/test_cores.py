@@ -138,3 +138,28 @@ def test_a_crashed_kv_thread_makes_the_worker_unhealthy(cores, monkeypatch) -> N
         assert time.monotonic() < deadline, decode.health_error()
         time.sleep(0.02)
     assert _free(prefill)
+
+
+
+def test_a_transfer_no_decode_call_claims_is_refused_by_the_worker_naming_why(tiny_model) -> None:
+    """The decode worker answers every transfer within its KV timeout with the precise reason (here
+    UNKNOWN_REQUEST: no Decode call claimed it); the receiver's own NO_SPACE comes a second later, only
+    as a backstop, so the two deadlines never race."""
+    model = tiny_model("llama")
+    p_engine, d_engine = _engine(model), _engine(model)
+    fingerprint = checkpoint_fingerprint(model)
+    prefill = PrefillCore(p_engine, KVLayout.for_pool(p_engine.runner.kv, fingerprint), 5.0,
+                          PrefillObserver(disabled(), WorkerMetrics(new_registry(), "prefill")))
+    decode = DecodeCore(d_engine, KVLayout.for_pool(d_engine.runner.kv, fingerprint), "tcp://127.0.0.1:0", 1.0)
+    assert decode.receiver.reserve_timeout_s > decode.kv_timeout_s
+    prefill.start()
+    decode.start()
+    try:
+        for i in range(3):
+            orphan = _prefill(prefill, f"orphan{i}", decode.receiver.address).last()
+            assert isinstance(orphan, PrefillDone) and not orphan.result.ok
+            assert f"no Decode call for request orphan{i}" in (orphan.result.error or ""), orphan.result.error
+        assert _free(prefill) and _free(decode)
+    finally:
+        prefill.close()
+        decode.close()
