@@ -18,12 +18,7 @@ CPU = torch.device("cpu")
 OPTS = dict(device="cpu", block_size=4, num_kv_blocks=128, max_num_batched_tokens=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

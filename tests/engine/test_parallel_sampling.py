@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from engine import LLM, SamplingParams
 from engine.sampling.seeds import sibling_seed
@@ -13,12 +12,7 @@ OPTS = dict(device="cpu", block_size=4, num_kv_blocks=128, max_num_batched_token
 PROMPT = list(range(5, 23))  # 18 tokens: 4 full blocks and a partial one
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,14 +22,7 @@ from tests.spec_models import make_draft
 OPTS = dict(device="cpu", block_size=4, num_kv_blocks=128, max_num_batched_tokens=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core box: one intra-op thread is many times faster than two that
-    spin-wait for each other (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -51,12 +51,7 @@ WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLengt
 NO_PARAMS = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

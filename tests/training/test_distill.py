@@ -26,13 +26,7 @@ DEMO = REPO / "models" / "demo"
 FAST = ["--batch-size", "4", "--seq-len", "32", "--lr", "3e-3", "--warmup-steps", "2", "--seed", "5"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from a second thread, and lose badly when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
