@@ -108,6 +108,8 @@ class MaskFiller:
         """Begin filling the masks of `step`'s constrained sampling rows (None: it has none). Reads
         each sequence's grammar state on the mask thread: nothing may touch those states until
         `result` returns."""
+        if all(seq.grammar is None for seq in step.seqs):  # the common step: no row walk, no allocation
+            return None
         jobs: list[tuple[llg.LLMatcher, int, list[int]]] = []
         rows: list[int] = []
         slots: list[int] = []
