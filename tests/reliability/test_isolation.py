@@ -128,7 +128,9 @@ def test_a_burst_above_the_limit_is_refused_at_once(stack) -> None:
     assert len(refused) == 40  # the 200 admitted hold every slot until they are cancelled
     assert all(code == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry-after-ms" in md for code, md, _ in refused)
     assert max(t for *_, t in refused) < 20  # refused at admission, not after queueing
-    wait_all_blocks_free(stack, timeout_s=30)
+    # 200 cancelled 900-token streams: under make test's second process their aborts took over 30 s to
+    # free every block once (cause not found; docs note) - the assertion stays, the wait is longer
+    wait_all_blocks_free(stack, timeout_s=90)
 
 
 def test_a_decode_worker_that_dies_before_the_first_token_costs_a_retry_not_a_failure(rel_model, tmp_path) -> None:
