@@ -83,7 +83,9 @@ def load_hf(path: Path):
 def run_tandem(path: Path, work, max_batched: int, floor: dict | None = None) -> float:
     """Seconds Tandem takes for `work`; with `floor` (a dict), the run's floor (bench.floor) is added
     to it, measured right after the run on the same engine and steps."""
-    llm = LLM(path, dtype="float32", device="cpu", max_num_batched_tokens=max_batched, max_num_seqs=256)
+    # a .gguf dequantized to float32, as transformers loads it (and bench.floor times float weights)
+    llm = LLM(path, dtype="float32", device="cpu", max_num_batched_tokens=max_batched, max_num_seqs=256,
+              gguf_dequantize=True)
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for _, m in work]
     llm.generate([work[0][0]], SamplingParams(max_tokens=2))  # warm-up
     recorder = None
@@ -147,7 +149,7 @@ def main() -> None:
             from engine.hub import resolve_model
 
             path = resolve_model(args.model).path
-        params = sum(t.numel() for t in LLM(path, dtype="float32", device="cpu", num_kv_blocks=1)
+        params = sum(t.numel() for t in LLM(path, dtype="float32", device="cpu", num_kv_blocks=1, gguf_dequantize=True)
                      .engine.runner.model.parameters())
         if args.model is None:
             work = workload(args.num_prompts, args.seed, MODEL_SHAPE["vocab_size"])

@@ -147,7 +147,9 @@ class EngineConfig:
         flag="kv-cache-memory")
     num_kv_blocks: int | None = option(None, "KV pool size in blocks (overrides --kv-cache-memory)", min=1)
     enable_prefix_caching: bool = option(True, "reuse the KV of shared prompt prefixes", flag="prefix-caching")
-    attention_backend: str = option("auto", "auto: triton on CUDA, torch on CPU", choices=ATTENTION_BACKENDS)
+    attention_backend: str = option("auto", "auto: triton on CUDA; on CPU the compiled paged attention (built on "
+                                    "first use where a C++ compiler is) and torch for the rest; torch: the "
+                                    "PyTorch references only", choices=ATTENTION_BACKENDS)
     quantization: str | None = option(None, "quantize the decoder layers' weights at load time "
                                       "(docs/quantization.md)", choices=QUANTIZATIONS)
     gguf_dequantize: bool = option(False, "load a .gguf file's quantized tensors dequantized to the model dtype "

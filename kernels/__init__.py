@@ -1,7 +1,8 @@
 """Hot-path kernels: each Triton kernel sits beside its plain-PyTorch reference.
 
 ``select_ops(backend, device)`` returns the bundle the engine calls; the ``*_ref`` functions are
-the PyTorch references (and the CPU path), the others the Triton launchers.
+the PyTorch references (and the CPU path), the others the Triton launchers. CPU attention is
+the exception: kernels.paged_attention_cpu, a C++ kernel built on first use.
 """
 
 from kernels.activation import silu_and_mul, silu_and_mul_ref

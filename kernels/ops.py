@@ -1,7 +1,9 @@
-"""Backend selection: one ``Ops`` bundle of kernel callables, Triton or the PyTorch references.
+"""Backend selection: one ``Ops`` bundle of kernel callables: Triton, the CPU bundle, or the references.
 
 The engine asks once, ``ops = select_ops(backend, device)``, and calls ``ops.rms_norm(...)`` etc.;
 no module-level switch exists, so two engines in one process may use different backends.
+On CPU, "auto" is the PyTorch references with one exception, paged attention: the compiled kernel
+that reads pages in place (kernels/paged_attention_cpu.py), where a C++ compiler built it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from kernels._triton import HAS_TRITON, is_interpreted
 from kernels.activation import silu_and_mul, silu_and_mul_ref
 from kernels.kv_store import store_kv, store_kv_ref
 from kernels.paged_attention import paged_attention_ref
+from kernels.paged_attention_cpu import load_kernel, paged_attention_cpu
 from kernels.paged_decode import paged_decode_attention
 from kernels.paged_extend import paged_extend_attention
 from kernels.rmsnorm import _rms_norm_kernel, rms_norm, rms_norm_ref
@@ -60,6 +63,25 @@ def torch_paged_attention(
     )
 
 
+def cpu_paged_attention(
+    q: Tensor,
+    kv_layer: Tensor,
+    block_tables: Tensor,
+    query_start_loc: Tensor,
+    seq_lens: Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    *,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+    kv_scale: float | None = None,
+) -> Tensor:
+    """:func:`paged_attention_cpu` (no page gathering) accepting (and ignoring) the grid hints."""
+    return paged_attention_cpu(
+        q, kv_layer, block_tables, query_start_loc, seq_lens, scale, sliding_window, kv_scale
+    )
+
+
 def triton_paged_attention(
     q: Tensor,
     kv_layer: Tensor,
@@ -88,10 +110,14 @@ def triton_paged_attention(
 
 TORCH_OPS = Ops(rms_norm_ref, rotary_ref, silu_and_mul_ref, store_kv_ref, torch_paged_attention)
 TRITON_OPS = Ops(rms_norm, rotary, silu_and_mul, store_kv, triton_paged_attention)
+CPU_OPS = TORCH_OPS._replace(paged_attention=cpu_paged_attention)
 
 
 def select_ops(backend: str = "auto", device: torch.device | str = "cpu") -> Ops:
-    """The kernels for ``device``: backend "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
+    """The kernels for ``device``: backend "auto", "torch" or "triton".
+
+    "auto": Triton on CUDA; on CPU, CPU_OPS when the CPU attention kernel is built (else TORCH_OPS,
+    its build's failure logged once). "torch": the PyTorch references alone, on any device.
 
     "triton" on CPU runs every kernel through the Triton interpreter (slow: for tests), which needs
     TRITON_INTERPRET=1 in the environment before triton is first imported. Raises ValueError for an unknown backend,
@@ -100,6 +126,8 @@ def select_ops(backend: str = "auto", device: torch.device | str = "cpu") -> Ops
     if backend not in BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     dev = torch.device(device)
+    if backend == "auto" and dev.type == "cpu":
+        return CPU_OPS if load_kernel() is not None else TORCH_OPS
     if backend == "torch" or (backend == "auto" and (dev.type != "cuda" or not HAS_TRITON)):
         return TORCH_OPS
     if not HAS_TRITON:

@@ -10,13 +10,15 @@ import pytest
 import torch
 
 from kernels import rms_norm_ref, silu_and_mul_ref
-from kernels.ops import TORCH_OPS, TRITON_OPS, Ops, select_ops
+from kernels.ops import CPU_OPS, TORCH_OPS, TRITON_OPS, Ops, select_ops
 from kernels.paged_attention import paged_attention_ref
+from kernels.paged_attention_cpu import load_kernel
 from kernels.rotary import build_cos_sin_cache
 
 
 def test_backend_choice(device: torch.device) -> None:
-    assert select_ops() is TORCH_OPS
+    assert select_ops() is (CPU_OPS if load_kernel() is not None else TORCH_OPS)
+    assert select_ops("torch") is TORCH_OPS
     assert select_ops("auto", "cpu").rms_norm is rms_norm_ref
     assert select_ops("torch", device).silu_and_mul is silu_and_mul_ref
     assert select_ops("triton", device) is TRITON_OPS
