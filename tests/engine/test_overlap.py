@@ -65,9 +65,15 @@ def model(tiny_model) -> str:
     return str(tiny_model("llama"))
 
 
-def test_overlapped_steps_equal_serial_steps(model) -> None:
-    serial, serial_engine = run(model, overlap=False)
-    overlapped, engine = run(model, overlap=True)
+@pytest.fixture(scope="module")
+def looped(model) -> dict[bool, tuple[list[list[RequestOutput]], Engine]]:
+    """Each request's outputs through a loop, serial (False) and overlapped (True)."""
+    return {overlap: run(model, overlap) for overlap in (False, True)}
+
+
+def test_overlapped_steps_equal_serial_steps(looped) -> None:
+    serial, _ = looped[False]
+    overlapped, engine = looped[True]
     assert engine.stats()["preemptions"] > 0
     reasons = set()
     for want, got in zip(serial, overlapped, strict=True):
@@ -111,7 +117,7 @@ def fields(out: RequestOutput) -> tuple:
             out.stop_reason, out.num_prompt_tokens, out.num_output_tokens, out.num_cached_tokens, lps)
 
 
-def test_a_loop_delivers_what_inline_steps_make(model) -> None:
+def test_a_loop_delivers_what_inline_steps_make(model, looped) -> None:
     """The loop's plain decodes leave the engine as rows (StepOutput) and become RequestOutputs, with
     text, on the text thread: every output, serial or overlapped, is the one `Engine.step` makes inline."""
     cfg = EngineConfig(model=model, device="cpu", dtype="float32", num_kv_blocks=14, block_size=4,
@@ -124,6 +130,5 @@ def test_a_loop_delivers_what_inline_steps_make(model) -> None:
         for out in engine.step():
             inline[int(out.request_id[1:])].append(out)
     for overlap in (False, True):
-        looped, _ = run(model, overlap)
-        for want, got in zip(inline, looped, strict=True):
+        for want, got in zip(inline, looped[overlap][0], strict=True):
             assert [fields(o) for o in got] == [fields(o) for o in want]
