@@ -5,9 +5,11 @@ Run: `OMP_NUM_THREADS=1 .venv/bin/python -m bench.overhead` (`--help`). For each
 (16-token prompts, EOS ignored) run on one `EngineLoop`, as a worker runs them, with text
 (detokenization) on; after `--warmup` decode steps the next `--steps` are timed from the loop's own
 per-step observer (the wall time between the ends of consecutive steps, so everything the loop does
-per step counts). `--modes` runs the same sizes with the overlap on and off (`serial` sets
+per step counts), and so is the process's CPU time over them (every thread: engine, text, forward),
+which another process's load on a shared box inflates far less than the wall time. `--modes` runs the same sizes with the overlap on and off (`serial` sets
 `async_scheduling=False`); a build without that option runs `serial` only. `--profile B` adds a
-cProfile of B's timed steps on the engine thread (top functions by own time).
+cProfile of B's timed steps on the engine thread (top functions by own time); `--phases B` the CPU
+time of each phase of B's step, all on one thread (`phases`).
 """
 
 from __future__ import annotations
@@ -57,11 +59,13 @@ def run_one(path: Path, batch: int, mode: str, warmup: int, steps: int, profile:
     """Time `steps` decode steps of `batch` sequences after `warmup` steps (the first is the prefill)."""
     engine = Engine(engine_config(path, batch, mode))
     stamps: list[float] = []
+    cpu: list[float] = []
     done = threading.Event()
     prof = cProfile.Profile() if profile else None
 
     def observe(step: Any, outputs: Any, t_exec: int, t_done: int) -> None:
         stamps.append(time.perf_counter())
+        cpu.append(time.process_time())
         if prof is not None and len(stamps) == warmup:
             prof.enable()
         if len(stamps) == warmup + steps:
@@ -83,8 +87,7 @@ def run_one(path: Path, batch: int, mode: str, warmup: int, steps: int, profile:
 
     params = SamplingParams(temperature=0.0, max_tokens=warmup + steps + 4, ignore_eos=True)
     for i in range(batch):
-        prompt = [(7 * i + j) % (SHAPE["vocab_size"] - 3) + 3 for j in range(PROMPT_LEN)]
-        seq = engine.make_sequence(f"r{i}", prompt, params)
+        seq = engine.make_sequence(f"r{i}", prompt(i), params)
         loop.add(Request(seq, emit=emit, fail=lambda exc: None))
     loop.start()
     ok = done.wait(600) and finished.wait(600)
@@ -94,7 +97,9 @@ def run_one(path: Path, batch: int, mode: str, warmup: int, steps: int, profile:
     timed = stamps[warmup:warmup + steps]
     seconds = stamps[warmup + steps - 1] - stamps[warmup - 1]
     ms = (seconds / len(timed)) * 1e3
-    row: dict[str, Any] = {"batch": batch, "mode": mode, "ms_per_step": ms, "tokens_per_s": batch * len(timed) / seconds}
+    cpu_ms = (cpu[warmup + steps - 1] - cpu[warmup - 1]) / len(timed) * 1e3
+    row: dict[str, Any] = {"batch": batch, "mode": mode, "ms_per_step": ms, "tokens_per_s": batch * len(timed) / seconds,
+                           "cpu_ms_per_step": cpu_ms}
     if prof is not None:
         buf = io.StringIO()
         stats = pstats.Stats(prof, stream=buf)
@@ -107,6 +112,59 @@ def run_one(path: Path, batch: int, mode: str, warmup: int, steps: int, profile:
     return row
 
 
+def phases(path: Path, batch: int, warmup: int, steps: int) -> dict[str, Any]:
+    """CPU milliseconds per phase of a steady decode step of `batch` sequences, every phase on this one
+    thread (no loop, no overlap, no GIL shared): schedule, prepare (the forward's inputs), forward,
+    sample, process (tokens into place, stop checks, outputs) and text (what a loop's text thread does
+    with those outputs: detokenize, make the outputs it emits). A build without a separate prepare
+    counts it in forward; one that makes text inline counts it in process."""
+    from engine.text_thread import add_text
+
+    engine = Engine(engine_config(path, batch, "serial"))
+    runner: Any = engine.runner
+    split_forward = hasattr(runner, "_forward")
+    if hasattr(engine, "inline_text"):
+        engine.inline_text = False  # as under a loop with a text thread
+    params = SamplingParams(temperature=0.0, max_tokens=warmup + steps + 4, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"r{i}", prompt(i), params)
+    for _ in range(warmup):
+        engine.step()
+    names = ("schedule", "prepare", "forward", "sample", "process", "text")
+    spent = dict.fromkeys(names, 0.0)
+    with torch.inference_mode():
+        for _ in range(steps):
+            t = [time.thread_time()]
+            step = engine.schedule()
+            t.append(time.thread_time())
+            assert step is not None
+            if split_forward:
+                inputs = runner.prepare(step)
+                t.append(time.thread_time())
+                logits = runner._forward(step, *inputs)
+            else:
+                t.append(time.thread_time())
+                logits = runner.forward_logits(step)
+            t.append(time.thread_time())
+            sampled = runner.sampler(logits, runner.sampling_batch(step.seqs))
+            t.append(time.thread_time())
+            outputs: Any = (engine.process_step(step, sampled) if hasattr(engine, "process_step")
+                            else engine.process(step, sampled))
+            t.append(time.thread_time())
+            if hasattr(engine, "inline_text"):
+                for out in outputs.all() if hasattr(outputs, "all") else outputs:
+                    add_text(out)
+            t.append(time.thread_time())
+            for name, a, b in zip(names, t[:-1], t[1:], strict=True):
+                spent[name] += b - a
+    ms = {name: v / steps * 1e3 for name, v in spent.items()}
+    return {"batch": batch, "cpu_ms_per_step": ms, "host_ms_per_step": sum(ms.values()) - ms["forward"]}
+
+
+def prompt(i: int) -> list[int]:
+    return [(7 * i + j) % (SHAPE["vocab_size"] - 3) + 3 for j in range(PROMPT_LEN)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch-sizes", default="1,8,32,64,128,256,512")
@@ -115,6 +173,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--profile", default="256", help="comma list of batch sizes to profile ('' for none)")
+    ap.add_argument("--phases", default="", help="comma list of batch sizes whose step is split into phases, "
+                    "CPU time of each on one thread (`phases`)")
     ap.add_argument("--label", default="", help="a name for this build in the JSON (e.g. baseline)")
     ap.add_argument("--out", default="bench/results/overhead.json")
     args = ap.parse_args()
@@ -132,7 +192,7 @@ def main() -> None:
                 row["load_avg"] = os.getloadavg()[0]
                 rows.append(row)
                 print(f"B={batch:4d} {mode:8s} {row['ms_per_step']:8.2f} ms/step {row['tokens_per_s']:10.0f} tok/s"
-                      f"  (load {row['load_avg']:.2f})", flush=True)
+                      f" {row['cpu_ms_per_step']:8.2f} CPU ms/step  (load {row['load_avg']:.2f})", flush=True)
         profiles = []
         for batch in sorted(profiled):
             for mode in modes:
@@ -141,6 +201,11 @@ def main() -> None:
                 print(f"\nprofile B={batch} {mode} (cProfile on, {p['ms_per_step']:.2f} ms/step):")
                 for f in p["profile"]["top_own_time"][:15]:
                     print(f"  {f['own_ms_per_step']:7.3f} ms own {f['cum_ms_per_step']:7.3f} cum  {f['function']}")
+        split = []
+        for batch in [int(x) for x in args.phases.split(",") if x]:
+            split.append(phases(path, batch, args.warmup, args.steps))
+            print(f"\nphases B={batch} (CPU ms per step, one thread): host {split[-1]['host_ms_per_step']:.2f} + "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in split[-1]["cpu_ms_per_step"].items()), flush=True)
     record = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "label": args.label,
@@ -153,6 +218,7 @@ def main() -> None:
         "timed_steps": args.steps,
         "rows": rows,
         "profiles": profiles,
+        "phases": split,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2))

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import trace
 
 from engine.model_runner import StepInput
-from engine.outputs import RequestOutput
+from engine.outputs import RequestOutput, StepOutput
 from engine.sequence import Sequence
 from kvtransfer import CompletedTransfer, FailedTransfer
 from server.logs import ThroughputLog
@@ -135,7 +135,7 @@ class DecodeObserver:
             if req.trace.parent(self.tracing) is not None:
                 self._finish(req, out, now_ns)
 
-    def on_step(self, requests: Mapping[str, DecodeRequest], step: StepInput, outputs: list[RequestOutput],
+    def on_step(self, requests: Mapping[str, DecodeRequest], step: StepInput, outputs: StepOutput,
                 t_exec_ns: int, t_done_ns: int) -> None:
         """After each engine step: admission and prefill time of local prefills, decode time,
         decode.steps windows and finishes, the throughput line."""
@@ -149,8 +149,8 @@ class DecodeObserver:
             if req is not None and not req.trace.admitted:  # a local prefill's first forward
                 self._admitted(req, epoch_ns_from_perf(t_exec_ns), local=True)
                 req.trace.prefill_start_ns = t_exec_ns
-        generated = finished = 0
-        for out in outputs:
+        generated, finished = len(outputs.tokens), 0  # plain decodes: a token each, none finished
+        for out in outputs.outputs:
             tr = requests[out.request_id].trace if out.request_id in requests else DecodeTrace()
             generated += len(out.new_token_ids)
             if out.new_token_ids and tr.first_token_ns is None:  # a local prefill's first token
@@ -162,7 +162,7 @@ class DecodeObserver:
         self.throughput.step(len(step.seqs), computed, generated, finished, step_s)
         if not self.tracing.enabled:
             return
-        for out in outputs:
+        for out in outputs.all():
             req = requests.get(out.request_id)
             if req is None or out.index or req.trace.parent(self.tracing) is None:  # spans follow choice 0
                 continue

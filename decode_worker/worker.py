@@ -265,7 +265,7 @@ class DecodeCore:
             return
         meta = arrived.meta
         req.kv_blocks = None
-        seq.block_table = block_ids
+        bm.adopt(seq, block_ids)
         seq.num_computed_tokens = seq.num_prompt_tokens
         seq.num_cached_tokens = meta.num_cached_tokens
         bm.cache_full_blocks(seq)

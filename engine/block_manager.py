@@ -52,6 +52,7 @@ class HasBlocks(Protocol):
     num_computed_tokens: int
     block_table: list[int]
     block_hashes: list[int]
+    table_version: int  # bumped here whenever block_table changes
 
 
 @dataclass
@@ -137,6 +138,8 @@ class BlockManager:
         shared = self._shared_partial(seq) if num_new_tokens > 0 else None
         if max(needed, 0) + revived + (shared is not None) > len(self._free):
             return False
+        if shared is not None or cached or needed > 0:
+            seq.table_version += 1
         if shared is not None:  # copy on write: this sequence gets its own copy of the partial block
             old = seq.block_table[shared]
             new = self._take_free()
@@ -170,6 +173,14 @@ class BlockManager:
             self._blocks[block_id].ref_count += 1
         child.block_table = list(parent.block_table)
         child.block_hashes = list(parent.block_hashes)
+        child.table_version += 1
+
+    def adopt(self, seq: HasBlocks, block_ids: list[int]) -> None:
+        """Make `block_ids` (from `allocate_blocks`, their KV written) `seq`'s table, which was empty."""
+        if seq.block_table:
+            raise ValueError("only an empty block table adopts blocks")
+        seq.block_table = block_ids
+        seq.table_version += 1
 
     def take_copies(self) -> list[tuple[int, int]]:
         """The (source, destination) pages copy-on-write queued since the last call; the caller must
@@ -214,6 +225,7 @@ class BlockManager:
         self.free_blocks(reversed(seq.block_table))
         seq.block_table.clear()
         seq.block_hashes.clear()
+        seq.table_version += 1
 
     def free_blocks(self, block_ids: Iterable[int]) -> None:
         for block_id in block_ids:
@@ -228,6 +240,7 @@ class BlockManager:
         keep = -(-num_tokens // self.block_size)
         tail = seq.block_table[keep:]
         del seq.block_table[keep:]
+        seq.table_version += 1
         del seq.block_hashes[num_tokens // self.block_size :]
         self.free_blocks(list(reversed(tail)))
 

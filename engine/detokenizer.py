@@ -80,11 +80,18 @@ class IncrementalDetokenizer:
         self._ids: list[int] = context
         self._read_offset = len(self._ids)  # _ids[read_offset:] are held by the stream (no text yet)
         self._stream = tokenizer.decode_stream(self._ids, skip_special_tokens)
+        self._vocab_size = tokenizer.vocab_size
+        self._skipped_ids = tokenizer.skipped_ids(skip_special_tokens)  # `_skipped`: these and ids >= _vocab_size
         self._num_output = 0
         self._pending = ""  # decoded text held back because it may begin a stop string
-        self.text = ""
+        self._pieces: list[str] = []  # `text`, as returned
         self.stop_reason: str | None = None
         self.finished = False
+
+    @property
+    def text(self) -> str:
+        """The text returned so far."""
+        return "".join(self._pieces)
 
     @property
     def num_output_tokens(self) -> int:
@@ -132,18 +139,29 @@ class IncrementalDetokenizer:
         (even within this call) are not consumed. Raises RuntimeError once finished."""
         if self.finished:
             raise RuntimeError("step() after the detokenizer finished (a stop string matched or flush() ran)")
+        if len(new_token_ids) == 1 and not self._stop:  # a decode step's token, no stop to look for
+            token_id = int(new_token_ids[0])
+            self._num_output += 1
+            if token_id >= self._vocab_size or token_id in self._skipped_ids:
+                return ""
+            piece = self._decode_new(token_id)
+            if piece:
+                self._pieces.append(piece)
+            return piece
         out: list[str] = []
         for new_id in new_token_ids:
             # One token at a time, so a stop completes at the same token however calls group tokens.
             token_id = int(new_id)
             self._num_output += 1
-            if self._skipped(token_id):
+            if token_id >= self._vocab_size or token_id in self._skipped_ids:
                 continue  # no text, so no stop string can complete here
-            out.append(self._filter_stops(self._decode_new(token_id)))
+            text = self._decode_new(token_id)
+            out.append(self._filter_stops(text) if self._stop else text)
             if self.finished:
                 break
         piece = "".join(out)
-        self.text += piece
+        if piece:
+            self._pieces.append(piece)
         return piece
 
     def flush(self) -> str:
@@ -160,5 +178,6 @@ class IncrementalDetokenizer:
         piece += self._pending  # nothing more can complete a stop string
         self._pending = ""
         self.finished = True
-        self.text += piece
+        if piece:
+            self._pieces.append(piece)
         return piece

@@ -19,7 +19,7 @@ from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.hub import resolve_model
 from engine.model_runner import ModelRunner, StepInput
-from engine.outputs import FinishReason, RequestOutput, TokenLogprob
+from engine.outputs import FinishReason, RequestOutput, StepOutput, TokenLogprob
 from engine.sampling.bad_words import bad_word_ids
 from engine.sampling.params import SamplingParams
 from engine.sampling.sampler import SamplerOutput
@@ -193,31 +193,39 @@ class Engine:
         return self.runner.execute(step, hook)
 
     def process(self, step: StepInput, sampled: SamplerOutput | None) -> list[RequestOutput]:
+        """`process_step`, every output made (single-threaded callers)."""
+        return self.process_step(step, sampled).all()
+
+    def process_step(self, step: StepInput, sampled: SamplerOutput | None) -> StepOutput:
         """Advance counters, append sampled tokens, apply stop conditions, free finished sequences.
+        Plain decodes stay rows of the StepOutput while text is made elsewhere (`inline_text` off).
         An overlapped step (engine.overlap) was advanced at launch; its tokens fill their placeholders
         first, so the blocks named for the prefix cache hold only real tokens."""
         self.num_computed_tokens_total += sum(step.num_new_tokens)
         if step.placeholder_at is not None:
-            outputs = self._process(step, sampled)
+            result = self._process(step, sampled)
             self.scheduler.finish_step(step, advance=False)
-            return outputs
+            return result
         self.scheduler.finish_step(step)
         for i, lps in step.prompt_logprobs.items():
             step.seqs[i].prompt_logprobs.extend(lps)
         return self._process(step, sampled)
 
-    def _process(self, step: StepInput, out: SamplerOutput | None) -> list[RequestOutput]:
-        outputs: list[RequestOutput] = []
+    def _process(self, step: StepInput, out: SamplerOutput | None) -> StepOutput:
+        result = StepOutput()
         if out is None:
-            return outputs
+            return result
+        outputs = result.outputs
         tokens = out.token_ids.tolist()  # one device->host read for the whole batch
         row = 0
         spec = self.spec
+        plain = spec is None and not self.inline_text  # plain decodes may stay rows (StepOutput)
+        finished = SequenceStatus.FINISHED
         for i, (seq, sample) in enumerate(zip(step.seqs, step.sample, strict=True)):
             if not sample:
                 continue
             rows = step.num_rows(i) if spec is not None or seq.pending_forks else 1
-            if seq.is_finished:  # aborted while its step ran
+            if seq.status is finished:  # aborted while its step ran
                 row += rows
                 continue
             if seq.pending_forks:
@@ -232,10 +240,24 @@ class Engine:
                 continue
             if spec is None:  # one token: the common path
                 token = tokens[row]
-                lp = _logprobs(seq.params, out, row, token) if seq.params.logprobs is not None else None
-                at = step.placeholder_at[i] if step.placeholder_at is not None else None
-                outputs.append(self.append_token(seq, token, lp, at))
                 row += 1
+                at = step.placeholder_at[i] if step.placeholder_at is not None else None
+                if plain and seq.params.logprobs is None and seq.grammar is None:
+                    ids = seq.token_ids
+                    end = len(ids) + 1 if at is None else at + 1  # its tokens, this one included
+                    num_output = end - len(seq.prompt_token_ids)
+                    # not its first token, and nothing that can end it (Sequence.check_stop): a plain decode
+                    if num_output > 1 and end < seq.length_limit and token not in seq.stop_ids:
+                        if at is None:
+                            ids.append(token)
+                        else:
+                            ids[at] = token
+                        result.seqs.append(seq)
+                        result.tokens.append(token)
+                        result.num_output_tokens.append(num_output)
+                        continue
+                lp = _logprobs(seq.params, out, row - 1, token) if seq.params.logprobs is not None else None
+                outputs.append(self.append_token(seq, token, lp, at))
                 continue
             # accepted drafts + the target's own token; stop conditions apply to each in turn
             emit = spec.accept(step, i)
@@ -249,7 +271,7 @@ class Engine:
             spec.after_append(seq, emit)
             outputs.append(deltas[0] if len(deltas) == 1 else _merge(deltas))
             outputs[-1].spec = SpecMetrics.of(seq)
-        return outputs
+        return result
 
     def append_token(self, seq: Sequence, token: int, lp: list[TokenLogprob] | None = None,
                      at: int | None = None) -> RequestOutput:

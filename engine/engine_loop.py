@@ -38,11 +38,11 @@ from typing import Protocol, TypeVar
 
 from engine.engine import Engine
 from engine.model_runner import StepInput
-from engine.outputs import DuplicateRequest, EngineDied, RequestGone, RequestOutput
-from engine.overlap import OverlapRunner, can_overlap, without_finished
+from engine.outputs import DuplicateRequest, EngineDied, RequestGone, RequestOutput, StepOutput
+from engine.overlap import OverlapRunner, without_finished
 from engine.sampling.sampler import SamplerOutput
 from engine.sequence import Sequence
-from engine.text_thread import TextThread
+from engine.text_thread import Delivery, TextThread
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -90,7 +90,7 @@ class StepHooks(Protocol):
 
 
 # (step, outputs, t_exec_ns, t_done_ns): perf_counter_ns around execute + process, before delivery
-Observer = Callable[[StepInput, list[RequestOutput], int, int], None]
+Observer = Callable[[StepInput, StepOutput, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -246,26 +246,33 @@ class EngineLoop:
 
     def deliver(self, out: RequestOutput) -> None:
         """Engine thread only: hand `out` to its request (which leaves the table once every choice finished)."""
-        self.deliver_all([out])
+        self.deliver_all(StepOutput([out]))
 
-    def deliver_all(self, outputs: list[RequestOutput]) -> None:
-        """Engine thread only: `deliver` each of `outputs`, in order (one hand-off to the text thread)."""
+    def deliver_all(self, outputs: StepOutput) -> None:
+        """Engine thread only: hand a step's outputs to their requests (one hand-off to the text
+        thread, which makes the plain decodes' RequestOutputs)."""
+        requests = self.requests
         batch: list[tuple[Request, RequestOutput]] = []
-        for out in outputs:
-            req = self.requests.get(out.request_id)
+        for out in outputs.outputs:
+            req = requests.get(out.request_id)
             if req is None or not req.streams:
                 continue
             if out.finished:
                 req.unfinished -= 1
                 if req.unfinished <= 0:
-                    del self.requests[out.request_id]
+                    del requests[out.request_id]
             batch.append((req, out))
+        get = requests.get
+        plain = [get(seq.request_id) for seq in outputs.seqs]  # the plain decodes' requests: none finished
         if self._text is not None:
-            if batch:
-                self._text.put(batch)
+            if batch or plain:
+                self._text.put(Delivery(batch, outputs, plain))
         else:
             for req, out in batch:
                 req.emit(out)
+            for i, maybe in enumerate(plain):
+                if maybe is not None and maybe.streams:
+                    maybe.emit(outputs.plain_output(i))
 
     def _stopped_by_text(self, req: Request, out: RequestOutput) -> None:
         """Text thread: a stop string ended one of `req`'s choices at `out`; the engine learns it
@@ -357,9 +364,9 @@ class EngineLoop:
             self.hooks.before_execute(step)
         hook = self.hooks.on_layer_done if self.hooks is not None else None
         sampled = eng.execute(step, hook)
-        outputs = eng.process(step, sampled)
+        outputs = eng.process_step(step, sampled)
         if self.hooks is not None:
-            self.hooks.after_process(step, outputs)
+            self.hooks.after_process(step, outputs.all())
         self._busy_since = None
         self._steps += 1
         t_done = time.perf_counter_ns()
@@ -378,14 +385,14 @@ class EngineLoop:
         if step is not None:
             if self._fault is not None and self._steps + 1 == self._fault[1]:
                 self._inject(self._fault[0])
-            if not can_overlap(step):
+            if not overlap.can_overlap(step):
                 if self._inflight is not None:
                     self._finish_inflight()
                 overlap.forget()
                 t_exec = time.perf_counter_ns()
                 step = without_finished(step)  # some may have finished in the step just processed
                 if step is not None:
-                    self._finish(step, eng.process(step, eng.execute(step)), t_exec)
+                    self._finish(step, eng.process_step(step, eng.execute(step)), t_exec)
                 self._busy_since = None
                 return
             prep = overlap.prepare(step)
@@ -404,9 +411,9 @@ class EngineLoop:
         assert self._inflight is not None
         step, future, t_exec = self._inflight
         self._inflight = None
-        self._finish(step, self.engine.process(step, future.result()), t_exec)
+        self._finish(step, self.engine.process_step(step, future.result()), t_exec)
 
-    def _finish(self, step: StepInput, outputs: list[RequestOutput], t_exec: int) -> None:
+    def _finish(self, step: StepInput, outputs: StepOutput, t_exec: int) -> None:
         """A processed step: observers, outputs to their requests, the snapshot."""
         self._steps += 1
         t_done = time.perf_counter_ns()

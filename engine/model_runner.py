@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import operator
 from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from engine.checkpoint import load_hf_config
 from engine.config import EngineConfig, ModelConfig
 from engine.device import resolve_device, resolve_dtype
 from engine.gguf_file import is_gguf, read_gguf
+from engine.input_batch import InputBatch, StepArrays
 from engine.model import CausalLM, ForwardContext
 from engine.outputs import TokenLogprob
 from engine.parallel.driver import TPDriver
@@ -189,6 +191,7 @@ class ModelRunner:
             self.staging = KVStaging(blocks, self.kv, mc.num_kv_heads)
             self.tp.start_keepalive()  # every rank is past its start-up collectives (all_reduce_min above)
         self.sampler = Sampler(seed=config.seed)
+        self.inputs = InputBatch(self.block_size)  # the engine thread's (prepare)
         # (its sequences, batch): the objects themselves, compared with `is` (an id() may be reused by a
         # new sequence once the old one is freed; holding them here prevents that)
         self._last_batch: tuple[tuple[Sequence, ...], SamplingBatch] | None = None
@@ -227,83 +230,25 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ steps
     def prepare(self, step: StepInput) -> tuple[Tensor, Tensor, ForwardContext, Tensor]:
-        """Flatten the step into (input_ids, positions, context, logits_indices).
+        """Flatten the step into (input_ids, positions, context, logits_indices) on the device
+        (engine.input_batch). A sequence that forks choices gets its last row once per choice
+        (`Sequence.num_sample_rows`)."""
+        return self.upload(self.inputs.prepare(step))
 
-        A sequence that forks choices gets its last row once per choice (`Sequence.num_sample_rows`).
-        Per sequence only its new token ids, its start and its block table are read in Python; the
-        positions, slot mapping and logit rows are computed over the batch with tensor operations:
-
-            seq b, n_b rows from start_b:  positions  start_b .. start_b + n_b - 1
-                                           slot(p) =  block_tables[b, p // bs] * bs + p % bs
-        """
-        bs = self.block_size
-        seqs = step.seqs
-        drafts = step.spec_tokens
-        input_ids: list[int] = []
-        starts: list[int] = []
-        counts: list[int] = []
-        for i, (seq, new) in enumerate(zip(seqs, step.num_new_tokens, strict=True)):
-            start = seq.num_computed_tokens
-            starts.append(start)
-            if new == 1 and not (drafts and drafts[i]):
-                input_ids.append(seq.token_ids[start])
-                counts.append(1)
-                continue
-            draft = drafts[i] if drafts is not None else []
-            input_ids.extend(seq.token_ids[start : start + new])
-            input_ids.extend(draft)  # drafts are verified right after the new tokens
-            counts.append(new + len(draft))
-        max_blocks = max(len(s.block_table) for s in seqs)
-        tables_t = torch.tensor([s.block_table + [0] * (max_blocks - len(s.block_table)) for s in seqs],
-                                dtype=torch.int64)  # (B, max_blocks)
-        starts_t = torch.tensor(starts, dtype=torch.int64)  # (B,)
-        num_tokens = len(input_ids)
-        if num_tokens == len(seqs):  # every sequence computes one token (decode)
-            owner = torch.arange(len(seqs))  # (T,)
-            positions = starts_t
-            counts_t = torch.ones(len(seqs), dtype=torch.int64)
-        else:
-            counts_t = torch.tensor(counts, dtype=torch.int64)  # (B,)
-            owner = torch.repeat_interleave(torch.arange(len(seqs)), counts_t)  # (T,)
-            first_row = torch.cumsum(counts_t, 0) - counts_t  # (B,)
-            positions = starts_t[owner] + torch.arange(num_tokens) - first_row[owner]  # (T,)
-        slots = tables_t[owner, positions // bs] * bs + positions % bs  # (T,)
-        qsl = torch.zeros(len(seqs) + 1, dtype=torch.int32)
-        torch.cumsum(counts_t, 0, out=qsl[1:])
-        seq_lens = (starts_t + counts_t).to(torch.int32)  # (B,)
-        logits_idx = self._logit_rows(step, qsl)
+    def upload(self, a: StepArrays) -> tuple[Tensor, Tensor, ForwardContext, Tensor]:
+        """`prepare`'s result from a step's host arrays."""
         dev = self.device
         ctx = ForwardContext(
             kv=self.kv,
-            slot_mapping=slots.to(dev),
-            block_tables=tables_t.to(torch.int32).to(dev),
-            query_start_loc=qsl.to(dev),
-            seq_lens=seq_lens.to(dev),
-            max_query_len=max(counts),
+            slot_mapping=a.slot_mapping.to(dev),
+            block_tables=a.block_tables.to(dev),
+            query_start_loc=a.query_start_loc.to(dev),
+            seq_lens=a.seq_lens.to(dev),
+            max_query_len=a.max_query_len,
             ops=self.ops,
             kv_scale=self.kv_scale,
         )
-        return torch.tensor(input_ids, dtype=torch.int64, device=dev), positions.to(dev), ctx, logits_idx.to(dev)
-
-    @staticmethod
-    def _logit_rows(step: StepInput, qsl: Tensor) -> Tensor:
-        """Rows of the flat batch whose logits are sampled, in sampling order (R,) int64: per sampling
-        sequence its last row (once per choice it forks), or its last new token's and its drafts'."""
-        ends = qsl[1:].to(torch.int64) - 1  # (B,): each sequence's last row
-        if all(step.sample) and step.spec_tokens is None and not any(s.pending_forks for s in step.seqs):
-            return ends
-        rows: list[int] = []
-        ends_l = ends.tolist()
-        for i, (seq, sample) in enumerate(zip(step.seqs, step.sample, strict=True)):
-            if not sample:
-                continue
-            last = ends_l[i]
-            draft = step.num_draft(i)
-            if draft:
-                rows.extend(range(last - draft, last + 1))
-            else:
-                rows.extend([last] * seq.num_sample_rows)
-        return torch.tensor(rows, dtype=torch.int64)
+        return a.input_ids.to(dev), a.positions.to(dev), ctx, a.logits_idx.to(dev)
 
     @torch.inference_mode()
     def forward_logits(
@@ -426,7 +371,7 @@ class ModelRunner:
         """The rows of this step whose prompt logprobs are wanted: each prompt token whose preceding
         position this step computes (and that was not collected before: a recomputed prefill after
         preemption adds nothing twice)."""
-        if not any(s.wants_prompt_logprobs for s in step.seqs):
+        if not any(s.params.prompt_logprobs is not None and s.wants_prompt_logprobs for s in step.seqs):
             return None
         rows: list[int] = []  # rows of `hidden`
         targets: list[int] = []  # the prompt token each row predicts
@@ -467,7 +412,7 @@ class ModelRunner:
         self, step: StepInput, on_layer_done: Callable[[int], None] | None = None
     ) -> SamplerOutput | None:
         logits = self.forward_logits(step, on_layer_done)
-        sampled = [s for s, flag in zip(step.seqs, step.sample, strict=True) if flag]
+        sampled = step.seqs if all(step.sample) else [s for s, flag in zip(step.seqs, step.sample, strict=True) if flag]
         if not sampled:
             return None
         batch = self.sampling_batch(sampled, step.masks)
@@ -480,12 +425,11 @@ class ModelRunner:
         The batch of the last call is reused, its seeded rows' step seeds renewed, when the same
         sequences sample again, none of them reads its output on the host (no penalties, bad_words or
         min_tokens bans left, no forks) and no grammar masks this step: then nothing else in it can
-        have changed."""
-        key = tuple(seqs)
+        have changed. A reused batch stays reusable while the same sequences sample (`_steady` never
+        turns false again), so only a new batch checks each sequence."""
         cached = self._last_batch
-        reusable = masks is None and all(map(_steady, seqs))
-        if (reusable and cached is not None and len(cached[0]) == len(key)
-                and all(a is b for a, b in zip(cached[0], key, strict=True))):
+        if (masks is None and cached is not None and len(cached[0]) == len(seqs)
+                and all(map(operator.is_, cached[0], seqs))):
             batch = cached[1]
             if batch.seeded_rows:
                 batch = dataclasses.replace(batch, seeded_rows=tuple(
@@ -493,7 +437,8 @@ class ModelRunner:
                     for i, _ in batch.seeded_rows))
             return batch
         batch = self._build_sampling_batch(seqs, masks)
-        self._last_batch = (key, batch) if reusable else None
+        reusable = masks is None and all(map(_steady, seqs))
+        self._last_batch = (tuple(seqs), batch) if reusable else None
         return batch
 
     def _build_sampling_batch(self, seqs: Seq[Sequence], masks: PendingMasks | None = None) -> SamplingBatch:

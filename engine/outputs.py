@@ -28,7 +28,7 @@ class TokenLogprob:
     rank: int | None = None  # 1 = the most likely token; set for prompt logprobs
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     """What one request gained in one step (a delta), and its state."""
 
@@ -51,6 +51,38 @@ class RequestOutput:
     sibling_tokens: list[tuple[int, list[TokenLogprob]]] = field(default_factory=list)
     # What ended it with FinishReason.STOP: the stop string (text) or the EOS / stop token id.
     stop_reason: str | int | None = None
+
+
+@dataclass
+class StepOutput:
+    """What one engine step gave its requests, as the engine loop delivers it.
+
+    outputs: a RequestOutput for each choice whose step was more than a plain decode (a first token,
+        a finish, logprobs, speculation, forks, text made inline).
+    seqs, tokens, num_output_tokens: the plain decodes, in step order: seqs[i] gained the one token
+        tokens[i], its num_output_tokens[i]-th output, and nothing else happened to it. Their
+        RequestOutputs are made where they are delivered (`plain_output`: the text thread), not on
+        the engine thread; only fields fixed since admission are read from the sequence then.
+    """
+
+    outputs: list[RequestOutput] = field(default_factory=list)
+    seqs: list[Sequence] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    num_output_tokens: list[int] = field(default_factory=list)
+
+    def plain_output(self, i: int) -> RequestOutput:
+        seq = self.seqs[i]
+        return RequestOutput(seq.request_id, [self.tokens[i]], "", False, None, len(seq.prompt_token_ids),
+                             self.num_output_tokens[i], seq.num_cached_tokens, seq=seq, index=seq.index)
+
+    def all(self) -> list[RequestOutput]:
+        """Every output: `outputs`, then the plain decodes' (made now)."""
+        return self.outputs + [self.plain_output(i) for i in range(len(self.seqs))]
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the step's requests gained."""
+        return len(self.tokens) + sum(len(out.new_token_ids) for out in self.outputs)
 
 
 class EngineDied(RuntimeError):

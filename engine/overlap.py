@@ -28,8 +28,10 @@ into the placeholder and applies stop conditions. What this costs and why it sta
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -37,6 +39,7 @@ from engine.model import ForwardContext
 from engine.model_runner import ModelRunner, StepInput
 from engine.sampling.batch import SamplingBatch
 from engine.sampling.sampler import SamplerOutput
+from engine.sequence import Sequence
 
 PLACEHOLDER = -1
 
@@ -80,27 +83,37 @@ class OverlapRunner:
         self.runner = runner
         self.sample_rows: dict[int, int] = {}  # id(seq) -> row in the last launched step's samples
         self._last_tokens: Tensor | None = None  # forward thread: the last forward's sampled ids
+        self._overlaps: list[Sequence] = []  # the sequences of the last step `can_overlap` allowed
+
+    def can_overlap(self, step: StepInput) -> bool:
+        """`can_overlap(step)`; what makes a sequence's step serial never comes back (forks, prompt
+        logprobs are done once; the rest is fixed), so a step of the same sequences as the last one
+        allowed is allowed without looking at each."""
+        if step.spec_tokens is None and len(step.seqs) == len(self._overlaps) and all(
+                map(operator.is_, step.seqs, self._overlaps)):
+            return True
+        ok = can_overlap(step)
+        self._overlaps = list(step.seqs) if ok else []
+        return ok
 
     def prepare(self, step: StepInput) -> Prepared:
         """Inputs of `step` (engine thread), its placeholders mapped to the last launched step's rows."""
         runner = self.runner
-        input_ids, positions, ctx, logits_idx = runner.prepare(step)
-        rows: list[int] = []
+        arrays = runner.inputs.prepare(step)
+        # A placeholder can only be a sequence's last new token, and only the last launched step's.
+        fill = np.flatnonzero(arrays.input_ids.numpy() == PLACEHOLDER)  # (F,) rows of input_ids
         sources: list[int] = []
-        if self.sample_rows:
-            qsl = ctx.query_start_loc.tolist()
-            for i, seq in enumerate(step.seqs):
-                src = self.sample_rows.get(id(seq))
-                end = qsl[i + 1] - 1  # a placeholder can only be a sequence's last new token
-                if src is not None and seq.token_ids[seq.num_computed_tokens + step.num_new_tokens[i] - 1] < 0:
-                    rows.append(end)
-                    sources.append(src)
-        sampled = [s for s, flag in zip(step.seqs, step.sample, strict=True) if flag]
+        if fill.size:
+            owners = np.searchsorted(arrays.query_start_loc.numpy()[1:], fill, side="right")  # (F,)
+            seqs, rows = step.seqs, self.sample_rows
+            sources = [rows[id(seqs[b])] for b in owners.tolist()]
+        input_ids, positions, ctx, logits_idx = runner.upload(arrays)
+        sampled = step.seqs if all(step.sample) else [s for s, flag in zip(step.seqs, step.sample, strict=True) if flag]
         batch = runner.sampling_batch(sampled) if sampled else None
         dev = runner.device
         return Prepared(step, input_ids, positions, ctx, logits_idx, batch,
-                        torch.tensor(rows, dtype=torch.int64, device=dev) if rows else None,
-                        torch.tensor(sources, dtype=torch.int64, device=dev) if rows else None)
+                        torch.from_numpy(fill).to(dev) if sources else None,
+                        torch.tensor(sources, dtype=torch.int64, device=dev) if sources else None)
 
     def launch(self, step: StepInput) -> None:
         """Advance `step`'s counters as if it ran and give each sampling sequence a placeholder token

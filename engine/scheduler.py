@@ -115,18 +115,23 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         seqs: list[Sequence] = []
         counts: list[int] = []
+        sample: list[bool] = []  # it reaches num_tokens in this step and samples a token
         preempted = False
-        if any(s.priority != self.running[0].priority for s in self.running):
-            self.running.sort(key=lambda s: s.priority)  # stable: admission order within a priority
+        running = self.running
+        first = running[0].priority if running else 0
+        if any(s.priority != first for s in running):
+            running.sort(key=lambda s: s.priority)  # stable: admission order within a priority
+        allocate = self.bm.allocate_slots
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            if seq.at_its_end:  # an overlapped step samples its last token (engine.overlap)
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            num_tokens = len(seq.token_ids)
+            if num_tokens >= seq.length_limit:  # its last token is scheduled: an overlapped step samples it (engine.overlap)
                 i += 1
                 continue
-            n = min(seq.num_uncomputed_tokens, budget)
-            while not self.bm.allocate_slots(seq, n):
-                victim = self.running.pop()
+            n = min(num_tokens - seq.num_computed_tokens, budget)
+            while not allocate(seq, n):
+                victim = running.pop()
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
@@ -134,6 +139,7 @@ class Scheduler:
             else:
                 seqs.append(seq)
                 counts.append(n)
+                sample.append(seq.num_computed_tokens + n == num_tokens)
                 budget -= n
                 i += 1
         while self.waiting and budget > 0 and not preempted:
@@ -156,18 +162,19 @@ class Scheduler:
             self.running.append(seq)
             seqs.append(seq)
             counts.append(n)
+            sample.append(seq.num_computed_tokens + n == seq.num_tokens)
             budget -= n
         if not seqs:
             return None
-        sample = [s.num_computed_tokens + n == s.num_tokens for s, n in zip(seqs, counts, strict=True)]
         return StepInput(seqs, counts, sample, copies=self.bm.take_copies())
 
     def finish_step(self, step: StepInput, advance: bool = True) -> None:
         """Advance counters after the forward (unless an overlapped launch did) and name newly full
         blocks for the prefix cache."""
         bs = self.bm.block_size
+        finished = SequenceStatus.FINISHED
         for seq, n in zip(step.seqs, step.num_new_tokens, strict=True):
-            if seq.is_finished:  # aborted while its step ran; its blocks are already free
+            if seq.status is finished:  # aborted while its step ran; its blocks are already free
                 continue
             if advance:
                 seq.num_computed_tokens += n

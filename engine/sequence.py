@@ -46,6 +46,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prefix-cache hit at first admission (reported in usage)
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
+    table_version: int = 0  # the BlockManager bumps it whenever block_table changes (engine.input_batch)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
@@ -66,10 +67,17 @@ class Sequence:
     detokenizer: Any = None  # engine.detokenizer.IncrementalDetokenizer, when text is wanted
     grammar: Any = None  # engine.structured.matcher.GrammarState of a constrained request (params.structured)
     extra: dict[str, Any] = field(default_factory=dict)
+    # What a decode checks before `check_stop` (from the fixed params): only a token in `stop_ids`, or
+    # reaching `length_limit` tokens, can end the sequence at a token.
+    stop_ids: frozenset[int] = field(init=False, repr=False)
+    length_limit: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
+        p = self.params
+        self.stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_token_ids)
+        self.length_limit = min(len(self.prompt_token_ids) + p.max_tokens, self.max_model_len)
 
     @property
     def num_tokens(self) -> int:
@@ -119,20 +127,10 @@ class Sequence:
     def check_stop(self, token_id: int, pending: int = 0) -> FinishReason | None:
         """Token-level stop conditions after `token_id` was appended (stop strings: the detokenizer);
         `pending`: placeholders of later steps after it, not counted."""
-        p = self.params
-        num_output = self.num_output_tokens - pending
-        if num_output >= p.min_tokens:
-            if not p.ignore_eos and token_id in self.eos_token_ids:
-                self.stop_reason = token_id
-                return FinishReason.STOP
-            if token_id in p.stop_token_ids:
-                self.stop_reason = token_id
-                return FinishReason.STOP
-        if num_output >= p.max_tokens or self.num_tokens - pending >= self.max_model_len:
+        num_tokens = len(self.token_ids) - pending
+        if token_id in self.stop_ids and num_tokens - len(self.prompt_token_ids) >= self.params.min_tokens:
+            self.stop_reason = token_id  # EOS (unless ignore_eos) or a stop token id
+            return FinishReason.STOP
+        if num_tokens >= self.length_limit:  # max_tokens or the context limit
             return FinishReason.LENGTH
         return None
-
-    @property
-    def at_its_end(self) -> bool:
-        """Its last token (max_tokens or the context limit) is already scheduled: it needs no more steps."""
-        return self.num_output_tokens >= self.params.max_tokens or self.num_tokens >= self.max_model_len

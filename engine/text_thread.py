@@ -2,9 +2,10 @@
 
     engine thread (EngineLoop)                        text thread (TextThread)
     --------------------------                        ------------------------
-    process() -> outputs: token ids, no text
-    deliver(out) -------- (request, output) -------->  seq.detokenizer.step(out's tokens): the text made
-                          FIFO, one for all requests   final, stop strings held back and matched
+    process() -> StepOutput: token ids, no text
+    deliver_all(step output) --- one Delivery ------>  a RequestOutput for each plain decode row;
+                          per step, FIFO              seq.detokenizer.step(out's tokens): the text made
+                                                      final, stop strings held back and matched
                                                       request.emit(output with its text)
                                                       a stop string matched: the output is cut after the
                                                       token that completed it, finished with STOP, and
@@ -27,14 +28,24 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
-from engine.outputs import FinishReason, RequestOutput
+from engine.outputs import FinishReason, RequestOutput, StepOutput
 
 if TYPE_CHECKING:
     from engine.engine_loop import Request
 
 logger = logging.getLogger(__name__)
+
+
+class Delivery(NamedTuple):
+    """One step's outputs for the text thread, in the order the engine made them: `outputs` with
+    their requests, then the plain decode rows of `step` (`StepOutput.plain_output`): plain[i] is
+    row i's request (None, or one that does not stream: nothing to deliver)."""
+
+    outputs: list[tuple[Request, RequestOutput]]
+    step: StepOutput
+    plain: list[Request | None]
 
 
 def add_text(out: RequestOutput) -> tuple[RequestOutput, bool] | None:
@@ -72,14 +83,14 @@ def add_text(out: RequestOutput) -> tuple[RequestOutput, bool] | None:
 
 
 class TextThread:
-    """Interface: `put([(req, out), ...])` from the engine thread (in the order the outputs are made);
+    """Interface: `put(delivery)` from the engine thread (in the order the outputs are made);
     `stop()` from any thread. `stopped(req, out)` is called on this thread for an output a stop
     string finished before the engine did (the owner turns it into an engine-thread command);
     `on_error(exc)` if making text raises (the owner's fail-stop)."""
 
     def __init__(self, name: str, stopped: Callable[[Request, RequestOutput], None],
                  on_error: Callable[[BaseException], None]) -> None:
-        self._queue: queue.SimpleQueue[list[tuple[Request, RequestOutput]] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
         self._stopped = stopped
         self._on_error = on_error
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -87,8 +98,8 @@ class TextThread:
     def start(self) -> None:
         self._thread.start()
 
-    def put(self, batch: list[tuple[Request, RequestOutput]]) -> None:
-        self._queue.put(batch)
+    def put(self, delivery: Delivery) -> None:
+        self._queue.put(delivery)
 
     def stop(self, timeout: float = 10.0) -> None:
         self._queue.put(None)
@@ -97,15 +108,34 @@ class TextThread:
 
     def _run(self) -> None:
         try:
-            while (batch := self._queue.get()) is not None:
-                for req, out in batch:
-                    result = add_text(out)
-                    if result is None:
-                        continue
-                    final, stopped = result
-                    if stopped:
-                        self._stopped(req, final)
-                    req.emit(final)
+            while (delivery := self._queue.get()) is not None:
+                for req, out in delivery.outputs:
+                    self._emit(req, out)
+                self._emit_plain(delivery.step, delivery.plain)
         except BaseException as exc:  # noqa: BLE001 - the owner's fail-stop: every request hears it
             logger.exception("text thread died")
             self._on_error(exc)
+
+    def _emit_plain(self, step: StepOutput, requests: list[Request | None]) -> None:
+        """The step's plain decodes (one token each, none finished): without stop strings, `add_text`
+        comes down to the detokenizer's next piece, made here inline; the others go through it."""
+        for i, req in enumerate(requests):
+            if req is None or not req.streams:
+                continue
+            out = step.plain_output(i)
+            seq = step.seqs[i]
+            detok = seq.detokenizer
+            if detok is None or detok.finished or seq.params.stop:
+                self._emit(req, out)
+                continue
+            out.new_text = detok.step(out.new_token_ids)
+            req.emit(out)
+
+    def _emit(self, req: Request, out: RequestOutput) -> None:
+        result = add_text(out)
+        if result is None:
+            return
+        final, stopped = result
+        if stopped:
+            self._stopped(req, final)
+        req.emit(final)

@@ -270,8 +270,11 @@ class Tokenizer:
         DecodeStream). `context_ids` (ids already decoded, e.g. the prompt's last few) set leading-space
         rules and are never returned. Every id passed must be < vocab_size (see `is_skipped`)."""
         stream = DecodeStream(ids=list(context_ids), skip_special_tokens=skip_special_tokens)
-        backend = self._backend
-        return lambda token_id: stream.step(backend, token_id)
+        return functools.partial(stream.step, self._backend)
+
+    def skipped_ids(self, skip_special_tokens: bool = True) -> frozenset[int]:
+        """The ids below vocab_size that `is_skipped` (its special added tokens, when skipped)."""
+        return self._skipped_specials if skip_special_tokens else frozenset()
 
     def is_skipped(self, token_id: int, skip_special_tokens: bool = True) -> bool:
         """Whether `decode` drops `token_id` before its decoder runs: an id >= vocab_size, or a special

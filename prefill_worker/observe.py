@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry.trace import Status, StatusCode
 
 from engine.model_runner import StepInput
-from engine.outputs import RequestOutput
+from engine.outputs import StepOutput
 from kvtransfer import TransferResult
 from server.logs import ThroughputLog
 from server.metrics import WorkerMetrics
@@ -58,7 +58,7 @@ class PrefillObserver:
         self.throughput = ThroughputLog("prefill")
 
     # ------------------------------------------------------------------ engine thread
-    def on_step(self, requests: Mapping[str, PrefillRequest], step: StepInput, outputs: list[RequestOutput],
+    def on_step(self, requests: Mapping[str, PrefillRequest], step: StepInput, outputs: StepOutput,
                 t_exec_ns: int, t_done_ns: int) -> None:
         """After each engine step: queue and prefill time, chunk spans, the throughput line."""
         step_s = (t_done_ns - t_exec_ns) / 1e9

@@ -75,6 +75,12 @@ class SamplingBatch:
     max_logprobs: int  # K: the most top alternatives any row asked for (0 = none)
     want_logprobs: bool = True  # some row asked for logprobs: the sampler computes log_softmax only then
 
+    @property
+    def keeps_logits(self) -> bool:
+        """No row's logits change before the draw: no penalty, bias, allowed ids, ban or grammar mask."""
+        return (self.penalties is None and self.bias_rows is None and self.allowed_rows is None
+                and self.ban_rows is None and self.grammar_rows is None)
+
     @classmethod
     def build(
         cls,

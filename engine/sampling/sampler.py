@@ -208,6 +208,10 @@ class Sampler:
         Does not modify `logits`. Advances the shared generator when some row draws unseeded.
         Raises ValueError when logits do not match the batch's shape or device.
         """
+        if batch.all_greedy and batch.keeps_logits and not batch.want_logprobs:
+            # Upcasting keeps every row's order and ties: the argmax of `logits` as they are, no copy.
+            _check(logits, batch)
+            return SamplerOutput(logits.argmax(dim=-1), None, None, None)
         penalized = penalized_logits(logits, batch)  # (B, V)
         if batch.all_greedy:
             token_ids = penalized.argmax(dim=-1)  # (B,)

@@ -12,6 +12,7 @@ class Seq:
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
+    table_version: int = 0
 
 
 def compute(bm: BlockManager, seq: Seq, n: int) -> None:

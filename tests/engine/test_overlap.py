@@ -65,9 +65,15 @@ def model(tiny_model) -> str:
     return str(tiny_model("llama"))
 
 
-def test_overlapped_steps_equal_serial_steps(model) -> None:
-    serial, serial_engine = run(model, overlap=False)
-    overlapped, engine = run(model, overlap=True)
+@pytest.fixture(scope="module")
+def looped(model) -> dict[bool, tuple[list[list[RequestOutput]], Engine]]:
+    """Each request's outputs through a loop, serial (False) and overlapped (True)."""
+    return {overlap: run(model, overlap) for overlap in (False, True)}
+
+
+def test_overlapped_steps_equal_serial_steps(looped) -> None:
+    serial, _ = looped[False]
+    overlapped, engine = looped[True]
     assert engine.stats()["preemptions"] > 0
     reasons = set()
     for want, got in zip(serial, overlapped, strict=True):
@@ -102,3 +108,27 @@ def test_a_reused_sampling_batch_renews_its_step_seeds(model) -> None:
     penalised = [*seqs, engine.make_sequence("p", [3], SamplingParams(seed=1, repetition_penalty=1.2))]
     runner.sampling_batch(penalised)
     assert runner.sampling_batch(penalised).penalties is not None and runner._last_batch is None
+
+
+def fields(out: RequestOutput) -> tuple:
+    """Everything an output tells its client (logprobs to 4 decimals)."""
+    lps = [(lp.token_id, round(lp.logprob, 4), [(t, round(x, 4)) for t, x in lp.top]) for lp in out.new_logprobs]
+    return (out.request_id, out.index, out.new_token_ids, out.new_text, out.finished, out.finish_reason,
+            out.stop_reason, out.num_prompt_tokens, out.num_output_tokens, out.num_cached_tokens, lps)
+
+
+def test_a_loop_delivers_what_inline_steps_make(model, looped) -> None:
+    """The loop's plain decodes leave the engine as rows (StepOutput) and become RequestOutputs, with
+    text, on the text thread: every output, serial or overlapped, is the one `Engine.step` makes inline."""
+    cfg = EngineConfig(model=model, device="cpu", dtype="float32", num_kv_blocks=14, block_size=4,
+                       max_num_batched_tokens=32, max_num_seqs=8)
+    engine = Engine(cfg)
+    inline: list[list[RequestOutput]] = [[] for _ in PARAMS]
+    for i, p in enumerate(PARAMS):
+        engine.add_request(f"r{i}", [(13 * i + 3 * j) % 200 + 3 for j in range(8 + i % 3)], p)
+    while engine.has_unfinished():
+        for out in engine.step():
+            inline[int(out.request_id[1:])].append(out)
+    for overlap in (False, True):
+        for want, got in zip(inline, looped[overlap][0], strict=True):
+            assert [fields(o) for o in got] == [fields(o) for o in want]

@@ -5,6 +5,7 @@ rows are in test_bad_input.py, the launcher's restarts in test_up_supervision.py
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 import urllib.request
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from cli.launcher import Stack
 from engine import LLM, SamplingParams
@@ -24,13 +26,19 @@ from tests.hf_reference import random_prompts
 MAX_INFLIGHT = 200
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def stack(rel_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """1 prefill + 1 decode worker behind a --max-inflight 200 gateway with the HTTP API."""
+    """1 prefill + 1 decode worker behind a --max-inflight 200 gateway with the HTTP API and /metrics."""
     s = Stack(rel_model, prefill_workers=1, decode_workers=1, engine_args=ENGINE_ARGS,
               workdir=tmp_path_factory.mktemp("isolation"),
               gateway_args=["--local-prefill-threshold", "24", "--max-inflight", str(MAX_INFLIGHT),
-                            "--heartbeat-interval", "0.25", "--http-port", "0"])
+                            "--heartbeat-interval", "0.25", "--http-port", "0", "--metrics-port", str(_free_port())])
     s.start()
     yield s
     s.stop()
@@ -106,7 +114,20 @@ def test_a_burst_below_the_limit_queues_and_completes(stack) -> None:
     wait_all_blocks_free(stack)
 
 
+def _gateway_inflight(stack: Stack) -> float:
+    assert stack.gateway is not None
+    with urllib.request.urlopen(f"http://{stack.gateway.info['metrics_address']}/metrics", timeout=10) as resp:
+        families = text_string_to_metric_families(resp.read().decode())
+    return sum(sample.value for family in families if family.name == "tandem_gateway_requests_inflight"
+               for sample in family.samples)
+
+
 def test_a_burst_above_the_limit_is_refused_at_once(stack) -> None:
+    # the earlier tests' calls have all ended, so every slot must be free again; a slot still held is a leak
+    deadline = time.monotonic() + 30
+    while (held := _gateway_inflight(stack)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert held == 0, f"{held:.0f} gateway slots still held 30 s after every earlier call ended"
     prompts = random_prompts(512, [30] * (MAX_INFLIGHT + 40), seed=33)
     one = stub(stack)  # one channel: every call is on the wire at once; admitted ones stream until cancelled
     calls = [one.Generate(gen.GenerateRequest(
