@@ -8,11 +8,15 @@ written as a compressed-tensors checkpoint (training/compressed_writer.py) that 
               inputs into a Hessian; GPTQ it (training/gptq.py); put the rounded weight in place, so
               the next projection sees its inputs as the quantized model will (true-sequential)
               states <- the layer's outputs with its quantized weights
+              asymmetric calibration (gptaq > 0): an unquantized copy of the layer first runs on
+              fp_states (the unquantized model's states), giving each projection's unquantized inputs
+              token for token (Hessian.add's x_fp) and fp_states <- that copy's outputs
         awq   run the layer once, collecting every projection's inputs; states <- its outputs (AWQ
               propagates unquantized activations); search scales and clips (training/awq.py); fold
               the scales into the RMSNorm weights
         rtn   round each projection to nearest (no data)
-        save  OUT/_quantize/layer_<i>.safetensors, states.pt, progress.json   <- a rerun resumes here
+        save  OUT/_quantize/layer_<i>.safetensors, states_<i+1>.pt (states and fp_states), progress.json
+              (done = i + 1), then states_<i>.pt removed   <- a rerun resumes at layer `done`
 
 The forward pass is the engine's own model (engine/model.py) over a scratch paged KV cache, in float32 on
 CPU. Scales are stored in the checkpoint's dtype and computed with it (training/quant_grid.py).
@@ -148,7 +152,7 @@ def quantize_layer(
     fp_states: list[State] | None = None,
 ) -> LayerOutput:  # fmt: skip
     """Quantize one layer in place (see the module docstring). ``fp_states``: the unquantized model's states
-    entering the layer, for GPTQ's asymmetric calibration (``cfg.asym_alpha``)."""
+    entering the layer, for GPTQ's asymmetric calibration (``cfg.gptaq_alpha``)."""
     bits, group, results = cfg.bits, cfg.group, {}
     if cfg.method == "rtn" or calib is None:
         for _, fused in PROJECTIONS:
@@ -199,17 +203,21 @@ def quantize_layer(
     return LayerOutput(results, nxt, None)
 
 
+def _states_file(state: Path, done: int) -> Path:
+    """The states entering layer ``done``: one file per count, so progress.json's count always has its
+    own (a run killed between writing the states and progress.json resumes from the older pair)."""
+    return state / f"states_{done}.pt"
+
+
 def _save_layer(state: Path, i: int, layer: DecoderLayer, out: LayerOutput) -> None:
-    results, states = out.results, out.states
-    tensors = {f"{name}.{field}": getattr(r, field) for name, r in results.items()
+    tensors = {f"{name}.{field}": getattr(r, field) for name, r in out.results.items()
                for field in ("codes", "scales", "zeros", "g_idx") if getattr(r, field) is not None}  # fmt: skip
     tensors["input_layernorm"] = layer.input_layernorm.data
     tensors["post_attention_layernorm"] = layer.post_attention_layernorm.data
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(state / f"layer_{i}.safetensors"))
-    torch.save(states, state / "states.tmp")
-    if out.fp_states is not None:
-        torch.save(out.fp_states, state / "fp_states.pt")  # before states.pt: progress.json is written last
-    (state / "states.tmp").replace(state / "states.pt")
+    tmp = state / "states.tmp"
+    torch.save({"states": out.states, "fp_states": out.fp_states}, tmp)
+    tmp.replace(_states_file(state, i + 1))
 
 
 def _load_layer(state: Path, i: int, cfg: QuantizeConfig, layer: DecoderLayer) -> dict[str, QuantResult]:
@@ -255,10 +263,11 @@ def quantize_checkpoint(cfg: QuantizeConfig, stop_after: int | None = None, prog
     calib = None
     if cfg.method != "rtn":
         calib = Calibration(model, calibration_windows(cfg, Tokenizer.from_dir(cfg.model)), cfg.batch_size)
-    states: list[State] = torch.load(state / "states.pt") if done else (calib.embed() if calib else [])
+    saved_states = torch.load(_states_file(state, done)) if done else {}
+    states: list[State] = saved_states["states"] if done else (calib.embed() if calib else [])
     fp_states: list[State] | None = None
     if calib is not None and cfg.gptaq_alpha > 0:
-        fp_states = torch.load(state / "fp_states.pt") if done else calib.embed()
+        fp_states = saved_states["fp_states"] if done else calib.embed()
     results: dict[tuple[int, str], QuantResult] = {}
     for i in range(done):
         results.update({(i, f): r for f, r in _load_layer(state, i, cfg, cast(DecoderLayer, model.layers[i])).items()})
@@ -271,7 +280,10 @@ def quantize_checkpoint(cfg: QuantizeConfig, stop_after: int | None = None, prog
         states, fp_states = step.states, step.fp_states
         results.update({(i, f): r for f, r in step.results.items()})
         _save_layer(state, i, layer, step)
-        progress_file.write_text(json.dumps({"settings": _settings(cfg), "done": i + 1}))
+        progress_tmp = state / "progress.tmp"
+        progress_tmp.write_text(json.dumps({"settings": _settings(cfg), "done": i + 1}))
+        progress_tmp.replace(progress_file)
+        _states_file(state, i).unlink(missing_ok=True)
         logger.info("layer %d/%d quantized (%s) in %.1f s", i + 1, len(model.layers), cfg.method,
                     time.perf_counter() - t0)
         if stop_after is not None and i + 1 - done >= stop_after and i + 1 < len(model.layers):
