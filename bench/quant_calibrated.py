@@ -15,7 +15,11 @@ the quantization differs. Variants (int4: asymmetric, groups of ``--group-size``
 
     rtn-int4 / rtn-int8     Tandem's load-time quantization (``quantization="int4"``/``"int8"``)
     ct-rtn-int4             `tandem quantize --method rtn`: the same rounding, through a checkpoint
-    gptq-int4, gptq-int4-ao GPTQ without / with act-order;  awq-int4;  gptq-int8, awq-int8
+    gptq-int4, gptq-int4-ao GPTQ with every option off / with act-order (g_idx)
+    gptq-int4-ao-...        ... and static groups, the searched (mse) grid, asymmetric calibration (asym:
+                            GPTAQ with alpha 0.25, `tandem quantize`'s default; asym1: alpha 1; damp0.1: 10%
+                            damping instead of 1%)
+    awq-int4;  gptq-int8 (every option off), awq-int8
 
 Reported per variant: top-1 agreement and mean KL against the unquantized model, the perplexity of the
 text under each, projection bytes, quantize seconds, and (``--speed``) greedy decode tokens/s in bfloat16.
@@ -49,15 +53,29 @@ from training.quantize_config import QuantizeConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "models" / "demo" / "teacher"
+# GPTQ with every option of `tandem quantize` off: the variants below name what they turn on
+_PLAIN = {"method": "gptq", "act_order": False, "static_groups": False, "mse_grid": False, "gptaq": 0.0}
 # name -> (load-time quantization, or tandem quantize settings)
 VARIANTS: dict[str, dict[str, Any]] = {
     "rtn-int4": {"load": "int4"},
     "ct-rtn-int4": {"method": "rtn", "bits": 4},
-    "gptq-int4": {"method": "gptq", "bits": 4},
-    "gptq-int4-ao": {"method": "gptq", "bits": 4, "act_order": True},
+    "gptq-int4": {**_PLAIN, "bits": 4},
+    "gptq-int4-ao": {**_PLAIN, "bits": 4, "act_order": True},
+    "gptq-int4-ao-mse": {**_PLAIN, "bits": 4, "act_order": True, "mse_grid": True},
+    "gptq-int4-ao-static": {**_PLAIN, "bits": 4, "act_order": True, "static_groups": True},
+    "gptq-int4-ao-static-mse": {**_PLAIN, "bits": 4, "act_order": True, "static_groups": True, "mse_grid": True},
+    # `tandem quantize --method gptq`'s defaults since issue 20's second round
+    "gptq-int4-ao-static-mse-asym": {**_PLAIN, "bits": 4, "act_order": True, "static_groups": True,
+                                     "mse_grid": True, "gptaq": 0.25},
+    "gptq-int4-ao-static-mse-asym-damp0.1": {**_PLAIN, "bits": 4, "act_order": True, "static_groups": True,
+                                             "mse_grid": True, "gptaq": 0.25, "damp": 0.1},
+    "gptq-int4-ao-static-mse-asym1": {**_PLAIN, "bits": 4, "act_order": True, "static_groups": True,
+                                      "mse_grid": True, "gptaq": 1.0},
     "awq-int4": {"method": "awq", "bits": 4},
     "rtn-int8": {"load": "int8"},
-    "gptq-int8": {"method": "gptq", "bits": 8},
+    "gptq-int8": {**_PLAIN, "bits": 8},
+    "gptq-int8-ao-static-mse-asym": {**_PLAIN, "bits": 8, "act_order": True, "static_groups": True,
+                                     "mse_grid": True, "gptaq": 0.25},
     "awq-int8": {"method": "awq", "bits": 8},
 }
 

@@ -3,13 +3,15 @@ writes and vLLM, SGLang and Tandem load; engine/quant/formats/compressed.py read
 
     config.json   the source's, plus quantization_config: quant_method "compressed-tensors", format
                   "pack-quantized", one config group targeting Linear with weights {num_bits, type "int",
-                  symmetric, strategy "group" | "channel", group_size, actorder}, ignore ["lm_head"]
+                  symmetric, strategy "group" | "channel", group_size, actorder}, ignore ["lm_head"];
+                  actorder: None, "weight" (act-order with static groups: the usual layout, nothing to
+                  permute) or "group" (act-order with g_idx; compressed-tensors 0.20 no longer reads it)
     model.safetensors, per projection (Hugging Face names: q_proj, k_proj, ... split from Tandem's fused ones)
         weight_packed      (N, K * bits / 32) int32, each code (q + 2**(bits-1)) packed along K
         weight_scale       (N, groups) in the checkpoint's dtype
         weight_zero_point  asymmetric only: (ceil(N * bits / 32), groups) int32, packed along N
         weight_shape       (2,) int64
-        weight_g_idx       act-order only: (K,) int32
+        weight_g_idx       act-order without static groups only: (K,) int32
       and everything else dense in the checkpoint's dtype (embeddings, norms, lm_head, biases)
     every other file of the source (tokenizer, generation config) copied
 """
@@ -35,11 +37,17 @@ SPLITS = {"qkv_proj": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o_proj": (
           "gate_up_proj": ("mlp", ("gate_proj", "up_proj")), "down_proj": ("mlp", ("down_proj",))}  # fmt: skip
 
 
+def _actorder(cfg: QuantizeConfig) -> str | None:
+    if not cfg.gptq_act_order:
+        return None
+    return "weight" if cfg.gptq_static_groups else "group"
+
+
 def quantization_config(cfg: QuantizeConfig) -> dict[str, Any]:
     group = cfg.group
     weights = {"num_bits": cfg.bits, "type": "int", "symmetric": cfg.sym, "dynamic": False,
                "strategy": "channel" if group <= 0 else "group", "group_size": None if group <= 0 else group,
-               "actorder": "group" if cfg.act_order else None, "observer": "minmax"}  # fmt: skip
+               "actorder": _actorder(cfg), "observer": "mse" if cfg.gptq_mse_grid else "minmax"}  # fmt: skip
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
             "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
                                           "output_activations": None, "format": "pack-quantized"}},

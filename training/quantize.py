@@ -8,11 +8,15 @@ written as a compressed-tensors checkpoint (training/compressed_writer.py) that 
               inputs into a Hessian; GPTQ it (training/gptq.py); put the rounded weight in place, so
               the next projection sees its inputs as the quantized model will (true-sequential)
               states <- the layer's outputs with its quantized weights
+              asymmetric calibration (gptaq > 0): an unquantized copy of the layer first runs on
+              fp_states (the unquantized model's states), giving each projection's unquantized inputs
+              token for token (Hessian.add's x_fp) and fp_states <- that copy's outputs
         awq   run the layer once, collecting every projection's inputs; states <- its outputs (AWQ
               propagates unquantized activations); search scales and clips (training/awq.py); fold
               the scales into the RMSNorm weights
         rtn   round each projection to nearest (no data)
-        save  OUT/_quantize/layer_<i>.safetensors, states.pt, progress.json   <- a rerun resumes here
+        save  OUT/_quantize/layer_<i>.safetensors, states_<i+1>.pt (states and fp_states), progress.json
+              (done = i + 1), then states_<i>.pt removed   <- a rerun resumes at layer `done`
 
 The forward pass is the engine's own model (engine/model.py) over a scratch paged KV cache, in float32 on
 CPU. Scales are stored in the checkpoint's dtype and computed with it (training/quant_grid.py).
@@ -20,6 +24,7 @@ CPU. Scales are stored in the checkpoint's dtype and computed with it (training/
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -29,7 +34,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -101,6 +106,31 @@ class Calibration:
             out.append(layer(positions, x, res, self.model.cos_sin_cache, ctx))
         return out
 
+    @torch.no_grad()
+    def feed(self, layer: DecoderLayer, states: list[State], module: torch.nn.Module, sink: Callable[[Tensor], None]) -> None:
+        """Run the layer on every batch only as far as ``module``, handing ``sink`` its inputs (T, K): the
+        rest of the layer is not needed for a Hessian (SmolLM2: ~2.4 layer passes instead of 4 for the four
+        projections' Hessians, the MLP being most of a layer's time)."""
+
+        def stop(_m: torch.nn.Module, args: tuple[Tensor, ...]) -> None:
+            sink(args[0].detach())
+            raise _Reached
+
+        handle = module.register_forward_pre_hook(stop)
+        try:
+            for ids, (x, res) in zip(self.batches, states, strict=True):
+                positions, ctx = self._ctx(*ids.shape)
+                try:
+                    layer(positions, x, res, self.model.cos_sin_cache, ctx)
+                except _Reached:
+                    pass
+        finally:
+            handle.remove()
+
+
+class _Reached(Exception):
+    """Raised by :meth:`Calibration.feed`'s hook once the projection's inputs are taken."""
+
 
 def _capture(module: torch.nn.Module, sink: Callable[[Tensor], None]) -> torch.utils.hooks.RemovableHandle:
     return module.register_forward_pre_hook(lambda _m, args: sink(args[0].detach()))
@@ -111,27 +141,49 @@ def _linear(layer: DecoderLayer, fused: str) -> torch.nn.Linear:
     return getattr(getattr(layer, parent), fused)
 
 
+class LayerOutput(NamedTuple):
+    results: dict[str, QuantResult]  # by fused projection name
+    states: list[State]  # what enters the next layer
+    fp_states: list[State] | None  # the same in the unquantized model (asymmetric calibration only)
+
+
 def quantize_layer(
     cfg: QuantizeConfig, calib: Calibration | None, layer: DecoderLayer, states: list[State], scale_dtype: torch.dtype,
-) -> tuple[dict[str, QuantResult], list[State]]:  # fmt: skip
-    """Quantize one layer in place (see the module docstring); returns its results and the next states."""
+    fp_states: list[State] | None = None,
+) -> LayerOutput:  # fmt: skip
+    """Quantize one layer in place (see the module docstring). ``fp_states``: the unquantized model's states
+    entering the layer, for GPTQ's asymmetric calibration (``cfg.gptaq_alpha``)."""
     bits, group, results = cfg.bits, cfg.group, {}
     if cfg.method == "rtn" or calib is None:
         for _, fused in PROJECTIONS:
             w = _linear(layer, fused).weight
             results[fused] = rtn(w, bits, group if group > 0 else w.shape[1], cfg.sym, scale_dtype)
-        return results, states
+        return LayerOutput(results, states, None)
     if cfg.method == "gptq":
+        fp_inputs: dict[str, list[Tensor]] = {}
+        fp_next = None
+        if fp_states is not None:  # the unquantized layer's projection inputs, token for token
+            fp_layer = copy.deepcopy(layer)
+            fp_inputs = {fused: [] for _, fused in PROJECTIONS}
+            handles = [_capture(_linear(fp_layer, f), fp_inputs[f].append) for f in fp_inputs]
+            fp_next = calib.run(fp_layer, fp_states)
+            for h in handles:
+                h.remove()
+            del fp_layer
         for _, fused in PROJECTIONS:
             lin = _linear(layer, fused)
             hess = Hessian(lin.in_features)
-            handle = _capture(lin, hess.add)
-            calib.run(layer, states)
-            handle.remove()
-            r = gptq_quantize(lin.weight, hess.h, bits, group, cfg.sym, cfg.act_order, scale_dtype, cfg.damp)
+            if fp_inputs:
+                paired = iter(fp_inputs.pop(fused))
+                calib.feed(layer, states, lin, lambda x, it=paired, hs=hess: hs.add(x, next(it)))  # type: ignore[misc]
+            else:
+                calib.feed(layer, states, lin, hess.add)
+            r = gptq_quantize(lin.weight, hess.h, bits, group, cfg.sym, cfg.gptq_act_order, scale_dtype, cfg.damp,
+                              mse=cfg.gptq_mse_grid, static_groups=cfg.gptq_static_groups, dxx=hess.dxx,
+                              alpha=cfg.gptaq_alpha)  # fmt: skip
             lin.weight.data.copy_(r.dequantized())
             results[fused] = r
-        return results, calib.run(layer, states)
+        return LayerOutput(results, calib.run(layer, states), fp_next)
     seen: dict[str, list[Tensor]] = {fused: [] for _, fused in PROJECTIONS}
 
     def keep(name: str) -> Callable[[Tensor], None]:
@@ -148,17 +200,24 @@ def quantize_layer(
                                 attn.q_size + attn.kv_size, spec)  # fmt: skip
     layer.input_layernorm.data /= scales.qkv
     layer.post_attention_layernorm.data /= scales.gate_up
-    return results, nxt
+    return LayerOutput(results, nxt, None)
 
 
-def _save_layer(state: Path, i: int, results: dict[str, QuantResult], layer: DecoderLayer, states: list[State]) -> None:
-    tensors = {f"{name}.{field}": getattr(r, field) for name, r in results.items()
+def _states_file(state: Path, done: int) -> Path:
+    """The states entering layer ``done``: one file per count, so progress.json's count always has its
+    own (a run killed between writing the states and progress.json resumes from the older pair)."""
+    return state / f"states_{done}.pt"
+
+
+def _save_layer(state: Path, i: int, layer: DecoderLayer, out: LayerOutput) -> None:
+    tensors = {f"{name}.{field}": getattr(r, field) for name, r in out.results.items()
                for field in ("codes", "scales", "zeros", "g_idx") if getattr(r, field) is not None}  # fmt: skip
     tensors["input_layernorm"] = layer.input_layernorm.data
     tensors["post_attention_layernorm"] = layer.post_attention_layernorm.data
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(state / f"layer_{i}.safetensors"))
-    torch.save(states, state / "states.tmp")
-    (state / "states.tmp").replace(state / "states.pt")
+    tmp = state / "states.tmp"
+    torch.save({"states": out.states, "fp_states": out.fp_states}, tmp)
+    tmp.replace(_states_file(state, i + 1))
 
 
 def _load_layer(state: Path, i: int, cfg: QuantizeConfig, layer: DecoderLayer) -> dict[str, QuantResult]:
@@ -204,7 +263,11 @@ def quantize_checkpoint(cfg: QuantizeConfig, stop_after: int | None = None, prog
     calib = None
     if cfg.method != "rtn":
         calib = Calibration(model, calibration_windows(cfg, Tokenizer.from_dir(cfg.model)), cfg.batch_size)
-    states: list[State] = torch.load(state / "states.pt") if done else (calib.embed() if calib else [])
+    saved_states = torch.load(_states_file(state, done)) if done else {}
+    states: list[State] = saved_states["states"] if done else (calib.embed() if calib else [])
+    fp_states: list[State] | None = None
+    if calib is not None and cfg.gptaq_alpha > 0:
+        fp_states = saved_states["fp_states"] if done else calib.embed()
     results: dict[tuple[int, str], QuantResult] = {}
     for i in range(done):
         results.update({(i, f): r for f, r in _load_layer(state, i, cfg, cast(DecoderLayer, model.layers[i])).items()})
@@ -213,10 +276,14 @@ def quantize_checkpoint(cfg: QuantizeConfig, stop_after: int | None = None, prog
     for i in layers:
         t0 = time.perf_counter()
         layer = cast(DecoderLayer, model.layers[i])
-        layer_results, states = quantize_layer(cfg, calib, layer, states, scale_dtype)
-        results.update({(i, f): r for f, r in layer_results.items()})
-        _save_layer(state, i, layer_results, layer, states)
-        progress_file.write_text(json.dumps({"settings": _settings(cfg), "done": i + 1}))
+        step = quantize_layer(cfg, calib, layer, states, scale_dtype, fp_states)
+        states, fp_states = step.states, step.fp_states
+        results.update({(i, f): r for f, r in step.results.items()})
+        _save_layer(state, i, layer, step)
+        progress_tmp = state / "progress.tmp"
+        progress_tmp.write_text(json.dumps({"settings": _settings(cfg), "done": i + 1}))
+        progress_tmp.replace(progress_file)
+        _states_file(state, i).unlink(missing_ok=True)
         logger.info("layer %d/%d quantized (%s) in %.1f s", i + 1, len(model.layers), cfg.method,
                     time.perf_counter() - t0)
         if stop_after is not None and i + 1 - done >= stop_after and i + 1 < len(model.layers):

@@ -7,7 +7,8 @@ KV cache), and rank 0 compares each step's gathered logits with the unsharded on
 (engine/parallel/relay.py): every rank's heads of the run's pages are gathered into whole pages on rank 0,
 which must equal the unsharded pool's pages, scattered back into other blocks and gathered again. Results
 go back through `out` (a multiprocessing queue): (case, max |logit difference|, argmax equal at every step,
-KV heads per rank, logit std, max |relayed page - unsharded page|, scatter-then-gather exact).
+KV heads per rank, logit std, max |relayed page - unsharded page|, scatter-then-gather exact, the sharded
+projections' module types).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from engine.config import EngineConfig
 from engine.model_runner import ModelRunner, StepInput
 from engine.parallel.group import TPGroup, destroy_group, init_group
 from engine.parallel.relay import gather_layer, gather_pages, scatter_pages
+from engine.quant import projection_modules
 from engine.sampling.params import SamplingParams
 from engine.sequence import Sequence
 
@@ -89,7 +91,9 @@ def rank_main(rank: int, addr: str, cases: list[tuple[str, str, str | None]], ou
             if rank == 0:
                 diff = max(float((a - b).abs().max()) for a, b in zip(logits, ref_logits, strict=True))
                 same = all(int(a[0].argmax()) == t for a, t in zip(logits, ref_tokens, strict=True))
-                out.put((name, diff, same, runner.kv.shape[4], float(ref_logits[0].std()), relay_diff, round_trip))
+                kinds = sorted({type(m).__name__ for _, m in projection_modules(runner.model)})
+                out.put((name, diff, same, runner.kv.shape[4], float(ref_logits[0].std()), relay_diff, round_trip,
+                         kinds))  # fmt: skip
         destroy_group()
     except BaseException:
         out.put(("error", rank, traceback.format_exc()))
