@@ -108,27 +108,41 @@ def int8_group_gemm_cpu(x: Tensor, w: GroupWeight, bias: Tensor | None = None) -
     if bias is not None and not (_tensor_ok(bias, 1, (x.dtype,)) and bias.shape[0] == n):
         check_tensor("bias", bias, 1, (x.dtype,), torch.device("cpu"))
         check(bias.shape[0] == n, f"bias must be ({n},), got {tuple(bias.shape)}")
-    return gemm_checked(x, w, bias)
+    return Int8GroupGemm(w)(x, bias)
 
 
-def gemm_checked(x: Tensor, w: GroupWeight, bias: Tensor | None = None) -> Tensor:
-    """:func:`int8_group_gemm_cpu` without its argument checks, for a caller that ran
-    :func:`check_weight` once (GroupQuantLinear, at load) and passes x (..., K) float on the CPU and
-    bias (N,) in x.dtype. RuntimeError when the kernel could not be built."""
-    kernel = load_kernel()
-    if kernel is None:
-        raise RuntimeError("the grouped int8 CPU kernel is unavailable (see the log); use wna16_ref")
-    n, k = w.qweight.shape
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)  # (M, K), a view where the strides allow
-    m = x2.shape[0]
-    out = torch.empty(m, n, dtype=torch.float32)  # (M, N)
-    if m:
-        xf = x2 if x2.dtype == torch.float32 else x2.float()
-        scales = w.scales if w.scales.dtype == torch.float32 else w.scales.float()
-        kernel(xf.data_ptr(), xf.stride(0), xf.stride(1), w.qweight.data_ptr(), w.qweight.stride(0),
-               scales.data_ptr(), scales.stride(0), w.zeros.data_ptr(), w.zeros.stride(0), out.data_ptr(), n, m,
-               n, k, w.group_size)  # fmt: skip
-    if bias is not None:
-        out += bias
-    return (out if x.dtype == torch.float32 else out.to(x.dtype)).reshape(*lead, n)
+class Int8GroupGemm:
+    """A checked weight with its kernel arguments prepared once (scales converted to float32,
+    pointers and strides read), so a call costs one output allocation and the kernel: what
+    GroupQuantLinear holds. Calling it: x (..., K) float on the CPU (not checked again), bias (N,)
+    in x.dtype or None -> new (..., N) in x.dtype. ValueError from the constructor as
+    :func:`check_weight`; RuntimeError when the kernel could not be built."""
+
+    def __init__(self, w: GroupWeight) -> None:
+        check_weight(w)
+        kernel = load_kernel()
+        if kernel is None:
+            raise RuntimeError("the grouped int8 CPU kernel is unavailable (see the log); use wna16_ref")
+        self.kernel = kernel
+        self.weight = w
+        self.scales = w.scales if w.scales.dtype == torch.float32 else w.scales.float()  # exact
+        self.n, self.k = w.qweight.shape
+        # the arguments after x's: qweight, scales, zeros (pointer, row stride each)
+        self.args = (w.qweight.data_ptr(), w.qweight.stride(0), self.scales.data_ptr(), self.scales.stride(0),
+                     w.zeros.data_ptr(), w.zeros.stride(0))  # fmt: skip
+
+    def __call__(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        n, k = self.n, self.k
+        x2 = x if x.dim() == 2 else x.reshape(-1, k)  # (M, K), a view where the strides allow
+        if x2.dtype != torch.float32:
+            x2 = x2.float()
+        m = x2.shape[0]
+        out = torch.empty(m, n, dtype=torch.float32)  # (M, N)
+        if m:
+            sm, sk = x2.stride()
+            self.kernel(x2.data_ptr(), sm, sk, *self.args, out.data_ptr(), n, m, n, k, self.weight.group_size)
+        if bias is not None:
+            out += bias
+        if x.dtype != torch.float32:
+            out = out.to(x.dtype)
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)
