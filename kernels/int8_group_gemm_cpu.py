@@ -120,10 +120,8 @@ class Int8GroupGemm:
 
     def __init__(self, w: GroupWeight) -> None:
         check_weight(w)
-        kernel = load_kernel()
-        if kernel is None:
+        if load_kernel() is None:
             raise RuntimeError("the grouped int8 CPU kernel is unavailable (see the log); use wna16_ref")
-        self.kernel = kernel
         self.weight = w
         self.scales = w.scales if w.scales.dtype == torch.float32 else w.scales.float()  # exact
         self.n, self.k = w.qweight.shape
@@ -140,7 +138,9 @@ class Int8GroupGemm:
         out = torch.empty(m, n, dtype=torch.float32)  # (M, N)
         if m:
             sm, sk = x2.stride()
-            self.kernel(x2.data_ptr(), sm, sk, *self.args, out.data_ptr(), n, m, n, k, self.weight.group_size)
+            kernel = load_kernel()  # cached; not held, so the object stays copyable
+            assert kernel is not None
+            kernel(x2.data_ptr(), sm, sk, *self.args, out.data_ptr(), n, m, n, k, self.weight.group_size)
         if bias is not None:
             out += bias
         if x.dtype != torch.float32:
