@@ -10,9 +10,9 @@ Kernels (fixed per layer at load, as for the load-time schemes in engine/quant/l
               cast back, since torch vectorises only the bfloat16 path (kernels/quant_cpu.py)
     cpu_int8  kernels/int8_group_gemm_cpu.py (C++): 8 bits with integer zero points, no perm, G a multiple
               of 8, on CPU, whatever the model dtype (it computes in float32). The weight stays 1 byte per
-              value; at SmolLM2's shapes it is as fast as the dense float32 matmul at M = 1 (within ~15%
-              either way) and faster at 16-48 rows (docs/benchmarks.md, "Grouped int8 on CPU"), so it is
-              used for every batch size. Without a C++ compiler: dequant (a GGUF expands to dense instead)
+              value; at SmolLM2's shapes it takes 0.77-1.17x the dense float32 matmul's time at M = 1-48
+              (docs/benchmarks.md, "Grouped int8 on CPU"), so it is used for every batch size. Without a
+              C++ compiler: dequant (a GGUF expands to dense instead)
     dequant   dequantize, then F.linear (the reference; everything else)
 
 A channel-wise symmetric 8-bit weight (compressed-tensors W8A16, GPTQ 8-bit with group_size -1) is no
