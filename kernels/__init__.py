@@ -1,8 +1,9 @@
 """Hot-path kernels: each Triton kernel sits beside its plain-PyTorch reference.
 
 ``select_ops(backend, device)`` returns the bundle the engine calls; the ``*_ref`` functions are
-the PyTorch references (and the CPU path), the others the Triton launchers. CPU attention is
-the exception: kernels.paged_attention_cpu, a C++ kernel built on first use.
+the PyTorch references (and the CPU path), the others the Triton launchers. The exceptions are
+C++ CPU kernels built on first use (kernels/cpu_build.py): kernels.paged_attention_cpu (attention)
+and kernels.int8_group_gemm_cpu (grouped 8-bit weights).
 """
 
 from kernels.activation import silu_and_mul, silu_and_mul_ref

@@ -14,25 +14,17 @@ A decode (or any query of up to 192 / Hq positions) is one item holding all its 
 is read whole, once; a prefill chunk is tiles of 192 query rows per KV head. Items go to the torch
 intra-op threads largest first.
 
-Building: the system C++ compiler (``$CXX``, else c++, g++ or clang++) compiles the source against
-torch's headers once per machine, about 5 s, into ``$TANDEM_CACHE_DIR/kernels`` (else
-``$XDG_CACHE_HOME/tandem/kernels``, else ``~/.cache/tandem/kernels``), named by a hash of the source,
-the flags, the compiler and torch's version; every later process only loads it. Where there is no
-compiler, or it fails, :func:`load_kernel` logs why once and returns None, and ``select_ops`` keeps
-the reference: the choice is made once, when the engine picks its kernels, never per call.
+Building: kernels/cpu_build.py compiles the source with the system C++ compiler once per machine,
+about 5 s, into ``$TANDEM_CACHE_DIR/kernels`` (else ``$XDG_CACHE_HOME/tandem/kernels``, else
+``~/.cache/tandem/kernels``); every later process only loads it. Where there is no compiler, or it
+fails, :func:`load_kernel` logs why once and returns None, and ``select_ops`` keeps the reference:
+the choice is made once, when the engine picks its kernels, never per call.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,10 +32,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from kernels import cpu_build
 from kernels._triton import FLOAT_DTYPES, check, check_tensor
 from kernels.paged_attention import paged_attention_ref
-
-log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("paged_attention_cpu.cpp")
 _KV_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float8_e4m3fn: 3}
@@ -59,74 +50,12 @@ _ARGTYPES: list[Any] = [
 ]  # fmt: skip
 
 
-def cache_dir() -> Path:
-    """$TANDEM_CACHE_DIR/kernels, else $XDG_CACHE_HOME/tandem/kernels, else ~/.cache/tandem/kernels."""
-    root = os.environ.get("TANDEM_CACHE_DIR")
-    if root is None:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        root = str(Path(xdg) / "tandem") if xdg else str(Path.home() / ".cache" / "tandem")
-    return Path(root) / "kernels"
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return name
-    return None
-
-
-def _flags() -> list[str]:
-    torch_dir = Path(torch.__file__).parent
-    # AVX2 + FMA where torch itself dispatches to them; no -march=native, so a cache directory
-    # shared between machines never hands one a library the other cannot run.
-    isa = ["-mavx2", "-mfma"] if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else []
-    return ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", *isa, f"-I{torch_dir / 'include'}",
-            f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu"]  # fmt: skip
-
-
-def build(cxx: str, out_dir: Path) -> Path:
-    """Compile the kernel into ``out_dir`` unless an identical build is there; returns the library.
-
-    The name hashes the source, flags, compiler version and torch version. Concurrent builders
-    (two test processes) each write a temporary file and rename it into place.
-    Raises OSError (cannot write) or subprocess.CalledProcessError / TimeoutExpired (the compiler).
-    """
-    flags = _flags()
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), *flags, version, torch.__version__, platform.machine()]).encode()
-    ).hexdigest()[:16]
-    lib = out_dir / f"paged_attention_cpu-{key}.so"
-    if lib.exists():
-        return lib
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-    os.close(fd)
-    try:
-        subprocess.run([cxx, str(SOURCE), "-o", tmp, *flags], check=True, capture_output=True, text=True, timeout=300)
-        os.replace(tmp, lib)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return lib
-
-
 @functools.cache
 def load_kernel() -> Callable[..., int] | None:
-    """The compiled kernel's entry point, built if needed; None (logged once, with the reason) when
-    there is no C++ compiler or the build or load fails."""
-    cxx = _compiler()
-    if cxx is None:
-        log.warning("no C++ compiler ($CXX, c++, g++, clang++): CPU attention uses the gathering reference")
-        return None
-    try:
-        lib = ctypes.CDLL(str(build(cxx, cache_dir())))
-    except subprocess.CalledProcessError as e:
-        log.warning("building the CPU attention kernel failed, using the gathering reference: %s",
-                    e.stderr.strip()[-2000:])  # fmt: skip
-        return None
-    except (OSError, subprocess.SubprocessError) as e:
-        log.warning("the CPU attention kernel is unavailable, using the gathering reference: %s", e)
+    """The compiled kernel's entry point, built if needed (kernels/cpu_build.py); None (logged once,
+    with the reason) when there is no C++ compiler or the build or load fails."""
+    lib = cpu_build.load_library(SOURCE, "the CPU attention kernel", "the gathering reference")
+    if lib is None:
         return None
     fn = lib.tandem_paged_attention
     fn.restype, fn.argtypes = _INT, _ARGTYPES

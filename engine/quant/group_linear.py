@@ -8,6 +8,11 @@ Kernels (fixed per layer at load, as for the load-time schemes in engine/quant/l
               (act-order: x's columns are gathered through perm first). With ``bf16_activations`` (GGUF)
               float32/float16 models use it too: x is rounded to bfloat16 on the way in and the output
               cast back, since torch vectorises only the bfloat16 path (kernels/quant_cpu.py)
+    cpu_int8  kernels/int8_group_gemm_cpu.py (C++): 8 bits with integer zero points, no perm, G a multiple
+              of 8, on CPU, whatever the model dtype (it computes in float32). The weight stays 1 byte per
+              value; at SmolLM2's shapes it takes 0.77-1.17x the dense float32 matmul's time at M = 1-48
+              (docs/benchmarks.md, "Grouped int8 on CPU"), so it is used for every batch size. Without a
+              C++ compiler: dequant (a GGUF expands to dense instead)
     dequant   dequantize, then F.linear (the reference; everything else)
 
 A channel-wise symmetric 8-bit weight (compressed-tensors W8A16, GPTQ 8-bit with group_size -1) is no
@@ -23,6 +28,8 @@ from torch import Tensor
 
 from engine.quant.linear import QuantLinear
 from engine.quant.schemes import Int8Weight
+from kernels import int8_group_gemm_cpu
+from kernels.int8_group_gemm_cpu import Int8GroupGemm
 from kernels.quant_cpu import CPU_INT4_N_MULTIPLE, CpuInt4Weight, int4_pack_for_cpu, int4_packed_mm
 from kernels.wna16_gemm import GroupWeight, wna16_gemm, wna16_ref
 
@@ -42,8 +49,9 @@ def as_int8(w: GroupWeight) -> Int8Weight | None:
 def choose_group_kernel(
     w: GroupWeight, backend: str, device: torch.device, dtype: torch.dtype, bf16_activations: bool = False
 ) -> str:
-    """triton | packed | dequant for one layer; backend "triton" or "torch" (engine/quant/apply.py);
-    ``bf16_activations``: a model of another dtype may round x to bfloat16 for the packed kernel."""
+    """triton | packed | cpu_int8 | dequant for one layer; backend "triton" or "torch"
+    (engine/quant/apply.py); ``bf16_activations``: a model of another dtype may round x to bfloat16 for
+    the packed kernel. cpu_int8 only where its C++ kernel built (one logged warning otherwise)."""
     n, k = w.shape
     if backend == "triton":
         align = math.gcd(w.group_size, k)
@@ -51,14 +59,16 @@ def choose_group_kernel(
     if (device.type == "cpu" and (dtype == torch.bfloat16 or bf16_activations) and w.bits == 4
             and n % CPU_INT4_N_MULTIPLE == 0 and w.group_size in _CPU_INT4_GROUPS and k % w.group_size == 0):  # fmt: skip
         return "packed"
+    if device.type == "cpu" and int8_group_gemm_cpu.supports(w) and int8_group_gemm_cpu.load_kernel() is not None:
+        return "cpu_int8"
     return "dequant"
 
 
 class GroupQuantLinear(QuantLinear):
     """W4A16 / W8A16 with a (scale, zero) per group of inputs. Buffers: qweight, scales, zeros and perm
-    as the GroupWeight has them (scales in the checkpoint's float dtype, so nothing is rounded), or for
-    the packed kernel torch's CPU layout (qweight, scale_and_zeros (K // G, N, 2) in bfloat16, the
-    dtype its activations are computed in) and perm."""
+    as the GroupWeight has them (scales in the checkpoint's float dtype, so nothing is rounded; float32
+    for cpu_int8, exactly converted), or for the packed kernel torch's CPU layout (qweight,
+    scale_and_zeros (K // G, N, 2) in bfloat16, the dtype its activations are computed in) and perm."""
 
     qweight: Tensor
     scales: Tensor
@@ -78,8 +88,9 @@ class GroupQuantLinear(QuantLinear):
             self.register_buffer("scale_and_zeros", cpu.scale_and_zeros)
         else:
             self.register_buffer("qweight", w.qweight)
-            self.register_buffer("scales", w.scales)
+            self.register_buffer("scales", w.scales.float() if kernel == "cpu_int8" else w.scales)
             self.register_buffer("zeros", w.zeros)
+        self._cpu_int8: Int8GroupGemm | None = Int8GroupGemm(self.weight()) if kernel == "cpu_int8" else None
 
     def weight(self) -> GroupWeight:
         """The layer's GroupWeight (not for the packed kernel, which keeps torch's layout)."""
@@ -93,6 +104,11 @@ class GroupQuantLinear(QuantLinear):
                 return int4_packed_mm(xs, packed, self.group_size, self.bias)
             out = int4_packed_mm(xs.to(torch.bfloat16), packed, self.group_size).to(x.dtype)
             return out if self.bias is None else out + self.bias
+        if self.kernel == "cpu_int8":
+            gemm = self._cpu_int8
+            if gemm is None or gemm.weight.qweight is not self.qweight or gemm.weight.scales is not self.scales:
+                gemm = self._cpu_int8 = Int8GroupGemm(self.weight())  # buffers replaced (.to(), a load)
+            return gemm(x, self.bias)
         if self.kernel == "triton":
             return wna16_gemm(x, self.weight(), self.bias)
         return wna16_ref(x, self.weight(), self.bias)

@@ -40,7 +40,7 @@ from kernels.quant_cpu import (
 )  # fmt: skip
 from kernels.quant_gemm import w4a16_gemm, w4a16_ref, w8a16_gemm, w8a16_ref
 
-KERNELS = ("triton", "packed", "scaled_mm", "dequant")
+KERNELS = ("triton", "packed", "cpu_int8", "scaled_mm", "dequant")  # cpu_int8: engine/quant/group_linear.py
 _CPU_INT4_GROUPS = (32, 64, 128, 256)
 
 

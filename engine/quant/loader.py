@@ -72,7 +72,8 @@ def build_linear(
 ) -> nn.Module:  # fmt: skip
     """The module for one (fused) projection's weight, on ``device``; backend "triton" or "torch".
     ``approximate_cpu`` (GGUF): on CPU, a 4-bit grouped weight takes torch's packed kernel whatever the
-    dtype (bfloat16 activations inside it), and one that no CPU kernel takes is expanded to a dense
+    dtype (bfloat16 activations inside it), an 8-bit one (Q8_0, Q6_K) the grouped int8 C++ kernel
+    (``cpu_int8``, exact), and one that no CPU kernel takes (no C++ compiler) is expanded to a dense
     Linear here rather than dequantized at every forward (80-110x the dense matmul on SmolLM2's shapes)."""
     q = _to(q, device)
     kernel = "dense"

@@ -20,6 +20,7 @@ from engine.sampling.params import SamplingParams
 from engine.sequence import Sequence
 from engine.tokenizer import Tokenizer
 from engine.weights import iter_gguf, iter_safetensors
+from kernels.int8_group_gemm_cpu import load_kernel as load_int8_kernel
 from tests.engine.gguf_export import export_gguf
 from tests.hf_reference import random_prompts
 
@@ -165,19 +166,45 @@ def test_a_quantized_gguf_keeps_its_projections_quantized(tiny_model, tmp_path: 
     assert kinds(exact) == {"Linear/dense"}
     prompts = random_prompts(1024, [5, 17], seed=4)
     got, want = forward_logits(kept, prompts), forward_logits(exact, prompts)
-    if qtype == "Q8_0":  # no grouped int8 kernel on CPU: expanded to float32 at load, exactly
-        assert kinds(kept) == {"Linear/dense"}
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    int8 = "GroupQuantLinear/cpu_int8" if load_int8_kernel() is not None else "Linear/dense"
+    if qtype == "Q8_0":  # the grouped int8 C++ kernel: the same float32 weights, summed in another order
+        assert kinds(kept) == {int8}
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         return
     # 4-bit: torch's packed kernel, x rounded to bfloat16 on the way in (8 bits of mantissa, as llama.cpp
     # rounds x to 8-bit integers on CPU): logits move by ~1% of their spread, the argmax holds
-    # K: Q6_K's v and down are 8-bit, expanded on CPU; qkv keeps one module per shard
-    want_kinds = {"GroupQuantLinear/packed"} | ({"ConcatLinear/dense", "Linear/dense"} if qtype == "K" else set())
+    # K: Q6_K's v and down are 8-bit (the grouped int8 kernel); qkv keeps one module per shard
+    want_kinds = {"GroupQuantLinear/packed"} | ({"ConcatLinear/dense", int8} if qtype == "K" else set())
     assert kinds(kept) == want_kinds
     assert weight_bytes(kept) < (0.6 if qtype == "K" else 0.2) * weight_bytes(exact)
     spread = float(want.std())
     assert float((got - want).abs().max()) < 0.05 * spread, float((got - want).abs().max()) / spread
     assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) >= 0.95
+
+
+def test_a_q8_0_gguf_keeps_its_projections_in_8_bits_on_cpu(tiny_model, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.quant import projection_modules
+    from kernels import int8_group_gemm_cpu
+
+    if load_int8_kernel() is None:
+        pytest.skip("no C++ compiler here: Q8_0 projections are expanded to dense (see the log)")
+    hf = tiny_model("llama", hidden_size=256, intermediate_size=512, num_heads=4, num_kv_heads=2)
+    path = export_gguf(hf, tmp_path / "q8.gguf", qtype=gguf.GGMLQuantizationType.Q8_0)
+    kw = dict(dtype="float32", device="cpu", block_size=8, num_kv_blocks=64)
+    kept, exact = LLM(path, **kw), LLM(path, gguf_dequantize=True, **kw)
+    assert kinds(kept) == {"GroupQuantLinear/cpu_int8"}
+    for _, m in projection_modules(kept.engine.runner.model):
+        assert m.qweight.dtype == torch.uint8 and m.scales.dtype == torch.float32 and m.group_size == 32
+    # 1 byte per weight + a float32 scale and a uint8 zero point per 32, against 4 bytes dense
+    assert weight_bytes(kept) * 4 == weight_bytes(exact) * (1 + 5 / 32)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    prompts = random_prompts(1024, [5, 17, 9], seed=8)
+    got = [o.token_ids for o in kept.generate(prompts, params)]
+    assert got == [o.token_ids for o in exact.generate(prompts, params)]
+    # without the kernel (no compiler): expanded to dense at load, as before
+    monkeypatch.setattr(int8_group_gemm_cpu, "load_kernel", lambda: None)
+    assert kinds(LLM(path, **kw)) == {"Linear/dense"}
 
 
 def test_a_kept_quantized_gguf_refuses_load_time_quantization(tiny_model, tmp_path: Path) -> None:

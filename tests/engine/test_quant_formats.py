@@ -235,3 +235,30 @@ def test_a_gguf_tensor_becomes_a_layer_on_each_cpu_kernel(tmp_path: Path) -> Non
     assert bf16.kernel == "packed"  # type: ignore[union-attr]
     # torch's layout holds scale and zero term in bf16 (8 bits of mantissa): ~1% of each group's range
     torch.testing.assert_close(bf16(x.bfloat16()).float(), x @ dense.t(), atol=0.1, rtol=0.05)
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_8_bit_grouped_weight_runs_the_grouped_int8_cpu_kernel(dtype: torch.dtype) -> None:
+    # GPTQ / compressed-tensors 8-bit: groups of 32, their own zero points, float16 scales
+    from engine.quant.loader import build_linear
+    from kernels.int8_group_gemm_cpu import load_kernel
+
+    if load_kernel() is None:
+        pytest.skip("no C++ compiler here: 8-bit grouped weights keep the dequantizing reference")
+    q = torch.randint(0, 256, (40, 96), generator=gen(2), dtype=torch.uint8)
+    scales = (torch.rand(40, 3, generator=gen(3)) / 100).half()
+    w = GroupWeight(q, scales, torch.randint(0, 256, (40, 3), generator=gen(4), dtype=torch.uint8), 32, 8)
+    bias = torch.randn(40, generator=gen(5)).to(dtype)
+    lin = build_linear(w, bias, "torch", torch.device("cpu"), dtype)
+    assert lin.kernel == "cpu_int8" and lin.qweight.dtype == torch.uint8  # type: ignore[union-attr]
+    x = torch.randn(2, 3, 96, generator=gen(6)).to(dtype)  # (batch, tokens, K)
+    dense = dequantize_group(w)  # (N, K) float32
+    want = x.float() @ dense.t() + bias.float()
+    # float32: the same weights summed in another order; bfloat16: the output rounded to 8 bits
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.05, rtol=0.01)
+    torch.testing.assert_close(lin(x).float(), want, **tol)
+    lin.scales = lin.scales * 2  # a replaced buffer: the kernel's prepared arguments follow it
+    torch.testing.assert_close(lin(x).float(), 2 * (want - bias.float()) + bias.float(), **tol)
+    offsets = build_linear(w._replace(zeros=w.zeros.float()), None, "torch", torch.device("cpu"), dtype)
+    assert offsets.kernel == "dequant"  # type: ignore[union-attr]  # float offsets: not this kernel's

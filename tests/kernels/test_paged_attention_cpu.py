@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from kernels import ops, paged_attention_cpu
+from kernels import cpu_build, ops, paged_attention_cpu
 from kernels.kv_store import quantize_kv
 from kernels.paged_attention import paged_attention_ref
 from kernels.paged_attention_cpu import load_kernel
@@ -144,11 +144,12 @@ def test_select_ops_uses_it_on_cpu_and_the_reference_without_it(monkeypatch: pyt
 
 def test_build_is_cached_and_failures_are_logged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  caplog: pytest.LogCaptureFixture) -> None:
-    cxx = paged_attention_cpu._compiler()
+    cxx = cpu_build.compiler()
     assert cxx is not None
-    lib = paged_attention_cpu.build(cxx, paged_attention_cpu.cache_dir())  # built by the fixture's load
+    source = paged_attention_cpu.SOURCE
+    lib = cpu_build.build(source, cxx, cpu_build.cache_dir())  # built by the fixture's load
     mtime = lib.stat().st_mtime_ns
-    assert paged_attention_cpu.build(cxx, paged_attention_cpu.cache_dir()) == lib
+    assert cpu_build.build(source, cxx, cpu_build.cache_dir()) == lib
     assert lib.stat().st_mtime_ns == mtime  # found, not rebuilt
     bad = tmp_path / "bad.cpp"
     bad.write_text("this is not C++\n")
@@ -156,11 +157,11 @@ def test_build_is_cached_and_failures_are_logged(tmp_path: Path, monkeypatch: py
     monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path / "cache"))
     paged_attention_cpu.load_kernel.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger="kernels.paged_attention_cpu"):
+        with caplog.at_level(logging.WARNING, logger="kernels.cpu_build"):
             assert paged_attention_cpu.load_kernel() is None
             assert "building the CPU attention kernel failed" in caplog.text
             assert list((tmp_path / "cache" / "kernels").iterdir()) == []  # no temporary file left behind
-            monkeypatch.setattr(paged_attention_cpu, "_compiler", lambda: None)
+            monkeypatch.setattr(cpu_build, "compiler", lambda: None)
             paged_attention_cpu.load_kernel.cache_clear()
             assert paged_attention_cpu.load_kernel() is None
             assert "no C++ compiler" in caplog.text

@@ -1,0 +1,95 @@
+"""Building Tandem's C++ CPU kernels on first use: compile once per machine, cache, load with ctypes.
+
+:func:`load_library` compiles a kernel's source with the system C++ compiler (``$CXX``, else c++, g++
+or clang++) against torch's headers, about 5 s, into :func:`cache_dir`, under a name hashing the source,
+the flags, the compiler's version and torch's version; every later process only loads it. Concurrent
+builders (two test processes) each write a temporary file and rename it into place. Where there is no
+compiler, or the build or the load fails, it logs why once per kernel (the caller caches its answer)
+and returns None, and the caller keeps its PyTorch reference.
+
+Used by kernels/paged_attention_cpu.py and kernels/int8_group_gemm_cpu.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    """$TANDEM_CACHE_DIR/kernels, else $XDG_CACHE_HOME/tandem/kernels, else ~/.cache/tandem/kernels."""
+    root = os.environ.get("TANDEM_CACHE_DIR")
+    if root is None:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        root = str(Path(xdg) / "tandem") if xdg else str(Path.home() / ".cache" / "tandem")
+    return Path(root) / "kernels"
+
+
+def compiler() -> str | None:
+    """The first of $CXX, c++, g++, clang++ on the PATH, or None."""
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def flags() -> list[str]:
+    """Compiler flags: optimised shared library, OpenMP, torch's headers and libraries."""
+    torch_dir = Path(torch.__file__).parent
+    # AVX2 + FMA where torch itself dispatches to them; no -march=native, so a cache directory
+    # shared between machines never hands one a library the other cannot run.
+    isa = ["-mavx2", "-mfma"] if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else []
+    return ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", *isa, f"-I{torch_dir / 'include'}",
+            f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu"]  # fmt: skip
+
+
+def build(source: Path, cxx: str, out_dir: Path) -> Path:
+    """Compile ``source`` into ``out_dir`` unless an identical build is there; returns the library,
+    ``<source stem>-<hash>.so``. Raises OSError (cannot write) or subprocess.CalledProcessError /
+    TimeoutExpired (the compiler)."""
+    opts = flags()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(
+        "\0".join([source.read_text(), *opts, version, torch.__version__, platform.machine()]).encode()
+    ).hexdigest()[:16]
+    lib = out_dir / f"{source.stem}-{key}.so"
+    if lib.exists():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        subprocess.run([cxx, str(source), "-o", tmp, *opts], check=True, capture_output=True, text=True, timeout=300)
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+def load_library(source: Path, what: str, fallback: str) -> ctypes.CDLL | None:
+    """``source`` compiled (if needed) and loaded; None, with one warning naming ``what`` (the kernel)
+    and ``fallback`` (what runs instead), when there is no compiler or the build or load fails."""
+    cxx = compiler()
+    if cxx is None:
+        log.warning("no C++ compiler ($CXX, c++, g++, clang++): %s uses %s", what, fallback)
+        return None
+    try:
+        return ctypes.CDLL(str(build(source, cxx, cache_dir())))
+    except subprocess.CalledProcessError as e:
+        log.warning("building %s failed, using %s: %s", what, fallback, e.stderr.strip()[-2000:])
+        return None
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("%s is unavailable, using %s: %s", what, fallback, e)
+        return None
