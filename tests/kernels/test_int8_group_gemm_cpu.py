@@ -5,8 +5,6 @@ one and two threads, and its refusals."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -18,14 +16,6 @@ from kernels.wna16_gemm import GroupWeight, wna16_ref
 def kernel() -> None:
     if load_kernel() is None:
         pytest.skip("no C++ compiler here: the engine keeps the dense or dequantizing fallback (see the log)")
-
-
-@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
-def threads(request: pytest.FixtureRequest) -> Iterator[int]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
 
 
 def weight(n: int, k: int, group: int, zero: int | None, scale_dtype: torch.dtype, seed: int) -> GroupWeight:

@@ -5,7 +5,7 @@ every pool dtype and layout, one and two threads, and its refusals."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +34,6 @@ MIXES = {
 def kernel() -> None:
     if load_kernel() is None:
         pytest.skip("no C++ compiler here: the engine uses the reference (see the log)")
-
-
-@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
-def threads(request: pytest.FixtureRequest) -> Iterator[int]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
 
 
 def both(b: Any, window: int | None = None, kv_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
