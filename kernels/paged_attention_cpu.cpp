@@ -181,12 +181,37 @@ const float* page_rows(const Args& a, int64_t block, int which, int64_t h, int64
 
 // S (R, bs) = Q (R, D) . K (n, D)^T for keys [0, n); Q rows are D apart, K rows ld apart, D % 8 == 0.
 // Two rows by four keys per step: 8 accumulators, reduced together by hsum8.
+// One row's scores, eight keys per step (an odd last row of `scores`: a decode with one query head
+// per KV head, or an odd group).
+template <int NV>
+void scores1(const float* q, int64_t D, const float* K, int64_t ld, int64_t n, float* S) {
+  const int64_t nv = NV ? NV : D / 8;
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) {
+    v8 acc[8] = {};
+    const float* k0 = K + t * ld;
+    for (int64_t i = 0; i < nv; ++i) {
+      const v8 a = load(q + 8 * i);
+      for (int j = 0; j < 8; ++j) acc[j] += a * load(k0 + j * ld + 8 * i);
+    }
+    store(S + t, hsum8(acc));
+  }
+  for (; t < n; ++t) {
+    v8 acc = {};
+    for (int64_t i = 0; i < nv; ++i) acc += load(q + 8 * i) * load(K + t * ld + 8 * i);
+    float s = 0;
+    for (int j = 0; j < 8; ++j) s += acc[j];
+    S[t] = s;
+  }
+}
+
 template <int NV>
 void scores(const float* Q, int64_t R, int64_t D, const float* K, int64_t ld, int64_t n, float* S, int64_t bs) {
   const int64_t nv = NV ? NV : D / 8;  // NV: D / 8 known at compile time (0: not)
-  for (int64_t r = 0; r < R; r += 2) {
+  if (R % 2) scores1<NV>(Q + (R - 1) * D, D, K, ld, n, S + (R - 1) * bs);
+  for (int64_t r = 0; r + 1 < R; r += 2) {
     const float* q0 = Q + r * D;
-    const float* q1 = r + 1 < R ? q0 + D : q0;  // an odd last row is computed twice, stored once
+    const float* q1 = q0 + D;
     int64_t t = 0;
     for (; t + 4 <= n; t += 4) {
       v8 acc[8] = {};
@@ -201,7 +226,7 @@ void scores(const float* Q, int64_t R, int64_t D, const float* K, int64_t ld, in
       }
       const v8 s = hsum8(acc);
       for (int j = 0; j < 4; ++j) S[r * bs + t + j] = s[j];
-      if (r + 1 < R) for (int j = 0; j < 4; ++j) S[(r + 1) * bs + t + j] = s[4 + j];
+      for (int j = 0; j < 4; ++j) S[(r + 1) * bs + t + j] = s[4 + j];
     }
     for (; t < n; ++t) {
       v8 acc0 = {}, acc1 = {};
@@ -214,7 +239,7 @@ void scores(const float* Q, int64_t R, int64_t D, const float* K, int64_t ld, in
       float s0 = 0, s1 = 0;
       for (int j = 0; j < 8; ++j) { s0 += acc0[j]; s1 += acc1[j]; }
       S[r * bs + t] = s0;
-      if (r + 1 < R) S[(r + 1) * bs + t] = s1;
+      S[(r + 1) * bs + t] = s1;
     }
   }
 }
@@ -258,7 +283,7 @@ void scores_t(const float* Q, int64_t R, int64_t D, const float* K, int64_t ld, 
 }
 
 // O rows r0, r1 (D each) = O * corr + P rows (n) . V (n, D): two rows by four vectors per step.
-// r1 may equal r0 (an odd last row): it is then computed twice and stored once.
+// (An odd last row takes accumulate1.)
 template <int NV>
 inline void accumulate2(float* o0, float* o1, int64_t D, float c0, float c1, const float* p0, const float* p1,
                         const float* V, int64_t ld, int64_t n) {
@@ -287,6 +312,28 @@ inline void accumulate2(float* o0, float* o1, int64_t D, float c0, float c1, con
     }
     store(o1 + 8 * i, b);
     store(o0 + 8 * i, a);
+  }
+}
+
+// O row (D) = O * c + p (n) . V (n, D), the row in registers eight vectors at a time.
+template <int NV>
+inline void accumulate1(float* o, int64_t D, float c, const float* p, const float* V, int64_t ld, int64_t n) {
+  const int64_t nv = NV ? NV : D / 8;
+  int64_t i = 0;
+  for (; i + 8 <= nv; i += 8) {
+    v8 a[8];
+    for (int j = 0; j < 8; ++j) a[j] = load(o + 8 * (i + j)) * c;
+    for (int64_t t = 0; t < n; ++t) {
+      const float* vt = V + t * ld + 8 * i;
+      const v8 x = splat(p[t]);
+      for (int j = 0; j < 8; ++j) a[j] += x * load(vt + 8 * j);
+    }
+    for (int j = 0; j < 8; ++j) store(o + 8 * (i + j), a[j]);
+  }
+  for (; (NV == 0 || NV % 8 != 0) && i < nv; ++i) {
+    v8 a = load(o + 8 * i) * c;
+    for (int64_t t = 0; t < n; ++t) a += splat(p[t]) * load(V + t * ld + 8 * i);
+    store(o + 8 * i, a);
   }
 }
 
@@ -368,11 +415,15 @@ void run_item(const Args& a, const Item& it, Scratch& w) {
     }
     for (int64_t hh = 0; hh < nh; ++hh) {               // O = O * corr + P . V, page by page
       for (int64_t r = hh * R; r < (hh + 1) * R; r += 2) {
-        const int64_t r1 = r + 1 < (hh + 1) * R ? r + 1 : r;
+        const bool one = r + 1 == (hh + 1) * R;  // an odd last row
         for (int64_t pi = 0; pi < pages; ++pi) {
           const int64_t np = std::min(bs, n - pi * bs), slot = pi * nh + hh;
-          accumulate2<NV>(O + r * D, O + r1 * D, D, pi ? 1.0f : corr[r], pi ? 1.0f : corr[r1],
-                          S + r * sw + pi * bs, S + r1 * sw + pi * bs, w.v[slot], w.vld[slot], np);
+          if (one) {
+            accumulate1<NV>(O + r * D, D, pi ? 1.0f : corr[r], S + r * sw + pi * bs, w.v[slot], w.vld[slot], np);
+          } else {
+            accumulate2<NV>(O + r * D, O + (r + 1) * D, D, pi ? 1.0f : corr[r], pi ? 1.0f : corr[r + 1],
+                            S + r * sw + pi * bs, S + (r + 1) * sw + pi * bs, w.v[slot], w.vld[slot], np);
+          }
         }
       }
     }
