@@ -8,7 +8,11 @@ SmolLM2's tied 49152 x 576 LM head at M = 8..128 (46 against 32 ms at M = 8) and
 gate_up of Qwen2.5-0.5B / Llama-3.2-1B, 5-15 % on SmolLM2's 3072 x 576 one from M = 16 up (it loses
 up to 15 % at M <= 4 there); it loses 10-30 % on small square or narrow layers at M = 8..16 and ~50 us a
 call on tiny ones (its fixed cost). :func:`prefers_onednn` is the rule (N >= 2K, K >= 256,
-N * K >= 2^20), a function of the weight's shape alone: a layer runs on one engine whatever the batch.
+N * K >= 2^20), a function of the weight's shape; a projection (``OneDNNLinear``) still runs F.linear
+below ``MIN_ROWS`` rows, where oneDNN lost on SmolLM2's gate_up (1.07x MKL's time at one row, 30 cold
+layers, one thread), while the LM head takes oneDNN at every M (0.82x at one row). The choice is a
+function of the shapes, so a step's answer is reproducible; like MKL's own kernels, it can round a row
+differently at different batch sizes.
 Prepacking the weight (``torch.ops.mkldnn._reorder_linear_weight``) was measured and not taken: it
 is tuned to one M, slower at others, and an opaque copy (the tied head would be held twice).
 
@@ -30,6 +34,7 @@ from kernels._triton import check, check_tensor
 
 logger = logging.getLogger(__name__)
 
+MIN_ROWS = 4  # OneDNNLinear: fewer rows (a lone decode) run F.linear (oneDNN 1.07x at 1 row, 0.89x at 4)
 MIN_K = 256  # in_features below this: oneDNN's fixed cost per call is not repaid
 MIN_WIDTH = 2  # out_features >= MIN_WIDTH * in_features
 MIN_WEIGHTS = 1 << 20  # N * K: smaller wide layers (1536 x 576, 768 x 384) lose 10-20% at M = 8..16
@@ -97,7 +102,8 @@ def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
 class OneDNNLinear(torch.nn.Linear):
     """An nn.Linear (same parameters, same state dict) whose forward runs :func:`onednn_linear`,
     unchecked: the engine swaps it in at load for float32 CPU weights :func:`prefers_onednn` takes
-    (``from_linear``), where :func:`available` is True. Inference only."""
+    (``from_linear``), where :func:`available` is True; inputs of fewer than ``MIN_ROWS`` rows run
+    F.linear. Inference only."""
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear) -> OneDNNLinear:
@@ -108,4 +114,6 @@ class OneDNNLinear(torch.nn.Linear):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.numel() < MIN_ROWS * self.in_features:
+            return F.linear(x, self.weight, self.bias)
         return onednn_linear_unchecked(x, self.weight, self.bias)

@@ -108,6 +108,19 @@ def test_module_shares_the_linear_parameters() -> None:
     assert no_bias.bias is None
 
 
+@pytest.mark.usefixtures("onednn")
+def test_module_keeps_f_linear_below_min_rows() -> None:
+    """A lone decode row (fewer than MIN_ROWS) runs MKL's F.linear, bit for bit; MIN_ROWS rows and
+    more run oneDNN, bit for bit."""
+    lin = nn.Linear(576, 3072, bias=False)
+    new = OneDNNLinear.from_linear(lin)
+    with torch.inference_mode():
+        for rows in (1, mod.MIN_ROWS - 1, mod.MIN_ROWS, 48):
+            x = torch.randn(rows, 576)
+            want = torch.nn.functional.linear(x, lin.weight) if rows < mod.MIN_ROWS else mod.onednn_linear_unchecked(x, lin.weight)
+            assert torch.equal(new(x), want), rows
+
+
 @pytest.mark.usefixtures("fresh_probe")
 def test_probe_falls_back_when_onednn_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
