@@ -80,12 +80,13 @@ def load_hf(path: Path):
     return model.float().eval()
 
 
-def run_tandem(path: Path, work, max_batched: int, floor: dict | None = None) -> float:
+def run_tandem(path: Path, work, max_batched: int, floor: dict | None = None, onednn_linear: bool = True) -> float:
     """Seconds Tandem takes for `work`; with `floor` (a dict), the run's floor (bench.floor) is added
-    to it, measured right after the run on the same engine and steps."""
+    to it, measured right after the run on the same engine and steps. `onednn_linear`: the engine
+    option (oneDNN for the wide float32 linears; False: F.linear everywhere)."""
     # a .gguf dequantized to float32, as transformers loads it (and bench.floor times float weights)
     llm = LLM(path, dtype="float32", device="cpu", max_num_batched_tokens=max_batched, max_num_seqs=256,
-              gguf_dequantize=True)
+              gguf_dequantize=True, onednn_linear=onednn_linear)
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for _, m in work]
     llm.generate([work[0][0]], SamplingParams(max_tokens=2))  # warm-up
     recorder = None
@@ -139,6 +140,8 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--floor", action="store_true", help="also measure the Tandem run's floor (bench.floor)")
+    ap.add_argument("--no-onednn-linear", action="store_true",
+                    help="F.linear for every float32 layer (the engine's --no-onednn-linear), for A/B runs")
     ap.add_argument("--out", default="bench/results/offline.json")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
@@ -157,7 +160,8 @@ def main() -> None:
             work = text_workload(path, args.num_prompts, args.seed, args.output_len)
         out_tokens = sum(m for _, m in work)
         floor: dict | None = {} if args.floor else None
-        results = {"tandem": out_tokens / run_tandem(path, work, args.max_num_batched_tokens, floor)}
+        results = {"tandem": out_tokens / run_tandem(path, work, args.max_num_batched_tokens, floor,
+                                                            onednn_linear=not args.no_onednn_linear)}
         if floor:
             print(f"floor: {floor['floor_s']:.1f} s (matmuls {floor['matmul_s']:.1f} s, KV reads "
                   f"{floor['kv_read_s']:.2f} s); the run is {floor['run_over_floor']:.2f}x it", flush=True)
@@ -178,6 +182,7 @@ def main() -> None:
         "tokens_per_s": results,
         "ratio_vs_best_hf": results["tandem"] / best_hf if best_hf else None,
         "floor": floor,
+        "onednn_linear": not args.no_onednn_linear,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2))

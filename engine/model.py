@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from engine.config import ModelConfig
 from engine.parallel.group import TPGroup
 from engine.parallel.shard import TPShard
+from kernels.onednn_linear import OneDNNLinear, available, onednn_linear_unchecked, prefers_onednn
 from kernels.ops import Ops
 from kernels.rotary import build_cos_sin_cache
 
@@ -142,6 +143,7 @@ class CausalLM(nn.Module):
         self.norm = nn.Parameter(torch.empty(cfg.hidden_size))
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, rows, bias=False)
+        self.onednn_head = False  # compute_logits through oneDNN (use_onednn_linears), not F.linear
         self.register_buffer("cos_sin_cache", torch.empty(0), persistent=False)
 
     def init_rope(self, max_position: int) -> None:
@@ -172,9 +174,16 @@ class CausalLM(nn.Module):
         x, _ = ctx.ops.rms_norm(x, self.norm, self.cfg.rms_norm_eps, residual)
         return x
 
-    def compute_logits(self, hidden: Tensor) -> Tensor:
+    def head_matmul(self, hidden: Tensor) -> Tensor:
+        """(N, H) -> this rank's (N, V) or (N, Vp) logits in the model dtype: the LM head's matmul alone,
+        through oneDNN when ``onednn_head`` is set (use_onednn_linears), else F.linear."""
         weight = self.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
-        logits = torch.nn.functional.linear(hidden, weight).float()  # (N, V), or (N, Vp) under TP
+        if self.onednn_head:
+            return onednn_linear_unchecked(hidden, weight)
+        return torch.nn.functional.linear(hidden, weight)
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        logits = self.head_matmul(hidden).float()  # (N, V), or (N, Vp) under TP
         if self.group is None or logits.shape[0] == 0:  # every rank knows the row count: all skip the gather
             return logits[:, : self.cfg.vocab_size]
         full = self.group.gather_last_dim(logits)  # (N, tp * Vp) on rank 0: rank r's rows at [r*Vp, (r+1)*Vp)
@@ -237,3 +246,29 @@ class CausalLM(nn.Module):
     def _shard_starts(name: str, shards: dict[str, tuple[str, int, int]]) -> list[int]:
         starts = [off for fused, off, _ in shards.values() if f".{fused}." in name]
         return starts or [0]
+
+
+def _onednn_fits(weight: Tensor) -> bool:
+    return weight.dtype == torch.float32 and weight.device.type == "cpu" and prefers_onednn(*weight.shape)
+
+
+def use_onednn_linears(model: CausalLM) -> list[str]:
+    """Run ``model``'s float32 CPU linears that :func:`kernels.onednn_linear.prefers_onednn` takes (wide
+    ones: the fused gate_up_proj, the LM head) through oneDNN instead of F.linear: each such plain
+    nn.Linear is swapped for a :class:`OneDNNLinear` sharing its parameters, and the LM head (tied or
+    not) is flagged. Quantized modules, other dtypes and devices are left alone, and so is everything
+    where oneDNN is unavailable (logged once). Call once, after the weights are loaded and placed.
+    Returns the qualified names that now use oneDNN ("lm_head" for the head)."""
+    if not available():
+        return []
+    chosen: list[str] = []
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and child is not getattr(model, "lm_head", None) and _onednn_fits(child.weight):
+                setattr(parent, name, OneDNNLinear.from_linear(child))
+                chosen.append(f"{parent_name}.{name}" if parent_name else name)
+    head = model.embed_tokens.weight if model.cfg.tie_word_embeddings else model.lm_head.weight
+    if _onednn_fits(head):
+        model.onednn_head = True
+        chosen.append("lm_head")
+    return chosen

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import logging
 import operator
+from collections import Counter
 from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.device import resolve_device, resolve_dtype
 from engine.gguf_file import is_gguf, read_gguf
 from engine.input_batch import InputBatch, StepArrays
-from engine.model import CausalLM, ForwardContext
+from engine.model import CausalLM, ForwardContext, use_onednn_linears
 from engine.outputs import TokenLogprob
 from engine.parallel.driver import TPDriver
 from engine.parallel.group import Command, Op, TPGroup
@@ -97,7 +98,7 @@ class _Prompt(NamedTuple):
 def load_model(
     path: str | Path, dtype: torch.dtype, device: torch.device, quantization: str | None = None,
     backend: str = "auto", shard: TPShard | None = None, group: TPGroup | None = None,
-    gguf_dequantize: bool = False,
+    gguf_dequantize: bool = False, onednn_linear: bool = False,
 ) -> CausalLM:  # fmt: skip
     """Build the model on the meta device, then stream checkpoint tensors into place.
 
@@ -109,7 +110,23 @@ def load_model(
     GGUF file's Q4_0/Q4_1/Q8_0/Q4_K/Q6_K projections (engine/quant/formats/gguf.py), unless
     ``gguf_dequantize`` asks for every tensor dequantized to ``dtype`` at load (exact, more memory).
     With ``shard`` (tensor parallelism) only that rank's part is built and read (engine/parallel/shard.py).
+    With ``onednn_linear`` and backend "auto", the float32 CPU linears that oneDNN runs faster (wide
+    ones: gate_up_proj, the LM head; kernels/onednn_linear.py) are switched to it once loaded
+    (engine.model.use_onednn_linears), in every case above.
     """
+    model = _load_model(path, dtype, device, quantization, backend, shard, group, gguf_dequantize)
+    if onednn_linear and backend == "auto":
+        chosen = Counter(name.rsplit(".", 1)[-1] for name in use_onednn_linears(model))
+        if chosen:
+            logger.info("float32 linears through oneDNN (kernels/onednn_linear.py): %s",
+                        ", ".join(f"{name} x{n}" if n > 1 else name for name, n in sorted(chosen.items())))
+    return model
+
+
+def _load_model(
+    path: str | Path, dtype: torch.dtype, device: torch.device, quantization: str | None, backend: str,
+    shard: TPShard | None, group: TPGroup | None, gguf_dequantize: bool,
+) -> CausalLM:  # fmt: skip
     hf = load_hf_config(path)
     cfg = ModelConfig.from_hf(hf)
     with torch.device("meta"):
@@ -168,7 +185,7 @@ class ModelRunner:
         self.group = group
         self.shard = TPShard(self.model_config, group.size, group.rank) if group is not None else None
         self.model = load_model(config.model, self.dtype, self.device, config.quantization, config.attention_backend,
-                                self.shard, group, config.gguf_dequantize)
+                                self.shard, group, config.gguf_dequantize, config.onednn_linear)
         # fp8 KV: float8_e4m3fn pages with one static scale (kernels/kv_store.py FP8_KV_SCALE)
         self.kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else self.dtype
         self.kv_scale = FP8_KV_SCALE if config.kv_cache_dtype == "fp8" else None
