@@ -156,7 +156,7 @@ class EngineConfig:
                                    "(exact float math, ~4-8x the projections' memory) instead of keeping its "
                                    "Q4_0/Q4_1/Q8_0/Q4_K/Q6_K projections quantized (docs/quantization.md)")
     onednn_linear: bool = option(True, "float32 on CPU with backend auto: run the wide linears (out_features >= "
-                                 "2 x in_features >= 512, >= 2^20 weights: gate_up_proj from 4 rows, the LM head) "
+                                 "2 x in_features >= 1024, >= 2^20 weights: gate_up_proj from 4 rows, the LM head) "
                                  "through oneDNN instead of MKL's sgemm (kernels/onednn_linear.py); off: F.linear for every layer")
     kv_cache_dtype: str = option("auto", "auto: the model dtype; fp8: float8_e4m3fn KV pages "
                                  "(prefill and decode must agree)", choices=KV_CACHE_DTYPES)

@@ -7,7 +7,7 @@ thread of a 2-core AVX2 EPYC, weights read from memory): oneDNN wins for wide ou
 SmolLM2's tied 49152 x 576 LM head at M = 8..128 (46 against 32 ms at M = 8) and 15-30 % on the fused
 gate_up of Qwen2.5-0.5B / Llama-3.2-1B, 5-15 % on SmolLM2's 3072 x 576 one from M = 16 up (it loses
 up to 15 % at M <= 4 there); it loses 10-30 % on small square or narrow layers at M = 8..16 and ~50 us a
-call on tiny ones (its fixed cost). :func:`prefers_onednn` is the rule (N >= 2K, K >= 256,
+call on tiny ones (its fixed cost). :func:`prefers_onednn` is the rule (N >= 2K, K >= 512,
 N * K >= 2^20), a function of the weight's shape; a projection (``OneDNNLinear``) still runs F.linear
 below ``MIN_ROWS`` rows, where oneDNN lost on SmolLM2's gate_up (1.07x MKL's time at one row, 30 cold
 layers, one thread), while the LM head takes oneDNN at every M (0.82x at one row). The choice is a
@@ -35,7 +35,7 @@ from kernels._triton import check, check_tensor
 logger = logging.getLogger(__name__)
 
 MIN_ROWS = 4  # OneDNNLinear: fewer rows (a lone decode) run F.linear (oneDNN 1.07x at 1 row, 0.89x at 4)
-MIN_K = 256  # in_features below this: oneDNN's fixed cost per call is not repaid
+MIN_K = 512  # in_features below this: oneDNN's fixed cost per call is not repaid (4096 x 256 lost 4-15 % at M <= 16)
 MIN_WIDTH = 2  # out_features >= MIN_WIDTH * in_features
 MIN_WEIGHTS = 1 << 20  # N * K: smaller wide layers (1536 x 576, 768 x 384) lose 10-20% at M = 8..16
 _CPU = torch.device("cpu")
@@ -47,7 +47,7 @@ def onednn_linear_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> 
 
 
 def prefers_onednn(n: int, k: int) -> bool:
-    """Whether an (N, K) float32 weight runs faster through oneDNN on CPU: wide (N >= 2K), K >= 256 and
+    """Whether an (N, K) float32 weight runs faster through oneDNN on CPU: wide (N >= 2K), K >= 512 and
     at least 2^20 weights (4 MiB). bench/results/cpu_linear.json has the sweep behind it."""
     return k >= MIN_K and n >= MIN_WIDTH * k and n * k >= MIN_WEIGHTS
 

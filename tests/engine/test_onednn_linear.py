@@ -18,9 +18,9 @@ from tests.hf_reference import assert_prompt_logits_match, random_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# hidden 256 (K >= 256): gate_up (2 x 2048 rows) and the head (4096 rows, the tokenizer's 1024 padded)
-# take oneDNN (N >= 2K, N * K >= 2^20); qkv (256 + 2 x 64 = 384 rows), o and down do not
-SHAPE = {"hidden_size": 256, "intermediate_size": 2048, "num_heads": 4, "num_kv_heads": 1, "vocab_size": 1024,
+# hidden 512 (K >= 512): gate_up (2 x 1024 rows) and the head (4096 rows, the tokenizer's 1024 padded)
+# take oneDNN (N >= 2K, N * K >= 2^20); qkv (512 + 2 x 128 = 768 rows), o and down do not
+SHAPE = {"hidden_size": 512, "intermediate_size": 1024, "num_heads": 4, "num_kv_heads": 1, "vocab_size": 1024,
          "model_vocab_size": 4096}
 
 
@@ -60,8 +60,8 @@ def _prompt_logits(llm: LLM, prompts: list[list[int]]) -> torch.Tensor:
 def test_engine_picks_onednn_for_the_wide_layers_only(wide: Path) -> None:
     model = _llm(wide).engine.runner.model
     layer = model.layers[0]
-    assert type(layer.mlp.gate_up_proj) is OneDNNLinear  # (4096, 256)
-    assert type(layer.self_attn.qkv_proj) is nn.Linear  # (384, 256)
+    assert type(layer.mlp.gate_up_proj) is OneDNNLinear  # (2048, 512)
+    assert type(layer.self_attn.qkv_proj) is nn.Linear  # (768, 512)
     assert type(layer.self_attn.o_proj) is nn.Linear and type(layer.mlp.down_proj) is nn.Linear
     assert model.onednn_head
     assert all(type(m) is not OneDNNLinear or name.endswith("gate_up_proj") for name, m in model.named_modules())
@@ -88,7 +88,7 @@ def test_greedy_output_matches_f_linear(wide: Path) -> None:
 def test_backend_torch_and_narrow_models_keep_f_linear(wide: Path, tiny_model) -> None:
     model = _llm(wide, attention_backend="torch").engine.runner.model
     assert not model.onednn_head and not any(isinstance(m, OneDNNLinear) for m in model.modules())
-    narrow = _llm(tiny_model("llama")).engine.runner.model  # hidden 64: K below the rule's 256
+    narrow = _llm(tiny_model("llama")).engine.runner.model  # hidden 64: K below the rule's 512
     assert not narrow.onednn_head and not any(isinstance(m, OneDNNLinear) for m in narrow.modules())
     assert use_onednn_linears(narrow) == []
 

@@ -88,8 +88,10 @@ def test_rule_takes_wide_projections_with_enough_inputs() -> None:
     # Qwen2.5-0.5B, Llama-3.2-1B: gate_up and the head
     assert prefers_onednn(9728, 896) and prefers_onednn(151936, 896) and not prefers_onednn(1152, 896)
     assert prefers_onednn(16384, 2048) and prefers_onednn(128256, 2048) and not prefers_onednn(3072, 2048)
-    # the edges: N >= 2K, K >= 256 and N * K >= 2^20; tiny layers never (oneDNN's fixed cost per call)
-    assert prefers_onednn(4096, 256) and not prefers_onednn(4096, 255) and not prefers_onednn(8191, 4096)
+    # the edges: N >= 2K, K >= 512 and N * K >= 2^20; tiny layers never (oneDNN's fixed cost per call);
+    # the demo models' 4096 x 256 head stays on MKL (it lost 4-15 % at M <= 16)
+    assert prefers_onednn(4096, 512) and not prefers_onednn(4096, 511) and not prefers_onednn(8191, 4096)
+    assert not prefers_onednn(4096, 256)
     assert prefers_onednn(2048, 512) and not prefers_onednn(2047, 512)  # 2^20 weights
     assert not prefers_onednn(1536, 576) and not prefers_onednn(768, 384) and not prefers_onednn(512, 256)
     assert not prefers_onednn(4096, 128) and not prefers_onednn(256, 64) and not prefers_onednn(128, 32)
