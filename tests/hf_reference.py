@@ -41,9 +41,9 @@ def random_prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[i
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def assert_prompt_logits_match(engine, path: str | Path, prompts: list[list[int]], tol: float = 1e-4) -> torch.Tensor:
-    """One batched prefill forward of `prompts` through `engine` (every prompt position's logits)
-    against transformers on the same checkpoint, prompt by prompt; returns our logits."""
+def prompt_logits(engine, prompts: list[list[int]]) -> torch.Tensor:
+    """The logits at every position of each prompt from one batched prefill forward through `engine`,
+    concatenated: (sum of lengths, vocab). The blocks it takes are freed again."""
     from engine.model_runner import StepInput
     from engine.sampling.params import SamplingParams
     from engine.sequence import Sequence
@@ -55,6 +55,15 @@ def assert_prompt_logits_match(engine, path: str | Path, prompts: list[list[int]
     input_ids, positions, ctx, _ = engine.runner.prepare(step)
     with torch.inference_mode():
         logits = engine.runner.model.compute_logits(engine.runner.model(input_ids, positions, ctx))
+    for s in seqs:
+        engine.block_manager.free(s)
+    return logits
+
+
+def assert_prompt_logits_match(engine, path: str | Path, prompts: list[list[int]], tol: float = 1e-4) -> torch.Tensor:
+    """One batched prefill forward of `prompts` through `engine` (every prompt position's logits)
+    against transformers on the same checkpoint, prompt by prompt; returns our logits."""
+    logits = prompt_logits(engine, prompts)
     ref_model = hf_model(path)
     offset = 0
     for p in prompts:
@@ -62,6 +71,4 @@ def assert_prompt_logits_match(engine, path: str | Path, prompts: list[list[int]
             ref = ref_model(torch.tensor([p])).logits[0].float()
         torch.testing.assert_close(logits[offset : offset + len(p)], ref, rtol=tol, atol=tol)
         offset += len(p)
-    for s in seqs:
-        engine.block_manager.free(s)
     return logits

@@ -15,14 +15,12 @@ from engine import LLM
 from engine.checkpoint import CheckpointError, checkpoint_fingerprint, load_hf_config
 from engine.config import ModelConfig
 from engine.gguf_file import read_gguf
-from engine.model_runner import StepInput
 from engine.sampling.params import SamplingParams
-from engine.sequence import Sequence
 from engine.tokenizer import Tokenizer
 from engine.weights import iter_gguf, iter_safetensors
 from kernels.int8_group_gemm_cpu import load_kernel as load_int8_kernel
 from tests.engine.gguf_export import export_gguf
-from tests.hf_reference import random_prompts
+from tests.hf_reference import prompt_logits, random_prompts
 
 TEXTS = ["def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1)", "  spaces\tand\ttabs\n\n",
          "naïve café — ünïcödé 日本語 🙂", "x = [1, 22, 333, 4444]; print(x)  # done"]
@@ -36,18 +34,6 @@ def exported(tiny_model, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
         hf = tiny_model(arch)
         out[arch] = (hf, export_gguf(hf, tmp_path_factory.mktemp("gguf") / f"tiny-{arch}.gguf"))
     return out
-
-
-def forward_logits(llm: LLM, prompts: list[list[int]]) -> torch.Tensor:
-    """The engine's logits at every position of each prompt, concatenated: (sum of lengths, vocab)."""
-    eng = llm.engine
-    seqs = [Sequence(f"r{i}", p, SamplingParams()) for i, p in enumerate(prompts)]
-    for s in seqs:
-        assert eng.block_manager.allocate_slots(s, s.num_tokens)
-    step = StepInput(seqs, [s.num_tokens for s in seqs], [True] * len(seqs))
-    input_ids, positions, ctx, _ = eng.runner.prepare(step)
-    with torch.inference_mode():
-        return eng.runner.model.compute_logits(eng.runner.model(input_ids, positions, ctx))
 
 
 def test_the_header_reads_as_the_gguf_library_reads_it(exported) -> None:
@@ -76,7 +62,7 @@ def test_f32_gguf_gives_the_logits_of_the_original(exported, arch: str) -> None:
         assert torch.equal(gguf_weights[name], w.float()), name
     kw = dict(dtype="float32", device="cpu", block_size=8, num_kv_blocks=64)
     prompts = random_prompts(ModelConfig.from_hf(a).vocab_size, [5, 17], seed=4)
-    torch.testing.assert_close(forward_logits(LLM(path, **kw), prompts), forward_logits(LLM(hf, **kw), prompts),
+    torch.testing.assert_close(prompt_logits(LLM(path, **kw).engine, prompts), prompt_logits(LLM(hf, **kw).engine, prompts),
                                rtol=0, atol=0)
 
 
@@ -165,7 +151,7 @@ def test_a_quantized_gguf_keeps_its_projections_quantized(tiny_model, tmp_path: 
     kept, exact = LLM(path, **kw), LLM(path, gguf_dequantize=True, **kw)
     assert kinds(exact) == {"Linear/dense"}
     prompts = random_prompts(1024, [5, 17], seed=4)
-    got, want = forward_logits(kept, prompts), forward_logits(exact, prompts)
+    got, want = prompt_logits(kept.engine, prompts), prompt_logits(exact.engine, prompts)
     int8 = "GroupQuantLinear/cpu_int8" if load_int8_kernel() is not None else "Linear/dense"
     if qtype == "Q8_0":  # the grouped int8 C++ kernel: the same float32 weights, summed in another order
         assert kinds(kept) == {int8}

@@ -14,7 +14,7 @@ from torch import nn
 from engine import LLM, SamplingParams
 from engine.model import use_onednn_linears
 from kernels.onednn_linear import OneDNNLinear, available
-from tests.hf_reference import assert_prompt_logits_match, random_prompts
+from tests.hf_reference import assert_prompt_logits_match, prompt_logits, random_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,23 +40,6 @@ def _llm(path: Path, **kwargs) -> LLM:
                **kwargs)
 
 
-def _prompt_logits(llm: LLM, prompts: list[list[int]]) -> torch.Tensor:
-    from engine.model_runner import StepInput
-    from engine.sequence import Sequence
-
-    eng = llm.engine
-    seqs = [Sequence(f"r{i}", p, SamplingParams()) for i, p in enumerate(prompts)]
-    for s in seqs:
-        assert eng.block_manager.allocate_slots(s, s.num_tokens)
-    step = StepInput(seqs, [s.num_tokens for s in seqs], [True] * len(seqs))
-    input_ids, positions, ctx, _ = eng.runner.prepare(step)
-    with torch.inference_mode():
-        logits = eng.runner.model.compute_logits(eng.runner.model(input_ids, positions, ctx))
-    for s in seqs:
-        eng.block_manager.free(s)
-    return logits
-
-
 def test_engine_picks_onednn_for_the_wide_layers_only(wide: Path) -> None:
     model = _llm(wide).engine.runner.model
     layer = model.layers[0]
@@ -74,7 +57,7 @@ def test_logits_match_f_linear_and_transformers(wide: Path) -> None:
     assert not any(isinstance(m, OneDNNLinear) for m in plain.engine.runner.model.modules())
     fast = _llm(wide)
     ours = assert_prompt_logits_match(fast.engine, wide, prompts)  # transformers, 1e-4
-    torch.testing.assert_close(ours, _prompt_logits(plain, prompts), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(ours, prompt_logits(plain.engine, prompts), atol=2e-5, rtol=2e-5)
 
 
 def test_greedy_output_matches_f_linear(wide: Path) -> None:
