@@ -174,13 +174,17 @@ class CausalLM(nn.Module):
         x, _ = ctx.ops.rms_norm(x, self.norm, self.cfg.rms_norm_eps, residual)
         return x
 
+    @property
+    def head_weight(self) -> Tensor:
+        """The LM head's (V, H) weight, or (Vp, H) under TP: the embedding's when tied."""
+        return self.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
+
     def head_matmul(self, hidden: Tensor) -> Tensor:
         """(N, H) -> this rank's (N, V) or (N, Vp) logits in the model dtype: the LM head's matmul alone,
         through oneDNN when ``onednn_head`` is set (use_onednn_linears), else F.linear."""
-        weight = self.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
         if self.onednn_head:
-            return onednn_linear_unchecked(hidden, weight)
-        return torch.nn.functional.linear(hidden, weight)
+            return onednn_linear_unchecked(hidden, self.head_weight)
+        return torch.nn.functional.linear(hidden, self.head_weight)
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         logits = self.head_matmul(hidden).float()  # (N, V), or (N, Vp) under TP
@@ -267,8 +271,7 @@ def use_onednn_linears(model: CausalLM) -> list[str]:
             if type(child) is nn.Linear and child is not getattr(model, "lm_head", None) and _onednn_fits(child.weight):
                 setattr(parent, name, OneDNNLinear.from_linear(child))
                 chosen.append(f"{parent_name}.{name}" if parent_name else name)
-    head = model.embed_tokens.weight if model.cfg.tie_word_embeddings else model.lm_head.weight
-    if _onednn_fits(head):
+    if _onednn_fits(model.head_weight):
         model.onednn_head = True
         chosen.append("lm_head")
     return chosen

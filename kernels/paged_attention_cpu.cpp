@@ -179,8 +179,6 @@ const float* page_rows(const Args& a, int64_t block, int which, int64_t h, int64
   return scratch;
 }
 
-// S (R, bs) = Q (R, D) . K (n, D)^T for keys [0, n); Q rows are D apart, K rows ld apart, D % 8 == 0.
-// Two rows by four keys per step: 8 accumulators, reduced together by hsum8.
 // One row's scores, eight keys per step (an odd last row of `scores`: a decode with one query head
 // per KV head, or an odd group).
 template <int NV>
@@ -205,6 +203,8 @@ void scores1(const float* q, int64_t D, const float* K, int64_t ld, int64_t n, f
   }
 }
 
+// S (R, bs) = Q (R, D) . K (n, D)^T for keys [0, n); Q rows are D apart, K rows ld apart, D % 8 == 0.
+// Two rows by four keys per step: 8 accumulators, reduced together by hsum8; an odd last row by scores1.
 template <int NV>
 void scores(const float* Q, int64_t R, int64_t D, const float* K, int64_t ld, int64_t n, float* S, int64_t bs) {
   const int64_t nv = NV ? NV : D / 8;  // NV: D / 8 known at compile time (0: not)
@@ -338,10 +338,10 @@ inline void accumulate1(float* o, int64_t D, float c, const float* p, const floa
 }
 
 // Reads one byte of every cache line of keys [0, n) of pages j, j + 1, ... (K and V, KV heads
-// [h0, h0 + nh)), in address order, before the chunk's arithmetic walks them head by head. The in-order, independent
-// loads keep many misses in flight and let the hardware prefetcher stream each page; the strided
-// walk alone left most of each decode's time waiting on memory (SmolLM2's decode at 48 sequences of
-// ~360 tokens: 5.7 -> 4.8 ms a layer on one thread, bench.attention_cpu).
+// [h0, h0 + nh)), in address order, before the chunk's arithmetic walks them head by head. The
+// in-order, independent loads keep many misses in flight and let the hardware prefetcher stream each
+// page; the strided walk alone left much of a decode's time waiting on memory (SmolLM2's decode at 48
+// sequences of ~360 tokens, one thread: 5.56 -> 4.54 ms a layer, bench.attention_cpu_ab).
 inline void touch_pages(const Args& a, const int32_t* table, int64_t j, int64_t n, int64_t h0, int64_t nh) {
   const int64_t esize = a.kv_type == 0 ? 4 : a.kv_type == 3 ? 1 : 2;
   unsigned sink = 0;
