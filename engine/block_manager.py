@@ -117,6 +117,12 @@ class BlockManager:
         return n * self.block_size
 
     # ------------------------------------------------------------- allocation
+    def decode_fits(self, block_table: list[int], num_computed_tokens: int) -> bool:
+        """Whether one more token at position `num_computed_tokens` goes into a block the sequence
+        already owns alone (a decode inside its last, partial block: `allocate_slots` would do nothing)."""
+        offset = num_computed_tokens % self.block_size
+        return offset != 0 and self._blocks[block_table[num_computed_tokens // self.block_size]].ref_count == 1
+
     def allocate_slots(self, seq: HasBlocks, num_new_tokens: int, cached: Seq[int] = ()) -> bool:
         """Make `seq.block_table` cover `num_computed_tokens + len(cached)*block_size + num_new_tokens`.
 

@@ -217,11 +217,13 @@ class Engine:
             return result
         outputs = result.outputs
         tokens = out.token_ids.tolist()  # one device->host read for the whole batch
-        row = 0
         spec = self.spec
         plain = spec is None and not self.inline_text  # plain decodes may stay rows (StepOutput)
         finished = SequenceStatus.FINISHED
-        for i, (seq, sample) in enumerate(zip(step.seqs, step.sample, strict=True)):
+        start = self._plain_decodes(step, tokens, result) if plain else 0
+        row = start  # the sequences before `start` sampled one row each
+        for i in range(start, len(step.seqs)):
+            seq, sample = step.seqs[i], step.sample[i]
             if not sample:
                 continue
             rows = step.num_rows(i) if spec is not None or seq.pending_forks else 1
@@ -272,6 +274,38 @@ class Engine:
             outputs.append(deltas[0] if len(deltas) == 1 else _merge(deltas))
             outputs[-1].spec = SpecMetrics.of(seq)
         return result
+
+    @staticmethod
+    def _plain_decodes(step: StepInput, tokens: list[int], result: StepOutput) -> int:
+        """The leading run of plain decodes of `step` (what `_process`'s one-token path keeps as rows:
+        one sampled token, no logprobs, grammar or forks, not a first token, nothing that can end the
+        sequence), put into `result`'s rows; returns how many sequences it took. The same arithmetic as
+        that path, in one tight loop for a steady batch."""
+        at = step.placeholder_at
+        seqs, samples = step.seqs, step.sample
+        running = SequenceStatus.RUNNING
+        out_seqs, out_tokens, out_counts = result.seqs, result.tokens, result.num_output_tokens
+        i = 0
+        for i, token in enumerate(tokens):  # noqa: B007 - i is the count on leaving the loop
+            seq = seqs[i]
+            if not samples[i] or seq.status is not running or seq.pending_forks:
+                break
+            ids = seq.token_ids
+            end = len(ids) + 1 if at is None else at[i] + 1  # its tokens, this one included
+            num_output = end - len(seq.prompt_token_ids)
+            if (num_output <= 1 or end >= seq.length_limit or token in seq.stop_ids
+                    or seq.params.logprobs is not None or seq.grammar is not None):
+                break
+            if at is None:
+                ids.append(token)
+            else:
+                ids[at[i]] = token
+            out_seqs.append(seq)
+            out_tokens.append(token)
+            out_counts.append(num_output)
+        else:
+            return len(tokens)
+        return i
 
     def append_token(self, seq: Sequence, token: int, lp: list[TokenLogprob] | None = None,
                      at: int | None = None) -> RequestOutput:

@@ -74,14 +74,14 @@ class Prepared:
 class OverlapRunner:
     """The engine-thread half (`prepare`, `launch`) and forward-thread half (`run`) of overlapped steps.
 
-    `sample_rows` maps each sequence that samples in the last launched step to its sampler row; the
-    next step's placeholders are filled from those rows. Only the forward thread calls `run`, in
-    launch order.
+    The next step's placeholders are filled from the sampler rows of the last launched step, whose
+    sampling sequences (one row each: an overlapped step forks nothing) are its rows in order
+    (`_sources`). Only the forward thread calls `run`, in launch order.
     """
 
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
-        self.sample_rows: dict[int, int] = {}  # id(seq) -> row in the last launched step's samples
+        self._launched: StepInput | None = None  # the last launched step: its samples fill placeholders
         self._last_tokens: Tensor | None = None  # forward thread: the last forward's sampled ids
         self._overlaps: list[Sequence] = []  # the sequences of the last step `can_overlap` allowed
 
@@ -102,34 +102,45 @@ class OverlapRunner:
         arrays = runner.inputs.prepare(step)
         # A placeholder can only be a sequence's last new token, and only the last launched step's.
         fill = np.flatnonzero(arrays.input_ids.numpy() == PLACEHOLDER)  # (F,) rows of input_ids
-        sources: list[int] = []
+        sources = None
         if fill.size:
             owners = np.searchsorted(arrays.query_start_loc.numpy()[1:], fill, side="right")  # (F,)
-            seqs, rows = step.seqs, self.sample_rows
-            sources = [rows[id(seqs[b])] for b in owners.tolist()]
+            sources = self._sources(step.seqs, owners)
         input_ids, positions, ctx, logits_idx = runner.upload(arrays)
         sampled = step.seqs if all(step.sample) else [s for s, flag in zip(step.seqs, step.sample, strict=True) if flag]
         batch = runner.sampling_batch(sampled) if sampled else None
         dev = runner.device
         return Prepared(step, input_ids, positions, ctx, logits_idx, batch,
-                        torch.from_numpy(fill).to(dev) if sources else None,
-                        torch.tensor(sources, dtype=torch.int64, device=dev) if sources else None)
+                        torch.from_numpy(fill).to(dev) if sources is not None else None,
+                        torch.from_numpy(sources).to(dev) if sources is not None else None)
+
+    def _sources(self, seqs: list[Sequence], owners: np.ndarray) -> np.ndarray:
+        """(F,) int64: for each placeholder's sequence `seqs[owners[f]]`, its row in the last launched
+        step's sampled token ids. A steady batch (the same sequences, each of which sampled) is its
+        own map."""
+        last = self._launched
+        assert last is not None, "a placeholder without a launched step"
+        if len(last.seqs) == len(seqs) and all(last.sample) and all(map(operator.is_, last.seqs, seqs)):
+            return owners.astype(np.int64)
+        sampled = (s for s, flag in zip(last.seqs, last.sample, strict=True) if flag)
+        rows = {id(s): r for r, s in enumerate(sampled)}
+        return np.array([rows[id(seqs[b])] for b in owners.tolist()], dtype=np.int64)
 
     def launch(self, step: StepInput) -> None:
         """Advance `step`'s counters as if it ran and give each sampling sequence a placeholder token
         (engine thread, after `prepare`)."""
         placeholder_at: list[int] = []
-        rows: dict[int, int] = {}
+        at = placeholder_at.append
         for seq, n, sample in zip(step.seqs, step.num_new_tokens, step.sample, strict=True):
             seq.num_computed_tokens += n
             if sample:
-                rows[id(seq)] = len(rows)
-                placeholder_at.append(len(seq.token_ids))
-                seq.token_ids.append(PLACEHOLDER)
+                ids = seq.token_ids
+                at(len(ids))
+                ids.append(PLACEHOLDER)
             else:
-                placeholder_at.append(-1)
+                at(-1)
         step.placeholder_at = placeholder_at
-        self.sample_rows = rows
+        self._launched = step
 
     @torch.inference_mode()
     def run(self, prep: Prepared) -> SamplerOutput | None:
@@ -146,7 +157,7 @@ class OverlapRunner:
 
     def forget(self) -> None:
         """No step is in flight any more (a serial step ran): nothing to fill from."""
-        self.sample_rows = {}
+        self._launched = None
 
 
 def without_finished(step: StepInput) -> StepInput | None:

@@ -10,6 +10,7 @@ them, and the gateway's router predicts a prefill worker's cache hits with the s
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import Sequence as Seq
 
 import numpy as np
@@ -25,7 +26,7 @@ def _chain(parent: int | None, block: bytes) -> int:
 
 def hash_block(parent: int | None, token_ids: Seq[int]) -> int:
     """A 128-bit name for a full block, chained over its parent's name (stable across processes)."""
-    return _chain(parent, np.asarray(token_ids, dtype=np.int64).tobytes())
+    return _chain(parent, struct.pack(f"<{len(token_ids)}q", *token_ids))  # as hash_prefix's bytes, cheaper for one block
 
 
 def hash_prefix(token_ids: Seq[int], block_size: int, max_tokens: int | None = None) -> list[int]:

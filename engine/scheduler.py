@@ -32,6 +32,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self._mixed_priorities = False  # the running batch holds more than one priority (`_run`)
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -67,6 +68,15 @@ class Scheduler:
     def add_running(self, seq: Sequence) -> None:
         """Admit a sequence whose blocks and KV are already in place (the decode side of a transfer)."""
         seq.status = SequenceStatus.RUNNING
+        self._run(seq)
+
+    def _run(self, seq: Sequence) -> None:
+        """Into the running batch (last). The batch is sorted by priority before each step only once
+        two priorities met in it; that lasts until it empties (a sort of a sorted batch is cheap)."""
+        if not self.running:
+            self._mixed_priorities = False
+        elif seq.priority != self.running[0].priority:
+            self._mixed_priorities = True
         self.running.append(seq)
 
     def has_work(self) -> bool:
@@ -118,10 +128,10 @@ class Scheduler:
         sample: list[bool] = []  # it reaches num_tokens in this step and samples a token
         preempted = False
         running = self.running
-        first = running[0].priority if running else 0
-        if any(s.priority != first for s in running):
+        if self._mixed_priorities:
             running.sort(key=lambda s: s.priority)  # stable: admission order within a priority
         allocate = self.bm.allocate_slots
+        fits_decode = self.bm.decode_fits
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
@@ -129,7 +139,15 @@ class Scheduler:
             if num_tokens >= seq.length_limit:  # its last token is scheduled: an overlapped step samples it (engine.overlap)
                 i += 1
                 continue
-            n = min(num_tokens - seq.num_computed_tokens, budget)
+            computed = seq.num_computed_tokens
+            if num_tokens - computed == 1 and fits_decode(seq.block_table, computed):  # the common case
+                seqs.append(seq)
+                counts.append(1)
+                sample.append(True)
+                budget -= 1
+                i += 1
+                continue
+            n = min(num_tokens - computed, budget)
             while not allocate(seq, n):
                 victim = running.pop()
                 self._preempt(victim)
@@ -159,7 +177,7 @@ class Scheduler:
                 seq.num_cached_tokens = seq.num_computed_tokens
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
+            self._run(seq)
             seqs.append(seq)
             counts.append(n)
             sample.append(seq.num_computed_tokens + n == seq.num_tokens)
@@ -173,10 +191,13 @@ class Scheduler:
         blocks for the prefix cache."""
         bs = self.bm.block_size
         finished = SequenceStatus.FINISHED
+        filled: list[Sequence] = []  # a block of theirs filled up: name it for the prefix cache
         for seq, n in zip(step.seqs, step.num_new_tokens, strict=True):
             if seq.status is finished:  # aborted while its step ran; its blocks are already free
                 continue
-            if advance:
-                seq.num_computed_tokens += n
-            if seq.num_computed_tokens // bs > len(seq.block_hashes):  # a block filled up
-                self.bm.cache_full_blocks(seq)
+            computed = seq.num_computed_tokens + n if advance else seq.num_computed_tokens
+            seq.num_computed_tokens = computed
+            if computed // bs > len(seq.block_hashes):
+                filled.append(seq)
+        for seq in filled:
+            self.bm.cache_full_blocks(seq)

@@ -119,3 +119,18 @@ def test_priority_orders_the_waiting_queue(path) -> None:
     while eng.has_unfinished():
         finished += [o.request_id for o in eng.step() if o.finished]
     assert finished == ["high", "mid", "mid2", "low"]
+
+
+def test_preemption_takes_the_lowest_priority_not_the_newest(path) -> None:
+    """The running batch is ordered by priority once two priorities meet in it: when the pool runs
+    short, the sequence preempted is the newest of the lowest priority (here the older one)."""
+    llm = LLM(path, device="cpu", block_size=4, num_kv_blocks=8, max_num_batched_tokens=8, max_num_seqs=2)
+    eng = llm.engine
+    p = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    low = eng.add_request("low", [7, 8, 9], p, priority=5)
+    eng.step()  # "low" runs alone first
+    high = eng.add_request("high", [7, 8, 9], p, priority=0)
+    while eng.has_unfinished():
+        eng.step()
+    assert low.num_preemptions > 0 and high.num_preemptions == 0
+    assert eng.block_manager.num_free_blocks == 8
