@@ -117,6 +117,8 @@ class IncrementalDetokenizer:
 
     def _decode_new(self, token_id: int) -> str:
         """Text made final by `token_id` ("" while it ends in an incomplete character)."""
+        if token_id < 0:
+            raise ValueError(f"token ids must be >= 0, got {token_id}")
         if self._bytes is not None:
             # The longest prefix that no later byte can change: only a trailing incomplete character is
             # held back (an ill-formed byte is final at once, as U+FFFD, exactly as decode() makes it).
@@ -158,14 +160,15 @@ class IncrementalDetokenizer:
 
     def step(self, new_token_ids: Sequence[int]) -> str:
         """Consume output tokens and return the text that became final. Tokens after a stop match
-        (even within this call) are not consumed. Raises RuntimeError once finished."""
+        (even within this call) are not consumed. Raises RuntimeError once finished, ValueError for a
+        negative id."""
         if self.finished:
             raise RuntimeError("step() after the detokenizer finished (a stop string matched or flush() ran)")
         if len(new_token_ids) == 1 and not self._stop:  # a decode step's token, no stop to look for
             token_id = int(new_token_ids[0])
             self._num_output += 1
             texts = self._texts
-            if texts is not None and not self._held and token_id < self._vocab_size:
+            if texts is not None and not self._held and 0 <= token_id < self._vocab_size:
                 piece = texts[token_id]  # None: the token's bytes are part of a character
                 if piece is not None:
                     if piece:

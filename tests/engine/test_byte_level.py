@@ -176,3 +176,9 @@ def test_smollm2_gguf_tokenizer_takes_the_table(toks) -> None:
             ids = _random_ids(tok, rng, byte_ids)
             detok = IncrementalDetokenizer(tok, [], skip_special_tokens=skip_special)
             assert "".join(_stream(detok, ids, rng)) == tok.decode(ids, skip_special_tokens=skip_special)
+
+
+def test_a_negative_id_raises_on_both_paths(toks, dirs) -> None:
+    for tok in (toks["llama"], _StreamOnly.from_dir(dirs["llama"])):
+        with pytest.raises(ValueError, match=">= 0"):
+            IncrementalDetokenizer(tok, []).step([-1])
