@@ -127,6 +127,21 @@ def test_table_text_equals_decode_and_the_stream_path(toks, dirs, name: str, ski
         assert "".join(_stream(old, ids, random.Random(len(ids)))) == full
 
 
+def test_ill_formed_utf8_becomes_the_replacement_characters_decode_makes(toks) -> None:
+    """Python's UTF-8 decoder held open (final=False) replaces ill-formed bytes as the library's lossy
+    decode does: surrogates, overlongs, bytes past U+10FFFF, stray continuations, cut characters."""
+    tok = toks["llama"]
+    by_byte = {tok.byte_tables.token_bytes[i][0]: i for i in _byte_ids(tok)}
+    edges = [0x00, 0x41, 0x7F, 0x80, 0x8F, 0x90, 0x9F, 0xA0, 0xBF, 0xC0, 0xC1, 0xC2, 0xDF, 0xE0, 0xE1, 0xED, 0xEE,
+             0xEF, 0xF0, 0xF1, 0xF4, 0xF5, 0xF8, 0xFF]
+    rng = random.Random("lossy")
+    for _ in range(3000):
+        ids = [by_byte[rng.choice(edges)] for _ in range(rng.randint(1, 8))]
+        detok = IncrementalDetokenizer(tok, [], skip_special_tokens=False)
+        pieces = [detok.step([i]) for i in ids] + [detok.flush()]
+        assert "".join(pieces) == tok.decode(ids, skip_special_tokens=False), ids
+
+
 def test_a_character_split_across_tokens_is_held_until_whole(toks) -> None:
     tok = toks["llama"]
     for ch in ("🦊", "日", "é", "👨‍👩‍👧"):
