@@ -197,3 +197,18 @@ def test_a_negative_id_raises_on_both_paths(toks, dirs) -> None:
     for tok in (toks["llama"], _StreamOnly.from_dir(dirs["llama"])):
         with pytest.raises(ValueError, match=">= 0"):
             IncrementalDetokenizer(tok, []).step([-1])
+
+
+@pytest.mark.parametrize("prefix_space", [True, False])
+def test_the_byte_level_decoders_options_change_no_text(dirs, tmp_path: Path, prefix_space: bool) -> None:
+    """Llama 3 writes its decoder with add_prefix_space and trim_offsets on, Qwen with them off."""
+    raw = RawTokenizer.from_file(str(dirs["llama"] / "tokenizer.json"))
+    raw.decoder = decoders.ByteLevel(add_prefix_space=prefix_space, trim_offsets=prefix_space, use_regex=prefix_space)
+    raw.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer.from_dir(tmp_path)
+    assert tok.byte_tables is not None
+    rng = random.Random(prefix_space)
+    for _ in range(300):
+        ids = _random_ids(tok, rng, _byte_ids(tok))
+        detok = IncrementalDetokenizer(tok, [])
+        assert "".join(_stream(detok, ids, rng)) == tok.decode(ids)
