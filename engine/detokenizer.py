@@ -17,13 +17,13 @@ each step decodes a short window of ids twice and emits the difference:
 
 Nothing is emitted while the window's text ends in U+FFFD (an incomplete UTF-8 character); then both
 offsets move forward. The tokenizers library runs exactly this window in Rust (`DecodeStream`, one
-call per token, ~8x cheaper than two `decode` calls from Python): `Tokenizer.decode_stream`. Either
-way, emitted text then passes a stop-string filter: a tail that could still grow into a stop string is held back,
-and on a match the stop string and everything after it are dropped.
+call per token, ~8x cheaper than two `decode` calls from Python): `Tokenizer.decode_stream`.
 
-Ids that decode() drops before its decoder (`Tokenizer.is_skipped`: ids past the tokenizer's
-vocabulary, which a model with padded embedding rows can sample, and special tokens when they are
-skipped) yield no text on either path, and never enter `ids` above: they cannot change any text, and keeping them would grow the window
+Either way, emitted text then passes a stop-string filter: a tail that could still grow into a stop
+string is held back, and on a match the stop string and everything after it are dropped. Ids that
+decode() drops before its decoder (`Tokenizer.is_skipped`: ids past the tokenizer's vocabulary, which
+a model with padded embedding rows can sample, and special tokens when they are skipped) yield no
+text, and never enter `ids` above: they cannot change any text, and keeping them would grow the window
 by one id per token for as long as a run of them lasts (quadratic work over the run).
 """
 
@@ -48,11 +48,11 @@ class IncrementalDetokenizer:
     Contract: without a stop match, the concatenation of every `step()` result and `flush()` equals
     `tokenizer.decode(output_ids, skip_special_tokens)` for byte-level BPE tokenizers, whatever the
     prompt; decoders that strip a sequence's leading space (SentencePiece-style) keep it here, as the
-    prompt context implies. No returned piece
-    carries U+FFFD for a character that later tokens complete. With stop strings, the returned text
-    is that decode cut just before (with include_stop: just after) the stop string that completes
-    first in the token stream (among several completing on the same token, the one starting
-    earliest; then the first listed); `stop_reason` names it and `finished` becomes True.
+    prompt context implies. No returned piece carries U+FFFD for a character that later tokens
+    complete. With stop strings, the returned text is that decode cut just before (with
+    include_stop: just after) the stop string that completes first in the token stream (among
+    several completing on the same token, the one starting earliest; then the first listed);
+    `stop_reason` names it and `finished` becomes True.
     Ids the tokenizer lacks (>= its vocab_size) yield no text and never raise. The ids decoded per
     token are bounded by the text's shape (a character's tokens, the context), not by the length of a
     run of skipped ids.
@@ -80,20 +80,11 @@ class IncrementalDetokenizer:
         self._vocab_size = tokenizer.vocab_size
         self._skipped_ids = tokenizer.skipped_ids(skip_special_tokens)  # `_skipped`: these and ids >= _vocab_size
         tables = tokenizer.byte_tables
-        # Byte-level: text is each token's bytes, so the prompt gives no context.
         self._texts = None if tables is None else tables.texts_skipping if skip_special_tokens else tables.texts
         self._bytes = None if tables is None else tables.token_bytes
         self._held = b""  # (byte-level) the bytes of an incomplete character, held for the next tokens
-        # Only ids that take part in decoding (see the module docstring); the prompt's last few supply
-        # context. `_ids` keeps that context and the ids the stream has not turned into text yet.
-        context = [] if tables is not None else [
-            int(t) for t in prompt_token_ids[-4 * _CONTEXT_TOKENS:] if not self._skipped(int(t))]
-        context = context[-_CONTEXT_TOKENS:]
-        # A context that ends inside a character (a prompt of raw ids can) would let the stream hand back
-        # prompt text with the first output token: drop its tail until its text is whole.
-        while context and tokenizer.decode(context, skip_special_tokens=skip_special_tokens).endswith(_REPLACEMENT):
-            context.pop()
-        self._ids: list[int] = context
+        # (other decoders) the stream's context and the ids it has not turned into text yet
+        self._ids: list[int] = [] if tables is not None else self._context(prompt_token_ids)
         self._read_offset = len(self._ids)  # _ids[read_offset:] are held by the stream (no text yet)
         self._stream = None if tables is not None else tokenizer.decode_stream(self._ids, skip_special_tokens)
         self._num_output = 0
@@ -114,6 +105,16 @@ class IncrementalDetokenizer:
 
     def _skipped(self, token_id: int) -> bool:
         return self._tokenizer.is_skipped(token_id, self._skip_special)
+
+    def _context(self, prompt_token_ids: Sequence[int]) -> list[int]:
+        """The prompt's last few ids that take part in decoding (see the module docstring), whose text
+        is whole: a context that ends inside a character (a prompt of raw ids can) would let the stream
+        hand back prompt text with the first output token, so its tail is dropped until it is whole."""
+        context = [int(t) for t in prompt_token_ids[-4 * _CONTEXT_TOKENS:] if not self._skipped(int(t))]
+        context = context[-_CONTEXT_TOKENS:]
+        while context and self._tokenizer.decode(context, self._skip_special).endswith(_REPLACEMENT):
+            context.pop()
+        return context
 
     def _decode_new(self, token_id: int) -> str:
         """Text made final by `token_id` ("" while it ends in an incomplete character)."""
