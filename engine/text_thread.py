@@ -119,17 +119,15 @@ class TextThread:
     def _emit_plain(self, step: StepOutput, requests: list[Request | None]) -> None:
         """The step's plain decodes (one token each, none finished): without stop strings, `add_text`
         comes down to the detokenizer's next piece, made here inline; the others go through it."""
-        for i, req in enumerate(requests):
+        tokens = step.tokens
+        for i, (req, seq) in enumerate(zip(requests, step.seqs, strict=True)):
             if req is None or not req.streams:
                 continue
-            out = step.plain_output(i)
-            seq = step.seqs[i]
             detok = seq.detokenizer
             if detok is None or detok.finished or seq.params.stop:
-                self._emit(req, out)
+                self._emit(req, step.plain_output(i))
                 continue
-            out.new_text = detok.step(out.new_token_ids)
-            req.emit(out)
+            req.emit(step.plain_output(i, detok.step((tokens[i],))))
 
     def _emit(self, req: Request, out: RequestOutput) -> None:
         result = add_text(out)

@@ -32,6 +32,7 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as _Backend
 from tokenizers.decoders import DecodeStream
 
+from engine.byte_level import ByteTables, byte_tables
 from engine.checkpoint import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -271,6 +272,12 @@ class Tokenizer:
         rules and are never returned. Every id passed must be < vocab_size (see `is_skipped`)."""
         stream = DecodeStream(ids=list(context_ids), skip_special_tokens=skip_special_tokens)
         return functools.partial(stream.step, self._backend)
+
+    @functools.cached_property
+    def byte_tables(self) -> ByteTables | None:
+        """Each id's bytes and text, when the decoder is the byte-level one (engine.byte_level): made
+        on first use (~4 us per id), then shared; None for any other decoder."""
+        return byte_tables(self._backend, self._skipped_specials)
 
     def skipped_ids(self, skip_special_tokens: bool = True) -> frozenset[int]:
         """The ids below vocab_size that `is_skipped` (its special added tokens, when skipped)."""

@@ -16,9 +16,19 @@ from engine.tokenizer import Tokenizer
 SAMPLE = "The quick brown fox 🦊 jumps over the lazy dog. 日本語 café naïve 👨‍👩‍👧 done.\n\tdef f(): pass"
 
 
-@pytest.fixture(scope="module")
-def toks(tiny_model) -> dict[str, Tokenizer]:
-    return {arch: Tokenizer.from_dir(tiny_model(arch)) for arch in ("llama", "qwen2")}
+class _NoTables(Tokenizer):
+    """The same tokenizer without byte tables: its text is made by the library's DecodeStream."""
+
+    byte_tables = None  # type: ignore[assignment]
+
+
+# Every test of a byte-level tokenizer runs on both paths: its byte tables and the DecodeStream.
+PATHS = {"table": Tokenizer, "stream": _NoTables}
+
+
+@pytest.fixture(scope="module", params=list(PATHS))
+def toks(tiny_model, request) -> dict[str, Tokenizer]:
+    return {arch: PATHS[request.param].from_dir(tiny_model(arch)) for arch in ("llama", "qwen2")}
 
 
 def _stream(
@@ -178,9 +188,9 @@ def test_empty_stop_string_is_rejected(toks) -> None:
 TOK_VOCAB, MODEL_VOCAB = 384, 512  # the model samples ids 384..511, which the tokenizer lacks
 
 
-@pytest.fixture(scope="module")
-def padded(tiny_model) -> dict[str, Tokenizer]:
-    toks = {a: Tokenizer.from_dir(tiny_model(a, vocab_size=TOK_VOCAB, model_vocab_size=MODEL_VOCAB))
+@pytest.fixture(scope="module", params=list(PATHS))
+def padded(tiny_model, request) -> dict[str, Tokenizer]:
+    toks = {a: PATHS[request.param].from_dir(tiny_model(a, vocab_size=TOK_VOCAB, model_vocab_size=MODEL_VOCAB))
             for a in ("llama", "qwen2")}
     assert all(t.vocab_size == TOK_VOCAB for t in toks.values())
     return toks
@@ -246,11 +256,17 @@ class _CountingTokenizer(Tokenizer):
         return super().decode(ids, skip_special_tokens)
 
 
+class _CountingNoTables(_CountingTokenizer):
+    byte_tables = None  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize("counting", [_CountingTokenizer, _CountingNoTables])
 @pytest.mark.parametrize("skip_special", [True, False])
-def test_runs_of_skipped_ids_keep_the_decode_window_bounded(tiny_model, skip_special: bool) -> None:
+def test_runs_of_skipped_ids_keep_the_decode_window_bounded(tiny_model, counting: type[_CountingTokenizer],
+                                                            skip_special: bool) -> None:
     """Long runs of special tokens (when skipped) and of ids past the vocabulary cost O(1) ids per
     token: the window decoded each step stays short, where it used to grow by one id per token."""
-    tok = _CountingTokenizer.from_dir(tiny_model("qwen2", vocab_size=TOK_VOCAB, model_vocab_size=MODEL_VOCAB))
+    tok = counting.from_dir(tiny_model("qwen2", vocab_size=TOK_VOCAB, model_vocab_size=MODEL_VOCAB))
     tok.calls = []
     special = tok.token_to_id("<|im_start|>")
     assert special is not None and special in tok.all_special_ids
