@@ -14,6 +14,7 @@ import grpc
 from decode_worker.worker import DecodeCore, DecodeRequest
 from engine.outputs import RequestOutput
 from server.errors import Overloaded, Unavailable
+from server.inbox import Inbox
 from server.protoconv import finish_to_proto, logprob_to_proto, sampling_from_proto
 from server.tracing import finish_span, start_server_span, traceparent_of
 from server.worker import abort_and_tell, compile_grammar
@@ -31,6 +32,14 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         self.address = address
         self.max_streams = max_streams
         self.streams = 0
+        self._inbox_of_loop: Inbox | None = None  # the engine's outputs into the streams' queues
+
+    def _inbox(self) -> Inbox:
+        """The running loop's inbox (a server runs one loop; a new loop gets a new inbox)."""
+        loop = asyncio.get_running_loop()
+        if self._inbox_of_loop is None or self._inbox_of_loop.loop is not loop:
+            self._inbox_of_loop = Inbox(loop)
+        return self._inbox_of_loop
 
     async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext
                      ) -> AsyncIterator[pb.DecodeResponse]:
@@ -62,10 +71,9 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         params = sampling_from_proto(request.sampling)
         grammar = await compile_grammar(core.engine, params, core.obs.metrics, span)  # before admission
         seq = core.engine.make_sequence(rid, list(request.prompt_token_ids), params, request.priority, grammar)
-        loop = asyncio.get_running_loop()
+        inbox = self._inbox()
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        req = DecodeRequest(seq, emit=lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
-                            fail=lambda exc: loop.call_soon_threadsafe(queue.put_nowait, exc),
+        req = DecodeRequest(seq, emit=lambda out: inbox.put(queue, out), fail=lambda exc: inbox.put(queue, exc),
                             local=request.local_prefill)
         req.trace.traceparent = traceparent
         t0 = time.monotonic()

@@ -52,6 +52,7 @@ class Engine:
         config = self.config
         self.runner = ModelRunner(config)
         self.tokenizer = tokenizer or Tokenizer.from_dir(config.model)
+        _ = self.tokenizer.byte_tables  # made now (~3 us per id), not in the first request's step
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
         # one sequence may fill the pool alone, never more
