@@ -16,7 +16,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 #include <cmath>
@@ -36,6 +36,16 @@ constexpr float INF = std::numeric_limits<float>::infinity();
 inline v8 load(const float* p) { v8 r; std::memcpy(&r, p, sizeof r); return r; }
 inline void store(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
 inline v8 splat(float x) { return v8{x, x, x, x, x, x, x, x}; }
+
+#if defined(__AVX2__)
+inline bool any_lane(v8i mask) { return _mm256_movemask_ps((__m256)mask) != 0; }
+#else
+inline bool any_lane(v8i mask) {
+  int32_t any = 0;
+  for (int j = 0; j < 8; ++j) any |= mask[j];
+  return any != 0;
+}
+#endif
 
 // Rows per parallel chunk when each row holds `elems` elements.
 inline int64_t grain(int64_t elems) { return std::max<int64_t>(1, GRAIN / std::max<int64_t>(elems, 1)); }
@@ -277,28 +287,37 @@ extern "C" int tandem_argmax(const float* x, int64_t sx, int64_t rows, int64_t c
   at::parallel_for(0, rows, grain(cols), [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       const float* row = x + r * sx;
-      v8 m = splat(-INF);
+      v8 m0 = splat(-INF), m1 = m0;  // pass 1: the maximum (two chains), and whether any NaN
       v8i nan = v8i{0, 0, 0, 0, 0, 0, 0, 0};
       int64_t i = 0;
-      for (; i + 8 <= cols; i += 8) {  // pass 1: the maximum, and whether any NaN
-        const v8 v = load(row + i);
-        m = v > m ? v : m;
-        nan |= v != v;
+      for (; i + 16 <= cols; i += 16) {
+        const v8 a = load(row + i), b = load(row + i + 8);
+        m0 = a > m0 ? a : m0;
+        m1 = b > m1 ? b : m1;
+        nan |= (a != a) | (b != b);
       }
+      for (; i + 8 <= cols; i += 8) {
+        const v8 a = load(row + i);
+        m0 = a > m0 ? a : m0;
+        nan |= a != a;
+      }
+      m0 = m1 > m0 ? m1 : m0;
       float best = -INF;
       bool any_nan = false;
       for (int j = 0; j < 8; ++j) {
-        best = std::max(best, m[j]);
+        best = std::max(best, m0[j]);
         any_nan |= nan[j] != 0;
       }
       for (; i < cols; ++i) {
         best = row[i] > best ? row[i] : best;
         any_nan |= std::isnan(row[i]);
       }
-      int64_t at = 0;  // pass 2: where it first occurs
+      int64_t at = 0;  // pass 2: where it first occurs, skipping 8 at a time
       if (any_nan) {
         while (!std::isnan(row[at])) ++at;
       } else {
+        for (; at + 8 <= cols && !any_lane(load(row + at) == splat(best)); at += 8) {
+        }
         while (row[at] != best) ++at;
       }
       out[r] = at;
