@@ -1,18 +1,21 @@
 """The CPU forward and greedy sample with the references against the C++ layer kernels, in one process.
 
 Run from the repository root: ``.venv/bin/python -m bench.layer_ops_ab [--batch 256] [--model NAME]
-[--rounds 6] [--reps 50] [--out PATH]`` (``--help``). One engine (bench.overhead's near-free model,
+[--dequantize] [--rounds 6] [--reps 50] [--out PATH]`` (``--help``). One engine (bench.overhead's near-free model,
 or ``--model``: a checkpoint, or a packaged name such as SmolLM2-135M-Instruct) decodes ``--batch``
 sequences to a steady step; that one step's inputs are then run through ``runner._forward`` with the
 ops bundle swapped, A = the references for the layer's small ops (TORCH_OPS plus the C++ attention,
 the bundle "auto" chose before the layer kernels) and B = CPU_OPS, in A B B A rounds, on one thread's
-CPU time; likewise the sampler with torch.argmax (A) and kernels.layer_ops_cpu.argmax_rows (B). Both
-answers are checked equal: logits to 1e-5, tokens exactly.
+CPU time; likewise the sampler with torch.argmax (A) and kernels.layer_ops_cpu.argmax_rows (B). The
+sampler's tokens must be equal; the logits' largest difference is reported (the near-free model's must
+be below 1e-5; a GGUF model kept quantized rounds activations to bfloat16 before its int4 matmuls, so
+last-bit differences of RMSNorm's sum grow there).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -39,8 +42,8 @@ def per_call_ms(fn: Callable[[], Any], reps: int) -> float:
     return (time.thread_time() - t) / reps * 1e3
 
 
-def measure(path: str, batch: int, rounds: int, reps: int) -> dict[str, Any]:
-    engine = Engine(engine_config(Path(path), batch, "serial"))
+def measure(path: str, batch: int, rounds: int, reps: int, dequantize: bool) -> dict[str, Any]:
+    engine = Engine(dataclasses.replace(engine_config(Path(path), batch, "serial"), gguf_dequantize=dequantize))
     runner: Any = engine.runner
     params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
     for i in range(batch):
@@ -68,7 +71,7 @@ def measure(path: str, batch: int, rounds: int, reps: int) -> dict[str, Any]:
             return run
 
         logits_a, logits_b = forward(OLD_OPS)(), forward(CPU_OPS)()
-        torch.testing.assert_close(logits_b, logits_a, atol=1e-5, rtol=1e-5)
+        max_diff = (logits_a - logits_b).abs().max().item()
         new_argmax = sampler_mod.argmax_rows
         old = sample(lambda x: x.argmax(dim=-1))().token_ids
         assert torch.equal(sample(new_argmax)().token_ids, old)
@@ -80,7 +83,7 @@ def measure(path: str, batch: int, rounds: int, reps: int) -> dict[str, Any]:
                 for label, fn in (("A", a), ("B", b), ("B", b), ("A", a)):
                     times[name][label].append(per_call_ms(fn, reps))
         sampler_mod.argmax_rows = new_argmax
-    result: dict[str, Any] = {}
+    result: dict[str, Any] = {"max_logit_diff": max_diff}
     for name, t in times.items():
         a, b = sorted(t["A"])[len(t["A"]) // 2], sorted(t["B"])[len(t["B"]) // 2]
         result[name] = {"old_ms": a, "new_ms": b, "ratio": b / a, "old_all": t["A"], "new_all": t["B"]}
@@ -91,6 +94,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--model", default=None, help="a checkpoint or packaged name (default: the near-free model)")
+    ap.add_argument("--dequantize", action="store_true", help="a GGUF model's weights as float32 (gguf_dequantize)")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--out", default=None)
@@ -103,8 +107,10 @@ def main() -> None:
 
             path = str(resolve_model(args.model).path)
         load_before = os.getloadavg()
-        result = measure(path, args.batch, args.rounds, args.reps)
-    report = {"model": args.model or "near-free", "batch": args.batch, "threads": torch.get_num_threads(),
+        result = measure(path, args.batch, args.rounds, args.reps, args.dequantize)
+    if args.model is None and result["max_logit_diff"] > 1e-5:
+        raise SystemExit(f"the kernels' logits differ from the references' by {result['max_logit_diff']}")
+    report = {"model": args.model or "near-free", "dequantize": args.dequantize, "batch": args.batch, "threads": torch.get_num_threads(),
               "loadavg_before": load_before, "loadavg_after": os.getloadavg(), **result}  # fmt: skip
     print(json.dumps({k: ({kk: vv for kk, vv in v.items() if not kk.endswith("_all")} if isinstance(v, dict) else v)
                       for k, v in report.items()}, indent=1))  # fmt: skip
