@@ -153,23 +153,38 @@ inline void rotate(const T* x, int64_t sh, int64_t heads, const float* cos, cons
   }
 }
 
-// silu(gate) rounded to T, times up, rounded to T, for one row of `inter` columns.
+// 8 values of T from p, widened to float32 (float32 itself: one load).
+template <typename T> inline v8 load8(const T* p) {
+  float f[8];
+  for (int j = 0; j < 8; ++j) f[j] = f32(p[j]);
+  return load(f);
+}
+template <> inline v8 load8<float>(const float* p) { return load(p); }
+
+// silu(g) = g / (1 + e^-g), rounded to T, times up, rounded to T: 8 columns into out.
+template <typename T> inline void silu_mul8(v8 g, const T* up, T* out) {
+  const v8 s = g / (splat(1.0f) + exp8(-g));
+  if constexpr (std::is_same_v<T, float>) {
+    store(out, s * load(up));
+  } else {
+    for (int j = 0; j < 8; ++j) out[j] = cast<T>(f32(cast<T>(s[j])) * f32(up[j]));
+  }
+}
+
+// One row: silu(gate) * up over `inter` columns, the tail through a zero-padded vector.
 template <typename T>
 inline void silu_mul_row(const T* gate, const T* up, T* out, int64_t inter) {
   int64_t i = 0;
-  for (; i + 8 <= inter; i += 8) {
-    float g[8], s[8];
-    for (int j = 0; j < 8; ++j) g[j] = f32(gate[i + j]);
-    const v8 gv = load(g);
-    store(s, gv / (splat(1.0f) + exp8(-gv)));
-    for (int j = 0; j < 8; ++j) out[i + j] = cast<T>(f32(cast<T>(s[j])) * f32(up[i + j]));
-  }
-  if (i < inter) {  // the tail through the same exp, padded with zeros
-    float g[8] = {0, 0, 0, 0, 0, 0, 0, 0}, s[8];
-    for (int64_t j = 0; j < inter - i; ++j) g[j] = f32(gate[i + j]);
-    const v8 gv = load(g);
-    store(s, gv / (splat(1.0f) + exp8(-gv)));
-    for (int64_t j = 0; j < inter - i; ++j) out[i + j] = cast<T>(f32(cast<T>(s[j])) * f32(up[i + j]));
+  for (; i + 8 <= inter; i += 8) silu_mul8(load8(gate + i), up + i, out + i);
+  if (i < inter) {
+    T g[8], u[8], o[8];
+    for (int j = 0; j < 8; ++j) g[j] = u[j] = cast<T>(0.0f);
+    for (int64_t j = 0; j < inter - i; ++j) {
+      g[j] = gate[i + j];
+      u[j] = up[i + j];
+    }
+    silu_mul8(load8(g), u, o);
+    for (int64_t j = 0; j < inter - i; ++j) out[i + j] = o[j];
   }
 }
 
