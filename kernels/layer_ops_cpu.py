@@ -90,20 +90,21 @@ def rms_norm_cpu(
     """:func:`rms_norm_ref` in one pass: x, residual (T, H) with a unit last stride, weight (H,), one
     dtype; returns new contiguous tensors, ``out`` or ``(out, x + residual)``."""
     code = _CODES.get(x.dtype)
-    if (code is None or not x.is_cpu or x.dim() != 2 or x.stride(1) != 1 or weight.dtype != x.dtype
-            or not weight.is_cpu or weight.shape != (x.shape[1],) or weight.stride(0) != 1
+    shape, xs = x.shape, x.stride()
+    if (code is None or not x.is_cpu or len(shape) != 2 or xs[1] != 1 or weight.dtype != x.dtype
+            or not weight.is_cpu or weight.shape != shape[1:] or weight.stride() != (1,)
             or (residual is not None and (residual.dtype != x.dtype or not residual.is_cpu
-                                          or residual.shape != x.shape or residual.stride(1) != 1))):
+                                          or residual.shape != shape or residual.stride()[1] != 1))):
         return rms_norm_ref(x, weight, eps, residual)  # fmt: skip
     k = _kernels()
-    t, h = x.shape
-    out = torch.empty((t, h), dtype=x.dtype)
+    t, h = shape
+    out = torch.empty(t, h, dtype=x.dtype)
     if residual is None:
-        k.rms_norm(x.data_ptr(), x.stride(0), None, 0, weight.data_ptr(), out.data_ptr(), None, t, h, eps, code)
+        k.rms_norm(x.data_ptr(), xs[0], None, 0, weight.data_ptr(), out.data_ptr(), None, t, h, eps, code)
         return out
-    res_out = torch.empty((t, h), dtype=x.dtype)
-    k.rms_norm(x.data_ptr(), x.stride(0), residual.data_ptr(), residual.stride(0), weight.data_ptr(),
-               out.data_ptr(), res_out.data_ptr(), t, h, eps, code)  # fmt: skip
+    res_out = torch.empty(t, h, dtype=x.dtype)
+    k.rms_norm(x.data_ptr(), xs[0], residual.data_ptr(), residual.stride()[0], weight.data_ptr(), out.data_ptr(),
+               res_out.data_ptr(), t, h, eps, code)  # fmt: skip
     return out, res_out
 
 
@@ -112,33 +113,35 @@ def rotary_cpu(positions: Tensor, q: Tensor, k: Tensor, cos_sin_cache: Tensor) -
     (views of a fused qkv output are fine), positions (T,) int64, a float32 cache (max_position, D).
     Returns new contiguous tensors; a position outside the cache raises IndexError."""
     code = _CODES.get(q.dtype)
-    t, hq, d = q.shape if q.dim() == 3 else (-1, -1, -1)
-    if (code is None or not q.is_cpu or d < 2 or q.stride(2) != 1 or k.dtype != q.dtype or not k.is_cpu
-            or k.dim() != 3 or k.shape[0] != t or k.shape[2] != d or k.stride(2) != 1
-            or positions.dtype != torch.int64 or not positions.is_cpu or positions.shape != (t,)
-            or cos_sin_cache.dtype != torch.float32 or not cos_sin_cache.is_cpu or cos_sin_cache.dim() != 2
-            or cos_sin_cache.shape[1] != d or cos_sin_cache.stride(1) != 1 or d % 2):
+    qn, kn, cn = q.shape, k.shape, cos_sin_cache.shape
+    qs, ks, cs, ps = q.stride(), k.stride(), cos_sin_cache.stride(), positions.stride()
+    if (code is None or len(qn) != 3 or len(kn) != 3 or len(cn) != 2 or len(ps) != 1 or qs[2] != 1 or ks[2] != 1
+            or cs[1] != 1 or qn[2] % 2 or kn[0] != qn[0] or kn[2] != qn[2] or cn[1] != qn[2]
+            or positions.shape[0] != qn[0] or k.dtype != q.dtype or positions.dtype != torch.int64
+            or cos_sin_cache.dtype != torch.float32 or not (q.is_cpu and k.is_cpu and positions.is_cpu
+                                                            and cos_sin_cache.is_cpu)):
         return rotary_ref(positions, q, k, cos_sin_cache)  # fmt: skip
-    hk = k.shape[1]
-    q_out = torch.empty((t, hq, d), dtype=q.dtype)
-    k_out = torch.empty((t, hk, d), dtype=q.dtype)
-    rc = _kernels().rotary(positions.data_ptr(), positions.stride(0), q.data_ptr(), q.stride(0), q.stride(1),
-                           k.data_ptr(), k.stride(0), k.stride(1), cos_sin_cache.data_ptr(), cos_sin_cache.stride(0),
-                           cos_sin_cache.shape[0], q_out.data_ptr(), k_out.data_ptr(), t, hq, hk, d, code)  # fmt: skip
+    t, hq, d = qn
+    hk = kn[1]
+    q_out = torch.empty(t, hq, d, dtype=q.dtype)
+    k_out = torch.empty(t, hk, d, dtype=q.dtype)
+    rc = _kernels().rotary(positions.data_ptr(), ps[0], q.data_ptr(), qs[0], qs[1], k.data_ptr(), ks[0], ks[1],
+                           cos_sin_cache.data_ptr(), cs[0], cn[0], q_out.data_ptr(), k_out.data_ptr(), t, hq, hk, d,
+                           code)  # fmt: skip
     if rc < 0:
-        raise IndexError(f"position {int(positions[-1 - rc])} is outside the rotary cache's "
-                         f"{cos_sin_cache.shape[0]} rows")  # fmt: skip
+        raise IndexError(f"position {int(positions[-1 - rc])} is outside the rotary cache's {cn[0]} rows")
     return q_out, k_out
 
 
 def silu_and_mul_cpu(x: Tensor) -> Tensor:
     """:func:`silu_and_mul_ref` in one pass: x (T, 2*I) with a unit last stride -> new (T, I)."""
     code = _CODES.get(x.dtype)
-    if code is None or not x.is_cpu or x.dim() != 2 or x.stride(1) != 1 or x.shape[1] % 2:
+    shape, xs = x.shape, x.stride()
+    if code is None or not x.is_cpu or len(shape) != 2 or xs[1] != 1 or shape[1] % 2:
         return silu_and_mul_ref(x)
-    t, inter = x.shape[0], x.shape[1] // 2
-    out = torch.empty((t, inter), dtype=x.dtype)
-    _kernels().silu_and_mul(x.data_ptr(), x.stride(0), out.data_ptr(), t, inter, code)
+    t, inter = shape[0], shape[1] // 2
+    out = torch.empty(t, inter, dtype=x.dtype)
+    _kernels().silu_and_mul(x.data_ptr(), xs[0], out.data_ptr(), t, inter, code)
     return out
 
 
@@ -147,22 +150,23 @@ def store_kv_cpu(k: Tensor, v: Tensor, kv_layer: Tensor, slot_mapping: Tensor, k
     pool's dtype, or any float dtype into a float8_e4m3fn pool (needs kv_scale > 0); unit last
     strides; slot_mapping (T,) int64, negative slots skipped, others below num_blocks * block_size
     (else IndexError, nothing written)."""
-    _check_kv_scale(kv_layer, kv_scale)
     code = _CODES.get(k.dtype)
-    pool = _FP8_CODE if kv_layer.dtype == FP8_KV_DTYPE else _CODES.get(kv_layer.dtype)
-    t = k.shape[0]
-    if (code is None or pool is None or (pool != code and pool != _FP8_CODE) or not k.is_cpu or k.dim() != 3
-            or k.stride(2) != 1 or v.dtype != k.dtype or not v.is_cpu or v.shape != k.shape or v.stride(2) != 1
-            or not kv_layer.is_cpu or kv_layer.dim() != 5 or kv_layer.shape[1] != 2 or kv_layer.stride(4) != 1
-            or kv_layer.shape[3:] != k.shape[1:] or slot_mapping.dtype != torch.int64 or not slot_mapping.is_cpu
-            or slot_mapping.shape != (t,)):
+    fp8 = kv_layer.dtype == FP8_KV_DTYPE
+    if fp8:
+        _check_kv_scale(kv_layer, kv_scale)
+    pool = _FP8_CODE if fp8 else _CODES.get(kv_layer.dtype)
+    kn, pn = k.shape, kv_layer.shape
+    ks, vs, pstr, ss = k.stride(), v.stride(), kv_layer.stride(), slot_mapping.stride()
+    if (code is None or pool is None or (pool != code and not fp8) or len(kn) != 3 or len(pn) != 5 or len(ss) != 1
+            or v.shape != kn or ks[2] != 1 or vs[2] != 1 or pstr[4] != 1 or pn[1] != 2 or pn[3:] != kn[1:]
+            or slot_mapping.shape[0] != kn[0] or v.dtype != k.dtype or slot_mapping.dtype != torch.int64
+            or not (k.is_cpu and v.is_cpu and kv_layer.is_cpu and slot_mapping.is_cpu)):
         store_kv_ref(k, v, kv_layer, slot_mapping, kv_scale)
         return  # fmt: skip
-    num_blocks, _, block_size, hk, d = kv_layer.shape
-    sb, skv, ss, sh, _ = kv_layer.stride()
-    rc = _kernels().store_kv(k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(), v.stride(0), v.stride(1),
-                             kv_layer.data_ptr(), sb, skv, ss, sh, slot_mapping.data_ptr(), slot_mapping.stride(0), t,
-                             hk, d, block_size, num_blocks, code, pool, kv_scale if pool == _FP8_CODE else 1.0)  # fmt: skip
+    num_blocks, _, block_size, hk, d = pn
+    rc = _kernels().store_kv(k.data_ptr(), ks[0], ks[1], v.data_ptr(), vs[0], vs[1], kv_layer.data_ptr(), pstr[0],
+                             pstr[1], pstr[2], pstr[3], slot_mapping.data_ptr(), ss[0], kn[0], hk, d, block_size,
+                             num_blocks, code, pool, kv_scale if fp8 else 1.0)  # fmt: skip
     if rc < 0:
         raise IndexError(f"slot {int(slot_mapping[-1 - rc])} is outside the pool's {num_blocks * block_size} slots")
 
@@ -171,12 +175,11 @@ def argmax_rows(x: Tensor) -> Tensor:
     """``x.argmax(dim=-1)``, through the kernel for float32 CPU rows (V >= 1, unit last stride): the
     first maximal index, or the first NaN's where a row holds one, as torch.argmax. (B, V) -> (B,)
     int64. Anything else, or where the library is unavailable, is torch.argmax itself."""
-    if x.dtype != torch.float32 or not x.is_cpu or x.dim() != 2 or x.shape[1] == 0 or x.stride(1) != 1:
-        return x.argmax(dim=-1)
+    shape, xs = x.shape, x.stride()
     k = load_kernels()
-    if k is None:
+    if k is None or x.dtype != torch.float32 or not x.is_cpu or len(shape) != 2 or shape[1] == 0 or xs[1] != 1:
         return x.argmax(dim=-1)
-    out = torch.empty(x.shape[0], dtype=torch.int64)
-    k.argmax(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], out.data_ptr())
+    out = torch.empty(shape[0], dtype=torch.int64)
+    k.argmax(x.data_ptr(), xs[0], shape[0], shape[1], out.data_ptr())
     return out
 

@@ -168,6 +168,8 @@ def test_store_kv_errors_write_nothing() -> None:
     with pytest.raises(IndexError, match="slot 36 is outside the pool's 36 slots"):
         store_kv_cpu(k, k, pool, torch.tensor([0, 36, 1]))
     assert not pool.any()
+    with pytest.raises((IndexError, RuntimeError)):  # v of another rank: the reference's own error
+        store_kv_cpu(k, k[:, 0], pool, torch.tensor([0, 5, 1]))
     mixed = _pool(torch.float16, "engine")  # k in another dtype than the pool: the reference's cast
     store_kv_cpu(k, k, mixed, torch.tensor([0, 5, 1]))
     want = _pool(torch.float16, "engine")
