@@ -110,20 +110,19 @@ def _plainly_valid(q: Tensor, kv_layer: Tensor, block_tables: Tensor, query_star
                    sliding_window: int | None, kv_scale: float | None) -> bool:
     """True only where :func:`_check_args` passes, in plain comparisons that build no message (this runs
     every call); False also where only its stricter strides fail, and then the full checks run."""
-    if q.dim() != 3 or kv_layer.dim() != 5 or block_tables.dim() != 2 or query_start_loc.dim() != 1:
+    qn, kn, tn = q.shape, kv_layer.shape, block_tables.shape
+    if len(qn) != 3 or len(kn) != 5 or len(tn) != 2 or query_start_loc.dim() != 1 or seq_lens.dim() != 1:
         return False
     batch = seq_lens.shape[0]
-    return (q.dtype in FLOAT_DTYPES and q.is_cpu and (q.stride(2) == 1 or q.shape[2] == 1) and kv_layer.is_cpu
+    return (q.dtype in FLOAT_DTYPES and q.is_cpu and kv_layer.is_cpu and q.stride()[2] == 1
             and (kv_layer.dtype == q.dtype or (kv_layer.dtype == torch.float8_e4m3fn and kv_scale is not None
                                                and kv_scale > 0))
-            and (kv_layer.stride(4) == 1 or kv_layer.shape[4] == 1)
-            and (sliding_window is None or sliding_window >= 1)
-            and block_tables.dtype == torch.int32 and block_tables.is_cpu
-            and (block_tables.stride(1) == 1 or block_tables.shape[1] == 1)
-            and query_start_loc.dtype == torch.int32 and query_start_loc.is_cpu and query_start_loc.stride(0) == 1
-            and seq_lens.dtype == torch.int32 and seq_lens.is_cpu and seq_lens.dim() == 1 and seq_lens.stride(0) == 1
-            and kv_layer.shape[1] == 2 and kv_layer.shape[4] == q.shape[2] and q.shape[1] % kv_layer.shape[3] == 0
-            and block_tables.shape[0] == batch and query_start_loc.shape[0] == batch + 1)  # fmt: skip
+            and kv_layer.stride()[4] == 1 and (sliding_window is None or sliding_window >= 1)
+            and block_tables.dtype == torch.int32 and block_tables.is_cpu and block_tables.stride()[1] == 1
+            and query_start_loc.dtype == torch.int32 and query_start_loc.is_cpu and query_start_loc.stride() == (1,)
+            and seq_lens.dtype == torch.int32 and seq_lens.is_cpu and seq_lens.stride() == (1,)
+            and kn[1] == 2 and kn[4] == qn[2] and qn[1] % kn[3] == 0
+            and tn[0] == batch and query_start_loc.shape[0] == batch + 1)  # fmt: skip
 
 
 def _check_args(q: Tensor, kv_layer: Tensor, block_tables: Tensor, query_start_loc: Tensor, seq_lens: Tensor,
