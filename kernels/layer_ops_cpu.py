@@ -176,8 +176,10 @@ def argmax_rows(x: Tensor) -> Tensor:
     first maximal index, or the first NaN's where a row holds one, as torch.argmax. (B, V) -> (B,)
     int64. Anything else, or where the library is unavailable, is torch.argmax itself."""
     shape, xs = x.shape, x.stride()
+    if x.dtype != torch.float32 or not x.is_cpu or len(shape) != 2 or shape[1] == 0 or xs[1] != 1:
+        return x.argmax(dim=-1)  # (never building the library for a GPU's logits)
     k = load_kernels()
-    if k is None or x.dtype != torch.float32 or not x.is_cpu or len(shape) != 2 or shape[1] == 0 or xs[1] != 1:
+    if k is None:
         return x.argmax(dim=-1)
     out = torch.empty(shape[0], dtype=torch.int64)
     k.argmax(x.data_ptr(), xs[0], shape[0], shape[1], out.data_ptr())
