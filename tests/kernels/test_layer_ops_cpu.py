@@ -4,6 +4,11 @@ strided views of a fused qkv output, GQA, fp8 pools, one and two threads, and th
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -199,3 +204,12 @@ def test_argmax_falls_back() -> None:
         assert torch.equal(argmax_rows(other), other.argmax(dim=-1))
     with pytest.raises(IndexError, match="non-zero size"):  # torch's own error for an empty vocabulary
         argmax_rows(x[:, :0])
+
+
+def test_bench_layer_ops_ab_runs(tmp_path: Path) -> None:
+    out = tmp_path / "ab.json"
+    cmd = [sys.executable, "-m", "bench.layer_ops_ab", "--batch", "8", "--rounds", "1", "--reps", "1", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["max_logit_diff"] <= 1e-5 and report["forward"]["new_ms"] > 0 and report["sample"]["old_ms"] > 0
