@@ -2,8 +2,9 @@
 
 ``select_ops(backend, device)`` returns the bundle the engine calls; the ``*_ref`` functions are
 the PyTorch references (and the CPU path), the others the Triton launchers. The exceptions are
-C++ CPU kernels built on first use (kernels/cpu_build.py): kernels.paged_attention_cpu (attention)
-and kernels.int8_group_gemm_cpu (grouped 8-bit weights); and kernels.onednn_linear, torch's oneDNN
+C++ CPU kernels built on first use (kernels/cpu_build.py): kernels.paged_attention_cpu (attention),
+kernels.layer_ops_cpu (the references' CPU counterparts and the sampler's argmax) and
+kernels.int8_group_gemm_cpu (grouped 8-bit weights); and kernels.onednn_linear, torch's oneDNN
 inner product for the wide float32 CPU linears (chosen per layer at load: engine.model.use_onednn_linears).
 """
 

@@ -7,7 +7,7 @@ builders (two test processes) each write a temporary file and rename it into pla
 compiler, or the build or the load fails, it logs why once per kernel (the caller caches its answer)
 and returns None, and the caller keeps its PyTorch reference.
 
-Used by kernels/paged_attention_cpu.py and kernels/int8_group_gemm_cpu.py.
+Used by kernels/paged_attention_cpu.py, kernels/int8_group_gemm_cpu.py and kernels/layer_ops_cpu.py.
 """
 
 from __future__ import annotations
@@ -54,11 +54,11 @@ def flags() -> list[str]:
             f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu"]  # fmt: skip
 
 
-def build(source: Path, cxx: str, out_dir: Path) -> Path:
-    """Compile ``source`` into ``out_dir`` unless an identical build is there; returns the library,
-    ``<source stem>-<hash>.so``. Raises OSError (cannot write) or subprocess.CalledProcessError /
-    TimeoutExpired (the compiler)."""
-    opts = flags()
+def build(source: Path, cxx: str, out_dir: Path, extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compile ``source`` with :func:`flags` and ``extra_flags`` into ``out_dir`` unless an identical
+    build is there; returns the library, ``<source stem>-<hash>.so``. Raises OSError (cannot write) or
+    subprocess.CalledProcessError / TimeoutExpired (the compiler)."""
+    opts = [*flags(), *extra_flags]
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(
         "\0".join([source.read_text(), *opts, version, torch.__version__, platform.machine()]).encode()
@@ -78,15 +78,16 @@ def build(source: Path, cxx: str, out_dir: Path) -> Path:
     return lib
 
 
-def load_library(source: Path, what: str, fallback: str) -> ctypes.CDLL | None:
-    """``source`` compiled (if needed) and loaded; None, with one warning naming ``what`` (the kernel)
-    and ``fallback`` (what runs instead), when there is no compiler or the build or load fails."""
+def load_library(source: Path, what: str, fallback: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """``source`` compiled (if needed, with ``extra_flags`` after :func:`flags`) and loaded; None, with one
+    warning naming ``what`` (the kernel) and ``fallback`` (what runs instead), when there is no compiler
+    or the build or load fails."""
     cxx = compiler()
     if cxx is None:
         log.warning("no C++ compiler ($CXX, c++, g++, clang++): %s uses %s", what, fallback)
         return None
     try:
-        return ctypes.CDLL(str(build(source, cxx, cache_dir())))
+        return ctypes.CDLL(str(build(source, cxx, cache_dir(), extra_flags)))
     except subprocess.CalledProcessError as e:
         log.warning("building %s failed, using %s: %s", what, fallback, e.stderr.strip()[-2000:])
         return None

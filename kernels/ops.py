@@ -2,8 +2,10 @@
 
 The engine asks once, ``ops = select_ops(backend, device)``, and calls ``ops.rms_norm(...)`` etc.;
 no module-level switch exists, so two engines in one process may use different backends.
-On CPU, "auto" is the PyTorch references with one exception, paged attention: the compiled kernel
-that reads pages in place (kernels/paged_attention_cpu.py), where a C++ compiler built it.
+On CPU, "auto" is CPU_OPS: C++ kernels built on first use by the system C++ compiler, paged
+attention reading pages in place (kernels/paged_attention_cpu.py) and the layer's small ops in one
+pass each (kernels/layer_ops_cpu.py); each library that could not be built (logged once) leaves its
+ops to the PyTorch references. "torch" is the references alone: the reference path on any device.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import Tensor
 from kernels._triton import HAS_TRITON, is_interpreted
 from kernels.activation import silu_and_mul, silu_and_mul_ref
 from kernels.kv_store import store_kv, store_kv_ref
+from kernels.layer_ops_cpu import load_kernels, rms_norm_cpu, rotary_cpu, silu_and_mul_cpu, store_kv_cpu
 from kernels.paged_attention import paged_attention_ref
 from kernels.paged_attention_cpu import load_kernel, paged_attention_cpu
 from kernels.paged_decode import paged_decode_attention
@@ -110,14 +113,26 @@ def triton_paged_attention(
 
 TORCH_OPS = Ops(rms_norm_ref, rotary_ref, silu_and_mul_ref, store_kv_ref, torch_paged_attention)
 TRITON_OPS = Ops(rms_norm, rotary, silu_and_mul, store_kv, triton_paged_attention)
-CPU_OPS = TORCH_OPS._replace(paged_attention=cpu_paged_attention)
+CPU_OPS = Ops(rms_norm_cpu, rotary_cpu, silu_and_mul_cpu, store_kv_cpu, cpu_paged_attention)
+
+
+def cpu_ops() -> Ops:
+    """CPU_OPS, less what could not be built: those ops are the references (each failure logged once,
+    by the cached loaders)."""
+    ops = TORCH_OPS
+    if load_kernel() is not None:
+        ops = ops._replace(paged_attention=CPU_OPS.paged_attention)
+    if load_kernels() is not None:
+        ops = ops._replace(rms_norm=CPU_OPS.rms_norm, rotary=CPU_OPS.rotary, silu_and_mul=CPU_OPS.silu_and_mul,
+                           store_kv=CPU_OPS.store_kv)  # fmt: skip
+    return CPU_OPS if ops == CPU_OPS else ops  # the constant itself: callers may test identity
 
 
 def select_ops(backend: str = "auto", device: torch.device | str = "cpu") -> Ops:
     """The kernels for ``device``: backend "auto", "torch" or "triton".
 
-    "auto": Triton on CUDA; on CPU, CPU_OPS when the CPU attention kernel is built (else TORCH_OPS,
-    its build's failure logged once). "torch": the PyTorch references alone, on any device.
+    "auto": Triton on CUDA; on CPU, :func:`cpu_ops` (CPU_OPS where both C++ libraries were built).
+    "torch": the PyTorch references alone, on any device.
 
     "triton" on CPU runs every kernel through the Triton interpreter (slow: for tests), which needs
     TRITON_INTERPRET=1 in the environment before triton is first imported. Raises ValueError for an unknown backend,
@@ -127,7 +142,7 @@ def select_ops(backend: str = "auto", device: torch.device | str = "cpu") -> Ops
         raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     dev = torch.device(device)
     if backend == "auto" and dev.type == "cpu":
-        return CPU_OPS if load_kernel() is not None else TORCH_OPS
+        return cpu_ops()
     if backend == "torch" or (backend == "auto" and (dev.type != "cuda" or not HAS_TRITON)):
         return TORCH_OPS
     if not HAS_TRITON:

@@ -81,25 +81,11 @@ def paged_attention_cpu(
     sliding_window < 1, an fp8 pool without kv_scale > 0), on mismatched shapes, dtypes or devices,
     and RuntimeError when the kernel could not be built (see :func:`load_kernel`).
     """
-    cpu = torch.device("cpu")
-    check_tensor("q", q, 3, FLOAT_DTYPES, cpu)
-    check_tensor("kv_layer", kv_layer, 5, (q.dtype, torch.float8_e4m3fn), cpu)
-    check(kv_layer.dtype != torch.float8_e4m3fn or (kv_scale is not None and kv_scale > 0),
-          f"an fp8 KV cache needs kv_scale > 0, got {kv_scale}")  # fmt: skip
-    check(sliding_window is None or sliding_window >= 1, f"sliding_window must be >= 1 or None, got {sliding_window}")
-    check_tensor("block_tables", block_tables, 2, (torch.int32,), cpu)
-    check_tensor("query_start_loc", query_start_loc, 1, (torch.int32,), cpu)
-    check_tensor("seq_lens", seq_lens, 1, (torch.int32,), cpu)
+    if not _plainly_valid(q, kv_layer, block_tables, query_start_loc, seq_lens, sliding_window, kv_scale):
+        _check_args(q, kv_layer, block_tables, query_start_loc, seq_lens, sliding_window, kv_scale)
     t, num_q_heads, head_dim = q.shape
-    _, two, block_size, num_kv_heads, kv_head_dim = kv_layer.shape
+    block_size, num_kv_heads = kv_layer.shape[2], kv_layer.shape[3]
     batch = seq_lens.shape[0]
-    check(two == 2 and kv_head_dim == head_dim,
-          f"kv_layer must be (num_blocks, 2, block_size, Hk, {head_dim}), got {tuple(kv_layer.shape)}")  # fmt: skip
-    check(num_q_heads % num_kv_heads == 0,
-          f"query heads ({num_q_heads}) must be a multiple of KV heads ({num_kv_heads})")  # fmt: skip
-    check(block_tables.shape[0] == batch and query_start_loc.shape == (batch + 1,),
-          f"block_tables ({tuple(block_tables.shape)}) and query_start_loc ({tuple(query_start_loc.shape)}) "
-          f"must have {batch} rows and {batch + 1} entries, like seq_lens")  # fmt: skip
     if head_dim % 8:
         return paged_attention_ref(q, kv_layer, block_tables, query_start_loc, seq_lens, scale, sliding_window,
                                    kv_scale)  # fmt: skip
@@ -118,6 +104,49 @@ def paged_attention_cpu(
     if rc < 0:
         raise ValueError(_error(rc, query_start_loc, seq_lens, t, block_size, kv_layer.shape[0]))
     return out if q.dtype == torch.float32 else out.to(q.dtype)
+
+
+def _plainly_valid(q: Tensor, kv_layer: Tensor, block_tables: Tensor, query_start_loc: Tensor, seq_lens: Tensor,
+                   sliding_window: int | None, kv_scale: float | None) -> bool:
+    """True only where :func:`_check_args` passes, in plain comparisons that build no message (this runs
+    every call); False also where only its stricter strides fail, and then the full checks run."""
+    qn, kn, tn = q.shape, kv_layer.shape, block_tables.shape
+    if len(qn) != 3 or len(kn) != 5 or len(tn) != 2 or query_start_loc.dim() != 1 or seq_lens.dim() != 1:
+        return False
+    batch = seq_lens.shape[0]
+    return (q.dtype in FLOAT_DTYPES and q.is_cpu and kv_layer.is_cpu and q.stride()[2] == 1
+            and (kv_layer.dtype == q.dtype or (kv_layer.dtype == torch.float8_e4m3fn and kv_scale is not None
+                                               and kv_scale > 0))
+            and kv_layer.stride()[4] == 1 and (sliding_window is None or sliding_window >= 1)
+            and block_tables.dtype == torch.int32 and block_tables.is_cpu and block_tables.stride()[1] == 1
+            and query_start_loc.dtype == torch.int32 and query_start_loc.is_cpu and query_start_loc.stride() == (1,)
+            and seq_lens.dtype == torch.int32 and seq_lens.is_cpu and seq_lens.stride() == (1,)
+            and kn[1] == 2 and kn[4] == qn[2] and qn[1] % kn[3] == 0
+            and tn[0] == batch and query_start_loc.shape[0] == batch + 1)  # fmt: skip
+
+
+def _check_args(q: Tensor, kv_layer: Tensor, block_tables: Tensor, query_start_loc: Tensor, seq_lens: Tensor,
+                sliding_window: int | None, kv_scale: float | None) -> None:
+    """Raise ValueError naming the first thing wrong with :func:`paged_attention_cpu`'s arguments, if any."""
+    cpu = torch.device("cpu")
+    check_tensor("q", q, 3, FLOAT_DTYPES, cpu)
+    check_tensor("kv_layer", kv_layer, 5, (q.dtype, torch.float8_e4m3fn), cpu)
+    check(kv_layer.dtype != torch.float8_e4m3fn or (kv_scale is not None and kv_scale > 0),
+          f"an fp8 KV cache needs kv_scale > 0, got {kv_scale}")  # fmt: skip
+    check(sliding_window is None or sliding_window >= 1, f"sliding_window must be >= 1 or None, got {sliding_window}")
+    check_tensor("block_tables", block_tables, 2, (torch.int32,), cpu)
+    check_tensor("query_start_loc", query_start_loc, 1, (torch.int32,), cpu)
+    check_tensor("seq_lens", seq_lens, 1, (torch.int32,), cpu)
+    _, num_q_heads, head_dim = q.shape
+    _, two, block_size, num_kv_heads, kv_head_dim = kv_layer.shape
+    batch = seq_lens.shape[0]
+    check(two == 2 and kv_head_dim == head_dim,
+          f"kv_layer must be (num_blocks, 2, block_size, Hk, {head_dim}), got {tuple(kv_layer.shape)}")  # fmt: skip
+    check(num_q_heads % num_kv_heads == 0,
+          f"query heads ({num_q_heads}) must be a multiple of KV heads ({num_kv_heads})")  # fmt: skip
+    check(block_tables.shape[0] == batch and query_start_loc.shape == (batch + 1,),
+          f"block_tables ({tuple(block_tables.shape)}) and query_start_loc ({tuple(query_start_loc.shape)}) "
+          f"must have {batch} rows and {batch + 1} entries, like seq_lens")  # fmt: skip
 
 
 def _error(rc: int, query_start_loc: Tensor, seq_lens: Tensor, t: int, block_size: int, num_blocks: int) -> str:

@@ -10,7 +10,8 @@ The pipeline, per row, in this order:
 Greedy rows (temperature 0) take the argmax of the penalised logits. Truncation zeroes weights
 below per-row thresholds (tokens tied with the last one kept stay in). The draw is an
 exponential race: argmax(probs / E) with E ~ Exponential(1) i.i.d. picks token i with
-probability probs[i], so the whole batch is sampled with one vectorised argmax. Rows without a
+probability probs[i], so the whole batch is sampled with one vectorised argmax (float32 CPU rows
+through kernels.layer_ops_cpu.argmax_rows, torch.argmax's answer in one compiled pass). Rows without a
 seed share one (B, V) noise draw from the sampler's generator; a seeded row's noise comes from a
 generator seeded by `step_seed(seed, len(output))`, so it depends on nothing else in the batch.
 """
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 
 from engine.sampling.batch import SamplingBatch
+from kernels.layer_ops_cpu import argmax_rows
 
 
 class SamplerOutput(NamedTuple):
@@ -130,7 +132,7 @@ def _weights(penalized: Tensor, batch: SamplingBatch) -> Tensor:
     the same bits whichever stages other rows switch on. Greedy rows are one-hot at their argmax.
     """
     if batch.all_greedy:
-        return _one_hot(penalized.argmax(dim=-1), batch.vocab_size)
+        return _one_hot(argmax_rows(penalized), batch.vocab_size)
     scaled = penalized / batch.temperatures[:, None]  # (B, V)
     weights = (scaled - scaled.amax(dim=-1, keepdim=True)).exp()  # (B, V) in [0, 1]
     if batch.rank_width > 0:
@@ -139,7 +141,7 @@ def _weights(penalized: Tensor, batch: SamplingBatch) -> Tensor:
         # After top-k/top-p, which always keep the top token: weight / top weight = prob / top prob.
         weights = weights.masked_fill(weights < batch.min_p[:, None], 0.0)
     if batch.any_greedy:
-        one_hot = _one_hot(penalized.argmax(dim=-1), batch.vocab_size)  # (B, V)
+        one_hot = _one_hot(argmax_rows(penalized), batch.vocab_size)  # (B, V)
         weights = torch.where(batch.greedy[:, None], one_hot, weights)
     return weights
 
@@ -211,15 +213,15 @@ class Sampler:
         if batch.all_greedy and batch.keeps_logits and not batch.want_logprobs:
             # Upcasting keeps every row's order and ties: the argmax of `logits` as they are, no copy.
             _check(logits, batch)
-            return SamplerOutput(logits.argmax(dim=-1), None, None, None)
+            return SamplerOutput(argmax_rows(logits), None, None, None)
         penalized = penalized_logits(logits, batch)  # (B, V)
         if batch.all_greedy:
-            token_ids = penalized.argmax(dim=-1)  # (B,)
+            token_ids = argmax_rows(penalized)  # (B,)
         else:
             # Scaling a row does not move its argmax, so the unnormalised weights draw the same
             # token as `probabilities` would.
             weights = _weights(penalized, batch)  # (B, V)
-            token_ids = (weights / self._noise(batch, penalized.device)).argmax(dim=-1)  # (B,)
+            token_ids = argmax_rows(weights / self._noise(batch, penalized.device))  # (B,)
         if not batch.want_logprobs:
             return SamplerOutput(token_ids, None, None, None)
         logprobs = penalized.log_softmax(dim=-1)  # (B, V)

@@ -10,16 +10,19 @@ import pytest
 import torch
 
 from kernels import rms_norm_ref, silu_and_mul_ref
-from kernels.ops import CPU_OPS, TORCH_OPS, TRITON_OPS, Ops, select_ops
+from kernels.layer_ops_cpu import load_kernels
+from kernels.ops import CPU_OPS, TORCH_OPS, TRITON_OPS, Ops, cpu_ops, select_ops
 from kernels.paged_attention import paged_attention_ref
 from kernels.paged_attention_cpu import load_kernel
 from kernels.rotary import build_cos_sin_cache
 
 
 def test_backend_choice(device: torch.device) -> None:
-    assert select_ops() is (CPU_OPS if load_kernel() is not None else TORCH_OPS)
+    assert select_ops() == cpu_ops()
     assert select_ops("torch") is TORCH_OPS
-    assert select_ops("auto", "cpu").rms_norm is rms_norm_ref
+    assert select_ops("auto", "cpu").rms_norm is (CPU_OPS.rms_norm if load_kernels() is not None else rms_norm_ref)
+    assert select_ops("auto", "cpu").paged_attention is (
+        CPU_OPS.paged_attention if load_kernel() is not None else TORCH_OPS.paged_attention)
     assert select_ops("torch", device).silu_and_mul is silu_and_mul_ref
     assert select_ops("triton", device) is TRITON_OPS
     if device.type == "cuda":

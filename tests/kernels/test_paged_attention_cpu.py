@@ -131,7 +131,11 @@ def test_select_ops_uses_it_on_cpu_and_the_reference_without_it(monkeypatch: pyt
     assert ops.select_ops("auto", "cpu").paged_attention is ops.cpu_paged_attention
     assert ops.select_ops("torch", "cpu") is ops.TORCH_OPS  # the references alone
     monkeypatch.setattr(ops, "load_kernel", lambda: None)
-    assert ops.select_ops("auto", "cpu") is ops.TORCH_OPS
+    without = ops.select_ops("auto", "cpu")
+    assert without.paged_attention is ops.TORCH_OPS.paged_attention
+    assert without.rms_norm is (ops.CPU_OPS.rms_norm if ops.load_kernels() is not None else ops.TORCH_OPS.rms_norm)
+    monkeypatch.setattr(ops, "load_kernels", lambda: None)  # no compiler at all: the references alone
+    assert ops.select_ops("auto", "cpu") == ops.TORCH_OPS
 
 
 def test_build_is_cached_and_failures_are_logged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
