@@ -212,6 +212,7 @@ class ModelRunner:
         # (its sequences, batch): the objects themselves, compared with `is` (an id() may be reused by a
         # new sequence once the old one is freed; holding them here prevents that)
         self._last_batch: tuple[tuple[Sequence, ...], SamplingBatch] | None = None
+        self._no_prompt_logprobs: tuple[Sequence, ...] = ()  # the last step's sequences if none asked for them
         logger.info("model %s: %d layers, %s on %s (quantization %s); KV pool %d blocks x %d tokens, %s (%.1f MiB)",
                     mc.architecture, mc.num_layers, self.dtype, self.device, config.quantization, self.num_blocks,
                     self.block_size, self.kv_dtype, self.kv.numel() * self.kv.element_size() / 2**20)
@@ -304,7 +305,7 @@ class ModelRunner:
         if copies is not None:  # copy-on-write pages of forked sequences, before anything writes to them
             self.kv[:, copies[1]] = self.kv[:, copies[0]]
         hidden = self.model(input_ids, positions, ctx)  # (T, H)
-        return self.model.compute_logits(hidden[rows])
+        return self.model.compute_logits(hidden.index_select(0, rows))  # (R, V); half hidden[rows]'s cost
 
     # ------------------------------------------------------------ tensor parallelism
     @contextlib.contextmanager
@@ -388,7 +389,14 @@ class ModelRunner:
         """The rows of this step whose prompt logprobs are wanted: each prompt token whose preceding
         position this step computes (and that was not collected before: a recomputed prefill after
         preemption adds nothing twice)."""
-        if not any(s.params.prompt_logprobs is not None and s.wants_prompt_logprobs for s in step.seqs):
+        seqs = step.seqs
+        last = self._no_prompt_logprobs
+        if len(seqs) == len(last) and all(map(operator.is_, seqs, last)):
+            return None  # the same sequences as a step where none asked for them (params are fixed)
+        if not any(s.params.prompt_logprobs is not None for s in seqs):
+            self._no_prompt_logprobs = tuple(seqs)
+            return None
+        if not any(s.wants_prompt_logprobs for s in seqs):
             return None
         rows: list[int] = []  # rows of `hidden`
         targets: list[int] = []  # the prompt token each row predicts
