@@ -166,21 +166,7 @@ class IncrementalDetokenizer:
         if self.finished:
             raise RuntimeError("step() after the detokenizer finished (a stop string matched or flush() ran)")
         if len(new_token_ids) == 1 and not self._stop:  # a decode step's token, no stop to look for
-            token_id = int(new_token_ids[0])
-            self._num_output += 1
-            texts = self._texts
-            if texts is not None and not self._held and 0 <= token_id < self._vocab_size:
-                piece = texts[token_id]  # None: the token's bytes are part of a character
-                if piece is not None:
-                    if piece:
-                        self._pieces.append(piece)
-                    return piece
-            if token_id >= self._vocab_size or token_id in self._skipped_ids:
-                return ""
-            piece = self._decode_new(token_id)
-            if piece:
-                self._pieces.append(piece)
-            return piece
+            return self.next_token(int(new_token_ids[0]))
         out: list[str] = []
         for new_id in new_token_ids:
             # One token at a time, so a stop completes at the same token however calls group tokens.
@@ -193,6 +179,24 @@ class IncrementalDetokenizer:
             if self.finished:
                 break
         piece = "".join(out)
+        if piece:
+            self._pieces.append(piece)
+        return piece
+
+    def next_token(self, token_id: int) -> str:
+        """`step((token_id,))` for a detokenizer without stop strings, not finished (the caller checks
+        both: the text thread's plain decode rows); the text `token_id` made final."""
+        self._num_output += 1
+        texts = self._texts
+        if texts is not None and not self._held and 0 <= token_id < self._vocab_size:
+            piece = texts[token_id]  # None: the token's bytes are part of a character
+            if piece is not None:
+                if piece:
+                    self._pieces.append(piece)
+                return piece
+        if token_id >= self._vocab_size or token_id in self._skipped_ids:
+            return ""
+        piece = self._decode_new(token_id)
         if piece:
             self._pieces.append(piece)
         return piece

@@ -119,15 +119,14 @@ class TextThread:
     def _emit_plain(self, step: StepOutput, requests: list[Request | None]) -> None:
         """The step's plain decodes (one token each, none finished): without stop strings, `add_text`
         comes down to the detokenizer's next piece, made here inline; the others go through it."""
-        tokens = step.tokens
-        for i, (req, seq) in enumerate(zip(requests, step.seqs, strict=True)):
+        for i, (req, seq, token) in enumerate(zip(requests, step.seqs, step.tokens, strict=True)):
             if req is None or not req.streams:
                 continue
             detok = seq.detokenizer
             if detok is None or detok.finished or seq.params.stop:
                 self._emit(req, step.plain_output(i))
                 continue
-            req.emit(step.plain_output(i, detok.step((tokens[i],))))
+            req.emit(step.plain_output(i, detok.next_token(token)))
 
     def _emit(self, req: Request, out: RequestOutput) -> None:
         result = add_text(out)
