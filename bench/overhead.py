@@ -78,7 +78,10 @@ def run_one(path: Path, batch: int, mode: str, warmup: int, steps: int, profile:
     left = [batch]
     lock = threading.Lock()
 
+    last_emit: dict[int, float] = {}  # k -> when the last output of a k-th token was emitted
+
     def emit(out: Any) -> None:
+        last_emit[out.num_output_tokens] = time.perf_counter()
         if out.finished:
             with lock:
                 left[0] -= 1
@@ -98,8 +101,12 @@ def run_one(path: Path, batch: int, mode: str, warmup: int, steps: int, profile:
     seconds = stamps[warmup + steps - 1] - stamps[warmup - 1]
     ms = (seconds / len(timed)) * 1e3
     cpu_ms = (cpu[warmup + steps - 1] - cpu[warmup - 1]) / len(timed) * 1e3
+    # Text lag: from the end of step j (which made every sequence's (j + 1)-th token) to the emission of
+    # the last of those outputs. A text thread that falls behind the engine shows here, not in ms/step.
+    lags = [last_emit[j + 1] - stamps[j] for j in range(warmup, warmup + steps) if j + 1 in last_emit]
     row: dict[str, Any] = {"batch": batch, "mode": mode, "ms_per_step": ms, "tokens_per_s": batch * len(timed) / seconds,
-                           "cpu_ms_per_step": cpu_ms}
+                           "cpu_ms_per_step": cpu_ms, "text_lag_ms_mean": sum(lags) / max(len(lags), 1) * 1e3,
+                           "text_lag_ms_max": max(lags, default=0.0) * 1e3}
     if prof is not None:
         buf = io.StringIO()
         stats = pstats.Stats(prof, stream=buf)
@@ -192,7 +199,8 @@ def main() -> None:
                 row["load_avg"] = os.getloadavg()[0]
                 rows.append(row)
                 print(f"B={batch:4d} {mode:8s} {row['ms_per_step']:8.2f} ms/step {row['tokens_per_s']:10.0f} tok/s"
-                      f" {row['cpu_ms_per_step']:8.2f} CPU ms/step  (load {row['load_avg']:.2f})", flush=True)
+                      f" {row['cpu_ms_per_step']:8.2f} CPU ms/step  text lag {row['text_lag_ms_mean']:.2f} ms"
+                      f" (max {row['text_lag_ms_max']:.2f})  (load {row['load_avg']:.2f})", flush=True)
         profiles = []
         for batch in sorted(profiled):
             for mode in modes:
