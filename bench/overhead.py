@@ -6,7 +6,9 @@ Run: `OMP_NUM_THREADS=1 .venv/bin/python -m bench.overhead` (`--help`). For each
 (detokenization) on; after `--warmup` decode steps the next `--steps` are timed from the loop's own
 per-step observer (the wall time between the ends of consecutive steps, so everything the loop does
 per step counts), and so is the process's CPU time over them (every thread: engine, text, forward),
-which another process's load on a shared box inflates far less than the wall time. `--modes` runs the same sizes with the overlap on and off (`serial` sets
+which another process's load on a shared box inflates far less than the wall time. It also reports
+the text lag, from the end of each step to the emission of its last output: a text thread that falls
+behind the engine shows there, never in ms/step. `--modes` runs the same sizes with the overlap on and off (`serial` sets
 `async_scheduling=False`); a build without that option runs `serial` only. `--profile B` adds a
 cProfile of B's timed steps on the engine thread (top functions by own time); `--phases B` the CPU
 time of each phase of B's step, all on one thread (`phases`).
