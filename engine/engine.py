@@ -287,7 +287,7 @@ class Engine:
         running = SequenceStatus.RUNNING
         out_seqs, out_tokens, out_counts = result.seqs, result.tokens, result.num_output_tokens
         i = 0
-        for i, token in enumerate(tokens):  # noqa: B007 - i is the count on leaving the loop
+        for i, token in enumerate(tokens):
             seq = seqs[i]
             if not samples[i] or seq.status is not running or seq.pending_forks:
                 break
