@@ -3,7 +3,8 @@ near-free model (1 layer, hidden 32, vocab 512), so nearly all of a step is the 
 
 Run: `OMP_NUM_THREADS=1 .venv/bin/python -m bench.overhead` (`--help`). For each batch size B, B requests
 (16-token prompts, EOS ignored) run on one `EngineLoop`, as a worker runs them, with text
-(detokenization) on; after `--warmup` decode steps the next `--steps` are timed from the loop's own
+(detokenization) on, made where the loop makes it by default (`--text`: on the CPU the engine thread,
+right after each step); after `--warmup` decode steps the next `--steps` are timed from the loop's own
 per-step observer (the wall time between the ends of consecutive steps, so everything the loop does
 per step counts), and so is the process's CPU time over them (every thread: engine, text, forward),
 which another process's load on a shared box inflates far less than the wall time. It also reports
@@ -57,8 +58,10 @@ def engine_config(path: Path, batch: int, mode: str) -> EngineConfig:
     return cfg
 
 
-def run_one(path: Path, batch: int, mode: str, warmup: int, steps: int, profile: bool) -> dict[str, Any]:
-    """Time `steps` decode steps of `batch` sequences after `warmup` steps (the first is the prefill)."""
+def run_one(path: Path, batch: int, mode: str, warmup: int, steps: int, profile: bool,
+            text: str = "auto") -> dict[str, Any]:
+    """Time `steps` decode steps of `batch` sequences after `warmup` steps (the first is the prefill);
+    `text`: where the loop makes text (auto: its default; thread; engine: the engine thread)."""
     engine = Engine(engine_config(path, batch, mode))
     stamps: list[float] = []
     cpu: list[float] = []
@@ -75,7 +78,8 @@ def run_one(path: Path, batch: int, mode: str, warmup: int, steps: int, profile:
                 prof.disable()
             done.set()
 
-    loop = EngineLoop(engine, name=f"bench-{batch}", observers=[observe])
+    placement = {} if text == "auto" else {"text_thread": text == "thread"}
+    loop = EngineLoop(engine, name=f"bench-{batch}", observers=[observe], **placement)
     finished = threading.Event()
     left = [batch]
     lock = threading.Lock()
@@ -184,6 +188,8 @@ def main() -> None:
     ap.add_argument("--profile", default="256", help="comma list of batch sizes to profile ('' for none)")
     ap.add_argument("--phases", default="", help="comma list of batch sizes whose step is split into phases, "
                     "CPU time of each on one thread (`phases`)")
+    ap.add_argument("--text", default="auto", choices=["auto", "thread", "engine"],
+                    help="where text is made: the loop's default (auto), a text thread, the engine thread")
     ap.add_argument("--label", default="", help="a name for this build in the JSON (e.g. baseline)")
     ap.add_argument("--out", default="bench/results/overhead.json")
     args = ap.parse_args()
@@ -197,7 +203,7 @@ def main() -> None:
         path = near_free_model(Path(tmp))
         for batch in sizes:
             for mode in modes:
-                row = run_one(path, batch, mode, args.warmup, args.steps, profile=False)
+                row = run_one(path, batch, mode, args.warmup, args.steps, profile=False, text=args.text)
                 row["load_avg"] = os.getloadavg()[0]
                 rows.append(row)
                 print(f"B={batch:4d} {mode:8s} {row['ms_per_step']:8.2f} ms/step {row['tokens_per_s']:10.0f} tok/s"
@@ -206,7 +212,7 @@ def main() -> None:
         profiles = []
         for batch in sorted(profiled):
             for mode in modes:
-                p = run_one(path, batch, mode, args.warmup, args.steps, profile=True)
+                p = run_one(path, batch, mode, args.warmup, args.steps, profile=True, text=args.text)
                 profiles.append(p)
                 print(f"\nprofile B={batch} {mode} (cProfile on, {p['ms_per_step']:.2f} ms/step):")
                 for f in p["profile"]["top_own_time"][:15]:
@@ -219,6 +225,7 @@ def main() -> None:
     record = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "label": args.label,
+        "text": args.text,
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),

@@ -179,7 +179,7 @@ class DecodeObserver:
                 self._finish(req, out, epoch_ns_from_perf(t_done_ns))
 
     def text_stopped(self, requests: Mapping[str, DecodeRequest], out: RequestOutput) -> None:
-        """A stop string ended a choice (found on the text thread after its step): its decode time,
+        """A stop string ended a choice (found where its text was made, after its step): its decode time,
         and for choice 0 its last decode.steps window and its finish."""
         now_ns = time.perf_counter_ns()
         req = requests.get(out.request_id)

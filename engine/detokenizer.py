@@ -185,7 +185,7 @@ class IncrementalDetokenizer:
 
     def next_token(self, token_id: int) -> str:
         """`step((token_id,))` for a detokenizer without stop strings, not finished (the caller checks
-        both: the text thread's plain decode rows); the text `token_id` made final."""
+        both: the text maker's plain decode rows); the text `token_id` made final."""
         self._num_output += 1
         texts = self._texts
         if texts is not None and not self._held and 0 <= token_id < self._vocab_size:

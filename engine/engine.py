@@ -66,8 +66,8 @@ class Engine:
         self.grammars = GrammarCompiler(self.tokenizer, config.grammar_cache_size)
         self.masks = MaskFiller(self.tokenizer.vocab_size, config.grammar_threads or None)
         self.num_computed_tokens_total = 0
-        # Text (detokenization, stop strings) made in append_token. An EngineLoop with a text thread
-        # turns this off and makes it there (engine.text_thread); `stop_by_text` then ends sequences.
+        # Text (detokenization, stop strings) made in append_token (engine.LLM). An EngineLoop turns this
+        # off and makes it after each step (engine.text_thread); `stop_by_text` then ends sequences.
         self.inline_text = True
 
     @property

@@ -9,13 +9,13 @@
                                         execute()  -> hooks.on_layer_done(step, layer)   (the forward)
                                         process()  -> hooks.after_process(step, outputs)
                                         observers (guarded: a metrics/tracing bug is logged and counted)
-                                        each output to the text thread; finished ones leave the table
+                                        each output to the text maker; finished ones leave the table
     snapshot (any thread, no lock)  <-- published after every step and every batch of commands
 
-    text thread (engine.text_thread): detokenizes each output, matches stop strings, calls the Request's
-    `emit`; a stop string that ends a choice comes back as a command (the sequence leaves the batch, its
-    blocks are freed, `on_text_stop` observes it). With text_thread=False, the engine makes text inline
-    and outputs go to `emit` from the engine thread.
+    text (engine.text_thread): detokenizes each output, matches stop strings, calls the Request's `emit`;
+    a stop string that ends a choice comes back as a command (the sequence leaves the batch, its blocks
+    are freed, `on_text_stop` observes it). On a text thread of its own for an accelerator's engine; on
+    the CPU the engine thread makes it right after each step, where that is cheaper (`text_thread`).
 
 Fail-stop: if schedule/execute/process or a hook raises, or a step makes no progress for `watchdog_s`,
 the loop is dead: every Request hears `EngineDied` at once (its `fail`), `dead` is set and `on_death`
@@ -42,7 +42,7 @@ from engine.outputs import DuplicateRequest, EngineDied, RequestGone, RequestOut
 from engine.overlap import OverlapRunner, without_finished
 from engine.sampling.sampler import SamplerOutput
 from engine.sequence import Sequence
-from engine.text_thread import Delivery, TextThread
+from engine.text_thread import Delivery, TextMaker, TextThread, text_on_own_thread
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -124,8 +124,10 @@ class EngineLoop:
                  on_death: Callable[[BaseException], None] | None = None,
                  gauges: Callable[[], Mapping[str, int]] | None = None,
                  tick: Callable[[], None] | None = None, fault: tuple[str, int] | None = None,
-                 text_thread: bool = True, on_text_stop: Callable[[RequestOutput], None] | None = None) -> None:
-        """`text_thread`: detokenize on a thread of its own (else inline, on the engine thread);
+                 text_thread: bool | None = None,
+                 on_text_stop: Callable[[RequestOutput], None] | None = None) -> None:
+        """`text_thread`: detokenize on a thread of its own (True) or on the engine thread right after each
+        step (False); None: a thread for an accelerator, the engine thread on the CPU (`text_on_own_thread`).
         `on_text_stop(out)`: engine thread, observes a choice a stop string ended (guarded). `fault` injects a failure for tests (docs/ARCHITECTURE.md): ("raise", N) makes step N raise,
         ("hang", N) makes it hang (for the watchdog to find)."""
         if watchdog_s is not None and watchdog_s <= 0:
@@ -162,10 +164,11 @@ class EngineLoop:
         if engine.config.async_scheduling and hooks is None and engine.spec is None and engine.runner.tp is None:
             self._overlap = OverlapRunner(engine.runner)
             self._forward = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-forward")
+        engine.inline_text = False  # outputs leave a step as token ids; the text maker makes their text
+        self._maker = TextMaker(self._stopped_by_text)
         self._text: TextThread | None = None
-        if text_thread:
-            engine.inline_text = False
-            self._text = TextThread(f"{name}-text", self._stopped_by_text,
+        if text_thread if text_thread is not None else text_on_own_thread(engine.runner.device):
+            self._text = TextThread(f"{name}-text", self._maker,
                                     lambda exc: self._die(exc, f"text thread died: {type(exc).__name__}: {exc}"))
 
     def start(self) -> None:
@@ -249,8 +252,9 @@ class EngineLoop:
         self.deliver_all(StepOutput([out]))
 
     def deliver_all(self, outputs: StepOutput) -> None:
-        """Engine thread only: hand a step's outputs to their requests (one hand-off to the text
-        thread, which makes the plain decodes' RequestOutputs)."""
+        """Engine thread only: hand a step's outputs to their requests (one hand-off to the text maker,
+        which makes the plain decodes' RequestOutputs). Making text that raises kills the loop, on
+        either thread."""
         requests = self.requests
         batch: list[tuple[Request, RequestOutput]] = []
         for out in outputs.outputs:
@@ -264,18 +268,18 @@ class EngineLoop:
             batch.append((req, out))
         get = requests.get
         plain = [get(seq.request_id) for seq in outputs.seqs]  # the plain decodes' requests: none finished
+        if not batch and not plain:
+            return
         if self._text is not None:
-            if batch or plain:
-                self._text.put(Delivery(batch, outputs, plain))
-        else:
-            for req, out in batch:
-                req.emit(out)
-            for i, maybe in enumerate(plain):
-                if maybe is not None and maybe.streams:
-                    maybe.emit(outputs.plain_output(i))
+            self._text.put(Delivery(batch, outputs, plain))
+            return
+        try:
+            self._maker.deliver(Delivery(batch, outputs, plain))
+        except Exception as exc:  # noqa: BLE001 - fail-stop, as the text thread's death is
+            self._die(exc, f"making text failed: {type(exc).__name__}: {exc}")
 
     def _stopped_by_text(self, req: Request, out: RequestOutput) -> None:
-        """Text thread: a stop string ended one of `req`'s choices at `out`; the engine learns it
+        """The text maker: a stop string ended one of `req`'s choices at `out`; the engine learns it
         before its next step."""
         def stopped() -> None:
             assert out.seq is not None

@@ -61,7 +61,7 @@ class StepOutput:
         a finish, logprobs, speculation, forks, text made inline).
     seqs, tokens, num_output_tokens: the plain decodes, in step order: seqs[i] gained the one token
         tokens[i], its num_output_tokens[i]-th output, and nothing else happened to it. Their
-        RequestOutputs are made where they are delivered (`plain_output`: the text thread), not on
+        RequestOutputs are made where they are delivered (`plain_output`: the text maker, after the step), not on
         the engine thread; only fields fixed since admission are read from the sequence then.
     """
 

@@ -1,7 +1,8 @@
-"""Detokenization and stop strings on their own thread, off the engine thread.
+"""Detokenization and stop strings after the engine's step: on a thread of their own, or, where that
+is cheaper, on the engine thread right after the step (`text_on_own_thread`).
 
-    engine thread (EngineLoop)                        text thread (TextThread)
-    --------------------------                        ------------------------
+    engine thread (EngineLoop)                        TextMaker (text thread, or the engine thread)
+    --------------------------                        ---------------------------------------------
     process() -> StepOutput: token ids, no text
     deliver_all(step output) --- one Delivery ------>  a RequestOutput for each plain decode row;
                           per step, FIFO              seq.detokenizer.step(out's tokens): the text made
@@ -14,11 +15,16 @@
     batch, its blocks are freed, tokens it made
     since are dropped from it
 
-The engine thread never waits for text. A sequence a stop string ended runs on for the steps already
-under way when the command arrives (one or two), never longer: commands run before every step. Only the
-text thread touches a sequence's detokenizer once the sequence is delivered here; the sequence itself
-stays the engine thread's (this thread reads only the output it was handed and the sequence's fixed
-params), so what the stop changes in it is done by the command.
+With a text thread the engine thread never waits for text. A sequence a stop string ended runs on for the
+steps already under way when the command arrives (one or two), never longer: commands run before every
+step. Only the text maker touches a sequence's detokenizer once the sequence is delivered to it; the
+sequence itself stays the engine thread's (the maker reads only the output it was handed and the
+sequence's fixed params), so what the stop changes in it is done by the command.
+
+Where: a thread pays where the forward leaves the GIL free long enough to hide the text (a GPU step
+waits on the device). On the CPU the threads' Python shares the GIL and each step's handoff costs more
+than it hides: the near-free model's steps at batch 256 are 12-14 % cheaper with the text made on the
+engine thread (docs/benchmarks.md), and a real model's step is so long that its text is noise either way.
 """
 
 from __future__ import annotations
@@ -33,13 +39,15 @@ from typing import TYPE_CHECKING, NamedTuple
 from engine.outputs import FinishReason, RequestOutput, StepOutput
 
 if TYPE_CHECKING:
+    import torch
+
     from engine.engine_loop import Request
 
 logger = logging.getLogger(__name__)
 
 
 class Delivery(NamedTuple):
-    """One step's outputs for the text thread, in the order the engine made them: `outputs` with
+    """One step's outputs for the text maker, in the order the engine made them: `outputs` with
     their requests, then the plain decode rows of `step` (`StepOutput.plain_output`): plain[i] is
     row i's request (None, or one that does not stream: nothing to deliver)."""
 
@@ -82,39 +90,19 @@ def add_text(out: RequestOutput) -> tuple[RequestOutput, bool] | None:
     return cut, not engine_finished
 
 
-class TextThread:
-    """Interface: `put(delivery)` from the engine thread (in the order the outputs are made);
-    `stop()` from any thread. `stopped(req, out)` is called on this thread for an output a stop
-    string finished before the engine did (the owner turns it into an engine-thread command);
-    `on_error(exc)` if making text raises (the owner's fail-stop)."""
+class TextMaker:
+    """Interface: `deliver(delivery)` on whichever thread makes the text (in the order the outputs are
+    made). `stopped(req, out)` is called there for an output a stop string finished before the engine
+    did (the owner turns it into an engine-thread command). An EngineLoop calls `deliver` on the engine
+    thread itself where that is cheaper (the CPU: see `text_on_own_thread`), else a `TextThread` does."""
 
-    def __init__(self, name: str, stopped: Callable[[Request, RequestOutput], None],
-                 on_error: Callable[[BaseException], None]) -> None:
-        self._queue: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
+    def __init__(self, stopped: Callable[[Request, RequestOutput], None]) -> None:
         self._stopped = stopped
-        self._on_error = on_error
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def put(self, delivery: Delivery) -> None:
-        self._queue.put(delivery)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._queue.put(None)
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        try:
-            while (delivery := self._queue.get()) is not None:
-                for req, out in delivery.outputs:
-                    self._emit(req, out)
-                self._emit_plain(delivery.step, delivery.plain)
-        except BaseException as exc:  # noqa: BLE001 - the owner's fail-stop: every request hears it
-            logger.exception("text thread died")
-            self._on_error(exc)
+    def deliver(self, delivery: Delivery) -> None:
+        for req, out in delivery.outputs:
+            self._emit(req, out)
+        self._emit_plain(delivery.step, delivery.plain)
 
     def _emit_plain(self, step: StepOutput, requests: list[Request | None]) -> None:
         """The step's plain decodes (one token each, none finished): without stop strings, `add_text`
@@ -136,3 +124,40 @@ class TextThread:
         if stopped:
             self._stopped(req, final)
         req.emit(final)
+
+
+class TextThread:
+    """A `TextMaker` on a thread of its own. Interface: `put(delivery)` from the engine thread (in the
+    order the outputs are made); `stop()` from any thread; `on_error(exc)` if making text raises (the
+    owner's fail-stop)."""
+
+    def __init__(self, name: str, maker: TextMaker, on_error: Callable[[BaseException], None]) -> None:
+        self._queue: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
+        self._maker = maker
+        self._on_error = on_error
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, delivery: Delivery) -> None:
+        self._queue.put(delivery)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._queue.put(None)
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            while (delivery := self._queue.get()) is not None:
+                self._maker.deliver(delivery)
+        except BaseException as exc:  # noqa: BLE001 - the owner's fail-stop: every request hears it
+            logger.exception("text thread died")
+            self._on_error(exc)
+
+
+def text_on_own_thread(device: torch.device) -> bool:
+    """Where an EngineLoop makes text by default: a thread of its own for an accelerator's engine, the
+    engine thread itself on the CPU (see the module's docstring)."""
+    return device.type != "cpu"

@@ -1,13 +1,13 @@
 """Items from engine threads into asyncio queues, one event-loop wake-up per burst.
 
-A worker's engine (or text) thread hands each request's outputs to the request's asyncio queue. Doing
+A worker's engine thread (or its text thread) hands each request's outputs to the request's asyncio queue. Doing
 that with `loop.call_soon_threadsafe(queue.put_nowait, out)` per output costs the calling thread a
 lock, a callback object and a write to the loop's self-pipe every time: about 1 ms of a step's 256
 outputs, on the thread every step waits for. An `Inbox` appends (queue, item) to one list under a lock
 and wakes the loop only when the list was empty; the loop then moves the whole list into the queues:
 
-    text thread:  put(q1, a) [wakes the loop]  put(q2, b)  put(q1, c)  ...
-    event loop:   _drain: q1 <- a, q2 <- b, q1 <- c   (put order, so each queue sees its items in order)
+    engine thread: put(q1, a) [wakes the loop]  put(q2, b)  put(q1, c)  ...
+    event loop:    _drain: q1 <- a, q2 <- b, q1 <- c   (put order, so each queue sees its items in order)
 
 One inbox serves every queue of one loop; `put` may be called from any thread, the loop's own included.
 """

@@ -1,20 +1,25 @@
-"""Text off the engine thread (engine.text_thread): an EngineLoop's outputs carry the same text, tokens
-and finish as inline detokenization; a stop string found there ends the sequence within a step or two
-and its blocks come back. Real engine on a tiny checkpoint, real threads."""
+"""Text after the engine's step (engine.text_thread), on a text thread or on the engine thread: an
+EngineLoop's outputs carry the same text, tokens and finish as `Engine.step`'s inline detokenization; a
+stop string found there ends the sequence within a step or two and its blocks come back; making text
+that raises kills the loop, wherever it runs; the default is the engine thread on the CPU. Real engine
+on a tiny checkpoint, real threads."""
 
 from __future__ import annotations
 
 import queue
+import threading
 import time
 
 import pytest
+import torch
 
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.engine_loop import EngineLoop, Request
 from engine.model_runner import StepInput
-from engine.outputs import FinishReason, RequestOutput
+from engine.outputs import EngineDied, FinishReason, RequestOutput
 from engine.sampling.params import SamplingParams
+from engine.text_thread import text_on_own_thread
 
 PROMPT = [5, 9, 17, 33, 65, 129, 200, 31]
 
@@ -35,7 +40,8 @@ def inline(engine: Engine, params: SamplingParams) -> tuple[list[int], str, Fini
     return seq.output_token_ids, text, seq.finish_reason
 
 
-def test_a_stop_string_found_off_the_engine_thread_ends_the_request_at_once(engine) -> None:
+@pytest.mark.parametrize("text_thread", [True, False], ids=["text-thread", "engine-thread"])
+def test_a_stop_string_found_in_the_text_ends_the_request_at_once(engine, text_thread: bool) -> None:
     free = engine.block_manager.num_free_blocks
     tokens, text, _ = inline(engine, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
     # a stop string that first appears several tokens in: the request must end there, not at 40
@@ -51,7 +57,7 @@ def test_a_stop_string_found_off_the_engine_thread_ends_the_request_at_once(engi
     def observe(step: StepInput, outputs: list[RequestOutput], t0: int, t1: int) -> None:
         steps_with_it.append(sum(s.request_id == "threaded" for s in step.seqs))
 
-    loop = EngineLoop(engine, name="text-test", observers=[observe])
+    loop = EngineLoop(engine, name="text-test", observers=[observe], text_thread=text_thread)
     events: queue.Queue[RequestOutput | BaseException] = queue.Queue()
     seq = engine.make_sequence("threaded", PROMPT, params)
     loop.add(Request(seq, events.put, events.put))
@@ -78,11 +84,12 @@ def test_a_stop_string_found_off_the_engine_thread_ends_the_request_at_once(engi
     assert events.empty()  # nothing after the finished output
 
 
-def test_outputs_through_the_text_thread_equal_inline_ones(engine) -> None:
+@pytest.mark.parametrize("text_thread", [True, False], ids=["text-thread", "engine-thread"])
+def test_outputs_with_text_made_after_the_step_equal_inline_ones(engine, text_thread: bool) -> None:
     params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
               SamplingParams(seed=3, max_tokens=9, ignore_eos=True, logprobs=1)]
     want = [inline(engine, p) for p in params]
-    loop = EngineLoop(engine, name="text-test-2")
+    loop = EngineLoop(engine, name="text-test-2", text_thread=text_thread)
     queues: list[queue.Queue[RequestOutput | BaseException]] = [queue.Queue() for _ in params]
     for i, (p, q) in enumerate(zip(params, queues, strict=True)):
         loop.add(Request(engine.make_sequence(f"r{i}", PROMPT, p), q.put, q.put))
@@ -98,3 +105,47 @@ def test_outputs_through_the_text_thread_equal_inline_ones(engine) -> None:
             assert "".join(o.new_text for o in outs) == text and outs[-1].finish_reason is finish
     finally:
         loop.stop()
+
+
+def test_the_cpu_makes_text_on_the_engine_thread_an_accelerator_on_its_own(engine) -> None:
+    assert not text_on_own_thread(torch.device("cpu"))
+    assert text_on_own_thread(torch.device("cuda", 0))
+    threads: list[str] = []
+    done = threading.Event()
+
+    def emit(out: RequestOutput) -> None:
+        threads.append(threading.current_thread().name)
+        if out.finished:
+            done.set()
+
+    loop = EngineLoop(engine, name="text-test-3")  # engine on the CPU: the default
+    loop.add(Request(engine.make_sequence("r", PROMPT, SamplingParams(max_tokens=4, ignore_eos=True)), emit,
+                     lambda exc: done.set()))
+    loop.start()
+    try:
+        assert done.wait(10)
+    finally:
+        loop.stop()
+    assert threads == ["text-test-3"] * 4  # every output from the engine thread itself
+
+
+@pytest.mark.parametrize("text_thread", [True, False], ids=["text-thread", "engine-thread"])
+def test_making_text_that_raises_kills_the_loop_and_fails_every_request(tiny_model, text_thread: bool) -> None:
+    engine = Engine(EngineConfig(model=str(tiny_model("llama")), device="cpu", dtype="float32", num_kv_blocks=64,
+                                 block_size=4, max_num_batched_tokens=64))  # its own: a dead loop's engine is spent
+    failed: queue.Queue[BaseException] = queue.Queue()
+
+    def broken(out: RequestOutput) -> None:
+        raise RuntimeError("a broken emit")
+
+    loop = EngineLoop(engine, name="text-test-4", text_thread=text_thread)
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    loop.add(Request(engine.make_sequence("bad", PROMPT, params), broken, failed.put))
+    loop.add(Request(engine.make_sequence("good", PROMPT, params), lambda out: None, failed.put))
+    loop.start()
+    try:
+        assert loop.dead.wait(10)
+        errors = [failed.get(timeout=5), failed.get(timeout=5)]
+    finally:
+        loop.stop()
+    assert all(isinstance(e, EngineDied) and "a broken emit" in str(e) for e in errors), errors
