@@ -16,8 +16,9 @@ is cheaper, on the engine thread right after the step (`text_on_own_thread`).
     since are dropped from it
 
 With a text thread the engine thread never waits for text. A sequence a stop string ended runs on for the
-steps already under way when the command arrives (one or two), never longer: commands run before every
-step. Only the text maker touches a sequence's detokenizer once the sequence is delivered to it; the
+steps already under way when the command arrives: made on the engine thread, at most the one already
+launched (overlap), since commands run before every step; on a text thread, also the steps the engine
+ran while the text thread caught up (one or two when it keeps up, more on a loaded box). Only the text maker touches a sequence's detokenizer once the sequence is delivered to it; the
 sequence itself stays the engine thread's (the maker reads only the output it was handed and the
 sequence's fixed params), so what the stop changes in it is done by the command.
 

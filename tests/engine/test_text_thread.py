@@ -78,8 +78,11 @@ def test_a_stop_string_found_in_the_text_ends_the_request_at_once(engine, text_t
     assert outs[-1].finish_reason is FinishReason.STOP and outs[-1].stop_reason == stop
     assert outs[-1].num_output_tokens == len(want_tokens)
     assert seq.output_token_ids == want_tokens and seq.finish_reason is FinishReason.STOP  # tokens after it dropped
-    # the engine heard of it within two steps of the token that completed it, and freed its blocks
-    assert sum(steps_with_it) <= 1 + len(want_tokens) + 2, steps_with_it
+    # made on the engine thread, the stop reaches the engine before the step after next (the next one may be
+    # launched already); a text thread may lag some steps behind a tiny model's 1 ms steps on a loaded box,
+    # but never lets it run on to its max_tokens. Its blocks are freed either way.
+    bound = 1 + len(want_tokens) + 2 if not text_thread else 1 + 40 - 1
+    assert sum(steps_with_it) <= bound, steps_with_it
     assert not loop.requests and engine.block_manager.num_free_blocks == free
     assert events.empty()  # nothing after the finished output
 
