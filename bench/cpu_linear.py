@@ -1,5 +1,7 @@
 """float32 CPU linears: F.linear (MKL's sgemm) against oneDNN (kernels/onednn_linear.py) on the same
-dense weight, at real models' projection shapes; the data behind ``prefers_onednn`` (issue 18).
+dense weight, and against MKL's sgemm on that weight stored transposed, (K, N) contiguous
+(``torch.mm(x, w_t)``: no transposed operand), at real models' projection shapes; the data behind
+``prefers_onednn`` (issue 18).
 
 Run from the repository root: ``.venv/bin/python -m bench.cpu_linear [--threads 1,2] [--rows 1,8,...]
 [--budget-s S] [--out PATH]``. Shapes (N, K) as the engine holds them (fused qkv and gate_up):
@@ -83,7 +85,8 @@ def run_shape(name: str, n: int, k: int, rows: list[int], budget_s: float) -> li
     gen = torch.Generator().manual_seed(n * 7 + k)
     copies = max(1, -(-COLD_BYTES // (n * k * 4)))
     ws = [torch.randn(n, k, generator=gen) * k**-0.5 for _ in range(copies)]
-    turn = {"F.linear": 0, "onednn": 0}
+    wts = [w.t().contiguous() for w in ws]  # (K, N): the same weights, stored transposed
+    turn = {"F.linear": 0, "onednn": 0, "mm.kn": 0}
 
     def weight(kind: str) -> Tensor:
         turn[kind] = (turn[kind] + 1) % copies
@@ -102,15 +105,21 @@ def run_shape(name: str, n: int, k: int, rows: list[int], budget_s: float) -> li
         def dnn(x: Tensor = x) -> Tensor:
             return onednn_linear_unchecked(x, weight("onednn"))
 
-        t = time_interleaved({"F.linear": mkl, "onednn": dnn}, budget_s)
-        f, d = t["F.linear"]["median_ms"], t["onednn"]["median_ms"]
+        def kn(x: Tensor = x) -> Tensor:
+            turn["mm.kn"] = (turn["mm.kn"] + 1) % copies
+            return torch.mm(x, wts[turn["mm.kn"]])
+
+        err = max(err, float((kn() - F.linear(x, ws[turn["mm.kn"]])).abs().max()))
+        t = time_interleaved({"F.linear": mkl, "onednn": dnn, "mm.kn": kn}, budget_s)
+        f, d, c = t["F.linear"]["median_ms"], t["onednn"]["median_ms"], t["mm.kn"]["median_ms"]
         row = {"shape": name, "n": n, "k": k, "m": m, "threads": torch.get_num_threads(), "max_abs_diff": err,
-               "times": t, "onednn_over_flinear": d / f, "rule_prefers_onednn": prefers_onednn(n, k),
+               "times": t, "onednn_over_flinear": d / f, "kn_over_flinear": c / f, "rule_prefers_onednn": prefers_onednn(n, k),
                "load_avg": os.getloadavg()[0]}  # fmt: skip
         out.append(row)
         mark = "onednn" if prefers_onednn(n, k) else "F"
         print(f"t={row['threads']} {name:22s} N={n:6d} K={k:5d} M={m:3d}  F.linear {f:9.3f}  onednn {d:9.3f} ms "
-              f"({d / f:5.2f}x)  rule: {mark:6s} load {row['load_avg']:.1f}", flush=True)
+              f"({d / f:5.2f}x)  mm.kn {c:9.3f} ms ({c / f:5.2f}x)  rule: {mark:6s} load {row['load_avg']:.1f}",
+              flush=True)
     return out
 
 
