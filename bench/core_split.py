@@ -5,7 +5,7 @@ Run: `OMP_NUM_THREADS=1 .venv/bin/python -m bench.core_split` (`--help`). For ea
 requests of bench.overhead's near-free model and prompts, EOS ignored) it runs, `--repeats` times in
 turn:
 
-  loop   bench.overhead's serial row: one EngineLoop with its text thread, as a worker runs today;
+  loop   bench.overhead's serial row: one EngineLoop, text where it makes it by default, as a worker runs;
   core   this process runs the engine's steps and nothing else (schedule, forward, sample, process),
          and after each step sends its tokens over ZeroMQ (PUSH/PULL, ipc) to a text process, which
          detokenizes them with the same `IncrementalDetokenizer` and makes every `RequestOutput`;
@@ -52,6 +52,8 @@ def text_process(path: str, batch: int, address: str, results: Any) -> None:
     tok = Tokenizer.from_dir(path)
     _ = tok.byte_tables
     detoks = [IncrementalDetokenizer(tok, prompt(i)) for i in range(batch)]
+    names = [f"r{i}" for i in range(batch)]  # what a front process holds per request, made once
+    prompt_lens = [len(prompt(i)) for i in range(batch)]
     ids: list[list[int]] = [[] for _ in range(batch)]
     texts: list[list[str]] = [[] for _ in range(batch)]
     made: list[RequestOutput] = []
@@ -67,12 +69,12 @@ def text_process(path: str, batch: int, address: str, results: Any) -> None:
             text = detoks[i].step(new)
             ids[i].extend(new)
             texts[i].append(text)
-            made.append(RequestOutput(f"r{i}", new, text, False, None, len(prompt(i)), len(ids[i]), 0))
+            made.append(RequestOutput(names[i], new, text, False, None, prompt_lens[i], len(ids[i]), 0))
         for i, token, n in zip(rows, tokens, counts, strict=True):
             text = detoks[i].next_token(token)
             ids[i].append(token)
             texts[i].append(text)
-            made.append(RequestOutput(f"r{i}", [token], text, False, None, len(prompt(i)), n, 0, [], None, None, 0,
+            made.append(RequestOutput(names[i], [token], text, False, None, prompt_lens[i], n, 0, [], None, None, 0,
                                       None, [], None))  # fmt: skip
         lags.append(time.perf_counter() - float(parts[0]))
     wrong = sum("".join(texts[i]) + detoks[i].flush() != tok.decode(ids[i], True) for i in range(batch))
@@ -82,13 +84,14 @@ def text_process(path: str, batch: int, address: str, results: Any) -> None:
 def run_core(path: Path, batch: int, warmup: int, steps: int, send: bool) -> dict[str, Any]:
     """`steps` engine steps of `batch` sequences after `warmup`, their tokens sent to a text process
     (`send`) or not."""
-    spawn = mp.get_context("spawn")
-    results = spawn.Queue()
-    address = f"ipc://{tempfile.gettempdir()}/tandem-core-split-{os.getpid()}.sock"
-    push = zmq.Context.instance().socket(zmq.PUSH)
-    push.bind(address)
-    proc = spawn.Process(target=text_process, args=(str(path), batch, address, results), daemon=True)
+    push = results = proc = None
     if send:
+        spawn = mp.get_context("spawn")
+        results = spawn.Queue()
+        address = f"ipc://{tempfile.gettempdir()}/tandem-core-split-{os.getpid()}.sock"
+        push = zmq.Context.instance().socket(zmq.PUSH)
+        push.bind(address)
+        proc = spawn.Process(target=text_process, args=(str(path), batch, address, results), daemon=True)
         proc.start()
     engine = Engine(engine_config(path, batch, "serial"))
     engine.inline_text = False  # plain decodes stay rows, as under a loop with a text thread
@@ -100,7 +103,7 @@ def run_core(path: Path, batch: int, warmup: int, steps: int, send: bool) -> dic
             step = engine.schedule()
             assert step is not None
             out = engine.process_step(step, engine.execute(step))
-            if send:
+            if push is not None:
                 rows = np.array([row_of[s.request_id] for s in out.seqs], np.int32)
                 firsts = [(row_of[o.request_id], o.new_token_ids) for o in out.outputs]
                 push.send_multipart([repr(time.perf_counter()).encode(), rows.tobytes(),
@@ -110,14 +113,14 @@ def run_core(path: Path, batch: int, warmup: int, steps: int, send: bool) -> dic
     seconds = stamps[-1] - stamps[warmup - 1]
     row: dict[str, Any] = {"batch": batch, "mode": "core" if send else "alone", "ms_per_step": seconds / steps * 1e3,
                            "tokens_per_s": batch * steps / seconds}
-    if send:
+    if push is not None and results is not None and proc is not None:
         push.send_multipart([b"end"])
         lags, tokens, wrong = results.get(timeout=120)
         proc.join(30)
+        push.close(linger=0)
         timed = lags[warmup:]
         row |= {"text_lag_ms_mean": sum(timed) / len(timed) * 1e3, "text_lag_ms_max": max(timed) * 1e3,
                 "tokens_detokenized": tokens, "requests_with_wrong_text": wrong}
-    push.close(linger=0)
     return row
 
 

@@ -18,9 +18,10 @@ is cheaper, on the engine thread right after the step (`text_on_own_thread`).
 With a text thread the engine thread never waits for text. A sequence a stop string ended runs on for the
 steps already under way when the command arrives: made on the engine thread, at most the one already
 launched (overlap), since commands run before every step; on a text thread, also the steps the engine
-ran while the text thread caught up (one or two when it keeps up, more on a loaded box). Only the text maker touches a sequence's detokenizer once the sequence is delivered to it; the
-sequence itself stays the engine thread's (the maker reads only the output it was handed and the
-sequence's fixed params), so what the stop changes in it is done by the command.
+ran while the text thread caught up (one or two when it keeps up, more on a loaded box). Only the text
+maker touches a sequence's detokenizer once the sequence is delivered to it; the sequence itself stays
+the engine thread's (the maker reads only the output it was handed and the sequence's fixed params), so
+what the stop changes in it is done by the command.
 
 Where: a thread pays where the forward leaves the GIL free long enough to hide the text (a GPU step
 waits on the device). On the CPU the threads' Python shares the GIL and each step's handoff costs more
