@@ -63,12 +63,13 @@ def text_workload(path: Path, n: int, seed: int, output_len: int | None) -> list
     raise RuntimeError(f"only {len(work)} windows of the held-out files for {n} prompts")
 
 
-def load_hf(path: Path):
-    """A float32 transformers model of `path` (a directory, or a .gguf file through its GGUF reader)."""
+def load_hf(path: Path, device: str = "cpu", dtype: str = "float32"):
+    """A transformers model of `path` (a directory, or a .gguf file through its GGUF reader) on `device`
+    in `dtype`."""
     import transformers
 
     if path.suffix != ".gguf":
-        return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     cfg = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
@@ -77,15 +78,16 @@ def load_hf(path: Path):
     state = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
     model.load_state_dict(state, strict=False)
     model.tie_weights()
-    return model.float().eval()
+    return model.to(device, getattr(torch, dtype)).eval()
 
 
-def run_tandem(path: Path, work, max_batched: int, floor: dict | None = None, onednn_linear: bool = True) -> float:
+def run_tandem(path: Path, work, max_batched: int, floor: dict | None = None, onednn_linear: bool = True,
+               device: str = "cpu", dtype: str = "float32") -> float:
     """Seconds Tandem takes for `work`; with `floor` (a dict), the run's floor (bench.floor) is added
     to it, measured right after the run on the same engine and steps. `onednn_linear`: the engine
     option (oneDNN for the wide float32 linears; False: F.linear everywhere)."""
-    # a .gguf dequantized to float32, as transformers loads it (and bench.floor times float weights)
-    llm = LLM(path, dtype="float32", device="cpu", max_num_batched_tokens=max_batched, max_num_seqs=256,
+    # a .gguf dequantized (to float32 on the CPU), as transformers loads it (and bench.floor times float weights)
+    llm = LLM(path, dtype=dtype, device=device, max_num_batched_tokens=max_batched, max_num_seqs=256,
               gguf_dequantize=True, onednn_linear=onednn_linear)
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for _, m in work]
     llm.generate([work[0][0]], SamplingParams(max_tokens=2))  # warm-up
@@ -109,23 +111,25 @@ def run_tandem(path: Path, work, max_batched: int, floor: dict | None = None, on
 
 def hf_generate(model, prompts: list[list[int]], max_new: int) -> None:
     width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long, device=model.device)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):  # left padding, as decoder-only batching needs
-        ids[i, width - len(p):] = torch.tensor(p)
+        ids[i, width - len(p):] = torch.tensor(p, device=model.device)
         mask[i, width - len(p):] = 1
     with torch.no_grad():
         model.generate(ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new,
                        do_sample=False, pad_token_id=0)
 
 
-def run_hf(path: Path, work, batch: int) -> float:
-    model = load_hf(path)
+def run_hf(path: Path, work, batch: int, device: str = "cpu", dtype: str = "float32") -> float:
+    model = load_hf(path, device, dtype)
     hf_generate(model, [work[0][0]], 2)  # warm-up
     t0 = time.perf_counter()
     for i in range(0, len(work), batch):
         chunk = work[i : i + batch]
         hf_generate(model, [p for p, _ in chunk], max(m for _, m in chunk))
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
@@ -142,8 +146,13 @@ def main() -> None:
     ap.add_argument("--floor", action="store_true", help="also measure the Tandem run's floor (bench.floor)")
     ap.add_argument("--no-onednn-linear", action="store_true",
                     help="F.linear for every float32 layer (the engine's --no-onednn-linear), for A/B runs")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: Tandem and transformers on the same device")
+    ap.add_argument("--dtype", default=None, help="default: float32 on the CPU, bfloat16 on CUDA (both systems)")
     ap.add_argument("--out", default="bench/results/offline.json")
     args = ap.parse_args()
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    if args.floor and args.device != "cpu":
+        ap.error("--floor times CPU matmuls: it runs with --device cpu only")
     torch.manual_seed(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None:
@@ -161,19 +170,22 @@ def main() -> None:
         out_tokens = sum(m for _, m in work)
         floor: dict | None = {} if args.floor else None
         results = {"tandem": out_tokens / run_tandem(path, work, args.max_num_batched_tokens, floor,
-                                                            onednn_linear=not args.no_onednn_linear)}
+                                                     onednn_linear=not args.no_onednn_linear,
+                                                     device=args.device, dtype=dtype)}
         if floor:
             print(f"floor: {floor['floor_s']:.1f} s (matmuls {floor['matmul_s']:.1f} s, KV reads "
                   f"{floor['kv_read_s']:.2f} s); the run is {floor['run_over_floor']:.2f}x it", flush=True)
         print(f"tandem: {results['tandem']:.1f} output tok/s", flush=True)
         if not args.skip_hf:
             for b in (int(x) for x in args.hf_batch_sizes.split(",")):
-                results[f"hf_batch{b}"] = out_tokens / run_hf(path, work, b)
+                results[f"hf_batch{b}"] = out_tokens / run_hf(path, work, b, args.device, dtype)
                 print(f"transformers batch {b}: {results[f'hf_batch{b}']:.1f} output tok/s", flush=True)
     best_hf = max((v for k, v in results.items() if k.startswith("hf")), default=None)
     record = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, {platform.platform()}",
+        "device": args.device if args.device == "cpu" else f"{args.device} ({torch.cuda.get_device_name()})",
+        "dtype": dtype,
         "torch": torch.__version__,
         "model": args.model or "random llama " + json.dumps(MODEL_SHAPE),
         "model_params": params,

@@ -50,8 +50,8 @@ def near_free_model(out: Path) -> Path:
     return make_tiny_model(out / "near-free", "llama", **SHAPE)
 
 
-def engine_config(path: Path, batch: int, mode: str) -> EngineConfig:
-    cfg = EngineConfig(model=str(path), dtype="float32", device="cpu", max_num_seqs=batch,
+def engine_config(path: Path, batch: int, mode: str, device: str = "cpu", dtype: str = "float32") -> EngineConfig:
+    cfg = EngineConfig(model=str(path), dtype=dtype, device=device, max_num_seqs=batch,
                        max_num_batched_tokens=max(2048, batch * PROMPT_LEN), num_kv_blocks=batch * 8 + 8)
     if "async_scheduling" in {f.name for f in dataclasses.fields(EngineConfig)}:
         cfg = dataclasses.replace(cfg, async_scheduling=mode != "serial")
@@ -59,10 +59,10 @@ def engine_config(path: Path, batch: int, mode: str) -> EngineConfig:
 
 
 def run_one(path: Path, batch: int, mode: str, warmup: int, steps: int, profile: bool,
-            text: str = "auto") -> dict[str, Any]:
+            text: str = "auto", device: str = "cpu", dtype: str = "float32") -> dict[str, Any]:
     """Time `steps` decode steps of `batch` sequences after `warmup` steps (the first is the prefill);
     `text`: where the loop makes text (auto: its default; thread; engine: the engine thread)."""
-    engine = Engine(engine_config(path, batch, mode))
+    engine = Engine(engine_config(path, batch, mode, device, dtype))
     stamps: list[float] = []
     cpu: list[float] = []
     done = threading.Event()
@@ -125,15 +125,19 @@ def run_one(path: Path, batch: int, mode: str, warmup: int, steps: int, profile:
     return row
 
 
-def phases(path: Path, batch: int, warmup: int, steps: int) -> dict[str, Any]:
+def phases(path: Path, batch: int, warmup: int, steps: int, device: str = "cpu",
+           dtype: str = "float32") -> dict[str, Any]:
     """CPU milliseconds per phase of a steady decode step of `batch` sequences, every phase on this one
     thread (no loop, no overlap, no GIL shared): schedule, prepare (the forward's inputs), forward,
     sample, process (tokens into place, stop checks, outputs) and text (what a loop's text thread does
     with those outputs: detokenize, make the outputs it emits). A build without a separate prepare
-    counts it in forward; one that makes text inline counts it in process."""
+    counts it in forward; one that makes text inline counts it in process. On CUDA each phase is
+    wall time ending in a device synchronize, so `forward` and `sample` hold the device's work too
+    (`wall_ms_per_step`), and `cpu_ms_per_step` is the thread's own CPU time as on the CPU."""
     from engine.text_thread import add_text
 
-    engine = Engine(engine_config(path, batch, "serial"))
+    cuda = device.startswith("cuda")
+    engine = Engine(engine_config(path, batch, "serial", device, dtype))
     runner: Any = engine.runner
     split_forward = hasattr(runner, "_forward")
     if hasattr(engine, "inline_text"):
@@ -145,33 +149,49 @@ def phases(path: Path, batch: int, warmup: int, steps: int) -> dict[str, Any]:
         engine.step()
     names = ("schedule", "prepare", "forward", "sample", "process", "text")
     spent = dict.fromkeys(names, 0.0)
+    walls = dict.fromkeys(names, 0.0)
+    t: list[float] = []
+    w: list[float] = []
+
+    def mark() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+        t.append(time.thread_time())
+        w.append(time.perf_counter())
+
     with torch.inference_mode():
         for _ in range(steps):
-            t = [time.thread_time()]
+            t.clear()
+            w.clear()
+            mark()
             step = engine.schedule()
-            t.append(time.thread_time())
+            mark()
             assert step is not None
             if split_forward:
                 inputs = runner.prepare(step)
-                t.append(time.thread_time())
+                mark()
                 logits = runner._forward(step, *inputs)
             else:
-                t.append(time.thread_time())
+                mark()
                 logits = runner.forward_logits(step)
-            t.append(time.thread_time())
+            mark()
             sampled = runner.sampler(logits, runner.sampling_batch(step.seqs))
-            t.append(time.thread_time())
+            mark()
             outputs: Any = (engine.process_step(step, sampled) if hasattr(engine, "process_step")
                             else engine.process(step, sampled))
-            t.append(time.thread_time())
+            mark()
             if hasattr(engine, "inline_text"):
                 for out in outputs.all() if hasattr(outputs, "all") else outputs:
                     add_text(out)
-            t.append(time.thread_time())
-            for name, a, b in zip(names, t[:-1], t[1:], strict=True):
+            mark()
+            for name, a, b, wa, wb in zip(names, t[:-1], t[1:], w[:-1], w[1:], strict=True):
                 spent[name] += b - a
+                walls[name] += wb - wa
     ms = {name: v / steps * 1e3 for name, v in spent.items()}
-    return {"batch": batch, "cpu_ms_per_step": ms, "host_ms_per_step": sum(ms.values()) - ms["forward"]}
+    row: dict[str, Any] = {"batch": batch, "cpu_ms_per_step": ms, "host_ms_per_step": sum(ms.values()) - ms["forward"]}
+    if cuda:
+        row["wall_ms_per_step"] = {name: v / steps * 1e3 for name, v in walls.items()}
+    return row
 
 
 def prompt(i: int) -> list[int]:
@@ -190,20 +210,28 @@ def main() -> None:
                     "CPU time of each on one thread (`phases`)")
     ap.add_argument("--text", default="auto", choices=["auto", "thread", "engine"],
                     help="where text is made: the loop's default (auto), a text thread, the engine thread")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: the near-free model on a GPU shows the host "
+                    "work a GPU would wait on")
+    ap.add_argument("--dtype", default=None, help="default: float32 on the CPU, bfloat16 on CUDA")
+    ap.add_argument("--model", default=None, help="a checkpoint directory instead of the near-free model "
+                    "(e.g. a 1B-shaped random Llama from `tandem make-tiny-model`, to set host work against a "
+                    "GPU's forward)")
     ap.add_argument("--label", default="", help="a name for this build in the JSON (e.g. baseline)")
     ap.add_argument("--out", default="bench/results/overhead.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    dev = {} if args.device == "cpu" else {"device": args.device, "dtype": dtype}
     has_async = "async_scheduling" in {f.name for f in dataclasses.fields(EngineConfig)}
     modes = ["serial"] if args.serial or not has_async else args.modes.split(",")
     sizes = [int(x) for x in args.batch_sizes.split(",")]
     profiled = {int(x) for x in args.profile.split(",") if x}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        path = near_free_model(Path(tmp))
+        path = Path(args.model) if args.model else near_free_model(Path(tmp))
         for batch in sizes:
             for mode in modes:
-                row = run_one(path, batch, mode, args.warmup, args.steps, profile=False, text=args.text)
+                row = run_one(path, batch, mode, args.warmup, args.steps, profile=False, text=args.text, **dev)
                 row["load_avg"] = os.getloadavg()[0]
                 rows.append(row)
                 print(f"B={batch:4d} {mode:8s} {row['ms_per_step']:8.2f} ms/step {row['tokens_per_s']:10.0f} tok/s"
@@ -212,16 +240,19 @@ def main() -> None:
         profiles = []
         for batch in sorted(profiled):
             for mode in modes:
-                p = run_one(path, batch, mode, args.warmup, args.steps, profile=True, text=args.text)
+                p = run_one(path, batch, mode, args.warmup, args.steps, profile=True, text=args.text, **dev)
                 profiles.append(p)
                 print(f"\nprofile B={batch} {mode} (cProfile on, {p['ms_per_step']:.2f} ms/step):")
                 for f in p["profile"]["top_own_time"][:15]:
                     print(f"  {f['own_ms_per_step']:7.3f} ms own {f['cum_ms_per_step']:7.3f} cum  {f['function']}")
         split = []
         for batch in [int(x) for x in args.phases.split(",") if x]:
-            split.append(phases(path, batch, args.warmup, args.steps))
+            split.append(phases(path, batch, args.warmup, args.steps, **dev))
             print(f"\nphases B={batch} (CPU ms per step, one thread): host {split[-1]['host_ms_per_step']:.2f} + "
                   + ", ".join(f"{k} {v:.2f}" for k, v in split[-1]["cpu_ms_per_step"].items()), flush=True)
+            if "wall_ms_per_step" in split[-1]:
+                print("  wall ms (device synchronized): "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in split[-1]["wall_ms_per_step"].items()), flush=True)
     record = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "label": args.label,
@@ -229,7 +260,9 @@ def main() -> None:
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "model": SHAPE,
+        "device": args.device if args.device == "cpu" else f"{args.device} ({torch.cuda.get_device_name()})",
+        "dtype": dtype,
+        "model": args.model or SHAPE,
         "prompt_len": PROMPT_LEN,
         "warmup_steps": args.warmup,
         "timed_steps": args.steps,
