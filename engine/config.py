@@ -174,9 +174,10 @@ class EngineConfig:
     grammar_cache_size: int = option(256, "compiled grammars of structured outputs kept, by content (LRU)", min=1)
     grammar_threads: int = option(0, "threads filling structured outputs' token masks while the forward "
                                   "runs (0: half the CPUs, 1 to 8)", min=0)
-    async_scheduling: bool = option(
-        True, "schedule and prepare the next step while the current forward runs (a worker's engine loop; "
-        "outputs are the same as with it off)")
+    async_scheduling: bool | None = option(
+        None, "schedule and prepare the next step while the current forward runs (a worker's engine loop; "
+        "outputs are the same as with it off); default: on for a GPU, off on the CPU, where the forward "
+        "thread and the engine thread share the GIL and the overlap costs more than it hides")
     # tensor parallelism (engine/parallel; docs/tensor-parallel.md); SGLang's flag names for nodes
     tensor_parallel_size: int = option(1, "ranks one model is split over: processes, one GPU each (gloo on CPU)",
                                        min=1)

@@ -39,7 +39,7 @@ from typing import Protocol, TypeVar
 from engine.engine import Engine
 from engine.model_runner import StepInput
 from engine.outputs import DuplicateRequest, EngineDied, RequestGone, RequestOutput, StepOutput
-from engine.overlap import OverlapRunner, without_finished
+from engine.overlap import OverlapRunner, overlap_by_default, without_finished
 from engine.sampling.sampler import SamplerOutput
 from engine.sequence import Sequence
 from engine.text_thread import Delivery, TextMaker, TextThread, text_on_own_thread
@@ -161,7 +161,10 @@ class EngineLoop:
         self._overlap: OverlapRunner | None = None
         self._forward: ThreadPoolExecutor | None = None
         self._inflight: tuple[StepInput, Future[SamplerOutput | None], int] | None = None
-        if engine.config.async_scheduling and hooks is None and engine.spec is None and engine.runner.tp is None:
+        overlap = engine.config.async_scheduling
+        if overlap is None:
+            overlap = overlap_by_default(engine.runner.device)
+        if overlap and hooks is None and engine.spec is None and engine.runner.tp is None:
             self._overlap = OverlapRunner(engine.runner)
             self._forward = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-forward")
         engine.inline_text = False  # outputs leave a step as token ids; the text maker makes their text

@@ -132,3 +132,46 @@ def test_a_loop_delivers_what_inline_steps_make(model, looped) -> None:
     for overlap in (False, True):
         for want, got in zip(inline, looped[overlap][0], strict=True):
             assert [fields(o) for o in got] == [fields(o) for o in want]
+
+
+@pytest.mark.parametrize("setting", [None, True, False], ids=["default", "on", "off"])
+def test_the_cpu_overlaps_steps_only_when_asked(model, setting: bool | None) -> None:
+    """On the CPU the forward thread shares the GIL with the engine thread, so a loop runs its steps
+    serially unless async_scheduling asks for the overlap; an accelerator overlaps by default."""
+    import threading
+
+    import torch
+
+    from engine.overlap import overlap_by_default
+
+    assert not overlap_by_default(torch.device("cpu")) and overlap_by_default(torch.device("cuda", 0))
+    cfg = EngineConfig(model=model, device="cpu", dtype="float32", num_kv_blocks=32, block_size=4,
+                       async_scheduling=setting)
+    engine = Engine(cfg)
+    done = threading.Event()
+    loop = EngineLoop(engine, name=f"overlap-default-{setting}")
+    # an overlapped step's forward runs on the loop's forward thread, a serial one on the engine thread
+    seen: set[str] = set()
+    inner = engine.runner._forward
+
+    def spy(*args, **kwargs):
+        seen.add(threading.current_thread().name)
+        return inner(*args, **kwargs)
+
+    engine.runner._forward = spy  # type: ignore[method-assign]
+
+    def emit(out: RequestOutput) -> None:
+        if out.finished:
+            done.set()
+
+    loop.add(Request(engine.make_sequence("r", [5, 6, 7, 8, 9], SamplingParams(max_tokens=6, ignore_eos=True)),
+                     emit, lambda exc: done.set()))
+    loop.start()
+    try:
+        assert done.wait(20)
+    finally:
+        loop.stop()
+    assert seen, "no forward ran"
+    on_forward_thread = any(name.startswith(f"overlap-default-{setting}-forward") for name in seen)
+    assert on_forward_thread is bool(setting)
+    assert engine.block_manager.num_free_blocks == 32
