@@ -50,19 +50,22 @@ def near_free_model(out: Path) -> Path:
     return make_tiny_model(out / "near-free", "llama", **SHAPE)
 
 
-def engine_config(path: Path, batch: int, mode: str, device: str = "cpu", dtype: str = "float32") -> EngineConfig:
+def engine_config(path: Path, batch: int, mode: str, device: str = "cpu", dtype: str = "float32",
+                  eager: bool = False) -> EngineConfig:
     cfg = EngineConfig(model=str(path), dtype=dtype, device=device, max_num_seqs=batch,
                        max_num_batched_tokens=max(2048, batch * PROMPT_LEN), num_kv_blocks=batch * 8 + 8)
+    if eager:  # no CUDA graphs (a build without them has no such option)
+        cfg = dataclasses.replace(cfg, enforce_eager=True)
     if "async_scheduling" in {f.name for f in dataclasses.fields(EngineConfig)}:
         cfg = dataclasses.replace(cfg, async_scheduling=mode != "serial")
     return cfg
 
 
 def run_one(path: Path, batch: int, mode: str, warmup: int, steps: int, profile: bool,
-            text: str = "auto", device: str = "cpu", dtype: str = "float32") -> dict[str, Any]:
+            text: str = "auto", device: str = "cpu", dtype: str = "float32", eager: bool = False) -> dict[str, Any]:
     """Time `steps` decode steps of `batch` sequences after `warmup` steps (the first is the prefill);
     `text`: where the loop makes text (auto: its default; thread; engine: the engine thread)."""
-    engine = Engine(engine_config(path, batch, mode, device, dtype))
+    engine = Engine(engine_config(path, batch, mode, device, dtype, eager))
     stamps: list[float] = []
     cpu: list[float] = []
     done = threading.Event()
@@ -113,6 +116,9 @@ def run_one(path: Path, batch: int, mode: str, warmup: int, steps: int, profile:
     row: dict[str, Any] = {"batch": batch, "mode": mode, "ms_per_step": ms, "tokens_per_s": batch * len(timed) / seconds,
                            "cpu_ms_per_step": cpu_ms, "text_lag_ms_mean": sum(lags) / max(len(lags), 1) * 1e3,
                            "text_lag_ms_max": max(lags, default=0.0) * 1e3}
+    graphs = getattr(engine.runner, "graphs", None)
+    if graphs is not None:
+        row["cuda_graph_replays"] = graphs.replays
     if prof is not None:
         buf = io.StringIO()
         stats = pstats.Stats(prof, stream=buf)
@@ -126,7 +132,7 @@ def run_one(path: Path, batch: int, mode: str, warmup: int, steps: int, profile:
 
 
 def phases(path: Path, batch: int, warmup: int, steps: int, device: str = "cpu",
-           dtype: str = "float32") -> dict[str, Any]:
+           dtype: str = "float32", eager: bool = False) -> dict[str, Any]:
     """CPU milliseconds per phase of a steady decode step of `batch` sequences, every phase on this one
     thread (no loop, no overlap, no GIL shared): schedule, prepare (the forward's inputs), forward,
     sample, process (tokens into place, stop checks, outputs) and text (what a loop's text thread does
@@ -137,7 +143,7 @@ def phases(path: Path, batch: int, warmup: int, steps: int, device: str = "cpu",
     from engine.text_thread import add_text
 
     cuda = device.startswith("cuda")
-    engine = Engine(engine_config(path, batch, "serial", device, dtype))
+    engine = Engine(engine_config(path, batch, "serial", device, dtype, eager))
     runner: Any = engine.runner
     split_forward = hasattr(runner, "_forward")
     if hasattr(engine, "inline_text"):
@@ -213,6 +219,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu, or cuda: the near-free model on a GPU shows the host "
                     "work a GPU would wait on")
     ap.add_argument("--dtype", default=None, help="default: float32 on the CPU, bfloat16 on CUDA")
+    ap.add_argument("--eager", action="store_true", help="CUDA: no CUDA graphs (the engine's --enforce-eager)")
     ap.add_argument("--model", default=None, help="a checkpoint directory instead of the near-free model "
                     "(e.g. a 1B-shaped random Llama from `tandem make-tiny-model`, to set host work against a "
                     "GPU's forward)")
@@ -221,7 +228,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    dev = {} if args.device == "cpu" else {"device": args.device, "dtype": dtype}
+    dev: dict[str, Any] = {} if args.device == "cpu" else {"device": args.device, "dtype": dtype, "eager": args.eager}
     has_async = "async_scheduling" in {f.name for f in dataclasses.fields(EngineConfig)}
     modes = ["serial"] if args.serial or not has_async else args.modes.split(",")
     sizes = [int(x) for x in args.batch_sizes.split(",")]
@@ -262,6 +269,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "device": args.device if args.device == "cpu" else f"{args.device} ({torch.cuda.get_device_name()})",
         "dtype": dtype,
+        "cuda_graphs": args.device != "cpu" and not args.eager,
         "model": args.model or SHAPE,
         "prompt_len": PROMPT_LEN,
         "warmup_steps": args.warmup,

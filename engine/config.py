@@ -150,6 +150,8 @@ class EngineConfig:
     attention_backend: str = option("auto", "auto: triton on CUDA; on CPU the compiled paged attention (built on "
                                     "first use where a C++ compiler is) and torch for the rest; torch: the "
                                     "PyTorch references only", choices=ATTENTION_BACKENDS)
+    enforce_eager: bool = option(False, "never capture CUDA graphs: on a GPU a decode step otherwise replays the "
+                                 "model's launches from a graph recorded at start-up (engine/cuda_graph.py)")
     quantization: str | None = option(None, "quantize the decoder layers' weights at load time "
                                       "(docs/quantization.md)", choices=QUANTIZATIONS)
     gguf_dequantize: bool = option(False, "load a .gguf file's quantized tensors dequantized to the model dtype "

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from engine.checkpoint import load_hf_config
 from engine.config import EngineConfig, ModelConfig
+from engine.cuda_graph import DecodeGraphs
 from engine.device import resolve_device, resolve_dtype
 from engine.gguf_file import is_gguf, read_gguf
 from engine.input_batch import InputBatch, StepArrays
@@ -208,6 +209,12 @@ class ModelRunner:
             self.staging = KVStaging(blocks, self.kv, mc.num_kv_heads)
             self.tp.start_keepalive()  # every rank is past its start-up collectives (all_reduce_min above)
         self.sampler = Sampler(seed=config.seed)
+        # CUDA graphs of the decode forward (engine/cuda_graph.py): on a GPU, without tensor parallelism
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and group is None and not config.enforce_eager:
+            with torch.inference_mode():
+                self.graphs = DecodeGraphs(self.model, self.kv, self.ops, self.kv_scale, config.max_num_seqs,
+                                           -(-self.max_model_len // self.block_size), self.device)
         self.inputs = InputBatch(self.block_size)  # the engine thread's (prepare)
         # (its sequences, batch): the objects themselves, compared with `is` (an id() may be reused by a
         # new sequence once the old one is freed; holding them here prevents that)
@@ -293,7 +300,12 @@ class ModelRunner:
                                                      copies, pages))
                 if relay is not None:
                     ctx.on_layer_done = self._relay_hook(relay, on_layer_done)
-            logits = self._run(input_ids, positions, ctx, rows, copies)
+            graphs = self.graphs
+            if (graphs is not None and prompt is None and copies is None and ctx.on_layer_done is None
+                    and graphs.fits(input_ids.shape[0], rows.shape[0], ctx.max_query_len, ctx.block_tables.shape[1])):
+                logits = self.model.compute_logits(graphs.run(input_ids, positions, ctx))  # (n, V): rows are 0..n-1
+            else:
+                logits = self._run(input_ids, positions, ctx, rows, copies)
         if prompt is not None:
             self._prompt_logprobs(step, prompt, logits[len(logits_idx) :])
             logits = logits[: len(logits_idx)]

@@ -1,10 +1,12 @@
-"""The engine on a CUDA device (compiled Triton kernels, paged KV on the GPU) against transformers.
+"""The engine on a CUDA device (compiled Triton kernels, paged KV on the GPU, decode steps replayed from
+CUDA graphs) against transformers.
 
-Skipped without CUDA. float32: greedy tokens equal transformers' on the CPU, except at a near tie (Triton's
-float32 `tl.dot` runs in TF32 on Hopper, so ties are looser than on the CPU). bfloat16: every prompt
-position's logits from one batched prefill close to transformers' bfloat16 forward on the same GPU, and a
-batched greedy generation whose first tokens agree with the float32 run's for most prompts. Every KV block
-returns to the pool after each run.
+Skipped without CUDA. float32: greedy tokens equal transformers' on the CPU, except at a near tie (ties
+are looser than on the CPU: cuBLAS and Triton sum in other orders), with decode steps replayed from CUDA
+graphs, and equal to an eager engine's (`enforce_eager`) over a batch whose size pads to a larger graph.
+bfloat16: every prompt position's logits from one batched prefill close to transformers' bfloat16 forward
+on the same GPU, and a batched greedy generation whose first tokens agree with the float32 run's for
+most prompts. Every KV block returns to the pool after each run.
 """
 
 from __future__ import annotations
@@ -32,6 +34,26 @@ def test_float32_greedy_matches_transformers(tiny_model, arch: str) -> None:
     for prompt, out in zip(prompts, outs, strict=True):
         assert_same_or_near_tie(ref_model, prompt, out.token_ids, hf_greedy(ref_model, prompt, MAX_NEW), tie=2e-2)
     assert llm.engine.block_manager.num_free_blocks == 128
+    graphs = llm.engine.runner.graphs
+    assert graphs is not None and graphs.replays >= 5  # the pure decode steps replayed a graph
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_cuda_graph_steps_equal_eager_steps(tiny_model, arch: str) -> None:
+    path = tiny_model(arch)
+    prompts = random_prompts(512, LENGTHS * 3, seed=2)  # 21 sequences: replays pad them to the graph of 32
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    runs = {}
+    for eager in (True, False):
+        llm = LLM(path, dtype="float32", device="cuda", block_size=16, num_kv_blocks=256, enforce_eager=eager)
+        runs[eager] = [o.token_ids for o in llm.generate(prompts, params)]
+        assert llm.engine.block_manager.num_free_blocks == 256
+        graphs = llm.engine.runner.graphs
+        assert (graphs is None) if eager else (graphs is not None and graphs.replays >= 8)
+    if runs[True] != runs[False]:  # a different padded shape may sum in another order: only at a near tie
+        ref_model = hf_model(path)
+        for prompt, a, b in zip(prompts, runs[False], runs[True], strict=True):
+            assert_same_or_near_tie(ref_model, prompt, a, b, tie=2e-2)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -153,9 +153,11 @@ def test_fp8_scaled_mm_matches_reference_on_hopper(cuda_device: torch.device, m:
         pytest.skip("fp8 tensor cores need compute capability >= 8.9")
     q = quantize_fp8(weights(256, 512).to(cuda_device))
     x = act(m, 512, torch.bfloat16, cuda_device)
-    # W8A8: the activations are quantized to e4m3 too (per token), ~2^-4 relative per element.
-    torch.testing.assert_close(fp8_scaled_mm(x, q.qweight, q.scale), fp8_ref(x, q.qweight, q.scale),
-                               atol=0.1, rtol=0.1)
+    # W8A8: the activations are quantized to e4m3 too (per token), ~2^-4 relative per element: an output
+    # near zero can miss by more than 0.1 (one of 65,536 did on an H200, by 0.115), the whole by a few %.
+    got, want = fp8_scaled_mm(x, q.qweight, q.scale).float(), fp8_ref(x, q.qweight, q.scale).float()
+    torch.testing.assert_close(got, want, atol=0.25, rtol=0.1)
+    assert (got - want).norm() < 0.05 * want.norm()
 
 
 @pytest.mark.gpu
