@@ -80,7 +80,9 @@ class DecodeGraphs:
             model(self.input_ids[:b], self.positions[:b], ctx)  # eager first: Triton compiles, cuBLAS chooses
             torch.cuda.synchronize(device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            # thread_local: another thread's CUDA calls (a previous engine's forward thread letting go of
+            # its graphs, say) cannot invalidate this capture, as they can in the default global mode
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 self.hidden[b] = model(self.input_ids[:b], self.positions[:b], ctx)
             pool = graph.pool()
             self.graphs[b] = graph

@@ -27,6 +27,7 @@ the loop is alive; other threads ask through commands. After death the table is 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -194,6 +195,10 @@ class EngineLoop:
         if self._text is not None:
             self._text.stop(timeout)
         if self._forward is not None:
+            # let the forward thread finish what it runs and drop it (a GPU engine's CUDA graphs with it,
+            # which must not be freed while another engine captures its own), never waiting on a hung forward
+            with contextlib.suppress(Exception):
+                self._forward.submit(lambda: None).result(timeout)
             self._forward.shutdown(wait=False, cancel_futures=True)
 
     # --------------------------------------------------------------- commands

@@ -212,9 +212,14 @@ class ModelRunner:
         # CUDA graphs of the decode forward (engine/cuda_graph.py): on a GPU, without tensor parallelism
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and group is None and not config.enforce_eager:
-            with torch.inference_mode():
-                self.graphs = DecodeGraphs(self.model, self.kv, self.ops, self.kv_scale, config.max_num_seqs,
-                                           -(-self.max_model_len // self.block_size), self.device)
+            try:
+                with torch.inference_mode():
+                    self.graphs = DecodeGraphs(self.model, self.kv, self.ops, self.kv_scale, config.max_num_seqs,
+                                               -(-self.max_model_len // self.block_size), self.device)
+            except RuntimeError as exc:  # torch's CUDA errors: a capture that failed leaves the eager path whole
+                logger.warning("capturing CUDA graphs failed, every forward runs eagerly (as --enforce-eager): %s",
+                               str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                torch.cuda.synchronize(self.device)
         self.inputs = InputBatch(self.block_size)  # the engine thread's (prepare)
         # (its sequences, batch): the objects themselves, compared with `is` (an id() may be reused by a
         # new sequence once the old one is freed; holding them here prevents that)
