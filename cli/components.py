@@ -81,7 +81,8 @@ def register(subparsers: Any) -> None:
     g.set_defaults(func=run_gateway)
 
     p = subparsers.add_parser("prefill-worker", help="run a prefill worker")
-    add_options(p, PrefillWorkerConfig, defaults={"port": DEFAULT_PORTS["prefill"]})
+    # a prefill worker never decodes, so the decode forward's CUDA graphs would only cost it start-up time
+    add_options(p, PrefillWorkerConfig, defaults={"port": DEFAULT_PORTS["prefill"], "enforce_eager": True})
     p.set_defaults(func=run_prefill)
 
     d = subparsers.add_parser("decode-worker", help="run a decode worker")
