@@ -54,6 +54,10 @@ from tandem.v1 import worker_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
+# How long a finished stream's last message waits for the prefill worker's answer (its timings; the KV it
+# answers for has already arrived, so the answer is in flight)
+_PREFILL_ANSWER_WAIT_S = 1.0
+
 
 class WorkerFailure(Exception):
     """A worker failed or was lost under a request: retried once elsewhere before the first token."""
@@ -362,8 +366,13 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         return p_task.result()
 
     async def _timing(self, p_task: asyncio.Task[pb.PrefillResponse] | None, t0: float, first_ns: int) -> gen.Timing:
+        """The final message's timing. The prefill worker's answer (its queue, prefill and transfer times)
+        is on its way once its KV has arrived, but a short generation can finish before it lands: wait
+        for it a little (never past _PREFILL_ANSWER_WAIT_S), else leave those times out."""
         timing = gen.Timing(time_to_first_token_ns=first_ns, total_ns=int((time.monotonic() - t0) * 1e9))
-        if p_task is not None and p_task.done() and not p_task.exception():
+        if p_task is not None and not p_task.done():
+            await asyncio.wait({p_task}, timeout=_PREFILL_ANSWER_WAIT_S)
+        if p_task is not None and p_task.done() and not p_task.cancelled() and not p_task.exception():
             p = p_task.result()
             timing.queue_ns, timing.prefill_ns, timing.kv_transfer_ns = p.queue_ns, p.prefill_ns, p.transfer.transfer_ns
         return timing
