@@ -113,17 +113,20 @@ def test_a_slow_body_gets_408_after_the_read_timeout(stack: Stack) -> None:
 
 def test_past_the_connection_cap_a_new_connection_gets_503_and_is_closed(stack: Stack) -> None:
     address = _http(stack)
+    t_held = time.monotonic()
     held = _open(address, MAX_CONNECTIONS)
-    # Once the server has taken them all (on a loaded box that can take a while: retried), the next
-    # connection gets its 503 and is closed within a second, long before the idle timeout would close it.
-    deadline = time.monotonic() + 15
+    # Once the server has taken them all, the next connection gets a 503 and is closed at once. A loaded
+    # box can take a while to take 300 connections, so look again until it has, but only while the held
+    # ones are younger than the idle timeout that will close them.
     while True:
         extra = _open(address, 1)
-        closed, [answer] = _closed_within(extra, seconds=1.0)
-        if answer.startswith(b"HTTP/1.1 503") or time.monotonic() > deadline:
+        closed, [answer] = _closed_within(extra, seconds=0.3)
+        if answer.startswith(b"HTTP/1.1 503") or time.monotonic() - t_held > IDLE_S - 0.5:
             break
         extra[0].close()  # taken under the cap: the server had not seen every held connection yet
-    assert closed == 1
+    if answer.startswith(b"HTTP/1.1 503") and not closed:
+        closed, _ = _closed_within(extra, seconds=1.0)
+    assert closed == 1, answer[:300]
     assert answer.startswith(b"HTTP/1.1 503") and b"too_many_connections" in answer, answer[:300]
     assert f"{MAX_CONNECTIONS} HTTP connections".encode() in answer
     for s in held:
