@@ -37,16 +37,26 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
+import torch
+
 from engine.engine import Engine
 from engine.model_runner import StepInput
 from engine.outputs import DuplicateRequest, EngineDied, RequestGone, RequestOutput, StepOutput
-from engine.overlap import OverlapRunner, overlap_by_default, without_finished
+from engine.overlap import OverlapRunner, without_finished
 from engine.sampling.sampler import SamplerOutput
 from engine.sequence import Sequence
-from engine.text_thread import Delivery, TextMaker, TextThread, text_on_own_thread
+from engine.text_thread import Delivery, TextMaker, TextThread
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def helper_threads_pay(device: torch.device) -> bool:
+    """Whether a loop's helper threads (the forward thread of async scheduling, the text thread) are on
+    by default: on an accelerator, where the forward waits on the device with the GIL free; not on the
+    CPU, where their Python shares the GIL with the engine thread's and each hand-off costs more than the
+    work it moves (docs/ARCHITECTURE.md, "Threads")."""
+    return device.type != "cpu"
 
 _IDLE_WAIT_S = 0.05
 _WATCHDOG_TICK_S = 0.25
@@ -128,7 +138,7 @@ class EngineLoop:
                  text_thread: bool | None = None,
                  on_text_stop: Callable[[RequestOutput], None] | None = None) -> None:
         """`text_thread`: detokenize on a thread of its own (True) or on the engine thread right after each
-        step (False); None: a thread for an accelerator, the engine thread on the CPU (`text_on_own_thread`).
+        step (False); None: a thread for an accelerator, the engine thread on the CPU (`helper_threads_pay`).
         `on_text_stop(out)`: engine thread, observes a choice a stop string ended (guarded). `fault` injects a failure for tests (docs/ARCHITECTURE.md): ("raise", N) makes step N raise,
         ("hang", N) makes it hang (for the watchdog to find)."""
         if watchdog_s is not None and watchdog_s <= 0:
@@ -164,14 +174,14 @@ class EngineLoop:
         self._inflight: tuple[StepInput, Future[SamplerOutput | None], int] | None = None
         overlap = engine.config.async_scheduling
         if overlap is None:
-            overlap = overlap_by_default(engine.runner.device)
+            overlap = helper_threads_pay(engine.runner.device)
         if overlap and hooks is None and engine.spec is None and engine.runner.tp is None:
             self._overlap = OverlapRunner(engine.runner)
             self._forward = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-forward")
         engine.inline_text = False  # outputs leave a step as token ids; the text maker makes their text
         self._maker = TextMaker(self._stopped_by_text)
         self._text: TextThread | None = None
-        if text_thread if text_thread is not None else text_on_own_thread(engine.runner.device):
+        if text_thread if text_thread is not None else helper_threads_pay(engine.runner.device):
             self._text = TextThread(f"{name}-text", self._maker,
                                     lambda exc: self._die(exc, f"text thread died: {type(exc).__name__}: {exc}"))
 

@@ -44,14 +44,6 @@ from engine.sequence import Sequence
 PLACEHOLDER = -1
 
 
-def overlap_by_default(device: torch.device) -> bool:
-    """Whether a loop overlaps steps when the config leaves it open (`async_scheduling=None`): on an
-    accelerator, where the forward waits on the device with the GIL free; not on the CPU, where the
-    forward thread's Python and the engine thread's share the GIL and their hand-offs cost more than
-    the host work the overlap hides (docs/ARCHITECTURE.md, "Threads")."""
-    return device.type != "cpu"
-
-
 def can_overlap(step: StepInput) -> bool:
     """Whether `step` may be launched before the previous step's tokens are known (see module doc)."""
     if step.spec_tokens is not None:

@@ -1,5 +1,5 @@
 """Detokenization and stop strings after the engine's step: on a thread of their own, or, where that
-is cheaper, on the engine thread right after the step (`text_on_own_thread`).
+is cheaper, on the engine thread right after the step (engine.engine_loop.helper_threads_pay).
 
     engine thread (EngineLoop)                        TextMaker (text thread, or the engine thread)
     --------------------------                        ---------------------------------------------
@@ -41,8 +41,6 @@ from typing import TYPE_CHECKING, NamedTuple
 from engine.outputs import FinishReason, RequestOutput, StepOutput
 
 if TYPE_CHECKING:
-    import torch
-
     from engine.engine_loop import Request
 
 logger = logging.getLogger(__name__)
@@ -96,7 +94,7 @@ class TextMaker:
     """Interface: `deliver(delivery)` on whichever thread makes the text (in the order the outputs are
     made). `stopped(req, out)` is called there for an output a stop string finished before the engine
     did (the owner turns it into an engine-thread command). An EngineLoop calls `deliver` on the engine
-    thread itself where that is cheaper (the CPU: see `text_on_own_thread`), else a `TextThread` does."""
+    thread itself where that is cheaper (the CPU: see `helper_threads_pay`), else a `TextThread` does."""
 
     def __init__(self, stopped: Callable[[Request, RequestOutput], None]) -> None:
         self._stopped = stopped
@@ -157,9 +155,3 @@ class TextThread:
         except BaseException as exc:  # noqa: BLE001 - the owner's fail-stop: every request hears it
             logger.exception("text thread died")
             self._on_error(exc)
-
-
-def text_on_own_thread(device: torch.device) -> bool:
-    """Where an EngineLoop makes text by default: a thread of its own for an accelerator's engine, the
-    engine thread itself on the CPU (see the module's docstring)."""
-    return device.type != "cpu"

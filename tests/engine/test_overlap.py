@@ -142,9 +142,9 @@ def test_the_cpu_overlaps_steps_only_when_asked(model, setting: bool | None) -> 
 
     import torch
 
-    from engine.overlap import overlap_by_default
+    from engine.engine_loop import helper_threads_pay
 
-    assert not overlap_by_default(torch.device("cpu")) and overlap_by_default(torch.device("cuda", 0))
+    assert not helper_threads_pay(torch.device("cpu")) and helper_threads_pay(torch.device("cuda", 0))
     cfg = EngineConfig(model=model, device="cpu", dtype="float32", num_kv_blocks=32, block_size=4,
                        async_scheduling=setting)
     engine = Engine(cfg)

@@ -15,11 +15,10 @@ import torch
 
 from engine.config import EngineConfig
 from engine.engine import Engine
-from engine.engine_loop import EngineLoop, Request
+from engine.engine_loop import EngineLoop, Request, helper_threads_pay
 from engine.model_runner import StepInput
 from engine.outputs import EngineDied, FinishReason, RequestOutput
 from engine.sampling.params import SamplingParams
-from engine.text_thread import text_on_own_thread
 
 PROMPT = [5, 9, 17, 33, 65, 129, 200, 31]
 
@@ -111,8 +110,8 @@ def test_outputs_with_text_made_after_the_step_equal_inline_ones(engine, text_th
 
 
 def test_the_cpu_makes_text_on_the_engine_thread_an_accelerator_on_its_own(engine) -> None:
-    assert not text_on_own_thread(torch.device("cpu"))
-    assert text_on_own_thread(torch.device("cuda", 0))
+    assert not helper_threads_pay(torch.device("cpu"))
+    assert helper_threads_pay(torch.device("cuda", 0))
     threads: list[str] = []
     done = threading.Event()
 
