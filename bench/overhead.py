@@ -228,7 +228,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    dev: dict[str, Any] = {} if args.device == "cpu" else {"device": args.device, "dtype": dtype, "eager": args.eager}
+    dev: dict[str, Any] = {"device": args.device, "dtype": dtype, "eager": args.eager}
     has_async = "async_scheduling" in {f.name for f in dataclasses.fields(EngineConfig)}
     modes = ["serial"] if args.serial or not has_async else args.modes.split(",")
     sizes = [int(x) for x in args.batch_sizes.split(",")]
