@@ -9,12 +9,11 @@ from cli.up import build_stack
 from decode_worker.config import DecodeWorkerConfig
 from engine.options import from_args
 from prefill_worker.config import PrefillWorkerConfig
+from tests.workers.test_tp_flags import _engine
 
 
 def _eager(argv: list[str], cls: type) -> bool:
-    cmd = argv[argv.index("-m") + 2 :]
-    cmd = cmd[next(i for i, a in enumerate(cmd) if a.endswith("-worker")) :]
-    return from_args(cls, build_parser().parse_args(cmd)).engine.enforce_eager
+    return _engine(argv, cls).enforce_eager
 
 
 def test_only_the_decode_worker_captures_by_default(tmp_path) -> None:
