@@ -6,6 +6,7 @@ Torch-free: the gateway and the proto conversions (server.protoconv) use these t
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -40,7 +41,8 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_tokens: int
-    new_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # Read-only, as is sibling_tokens: a plain decode's output shares one empty tuple (NONE) for both.
+    new_logprobs: Seq[TokenLogprob] = field(default_factory=list)
     seq: Sequence | None = None
     spec: SpecMetrics | None = None  # the request's speculation so far (engines that speculate)
     index: int = 0  # which of the request's n choices (parallel sampling)
@@ -48,7 +50,7 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob] | None = None
     # A prefill-only sequence of n > 1 choices: the first tokens of choices 1..n-1 (token, logprobs),
     # sampled in the same step as its own; the decode side forks those choices.
-    sibling_tokens: list[tuple[int, list[TokenLogprob]]] = field(default_factory=list)
+    sibling_tokens: Seq[tuple[int, list[TokenLogprob]]] = field(default_factory=list)
     # What ended it with FinishReason.STOP: the stop string (text) or the EOS / stop token id.
     stop_reason: str | int | None = None
 
@@ -73,11 +75,7 @@ class StepOutput:
     def plain_output(self, i: int, text: str = "") -> RequestOutput:
         """Row i's output, with `text` as its new text."""
         seq = self.seqs[i]
-        # Every field positional: a keyword call to the 15-field __init__ costs ~1.6x as much (per row
-        # of every step).
-        return RequestOutput(seq.request_id, [self.tokens[i]], text, False, None, len(seq.prompt_token_ids),
-                             self.num_output_tokens[i], seq.num_cached_tokens, [], seq, None, seq.index, None, [],
-                             None)
+        return plain_output(seq, self.tokens[i], self.num_output_tokens[i], text)
 
     def all(self) -> list[RequestOutput]:
         """Every output: `outputs`, then the plain decodes' (made now)."""
@@ -87,6 +85,17 @@ class StepOutput:
     def num_tokens(self) -> int:
         """Tokens the step's requests gained."""
         return len(self.tokens) + sum(len(out.new_token_ids) for out in self.outputs)
+
+
+NONE: tuple[()] = ()  # a plain decode's logprobs and sibling tokens: one shared empty, not two lists per row
+
+
+def plain_output(seq: Sequence, token: int, num_output_tokens: int, text: str) -> RequestOutput:
+    """A plain decode's output: `seq` gained `token`, its `num_output_tokens`-th, and nothing else
+    happened to it. Only fields fixed since admission are read from `seq`. Every field positional: a
+    keyword call to the 15-field __init__ costs ~1.6x as much (per row of every step)."""
+    return RequestOutput(seq.request_id, [token], text, False, None, len(seq.prompt_token_ids), num_output_tokens,
+                         seq.num_cached_tokens, NONE, seq, None, seq.index, None, NONE, None)
 
 
 class EngineDied(RuntimeError):

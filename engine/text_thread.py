@@ -38,7 +38,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
-from engine.outputs import FinishReason, RequestOutput, StepOutput
+from engine.outputs import FinishReason, RequestOutput, StepOutput, plain_output
 
 if TYPE_CHECKING:
     from engine.engine_loop import Request
@@ -107,14 +107,15 @@ class TextMaker:
     def _emit_plain(self, step: StepOutput, requests: list[Request | None]) -> None:
         """The step's plain decodes (one token each, none finished): without stop strings, `add_text`
         comes down to the detokenizer's next piece, made here inline; the others go through it."""
-        for i, (req, seq, token) in enumerate(zip(requests, step.seqs, step.tokens, strict=True)):
+        rows = zip(requests, step.seqs, step.tokens, step.num_output_tokens, strict=True)
+        for req, seq, token, count in rows:
             if req is None or not req.streams:
                 continue
             detok = seq.detokenizer
             if detok is None or detok.finished or seq.params.stop:
-                self._emit(req, step.plain_output(i))
+                self._emit(req, plain_output(seq, token, count, ""))
                 continue
-            req.emit(step.plain_output(i, detok.next_token(token)))
+            req.emit(plain_output(seq, token, count, detok.next_token(token)))
 
     def _emit(self, req: Request, out: RequestOutput) -> None:
         result = add_text(out)

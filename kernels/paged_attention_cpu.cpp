@@ -107,16 +107,20 @@ struct Item { int32_t b, h0, nh, row0, rows; int64_t cost; };
 // One thread's buffers: Q and O tiles (tile, D), S (tile, chunk * bs), m, l, corr (tile),
 // converted K and V pages (chunk * Hk * bs, D), one transposed page (D, bs rounded up to 16), and
 // each chunk's V pages: pointer and row stride.
+// Each thread keeps its buffers across calls (grown, never shrunk, never cleared: every item writes
+// what it reads), so a call allocates and zeroes nothing.
 struct Scratch {
   std::vector<float> buf;
   std::vector<const float*> v;
   std::vector<int64_t> vld;
-  int64_t chunk;
+  int64_t chunk = 0;
   float *Q, *O, *S, *m, *l, *corr, *kbuf, *vbuf, *kt;
-  Scratch(int64_t tile, int64_t D, int64_t bs, int64_t Hk, int64_t chunk_)
-      : v(chunk_ * Hk), vld(chunk_ * Hk), chunk(chunk_) {
+  void fit(int64_t tile, int64_t D, int64_t bs, int64_t Hk, int64_t chunk_) {
+    chunk = chunk_;
+    if (static_cast<int64_t>(v.size()) < chunk * Hk) { v.resize(chunk * Hk); vld.resize(chunk * Hk); }
     const int64_t sw = chunk * bs, pages = chunk * Hk * bs * D, kt_cols = (bs + 15) / 16 * 16;
-    buf.resize(2 * tile * D + tile * sw + 3 * tile + 2 * pages + D * kt_cols);
+    const size_t need = 2 * tile * D + tile * sw + 3 * tile + 2 * pages + D * kt_cols;
+    if (buf.size() < need) buf.resize(need);
     Q = buf.data(); O = Q + tile * D; S = O + tile * D; m = S + tile * sw; l = m + tile; corr = l + tile;
     kbuf = corr + tile; vbuf = kbuf + pages; kt = vbuf + pages;
   }
@@ -508,7 +512,8 @@ extern "C" int tandem_paged_attention(
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), n_items);
   const int64_t chunk = std::max<int64_t>(1, CHUNK_KEYS / bs);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    Scratch w(tile, D, bs, Hk, chunk);
+    thread_local Scratch w;
+    w.fit(tile, D, bs, Hk, chunk);
     for (int64_t i = next++; i < n_items; i = next++) {
       if (D == 64) run_item<8>(a, items[i], w);  // the common head sizes, unrolled
       else if (D == 128) run_item<16>(a, items[i], w);
