@@ -263,3 +263,10 @@ extern "C" int tandem_int8_group_gemm(
   });
   return 0;
 }
+
+#ifdef TANDEM_PYFAST  // the same functions as Python fast calls (kernels/pyfast.h)
+#include "pyfast.h"
+
+TANDEM_FASTCALL(int8_group_gemm)
+TANDEM_FASTCALL_MODULE(int8_group_gemm_cpu, TANDEM_METHOD(int8_group_gemm))
+#endif

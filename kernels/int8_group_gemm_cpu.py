@@ -51,9 +51,7 @@ def load_kernel() -> Callable[..., int] | None:
     lib = cpu_build.load_library(SOURCE, "the grouped int8 CPU kernel", "the dense or dequantizing fallback")
     if lib is None:
         return None
-    fn = lib.tandem_int8_group_gemm
-    fn.restype, fn.argtypes = _INT, _ARGTYPES
-    return fn  # type: ignore[no-any-return]
+    return cpu_build.entry_points(lib, SOURCE, {"int8_group_gemm": _ARGTYPES})["int8_group_gemm"]
 
 
 def supports(w: GroupWeight) -> bool:

@@ -340,3 +340,14 @@ extern "C" int tandem_argmax(const float* x, int64_t sx, int64_t rows, int64_t c
   });
   return 0;
 }
+
+#ifdef TANDEM_PYFAST  // the same functions as Python fast calls (kernels/pyfast.h)
+#include "pyfast.h"
+
+TANDEM_FASTCALL(rms_norm)
+TANDEM_FASTCALL(rotary)
+TANDEM_FASTCALL(silu_and_mul)
+TANDEM_FASTCALL(store_kv)
+TANDEM_FASTCALL(argmax)
+TANDEM_FASTCALL_MODULE(layer_ops_cpu, TANDEM_METHOD(rms_norm), TANDEM_METHOD(rotary), TANDEM_METHOD(silu_and_mul), TANDEM_METHOD(store_kv), TANDEM_METHOD(argmax))
+#endif

@@ -15,7 +15,8 @@ last dim, mismatched shapes) go to the reference, which also raises the referenc
 
 Building: as kernels/paged_attention_cpu.py (kernels/cpu_build.py, once per machine); where there is
 no compiler :func:`load_kernels` logs why once and returns None, and ``select_ops`` keeps the
-references. Each call costs a few attribute checks and one ctypes call: argtypes are set at load.
+references. Each call costs a few attribute checks and one call into the library: a Python fast call
+(kernels/pyfast.h), or ctypes with argtypes set at load where Python's headers are missing.
 """
 
 from __future__ import annotations
@@ -69,12 +70,7 @@ def load_kernels() -> Kernels | None:
     lib = cpu_build.load_library(SOURCE, "the CPU layer kernels", "the PyTorch references", ("-ffp-contract=off",))
     if lib is None:
         return None
-    fns = {}
-    for name, argtypes in _SIGNATURES.items():
-        fn = getattr(lib, f"tandem_{name}")
-        fn.restype, fn.argtypes = _INT, argtypes
-        fns[name] = fn
-    return Kernels(**fns)
+    return Kernels(**cpu_build.entry_points(lib, SOURCE, _SIGNATURES))
 
 
 def _kernels() -> Kernels:

@@ -522,3 +522,10 @@ extern "C" int tandem_paged_attention(
   });
   return 0;
 }
+
+#ifdef TANDEM_PYFAST  // the same functions as Python fast calls (kernels/pyfast.h)
+#include "pyfast.h"
+
+TANDEM_FASTCALL(paged_attention)
+TANDEM_FASTCALL_MODULE(paged_attention_cpu, TANDEM_METHOD(paged_attention))
+#endif

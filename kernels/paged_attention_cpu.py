@@ -57,9 +57,7 @@ def load_kernel() -> Callable[..., int] | None:
     lib = cpu_build.load_library(SOURCE, "the CPU attention kernel", "the gathering reference")
     if lib is None:
         return None
-    fn = lib.tandem_paged_attention
-    fn.restype, fn.argtypes = _INT, _ARGTYPES
-    return fn  # type: ignore[no-any-return]
+    return cpu_build.entry_points(lib, SOURCE, {"paged_attention": _ARGTYPES})["paged_attention"]
 
 
 def paged_attention_cpu(
