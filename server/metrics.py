@@ -58,6 +58,7 @@ Workers (`WorkerMetrics`, every series labelled {role: prefill|decode})
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -68,6 +69,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
     Info,
     Metric,
@@ -109,8 +111,10 @@ class LabelledRegistry(CollectorRegistry):
 
 
 def new_registry(model_name: str = "", role: str = "") -> CollectorRegistry:
-    """A process's registry: the standard process_* series (CPU, memory, fds), `tandem_info{version,
-    role}` = 1 and `model_name` on every series (when given). Turns `_created` series off for the
+    """A process's registry: the standard process_* series (CPU, memory, fds) and python_gc_* series
+    (collections per generation), `tandem_gc_frozen_objects` (what `server.process.freeze_startup_heap`
+    took out of the collector's reach), `tandem_info{version, role}` = 1 and `model_name` on every
+    series (when given). Turns `_created` series off for the
     whole process (prometheus_client's one switch; no Tandem process exports them).
     Raises ValueError for a role other than gateway, prefill or decode."""
     if role and role not in ROLES:
@@ -118,6 +122,10 @@ def new_registry(model_name: str = "", role: str = "") -> CollectorRegistry:
     disable_created_metrics()
     registry = LabelledRegistry({"model_name": model_name} if model_name else {})
     ProcessCollector(registry=registry)
+    GCCollector(registry=registry)
+    Gauge("tandem_gc_frozen_objects", "Objects alive when the process started serving, frozen out of Python's cyclic "
+          "garbage collector (gc.freeze), so a full collection never walks them", registry=registry
+          ).set_function(gc.get_freeze_count)
     if role:
         Info("tandem", "The Tandem build and this process's role", registry=registry).info(
             {"version": tandem_version(), "role": role})

@@ -96,6 +96,9 @@ def test_metrics_after_traffic(metered_stack: tuple[Stack, dict[str, int]]) -> N
         assert 0 <= value(m, "tandem_engine_prefix_cache_hit_rate", role=role) <= 1
         assert value(m, "tandem_spec_acceptance_rate", role=role) == 0  # no speculation here
         assert "process_cpu_seconds_total" in {n for n, _ in m}
+        assert value(m, "python_gc_collections_total", generation="2") >= 1  # freeze_startup_heap's
+    for samples in (g, scrape(ports["prefill"]), scrape(ports["decode"])):  # each froze its startup heap
+        assert value(samples, "tandem_gc_frozen_objects") > 50_000
     p = scrape(ports["prefill"])
     assert value(p, "tandem_request_prefill_time_seconds_count", role="prefill") == 2
     assert value(p, "tandem_engine_iteration_tokens_sum", role="prefill") == 51 + 50 - 48  # the hit is not computed
