@@ -32,7 +32,7 @@ from torch import Tensor
 from engine.checkpoint import load_hf_config
 from engine.config import EngineConfig, ModelConfig
 from engine.cuda_graph import DecodeGraphs
-from engine.device import resolve_device, resolve_dtype
+from engine.device import pool_zeros, resolve_device, resolve_dtype
 from engine.gguf_file import is_gguf, read_gguf
 from engine.input_batch import InputBatch, StepArrays
 from engine.model import CausalLM, ForwardContext, use_onednn_linears
@@ -198,10 +198,10 @@ class ModelRunner:
         self.num_blocks = config.num_kv_blocks or self._blocks_from_budget()
         if group is not None:  # every rank's pool has the same block ids
             self.num_blocks = group.all_reduce_min(self.num_blocks)
-        self.kv = torch.zeros(
+        self.kv = pool_zeros(
             (mc.num_layers, self.num_blocks, 2, self.block_size, self.num_kv_heads, mc.head_dim),
-            dtype=self.kv_dtype, device=self.device,
-        )  # under TP: this rank's KV heads only
+            self.kv_dtype, self.device,
+        )  # under TP: this rank's KV heads only; on huge pages on a Linux CPU
         self.staging: KVStaging | None = None
         self._relay_next: tuple[list[int], list[int]] | None = None  # (pool ids, staging ids): relay_next_step
         if self.tp is not None:
