@@ -15,6 +15,7 @@ Ids the tokenizer lacks, and the rows of a vocabulary with holes, have no token 
 from __future__ import annotations
 
 import logging
+from codecs import utf_8_decode
 from typing import NamedTuple
 
 from tokenizers import Tokenizer as _Backend
@@ -47,8 +48,10 @@ def _bytes_of(token: str) -> bytes:
 
 class ByteTables(NamedTuple):
     """Per id below the tokenizer's vocabulary size (added tokens included): `token_bytes[i]`, and the
-    text of id i alone where its bytes are whole UTF-8 (None where they are not: a character's first
-    or last bytes). `texts_skipping` is `texts` with the ids skip_special_tokens drops made ""."""
+    text id i makes final when no incomplete character is held before it, where it leaves none held
+    itself (None where its bytes end inside a character). That text is its bytes decoded, ill-formed
+    bytes (a lone continuation byte) as U+FFFD, exactly what the incremental decode makes of them.
+    `texts_skipping` is `texts` with the ids skip_special_tokens drops made ""."""
 
     token_bytes: list[bytes]
     texts: list[str | None]
@@ -75,16 +78,9 @@ def byte_tables(backend: _Backend, skipped_specials: frozenset[int]) -> ByteTabl
             logger.warning("byte-level decoder: id %d decodes to %r, not its bytes %r; text is made by the "
                            "library's incremental decoder instead", i, text, b)
             return None
-        texts.append(text if "\ufffd" not in text or _is_whole(b) else None)
+        piece, used = utf_8_decode(b, "replace", False)  # as IncrementalDetokenizer decodes it, nothing held
+        texts.append(piece if used == len(b) else None)
     skipping = list(texts)
     for i in skipped_specials:
         skipping[i] = ""
     return ByteTables(table, texts, skipping)
-
-
-def _is_whole(b: bytes) -> bool:
-    try:
-        b.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
