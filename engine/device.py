@@ -3,11 +3,8 @@ zeroed allocation (on huge pages on a Linux CPU)."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
-import sys
-from collections.abc import Callable
+import math
+import mmap
 
 import torch
 from torch import Tensor
@@ -40,35 +37,22 @@ def resolve_device(name: str) -> torch.device:
 
 
 HUGE_PAGE = 2 * 2**20  # x86-64's transparent huge page
-_MADV_HUGEPAGE = 14
-
-
-@functools.cache
-def _madvise() -> Callable[[int, int, int], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return fn  # type: ignore[no-any-return]
 
 
 def pool_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``torch.zeros(shape)``. On a Linux CPU, the tensor's whole 2 MB pages are first asked to be
-    transparent huge pages (madvise MADV_HUGEPAGE, before anything touches them), so the zeroing
-    faults them in as huge pages where the kernel allows it (THP "always" or "madvise"). Paged
-    attention reads a few KB from each of many scattered blocks, and with 4 KB pages nearly every
-    block costs a TLB miss: on huge pages a SmolLM2-shaped decode's attention (48 sequences of 360
-    tokens, 150 MB a layer) took 2.24-2.31 ms a layer instead of 2.40-2.45 (docs/benchmarks.md). A
-    refused madvise (THP "never", another OS) changes nothing but the page size."""
-    if device.type != "cpu":
+    """``torch.zeros(shape)``. On a CPU whose OS takes madvise(MADV_HUGEPAGE) (Linux), a pool of at least
+    one huge page lies in fresh anonymous memory of its own, 2 MB aligned and asked to be transparent huge
+    pages before anything touches it, so the zeroing faults it in as huge pages where the kernel allows
+    it (THP "always" or "madvise"). Fresh memory, not torch's allocator's: a long-lived process's heap
+    hands back pages already faulted in as 4 KB ones. Paged attention reads a few KB from each of many
+    scattered blocks, and on 4 KB pages nearly every block costs a TLB miss: on huge pages a
+    SmolLM2-shaped decode's attention (48 sequences of 360 tokens, 150 MB a layer) took 2.24-2.31 ms a
+    layer instead of 2.40-2.45 (docs/benchmarks.md). The memory is released with the tensor."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if device.type != "cpu" or nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.zeros(shape, dtype=dtype, device=device)
-    t = torch.empty(shape, dtype=dtype)
-    madvise = _madvise()
-    start, size = t.data_ptr(), t.numel() * t.element_size()
-    lo, hi = -(-start // HUGE_PAGE) * HUGE_PAGE, (start + size) // HUGE_PAGE * HUGE_PAGE
-    if madvise is not None and hi > lo:
-        madvise(lo, hi - lo, _MADV_HUGEPAGE)
-    return t.zero_()
+    buf = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # untouched; reads as zeros
+    buf.madvise(mmap.MADV_HUGEPAGE)
+    raw = torch.frombuffer(buf, dtype=torch.uint8)  # the tensor keeps `buf` alive
+    start = -raw.data_ptr() % HUGE_PAGE
+    return raw[start : start + nbytes].view(dtype).view(shape).zero_()  # faulted in now, as torch.zeros does
