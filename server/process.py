@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import logging
 import os
@@ -12,6 +11,8 @@ import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from engine.heap import freeze_startup_heap
 
 if TYPE_CHECKING:
     from server.config import ServerOptions
@@ -105,18 +106,6 @@ def advertised_host(bind_host: str) -> str:
 
 def worker_id(role: str, port: int) -> str:
     return f"{role}-{socket.gethostname()}-{os.getpid()}-{port}"
-
-
-def freeze_startup_heap() -> int:
-    """After one last full collection, move every object alive now (the model, the tokenizer's tables,
-    torch's, grpc's and every other imported module's objects) out of the cyclic garbage collector's
-    reach, and return how many are frozen. They live as long as the process; without this, every full
-    collection walks all of them on whichever thread trips it (the engine thread, the event loop):
-    115-140 ms for a SmolLM2 decode worker's ~330k objects, a stall of every stream; frozen, under 1 ms
-    (docs/benchmarks.md). Reference counting still frees a frozen object that loses its last reference."""
-    gc.collect()
-    gc.freeze()
-    return gc.get_freeze_count()
 
 
 async def serve_component(

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from cli.serving_bench.clients import Client, RequestResult
 from cli.serving_bench.workload import BenchRequest, arrival_offsets
-from server.process import freeze_startup_heap
+from engine.heap import freeze_startup_heap
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ async def run_load(client: Client, requests: list[BenchRequest], load: LoadSpec,
     """Send `requests` under `load`; returns every request's result (failures included)."""
     # The client is a Python process too: a full collection of its heap would stall every stream it
     # reads and show as the server's inter-token gap. Its heap is frozen before the first send, as
-    # every Tandem process freezes its own (server.process.freeze_startup_heap).
+    # every Tandem process freezes its own (engine.heap.freeze_startup_heap).
     freeze_startup_heap()
     results: list[RequestResult] = []
     bar = tqdm(total=len(requests), desc=f"{client.name} {load.label}", unit="req", file=sys.stderr,

@@ -21,6 +21,7 @@ import sys
 import time
 
 from engine.config import EngineConfig
+from engine.heap import freeze_startup_heap
 from engine.parallel.driver import follower_config, spawn_follower
 from engine.parallel.group import Op, destroy_group, init_group
 
@@ -41,6 +42,7 @@ def follow(config: EngineConfig, rank: int) -> int:
     try:
         group = init_group(rank, config.tensor_parallel_size, config.dist_init_addr, config.dist_timeout_s, device)
         runner = ModelRunner(config, group=group)
+        freeze_startup_heap()  # a full collection here would stall every rank's collectives
         while True:
             cmd = group.recv()
             if cmd.op is Op.STOP:
