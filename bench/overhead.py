@@ -10,7 +10,8 @@ per step counts), and so is the process's CPU time over them (every thread: engi
 which another process's load on a shared box inflates far less than the wall time. It also reports
 the text lag, from the end of each step to the emission of its last output: a text thread that falls
 behind the engine shows there, never in ms/step. `--modes` runs the same sizes with the overlap on and off (`serial` sets
-`async_scheduling=False`); a build without that option runs `serial` only. `--profile B` adds a
+`async_scheduling=False`); a build without that option runs `serial` only. `--repeats N` runs each size
+and mode N times and keeps the median run (a shared box's single runs can be bimodal). `--profile B` adds a
 cProfile of B's timed steps on the engine thread (top functions by own time); `--phases B` the CPU
 time of each phase of B's step, all on one thread (`phases`).
 """
@@ -223,6 +224,9 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="a checkpoint directory instead of the near-free model "
                     "(e.g. a 1B-shaped random Llama from `tandem make-tiny-model`, to set host work against a "
                     "GPU's forward)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per batch size and mode; the row kept is the "
+                    "median run's (all runs' ms/step in runs_ms_per_step): on a shared 2-core box single runs are "
+                    "bimodal (docs/benchmarks.md), so compare medians")
     ap.add_argument("--label", default="", help="a name for this build in the JSON (e.g. baseline)")
     ap.add_argument("--out", default="bench/results/overhead.json")
     args = ap.parse_args()
@@ -238,12 +242,20 @@ def main() -> None:
         path = Path(args.model) if args.model else near_free_model(Path(tmp))
         for batch in sizes:
             for mode in modes:
-                row = run_one(path, batch, mode, args.warmup, args.steps, profile=False, text=args.text, **dev)
-                row["load_avg"] = os.getloadavg()[0]
+                runs = []
+                for _ in range(max(args.repeats, 1)):
+                    run = run_one(path, batch, mode, args.warmup, args.steps, profile=False, text=args.text, **dev)
+                    run["load_avg"] = os.getloadavg()[0]
+                    runs.append(run)
+                    print(f"B={batch:4d} {mode:8s} {run['ms_per_step']:8.2f} ms/step {run['tokens_per_s']:10.0f} "
+                          f"tok/s {run['cpu_ms_per_step']:8.2f} CPU ms/step  text lag {run['text_lag_ms_mean']:.2f} "
+                          f"ms (max {run['text_lag_ms_max']:.2f})  (load {run['load_avg']:.2f})", flush=True)
+                row = sorted(runs, key=lambda r: r["ms_per_step"])[(len(runs) - 1) // 2]  # the (lower) median
+                row["runs_ms_per_step"] = [r["ms_per_step"] for r in runs]
                 rows.append(row)
-                print(f"B={batch:4d} {mode:8s} {row['ms_per_step']:8.2f} ms/step {row['tokens_per_s']:10.0f} tok/s"
-                      f" {row['cpu_ms_per_step']:8.2f} CPU ms/step  text lag {row['text_lag_ms_mean']:.2f} ms"
-                      f" (max {row['text_lag_ms_max']:.2f})  (load {row['load_avg']:.2f})", flush=True)
+                if len(runs) > 1:
+                    print(f"B={batch:4d} {mode:8s} median of {len(runs)}: {row['ms_per_step']:.2f} ms/step "
+                          f"{row['tokens_per_s']:.0f} tok/s", flush=True)
         profiles = []
         for batch in sorted(profiled):
             for mode in modes:
@@ -274,6 +286,7 @@ def main() -> None:
         "prompt_len": PROMPT_LEN,
         "warmup_steps": args.warmup,
         "timed_steps": args.steps,
+        "repeats": max(args.repeats, 1),
         "rows": rows,
         "profiles": profiles,
         "phases": split,
