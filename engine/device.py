@@ -48,7 +48,7 @@ def pool_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     scattered blocks, and on 4 KB pages nearly every block costs a TLB miss: on huge pages a
     SmolLM2-shaped decode's attention (48 sequences of 360 tokens, 150 MB a layer) took 2.24-2.31 ms a
     layer instead of 2.40-2.45 (docs/benchmarks.md). The memory is released with the tensor."""
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if device.type != "cpu" or nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.zeros(shape, dtype=dtype, device=device)
     buf = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # untouched; reads as zeros

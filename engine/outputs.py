@@ -72,14 +72,10 @@ class StepOutput:
     tokens: list[int] = field(default_factory=list)
     num_output_tokens: list[int] = field(default_factory=list)
 
-    def plain_output(self, i: int, text: str = "") -> RequestOutput:
-        """Row i's output, with `text` as its new text."""
-        seq = self.seqs[i]
-        return plain_output(seq, self.tokens[i], self.num_output_tokens[i], text)
-
     def all(self) -> list[RequestOutput]:
         """Every output: `outputs`, then the plain decodes' (made now)."""
-        return self.outputs + [self.plain_output(i) for i in range(len(self.seqs))]
+        rows = zip(self.seqs, self.tokens, self.num_output_tokens, strict=True)
+        return self.outputs + [plain_output(seq, token, count, "") for seq, token, count in rows]
 
     @property
     def num_tokens(self) -> int:

@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 class Delivery(NamedTuple):
     """One step's outputs for the text maker, in the order the engine made them: `outputs` with
-    their requests, then the plain decode rows of `step` (`StepOutput.plain_output`): plain[i] is
+    their requests, then the plain decode rows of `step` (`engine.outputs.plain_output`): plain[i] is
     row i's request (None, or one that does not stream: nothing to deliver)."""
 
     outputs: list[tuple[Request, RequestOutput]]

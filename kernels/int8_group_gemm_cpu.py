@@ -34,7 +34,7 @@ from kernels.wna16_gemm import GroupWeight
 
 SOURCE = Path(__file__).with_name("int8_group_gemm_cpu.cpp")
 VECTOR = 8  # a group must be whole vectors of 8 inputs
-_I64, _INT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _ARGTYPES: list[Any] = [
     _PTR, _I64, _I64,  # x (M, K) float32 and its two strides
     _PTR, _I64,  # qweight (N, K) uint8, its row stride

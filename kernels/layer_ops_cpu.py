@@ -36,6 +36,8 @@ from kernels.rmsnorm import rms_norm_ref
 from kernels.rotary import rotary_ref
 
 SOURCE = Path(__file__).with_name("layer_ops_cpu.cpp")
+# No fused multiply-adds: the references round each product before the sum (rotary's x1*cos - x2*sin).
+BUILD_FLAGS = ("-ffp-contract=off",)
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _FP8_CODE = 3
 _I64, _INT, _FLOAT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
@@ -66,8 +68,7 @@ _SIGNATURES = {
 def load_kernels() -> Kernels | None:
     """The compiled entry points, built if needed; None (logged once, with the reason) when there is
     no C++ compiler or the build or load fails."""
-    # No fused multiply-adds: the references round each product before the sum (rotary's x1*cos - x2*sin).
-    lib = cpu_build.load_library(SOURCE, "the CPU layer kernels", "the PyTorch references", ("-ffp-contract=off",))
+    lib = cpu_build.load_library(SOURCE, "the CPU layer kernels", "the PyTorch references", BUILD_FLAGS)
     if lib is None:
         return None
     return Kernels(**cpu_build.entry_points(lib, SOURCE, _SIGNATURES))

@@ -114,8 +114,8 @@ def new_registry(model_name: str = "", role: str = "") -> CollectorRegistry:
     """A process's registry: the standard process_* series (CPU, memory, fds) and python_gc_* series
     (collections per generation), `tandem_gc_frozen_objects` (what `engine.heap.freeze_startup_heap`
     took out of the collector's reach), `tandem_info{version, role}` = 1 and `model_name` on every
-    series (when given). Turns `_created` series off for the
-    whole process (prometheus_client's one switch; no Tandem process exports them).
+    series (when given). Turns `_created` series off for the whole process (prometheus_client's one
+    switch; no Tandem process exports them).
     Raises ValueError for a role other than gateway, prefill or decode."""
     if role and role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")

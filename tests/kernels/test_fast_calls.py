@@ -28,7 +28,7 @@ def test_every_kernel_library_calls_its_functions_as_fast_calls() -> None:
 def _rms_norm_both_ways() -> tuple[object, object]:
     """(fast call, ctypes function) of the same library's tandem_rms_norm."""
     lib = cpu_build.load_library(layer_ops_cpu.SOURCE, "the CPU layer kernels", "the references",
-                                 ("-ffp-contract=off",))  # fmt: skip
+                                 layer_ops_cpu.BUILD_FLAGS)
     assert lib is not None
     fast = cpu_build.fast_calls(lib, layer_ops_cpu.SOURCE)
     if fast is None:
