@@ -307,15 +307,25 @@ inline void accumulate2(float* o0, float* o1, int64_t D, float c0, float c1, con
     }
     for (int j = 0; j < 4; ++j) { store(o1 + 8 * (i + j), b[j]); store(o0 + 8 * (i + j), a[j]); }
   }
+  // Fewer than four vectors left (head_dim 16, 24, 40, ...): the keys split two ways, so four FMA
+  // chains run at once instead of two that each wait on the FMA latency every key.
   for (; (NV == 0 || NV % 4 != 0) && i < nv; ++i) {  // (never for the unrolled sizes)
-    v8 a = load(o0 + 8 * i) * c0, b = load(o1 + 8 * i) * c1;
-    for (int64_t t = 0; t < n; ++t) {
+    v8 a = load(o0 + 8 * i) * c0, b = load(o1 + 8 * i) * c1, a1 = {}, b1 = {};
+    int64_t t = 0;
+    for (; t + 2 <= n; t += 2) {
+      const v8 v = load(V + t * ld + 8 * i), w = load(V + (t + 1) * ld + 8 * i);
+      a += splat(p0[t]) * v;
+      b += splat(p1[t]) * v;
+      a1 += splat(p0[t + 1]) * w;
+      b1 += splat(p1[t + 1]) * w;
+    }
+    if (t < n) {
       const v8 v = load(V + t * ld + 8 * i);
       a += splat(p0[t]) * v;
       b += splat(p1[t]) * v;
     }
-    store(o1 + 8 * i, b);
-    store(o0 + 8 * i, a);
+    store(o1 + 8 * i, b + b1);
+    store(o0 + 8 * i, a + a1);
   }
 }
 
@@ -334,10 +344,16 @@ inline void accumulate1(float* o, int64_t D, float c, const float* p, const floa
     }
     for (int j = 0; j < 8; ++j) store(o + 8 * (i + j), a[j]);
   }
+  // Fewer than eight vectors left (head_dim 16 to 56, ...): the keys split four ways, so four FMA
+  // chains run at once; one chain waits on the FMA latency every key.
   for (; (NV == 0 || NV % 8 != 0) && i < nv; ++i) {
-    v8 a = load(o + 8 * i) * c;
-    for (int64_t t = 0; t < n; ++t) a += splat(p[t]) * load(V + t * ld + 8 * i);
-    store(o + 8 * i, a);
+    const float* v = V + 8 * i;
+    v8 acc[4] = {load(o + 8 * i) * c};
+    int64_t t = 0;
+    for (; t + 4 <= n; t += 4)
+      for (int j = 0; j < 4; ++j) acc[j] += splat(p[t + j]) * load(v + (t + j) * ld);
+    for (; t < n; ++t) acc[0] += splat(p[t]) * load(v + t * ld);
+    store(o + 8 * i, (acc[0] + acc[1]) + (acc[2] + acc[3]));
   }
 }
 

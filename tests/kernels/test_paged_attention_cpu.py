@@ -53,10 +53,11 @@ def test_matches_reference(make_paged: Callable[..., Any], threads: int, mix: st
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("head_dim,block_size", [(128, 16), (32, 8), (64, 32), (64, 4), (64, 1), (24, 16)])
+@pytest.mark.parametrize("head_dim,block_size",
+                         [(128, 16), (32, 8), (64, 32), (64, 4), (64, 1), (24, 16), (16, 16), (16, 4)])
 @pytest.mark.parametrize("layout", ["engine", "slot_major"])
 def test_shapes_and_layouts(make_paged: Callable[..., Any], head_dim: int, block_size: int, layout: str) -> None:
-    # 128 and 64 are unrolled, 32 and 24 take the generic loops; blocks of 16 and 32 transpose their
+    # 128 and 64 are unrolled, 32, 24 and 16 take the generic loops; blocks of 16 and 32 transpose their
     # pages for long query tiles, smaller ones do not; slot_major pools are strided views
     q_lens, seq_lens = MIXES["mixed"]
     b = make_paged(q_lens, seq_lens, 2, 3, head_dim, block_size, torch.float32, CPU, kv_layout=layout)
