@@ -136,6 +136,10 @@ class BlockManager:
                 num_new_tokens == 0 or computed % bs == 0 or self._blocks[table[computed // bs]].ref_count == 1
             ):
                 return True
+            if num_new_tokens == 1 and computed == len(table) * bs and self._free:  # a decode opening a block
+                table.append(self._take_free())
+                seq.table_version += 1
+                return True
         elif seq.block_table:
             raise ValueError("cached blocks can only start an empty block table")
         total = seq.num_computed_tokens + len(cached) * self.block_size + num_new_tokens
@@ -215,16 +219,16 @@ class BlockManager:
         """Name every block of `seq` that is full of computed tokens and not yet named."""
         if not self.enable_prefix_caching:
             return
-        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
-        for i in range(len(seq.block_hashes), num_full):
-            parent = seq.block_hashes[i - 1] if i else None
-            start = i * self.block_size
-            h = hash_block(parent, seq.token_ids[start : start + self.block_size])
-            seq.block_hashes.append(h)
-            block = self._blocks[seq.block_table[i]]
-            if block.hash is None and h not in self._cached:
-                block.hash = h
-                self._cached[h] = seq.block_table[i]
+        bs, hashes, table, cached = self.block_size, seq.block_hashes, seq.block_table, self._cached
+        num_full = min(seq.num_computed_tokens // bs, len(table))
+        parent = hashes[-1] if hashes else None
+        for i in range(len(hashes), num_full):
+            parent = hash_block(parent, seq.token_ids[i * bs : (i + 1) * bs])
+            hashes.append(parent)
+            block = self._blocks[table[i]]
+            if block.hash is None and parent not in cached:
+                block.hash = parent
+                cached[parent] = table[i]
 
     def free(self, seq: HasBlocks) -> None:
         """Drop `seq`'s references; its tail blocks are freed first so they are evicted first."""

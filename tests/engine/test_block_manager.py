@@ -162,3 +162,21 @@ def test_copy_on_write_without_a_free_block_is_an_answer() -> None:
     bm.fork(parent, child)
     assert not bm.allocate_slots(child, 1)
     assert child.block_table == [0, 1, 2] and bm.take_copies() == [] and bm.ref_count(2) == 2
+
+
+def test_a_decode_opening_a_block_takes_the_oldest_free_one_and_evicts_its_name() -> None:
+    bm = BlockManager(num_blocks=2, block_size=2)
+    old = Seq([5, 6])
+    compute(bm, old, 2)  # block 0, named
+    bm.free(old)  # the free queue: 1, then 0 (still named)
+    s = Seq([1, 2, 3])
+    compute(bm, s, 2)  # block 1
+    assert bm.lookup([5, 6, 0], 2) == [0]
+    version = s.table_version
+    assert bm.allocate_slots(s, 1)  # a decode at a block boundary: one new block
+    assert s.block_table == [1, 0] and s.table_version == version + 1
+    assert bm.lookup([5, 6, 0], 2) == []  # its old name is gone: its KV is about to be overwritten
+    s.num_computed_tokens = 4
+    s.token_ids += [4, 5]
+    assert not bm.allocate_slots(s, 1)  # no block left: an answer, and nothing changed
+    assert s.block_table == [1, 0] and s.table_version == version + 1
