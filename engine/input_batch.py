@@ -16,6 +16,7 @@ own tensors, so a step may still be running (engine.overlap) while the next one 
 
 from __future__ import annotations
 
+import itertools
 import operator
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -27,6 +28,9 @@ from engine.sequence import Sequence
 
 if TYPE_CHECKING:
     from engine.model_runner import StepInput
+
+
+_ROW_BY_ROW = 8  # block-table rows that changed up to which each is copied on its own; more: `_write_rows`
 
 
 class StepArrays(NamedTuple):
@@ -98,9 +102,12 @@ class InputBatch:
             self._rearrange(seqs)
         versions = [s.table_version for s in seqs]
         if versions != self._versions:
-            for b, (seq, now, was) in enumerate(zip(seqs, versions, self._versions, strict=True)):
-                if now != was:
-                    self._write(b, seq.block_table)
+            changed = [b for b, (now, was) in enumerate(zip(versions, self._versions, strict=True)) if now != was]
+            if len(changed) > _ROW_BY_ROW:
+                self._write_rows(changed, [seqs[b].block_table for b in changed])
+            else:
+                for b in changed:
+                    self._write(b, seqs[b].block_table)
             self._versions = versions
         b = len(seqs)
         return self._tables[:b, : int(self._lens[:b].max())].copy()
@@ -120,14 +127,29 @@ class InputBatch:
 
     def _write(self, b: int, table: list[int]) -> None:
         n = len(table)
-        if n > self._tables.shape[1]:  # wider: double, so a growing context copies the array rarely
-            wider = np.zeros((len(self._tables), max(n, 2 * self._tables.shape[1])), dtype=np.int32)
-            wider[:, : self._tables.shape[1]] = self._tables
-            self._tables = wider
+        self._widen(n)
         row = self._tables[b]
         row[:n] = table
         row[n:] = 0
         self._lens[b] = n
+
+    def _write_rows(self, rows: list[int], tables: list[list[int]]) -> None:
+        """`_write` of many rows in a few array operations (a steady batch's sequences all open a new
+        block at the same step)."""
+        lens = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))  # (n,)
+        self._widen(int(lens.max()))
+        flat = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int32, count=int(lens.sum()))
+        idx = np.array(rows, dtype=np.int64)  # (n,)
+        self._tables[idx] = 0
+        starts = np.cumsum(lens) - lens  # (n,): where each table begins in flat
+        self._tables[np.repeat(idx, lens), np.arange(len(flat)) - np.repeat(starts, lens)] = flat
+        self._lens[idx] = lens
+
+    def _widen(self, n: int) -> None:
+        if n > self._tables.shape[1]:  # wider: double, so a growing context copies the array rarely
+            wider = np.zeros((len(self._tables), max(n, 2 * self._tables.shape[1])), dtype=np.int32)
+            wider[:, : self._tables.shape[1]] = self._tables
+            self._tables = wider
 
 
 def _logit_rows(step: StepInput, qsl: np.ndarray) -> np.ndarray:

@@ -134,3 +134,26 @@ def test_each_step_owns_its_tables() -> None:
         batch.prepare(step)
         advance(step)
     assert torch.equal(held, first)
+
+
+def test_many_rows_changing_at_once_are_rewritten_in_bulk() -> None:
+    """More rows than `_ROW_BY_ROW` change in one step (a steady batch opening new blocks together, some
+    forking and rolling back): the bulk write, its tables of different lengths and a wider array."""
+    bm, batch = BlockManager(256, BS), InputBatch(BS)
+    seqs = [seq(f"s{i}", 4 * (i % 3) + 4) for i in range(12)]  # prompts of 4, 8, 12: whole blocks
+    step = run(bm, seqs)
+    check(batch, step)
+    advance(step)
+    for _ in range(12):  # every sequence opens a new block at the same steps; the tables outgrow the array
+        step = run(bm, seqs)
+        check(batch, step)
+        advance(step)
+    for i, s in enumerate(seqs):  # all roll back, by one block or two (stale entries to clear), then decode on
+        back = BS * (1 + i % 2)
+        bm.truncate(s, s.num_computed_tokens - back)
+        s.num_computed_tokens -= back
+        del s.token_ids[s.num_computed_tokens + 1 :]
+    for _ in range(5):
+        step = run(bm, seqs)
+        check(batch, step)
+        advance(step)
