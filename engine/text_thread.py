@@ -39,6 +39,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
 from engine.outputs import FinishReason, RequestOutput, StepOutput, plain_output
+from kernels import fast_new
 
 if TYPE_CHECKING:
     from engine.engine_loop import Request
@@ -98,6 +99,7 @@ class TextMaker:
 
     def __init__(self, stopped: Callable[[Request, RequestOutput], None]) -> None:
         self._stopped = stopped
+        self._new_output = fast_new.constructor(RequestOutput)  # a plain decode's output, made per row
 
     def deliver(self, delivery: Delivery) -> None:
         for req, out in delivery.outputs:
@@ -108,14 +110,15 @@ class TextMaker:
         """The step's plain decodes (one token each, none finished): without stop strings, `add_text`
         comes down to the detokenizer's next piece, made here inline; the others go through it."""
         rows = zip(requests, step.seqs, step.tokens, step.num_output_tokens, strict=True)
+        new = self._new_output
         for req, seq, token, count in rows:
             if req is None or not req.streams:
                 continue
             detok = seq.detokenizer
             if detok is None or detok.finished or seq.params.stop:
-                self._emit(req, plain_output(seq, token, count, ""))
+                self._emit(req, plain_output(seq, token, count, "", new))
                 continue
-            req.emit(plain_output(seq, token, count, detok.next_token(token)))
+            req.emit(plain_output(seq, token, count, detok.next_token(token), new))
 
     def _emit(self, req: Request, out: RequestOutput) -> None:
         result = add_text(out)

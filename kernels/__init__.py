@@ -6,6 +6,8 @@ C++ CPU kernels built on first use (kernels/cpu_build.py): kernels.paged_attenti
 kernels.layer_ops_cpu (the references' CPU counterparts and the sampler's argmax) and
 kernels.int8_group_gemm_cpu (grouped 8-bit weights); and kernels.onednn_linear, torch's oneDNN
 inner product for the wide float32 CPU linears (chosen per layer at load: engine.model.use_onednn_linears).
+kernels.fast_new is built the same way but is not a kernel: a fast constructor for the engine's
+per-row output dataclass.
 """
 
 from kernels.activation import silu_and_mul, silu_and_mul_ref
