@@ -357,26 +357,6 @@ inline void accumulate1(float* o, int64_t D, float c, const float* p, const floa
   }
 }
 
-// Reads one byte of every cache line of keys [0, n) of pages j, j + 1, ... (K and V, KV heads
-// [h0, h0 + nh)), in address order, before the chunk's arithmetic walks them head by head. The
-// in-order, independent loads keep many misses in flight and let the hardware prefetcher stream each
-// page; the strided walk alone left much of a decode's time waiting on memory (SmolLM2's decode at 48
-// sequences of ~360 tokens, one thread: 5.56 -> 4.54 ms a layer, bench.attention_cpu_ab).
-inline void touch_pages(const Args& a, const int32_t* table, int64_t j, int64_t n, int64_t h0, int64_t nh) {
-  const int64_t esize = a.kv_type == 0 ? 4 : a.kv_type == 3 ? 1 : 2;
-  unsigned sink = 0;
-  for (int64_t pi = 0; pi * a.bs < n; ++pi) {
-    const int64_t block = table[j + pi], np = std::min(a.bs, n - pi * a.bs);
-    const int64_t span = ((np - 1) * a.kv_ss + (nh - 1) * a.kv_sh + a.D) * esize;  // bytes, first to last
-    for (int which = 0; which < 2; ++which) {
-      const unsigned char* base =
-          static_cast<const unsigned char*>(a.kv) + (block * a.kv_sb + which * a.kv_sk + h0 * a.kv_sh) * esize;
-      for (int64_t off = 0; off < span; off += 64) sink += base[off];
-    }
-  }
-  asm volatile("" : : "r"(sink));  // keep the loads
-}
-
 template <int NV>
 void run_item(const Args& a, const Item& it, Scratch& w) {
   const int64_t G = a.Hq / a.Hk, D = a.D, bs = a.bs, R = it.rows, nh = it.nh, sw = w.chunk * bs;
@@ -403,7 +383,6 @@ void run_item(const Args& a, const Item& it, Scratch& w) {
   for (int64_t j0 = k_lo / bs; j0 <= p_hi / bs; j0 += w.chunk) {
     const int64_t k0 = j0 * bs, n = std::min(sw, p_hi + 1 - k0);  // keys [k0, k0 + n)
     const int64_t pages = (n + bs - 1) / bs;
-    if (nh == a.Hk) touch_pages(a, table, j0, n, it.h0, nh);  // items of whole pages (decodes)
     for (int64_t pi = 0; pi < pages; ++pi) {
       const int64_t np = std::min(bs, n - pi * bs), block = table[j0 + pi];
       for (int64_t hh = 0; hh < nh; ++hh) {
