@@ -1,17 +1,17 @@
 """The C++ CPU attention kernel of several git revisions, side by side in one process.
 
 Run from the repository root: ``.venv/bin/python -m bench.attention_cpu_ab REV [REV ...] [--batch 48]
-[--rounds 6] [--out PATH]`` (``--help``). Each revision's ``kernels/paged_attention_cpu.cpp`` is built
-with ``kernels/cpu_build.py`` into a temporary cache and loaded beside the others; the revisions then
-run the same decode step in turn, round after round, so a shared box's load falls on all of them alike
-(read the ratios, not the absolute times).
+[--rounds 6] [--layers 30] [--out PATH]`` (``--help``). Each revision's ``kernels/paged_attention_cpu.cpp``
+(and the ``kernels/pyfast.h`` it includes, where it has one) is built with ``kernels/cpu_build.py`` into a
+temporary cache and loaded beside the others; the revisions then run the same decode step in turn, round
+after round, so a shared box's load falls on all of them alike (read the ratios, not the absolute times).
 
 The step is SmolLM2-135M's decode attention (9 query heads, 3 KV heads, head_dim 64, 16-token blocks,
 float32 pool): ``--batch`` sequences with contexts of 96-576 tokens (the issue-18 workload's 32-512-token
 prompts after 64 tokens out), one layer at a time over 30 layer pools, as a 30-layer forward reads them
-(the pools together are far larger than the caches). Each sequence's pages are consecutive blocks, as
-the block manager hands out a prompt's pages. One torch thread unless ``--threads``. Every revision's
-answer is checked against the first's.
+(the pools together are far larger than the caches; ``--layers 4`` fit in a large L3). Each sequence's
+pages are consecutive blocks, as the block manager hands out a prompt's pages. One torch thread unless
+``--threads``. Every revision's answer is checked against the first's.
 """
 
 from __future__ import annotations
@@ -36,14 +36,27 @@ from kernels import cpu_build
 from kernels.paged_attention_cpu import _ARGTYPES, _INT
 
 SOURCE = "kernels/paged_attention_cpu.cpp"
-HQ, HK, D, BS, LAYERS = 9, 3, 64, 16, 30
+HQ, HK, D, BS = 9, 3, 64, 16
+
+
+def _show(rev: str, path: str) -> str | None:
+    """`path` as of `rev`, or None where it does not exist then."""
+    done = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True)
+    return done.stdout if done.returncode == 0 else None
 
 
 def load(rev: str, build_dir: Path) -> Callable[..., int]:
     """The entry point of `rev`'s kernel, built into `build_dir`."""
-    src = build_dir / f"paged_attention_cpu_{rev.replace('/', '_')}.cpp"
-    src.write_text(subprocess.run(["git", "show", f"{rev}:{SOURCE}"], capture_output=True, text=True,
-                                  check=True).stdout)  # fmt: skip
+    src_dir = build_dir / rev.replace("/", "_")
+    src_dir.mkdir(parents=True, exist_ok=True)
+    src = src_dir / "paged_attention_cpu.cpp"
+    source = _show(rev, SOURCE)
+    if source is None:
+        raise SystemExit(f"{rev} has no {SOURCE}")
+    src.write_text(source)
+    header = _show(rev, "kernels/pyfast.h")  # the fast-call wrappers it includes, where it has them
+    if header is not None:
+        (src_dir / "pyfast.h").write_text(header)
     cxx = cpu_build.compiler()
     if cxx is None:
         raise SystemExit("no C++ compiler: nothing to compare")
@@ -58,6 +71,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--layers", type=int, default=30,
+                    help="layer pools read in turn: 30 (SmolLM2's) are out of cache; a few fit a large L3")
     ap.add_argument("--out", type=Path, default=Path("bench/results/attention_cpu_ab.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -66,7 +81,7 @@ def main() -> None:
     lens = [rng.randint(32, 512) + 64 for _ in range(args.batch)]
     pages = [(n + BS - 1) // BS for n in lens]
     num_blocks = sum(pages)
-    pools = [torch.randn(num_blocks, 2, BS, HK, D) for _ in range(LAYERS)]  # (blocks, K/V, slot, head, dim)
+    pools = [torch.randn(num_blocks, 2, BS, HK, D) for _ in range(args.layers)]  # (blocks, K/V, slot, head, dim)
     tables = torch.zeros(args.batch, max(pages), dtype=torch.int32)
     start = 0
     for b, n in enumerate(pages):  # each sequence's pages consecutive
@@ -94,7 +109,7 @@ def main() -> None:
             for rev, fn in fns.items():
                 t0 = time.perf_counter()
                 step(fn, outs[rev])
-                times[rev].append((time.perf_counter() - t0) / LAYERS * 1e3)
+                times[rev].append((time.perf_counter() - t0) / args.layers * 1e3)
         load_avg.append(os.getloadavg()[0])
     first = args.revs[0]
     rows: list[dict[str, Any]] = []
@@ -107,7 +122,7 @@ def main() -> None:
               f"{t[len(t) // 2] / sorted(times[first])[len(t) // 2]:.2f}x {first}{'' if same else '  DIFFERENT ANSWER'}")
     kv_mb = sum(lens) * HK * D * 2 * 4 / 1e6
     record = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": platform.platform(),
-              "threads": args.threads, "batch": args.batch, "mean_context": sum(lens) / len(lens),
+              "threads": args.threads, "layers": args.layers, "batch": args.batch, "mean_context": sum(lens) / len(lens),
               "kv_mb_per_layer": kv_mb, "load_avg": load_avg, "rounds": args.rounds, "rows": rows}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2))
