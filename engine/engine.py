@@ -285,28 +285,28 @@ class Engine:
         at = step.placeholder_at
         seqs, samples = step.seqs, step.sample
         running = SequenceStatus.RUNNING
-        out_seqs, out_tokens, out_counts = result.seqs, result.tokens, result.num_output_tokens
-        i = 0
+        counts = result.num_output_tokens
+        taken = len(tokens)
         for i, token in enumerate(tokens):
             seq = seqs[i]
             if not samples[i] or seq.status is not running or seq.pending_forks:
+                taken = i
                 break
             ids = seq.token_ids
             end = len(ids) + 1 if at is None else at[i] + 1  # its tokens, this one included
             num_output = end - len(seq.prompt_token_ids)
             if (num_output <= 1 or end >= seq.length_limit or token in seq.stop_ids
                     or seq.params.logprobs is not None or seq.grammar is not None):
+                taken = i
                 break
             if at is None:
                 ids.append(token)
             else:
                 ids[at[i]] = token
-            out_seqs.append(seq)
-            out_tokens.append(token)
-            out_counts.append(num_output)
-        else:
-            return len(tokens)
-        return i
+            counts.append(num_output)
+        result.seqs.extend(seqs[:taken])  # a leading run: sequence i sampled row i
+        result.tokens.extend(tokens[:taken])
+        return taken
 
     def append_token(self, seq: Sequence, token: int, lp: list[TokenLogprob] | None = None,
                      at: int | None = None) -> RequestOutput:

@@ -156,7 +156,8 @@ def _logit_rows(step: StepInput, qsl: np.ndarray) -> np.ndarray:
     """(R,) int64: per sampling sequence its last row (once per choice it forks), or its last new
     token's and its drafts' rows."""
     ends = qsl[1:].astype(np.int64) - 1  # (B,): each sequence's last row
-    if all(step.sample) and step.spec_tokens is None and not any(s.pending_forks for s in step.seqs):
+    # a list, not a generator: ~2x cheaper over a steady batch, where nothing forks and all is read anyway
+    if all(step.sample) and step.spec_tokens is None and not any([s.pending_forks for s in step.seqs]):
         return ends
     rows: list[int] = []
     for i, (seq, sample) in enumerate(zip(step.seqs, step.sample, strict=True)):
