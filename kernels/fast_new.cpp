@@ -1,7 +1,7 @@
 // A fast positional constructor for a slots dataclass (kernels/fast_new.py builds and loads it; its
 // reference is the class itself, called with every field positionally). The engine makes a
 // RequestOutput for every decoding sequence every step; the dataclass's __init__ (15 fields) costs
-// ~0.4 us a call on the 2-core boxes, this ~0.1 us: it allocates the instance and stores each
+// ~0.25 us a call on the 2-core boxes, this ~0.1 us: it allocates the instance and stores each
 // argument in its slot, and nothing else. So it serves only classes whose __init__ does nothing else
 // (the loader checks: slots exactly the fields, no __post_init__), and only as a Python extension
 // module (-DTANDEM_PYFAST, where Python's headers are installed); elsewhere the loader hands back the

@@ -78,7 +78,12 @@ def test_classes_whose_init_does_more_are_refused() -> None:
         a: int
         b: int = dataclasses.field(default=0, init=False)
 
-    for cls in (WithDict, PostInit, NotInInit, int):
+    @dataclasses.dataclass(slots=True)
+    class WithInitVar:
+        a: int
+        scale: dataclasses.InitVar[int] = 1
+
+    for cls in (WithDict, PostInit, NotInInit, WithInitVar, int):
         with pytest.raises(TypeError):
             fast_new.constructor(cls)
 
