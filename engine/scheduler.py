@@ -132,7 +132,19 @@ class Scheduler:
             running.sort(key=lambda s: s.priority)  # stable: admission order within a priority
         allocate = self.bm.allocate_slots
         fits_decode = self.bm.decode_fits
-        i = 0
+        # The leading run of plain decodes (one token inside a block of their own; a steady batch is all
+        # of it) is taken by counting alone: the same rows the loop below would add one at a time.
+        i, limit = 0, min(len(running), budget)
+        while i < limit:
+            seq = running[i]
+            num_tokens, computed = len(seq.token_ids), seq.num_computed_tokens
+            if (num_tokens - computed != 1 or num_tokens >= seq.length_limit
+                    or not fits_decode(seq.block_table, computed)):
+                break
+            i += 1
+        if i:
+            seqs, counts, sample = running[:i], [1] * i, [True] * i
+            budget -= i
         while i < len(running) and budget > 0:
             seq = running[i]
             num_tokens = len(seq.token_ids)
