@@ -21,9 +21,10 @@ _PARENT_BYTES = 16
 
 
 def _chain(parent: int | None, block: bytes) -> int:
-    h = hashlib.blake2b((parent or 0).to_bytes(_PARENT_BYTES, "little"), digest_size=_PARENT_BYTES)
-    h.update(block)
-    return int.from_bytes(h.digest(), "little")
+    # one blake2b call over parent + block: every sequence of a steady batch fills a block in the same
+    # step, so hash_block runs ~B times in a row on the engine thread
+    data = (parent or 0).to_bytes(_PARENT_BYTES, "little") + block
+    return int.from_bytes(hashlib.blake2b(data, digest_size=_PARENT_BYTES).digest(), "little")
 
 
 @functools.cache
@@ -33,10 +34,7 @@ def _packer(n: int) -> Callable[..., bytes]:
 
 def hash_block(parent: int | None, token_ids: Seq[int]) -> int:
     """A 128-bit name for a full block, chained over its parent's name (stable across processes)."""
-    # _chain's digest in one call, the ids packed by a compiled Struct: every sequence of a steady
-    # batch fills a block in the same step, so this runs ~B times in a row on the engine thread
-    data = (parent or 0).to_bytes(_PARENT_BYTES, "little") + _packer(len(token_ids))(*token_ids)
-    return int.from_bytes(hashlib.blake2b(data, digest_size=_PARENT_BYTES).digest(), "little")
+    return _chain(parent, _packer(len(token_ids))(*token_ids))  # hash_prefix's bytes, by a compiled Struct
 
 
 def hash_prefix(token_ids: Seq[int], block_size: int, max_tokens: int | None = None) -> list[int]:

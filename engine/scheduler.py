@@ -133,7 +133,8 @@ class Scheduler:
         allocate = self.bm.allocate_slots
         fits_decode = self.bm.decode_fits
         # The leading run of plain decodes (one token inside a block of their own; a steady batch is all
-        # of it) is taken by counting alone: the same rows the loop below would add one at a time.
+        # of it) is taken by counting alone: the rows the loop below would add one at a time, through
+        # an allocation that has nothing to do. That loop takes the rest (later decodes included).
         i, limit = 0, min(len(running), budget)
         while i < limit:
             seq = running[i]
@@ -152,13 +153,6 @@ class Scheduler:
                 i += 1
                 continue
             computed = seq.num_computed_tokens
-            if num_tokens - computed == 1 and fits_decode(seq.block_table, computed):  # the common case
-                seqs.append(seq)
-                counts.append(1)
-                sample.append(True)
-                budget -= 1
-                i += 1
-                continue
             n = min(num_tokens - computed, budget)
             while not allocate(seq, n):
                 victim = running.pop()
